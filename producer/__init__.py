@@ -1,0 +1,1 @@
+"""irlive producer: sources, filters, chunking, enqueueing, and the `irlive` command line."""

@@ -1,0 +1,7 @@
+"""`python -m producer` is the `irlive` command."""
+
+import sys
+
+from producer.cli import main
+
+sys.exit(main())

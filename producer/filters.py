@@ -1,0 +1,29 @@
+"""Which listed objects are images to judge (pure)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+from worker.storage import ObjectInfo
+
+DEFAULT_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+
+
+def parse_suffixes(text: str | None) -> tuple[str, ...]:
+    """'.png,jpg' -> ('.png', '.jpg'); empty or None -> the image defaults."""
+    if not text:
+        return DEFAULT_SUFFIXES
+    parts = [p.strip().lower() for p in text.split(",") if p.strip()]
+    return tuple(p if p.startswith(".") else "." + p for p in parts) or DEFAULT_SUFFIXES
+
+
+def image_objects(objects: Iterable[ObjectInfo], suffixes: tuple[str, ...],
+                  exclude_prefix: str | None = None) -> Iterator[ObjectInfo]:
+    """Keep keys with an image suffix; drop folder markers and anything under exclude_prefix (our output)."""
+    for obj in objects:
+        if obj.key.endswith("/"):
+            continue
+        if exclude_prefix and obj.key.startswith(exclude_prefix):
+            continue
+        if obj.key.lower().endswith(suffixes):
+            yield obj

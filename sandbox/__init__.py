@@ -1,0 +1,1 @@
+"""A local stand-in for the paid marketplace, and the local stack launcher."""

@@ -1,0 +1,162 @@
+"""One frozen Settings object, read from IRLIVE_* environment variables once, at the entry points."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+from worker.errors import ConfigError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class S3Location:
+    """A bucket and a key prefix (no leading or trailing slash)."""
+
+    bucket: str
+    prefix: str
+
+    @classmethod
+    def parse(cls, value: str, name: str = "location") -> S3Location:
+        parts = urlsplit(value)
+        if parts.scheme != "s3" or not parts.netloc:
+            raise ConfigError(f"{name}: expected s3://bucket/prefix, got {value!r}")
+        if len(parts.netloc) < 3:
+            raise ConfigError(f"{name}: bucket name {parts.netloc!r} is too short (3 characters at least)")
+        return cls(bucket=parts.netloc, prefix=parts.path.strip("/"))
+
+    def key(self, *parts: str) -> str:
+        return "/".join(p for p in (self.prefix, *parts) if p)
+
+    def __str__(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob irlive has; the env var of each field is IRLIVE_<FIELD NAME IN CAPITALS>."""
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    s3_endpoint_url: str | None = None
+    s3_region: str = "us-east-1"
+    output: S3Location | None = None
+    marketplace_url: str = "http://127.0.0.1:8402"
+    service_id: str = "infrared-face-liveness-detection"
+    api_key: str | None = None
+    api_key_header: str = "X-API-Key"
+    images_per_call: int = 10
+    chunk_size: int = 50
+    presign_ttl: int = 900
+    max_price_cents: int = 20
+    rate_limit_per_s: float = 2.0
+    rate_burst: int = 1
+    max_attempts: int = 5
+    call_timeout_s: float = 30.0
+    max_image_bytes: int = 10 * 1024 * 1024
+    min_image_side: int = 64
+    visibility_timeout_s: int = 3600
+    key_prefix: str = "irlive"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Read IRLIVE_* variables; a bad value raises ConfigError naming the variable."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            var = "IRLIVE_" + f.name.upper()
+            raw = env.get(var)
+            if raw is None or raw == "":
+                continue
+            values[f.name] = _PARSERS[f.name](var, raw)
+        settings = cls(**values)
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        """Cross-field and range checks; raise ConfigError naming the variable."""
+        _in_range("IRLIVE_IMAGES_PER_CALL", self.images_per_call, 1, 10)
+        _in_range("IRLIVE_CHUNK_SIZE", self.chunk_size, 1, 10_000)
+        _in_range("IRLIVE_PRESIGN_TTL", self.presign_ttl, 60, 7 * 24 * 3600)
+        _in_range("IRLIVE_MAX_PRICE_CENTS", self.max_price_cents, 0, 100_000)
+        _in_range("IRLIVE_RATE_LIMIT_PER_S", self.rate_limit_per_s, 0.001, 10_000)
+        _in_range("IRLIVE_RATE_BURST", self.rate_burst, 1, 1000)
+        _in_range("IRLIVE_MAX_ATTEMPTS", self.max_attempts, 1, 100)
+        _in_range("IRLIVE_CALL_TIMEOUT_S", self.call_timeout_s, 0.1, 600)
+        _in_range("IRLIVE_MAX_IMAGE_BYTES", self.max_image_bytes, 1, 10 * 1024 * 1024)
+        _in_range("IRLIVE_MIN_IMAGE_SIDE", self.min_image_side, 1, 10_000)
+        _in_range("IRLIVE_VISIBILITY_TIMEOUT_S", self.visibility_timeout_s, 5, 7 * 24 * 3600)
+
+    def require_output(self) -> S3Location:
+        if self.output is None:
+            raise ConfigError("IRLIVE_OUTPUT is not set: give s3://bucket/prefix where manifests go")
+        return self.output
+
+    def public_view(self) -> dict[str, Any]:
+        """The settings as a manifest may record them: no secrets."""
+        view: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "api_key":
+                value = "***" if value else None
+            elif isinstance(value, S3Location):
+                value = str(value)
+            view[f.name] = value
+        return view
+
+
+def _in_range(var: str, value: float, low: float, high: float) -> None:
+    if not low <= value <= high:
+        raise ConfigError(f"{var}={value} is out of range: expected {low} to {high}")
+
+
+def _typed(kind: Callable[[str], T], label: str) -> Callable[[str, str], T]:
+    def parse(var: str, raw: str) -> T:
+        try:
+            return kind(raw.strip())
+        except ValueError:
+            raise ConfigError(f"{var}={raw!r} is not {label}") from None
+
+    return parse
+
+
+def _url(var: str, raw: str) -> str:
+    parts = urlsplit(raw.strip())
+    if parts.scheme not in ("http", "https", "redis", "rediss", "unix") or not (parts.netloc or parts.path):
+        raise ConfigError(f"{var}={raw!r} is not a URL")
+    return raw.strip().rstrip("/")
+
+
+def _text(var: str, raw: str) -> str:
+    return raw.strip()
+
+
+def _output(var: str, raw: str) -> S3Location:
+    return S3Location.parse(raw.strip(), var)
+
+
+_PARSERS: dict[str, Callable[[str, str], Any]] = {
+    "redis_url": _url,
+    "s3_endpoint_url": _url,
+    "s3_region": _text,
+    "output": _output,
+    "marketplace_url": _url,
+    "service_id": _text,
+    "api_key": _text,
+    "api_key_header": _text,
+    "images_per_call": _typed(int, "a whole number"),
+    "chunk_size": _typed(int, "a whole number"),
+    "presign_ttl": _typed(int, "a whole number of seconds"),
+    "max_price_cents": _typed(int, "a whole number of cents"),
+    "rate_limit_per_s": _typed(float, "a number of calls per second"),
+    "rate_burst": _typed(int, "a whole number"),
+    "max_attempts": _typed(int, "a whole number"),
+    "call_timeout_s": _typed(float, "a number of seconds"),
+    "max_image_bytes": _typed(int, "a whole number of bytes"),
+    "min_image_side": _typed(int, "a whole number of pixels"),
+    "visibility_timeout_s": _typed(int, "a whole number of seconds"),
+    "key_prefix": _text,
+}

@@ -1,0 +1,50 @@
+"""The one error tree: every failure irlive handles is one of these, each with one behaviour."""
+
+from __future__ import annotations
+
+
+class IrliveError(Exception):
+    """Base of every error irlive raises on purpose; messages never carry secrets."""
+
+
+class TransientError(IrliveError):
+    """A failure that may pass: retry with exponential backoff and full jitter, bounded."""
+
+
+class PaymentRejected(TransientError):
+    """The seller refused a payment token (used, expired or unknown): drop it and use another."""
+
+
+class RateLimited(IrliveError):
+    """The seller or our own limiter said 'not now'; wait and retry without using up an attempt."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class PermanentInputError(IrliveError):
+    """The image itself is unacceptable: record it on the image, never retry, never pay."""
+
+    def __init__(self, message: str, code: str = "invalid") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class ConfigError(IrliveError):
+    """Wrong settings, credentials or price: stop and say exactly what to fix."""
+
+
+class OutcomeUnknown(IrliveError):
+    """The request may have reached the seller and spent its token; reconcile before paying again."""
+
+
+class BudgetExhausted(IrliveError):
+    """The wallet cannot buy within the run's or the day's cap: pause until the cap is raised."""
+
+
+class NotFound(PermanentInputError):
+    """An object listed earlier is gone: the image ends rejected, at no cost."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="not_found")

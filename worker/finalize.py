@@ -1,0 +1,33 @@
+"""Run finalisation: the run manifest and failed.jsonl, built from the chunk manifests (idempotent)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from worker.config import S3Location
+from worker.manifest import chunk_key, failed_key, failed_lines, run_document, run_manifest_key
+from worker.runs import Runs
+from worker.storage import Storage
+
+
+def finalize_run(runs: Runs, storage: Storage, run_id: str) -> dict[str, Any] | None:
+    """Write manifest.json and failed.jsonl; running it twice writes the same documents."""
+    run = runs.get(run_id)
+    if run is None:
+        return None
+    output = S3Location.parse(run["output"], "run output")
+    run["finished_at"] = runs.mark_finished(run_id)
+    chunks: list[dict[str, Any]] = []
+    failed: list[dict[str, Any]] = []
+    for seq in range(int(run["chunks"])):
+        key = chunk_key(output, run_id, seq)
+        doc, etag = storage.get_json(output.bucket, key)
+        chunks.append({"seq": seq, "key": key, "etag": etag, "images": len(doc["images"]), "counts": doc["counts"]})
+        failed.extend(r for r in doc["images"] if r["verdict"] in ("rejected", "error"))
+    body = failed_lines(failed)
+    fkey = failed_key(output, run_id)
+    storage.put_bytes(output.bucket, fkey, body, "application/x-ndjson")
+    manifest = run_document(run, chunks, {"key": fkey, "count": len(failed)})
+    storage.put_json(output.bucket, run_manifest_key(output, run_id), manifest)
+    runs.set_state(run_id, "done")
+    return manifest

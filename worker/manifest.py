@@ -1,0 +1,136 @@
+"""Manifest documents (per image, per chunk, per run) and their S3 keys (pure: no I/O)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from worker.config import S3Location
+from worker.verdicts import Judgement
+
+SCHEMA_VERSION = 1
+VERDICTS = ("live", "spoof", "no_face", "rejected", "error")
+JUDGED = ("live", "spoof", "no_face")
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image of a chunk: where it is and, once known, which version of it."""
+
+    bucket: str
+    key: str
+    etag: str = ""
+
+    @property
+    def identity(self) -> str:
+        """`bucket/key@etag`: a changed object is a new identity, an unchanged one never is."""
+        return f"{self.bucket}/{self.key}@{self.etag}"
+
+
+def chunk_key(output: S3Location, run_id: str, seq: int) -> str:
+    return output.key("runs", run_id, "chunks", f"{seq:06d}.json")
+
+
+def run_manifest_key(output: S3Location, run_id: str) -> str:
+    return output.key("runs", run_id, "manifest.json")
+
+
+def failed_key(output: S3Location, run_id: str) -> str:
+    return output.key("runs", run_id, "failed.jsonl")
+
+
+def judged_record(item: Item, size: int, judgement: Judgement, *, request_id: str | None,
+                  attempts: int, judged_at: str) -> dict[str, Any]:
+    return {
+        "bucket": item.bucket,
+        "key": item.key,
+        "etag": item.etag,
+        "size": size,
+        "verdict": judgement.verdict,
+        "suggestion": judgement.suggestion,
+        "rate": judgement.rate,
+        "faces": judgement.faces,
+        "face_results": [f.as_dict() for f in judgement.face_results],
+        "message_tips": judgement.message_tips,
+        "request_id": request_id,
+        "reason": None,
+        "error_code": None,
+        "attempts": attempts,
+        "judged_at": judged_at,
+    }
+
+
+def unjudged_record(item: Item, size: int | None, verdict: str, *, reason: str, code: str,
+                    attempts: int, judged_at: str, request_id: str | None = None) -> dict[str, Any]:
+    """A `rejected` (never paid) or `error` (tried and failed) record, with why."""
+    assert verdict in ("rejected", "error")
+    return {
+        "bucket": item.bucket,
+        "key": item.key,
+        "etag": item.etag,
+        "size": size,
+        "verdict": verdict,
+        "suggestion": None,
+        "rate": None,
+        "faces": None,
+        "face_results": [],
+        "message_tips": None,
+        "request_id": request_id,
+        "reason": reason,
+        "error_code": code,
+        "attempts": attempts,
+        "judged_at": judged_at,
+    }
+
+
+def count_verdicts(records: Iterable[dict[str, Any]]) -> dict[str, int]:
+    counts = dict.fromkeys(VERDICTS, 0)
+    for record in records:
+        counts[record["verdict"]] += 1
+    return counts
+
+
+def chunk_document(run_id: str, seq: int, records: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "kind": "chunk",
+        "run_id": run_id,
+        "seq": seq,
+        "counts": count_verdicts(records),
+        "images": records,
+    }
+
+
+def run_document(run: dict[str, Any], chunks: list[dict[str, Any]], failed: dict[str, Any]) -> dict[str, Any]:
+    """The run index; `chunks` are {seq, key, etag, counts}; counts are the sum of the chunks' counts."""
+    counts = dict.fromkeys(VERDICTS, 0)
+    for chunk in chunks:
+        for verdict, n in chunk["counts"].items():
+            counts[verdict] += n
+    images = sum(counts.values())
+    spend_cents = int(run.get("spend_cents", 0))
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "kind": "run",
+        "run_id": run["run_id"],
+        "source": run.get("source"),
+        "created_at": run.get("created_at"),
+        "finished_at": run.get("finished_at"),
+        "images": images,
+        "skipped": int(run.get("skipped", 0)),
+        "counts": counts,
+        "calls": int(run.get("calls", 0)),
+        "spend_cents": spend_cents,
+        "spend_usd": f"{spend_cents / 100:.2f}",
+        "chunks": chunks,
+        "failed": failed,
+        "settings": run.get("settings", {}),
+    }
+
+
+def failed_lines(records: Iterable[dict[str, Any]]) -> bytes:
+    """failed.jsonl: one line per image that ended rejected or error."""
+    lines = [json.dumps(r, sort_keys=True, ensure_ascii=False) for r in records if r["verdict"] in ("rejected", "error")]
+    return ("\n".join(lines) + "\n").encode() if lines else b""

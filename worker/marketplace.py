@@ -1,0 +1,307 @@
+"""The marketplace HTTP client: price quote, payments, paid calls; the only place that catches httpx errors."""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+import httpx
+
+from worker.errors import (
+    ConfigError,
+    OutcomeUnknown,
+    PaymentRejected,
+    PermanentInputError,
+    RateLimited,
+    TransientError,
+)
+from worker.redact import redact
+
+TOOL_PATH = "/api/tools/{service_id}"
+MAX_ANSWER_BYTES = 8 * 1024 * 1024
+_PERMANENT_CODES = ("InvalidImage", "InvalidFile", "IllegalUrlParameter", "ParameterError",
+                    "InvalidParameter", "MissingParameter")
+_CONFIG_CODES = ("AuthFailed", "InvalidApi", "Forbidden", "InvalidAccessKeyId", "NoPermission")
+_TRANSIENT_CODES = ("InternalError", "ServiceUnavailable", "Timeout", "SystemBusy")
+
+
+@dataclass(frozen=True)
+class Quote:
+    """What the seller asks per call, read from the 402 answer before any payment."""
+
+    price_cents: int
+    service_id: str | None
+
+
+@dataclass(frozen=True)
+class Payment:
+    """A payment as the marketplace reports it; the token is never printed."""
+
+    payment_id: str
+    amount_cents: int | None
+    status: str
+    remaining_calls: int | None
+    expires_at: str | None
+    token: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class CallAnswer:
+    """A successful call: the request id and the raw `data.Result` (object or JSON string)."""
+
+    request_id: str | None
+    result: Any
+
+
+class Marketplace:
+    """A synchronous client of one marketplace deployment; thread-safe, one per worker process."""
+
+    def __init__(
+        self,
+        base_url: str,
+        service_id: str,
+        *,
+        api_key: str | None = None,
+        api_key_header: str = "X-API-Key",
+        timeout_s: float = 30.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        headers = {"Accept": "application/json", "User-Agent": "irlive/0.1"}
+        if api_key:
+            headers[api_key_header] = api_key
+        self.service_id = service_id
+        self._tool_path = TOOL_PATH.format(service_id=service_id)
+        self._client = httpx.Client(
+            base_url=base_url,
+            headers=headers,
+            timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 10.0)),
+            transport=transport,
+            limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
+        )
+
+    def close(self) -> None:
+        self._client.close()
+
+    def quote(self) -> Quote:
+        """Ask the tool endpoint without paying; the 402 answer carries the price."""
+        probe = {"Tasks": [{"ImageURL": "https://example.com/irlive-price-probe.png"}]}
+        with self._translate(sent_means_unknown=False):
+            response = self._client.post(self._tool_path, json=probe)
+        if response.status_code != 402:
+            _raise_for(response, _json_or_none(response))
+            raise ConfigError(f"price probe expected HTTP 402, got {response.status_code}")
+        return parse_quote(response)
+
+    def create_payment(self) -> Payment:
+        """Buy one token. A timeout here is OutcomeUnknown: the payment may exist."""
+        with self._translate(sent_means_unknown=True):
+            response = self._client.post("/api/payments", json={"serviceId": self.service_id})
+        body = _json_or_none(response)
+        if response.status_code == 404:
+            raise ConfigError(f"the marketplace does not know service {self.service_id!r} (IRLIVE_SERVICE_ID)")
+        if response.status_code >= 300:
+            _raise_for(response, body)
+        return parse_payment(body)
+
+    def get_payment(self, payment_id: str) -> Payment:
+        with self._translate(sent_means_unknown=False):
+            response = self._client.get(f"/api/payments/{payment_id}")
+        body = _json_or_none(response)
+        if response.status_code >= 300:
+            _raise_for(response, body)
+        return parse_payment(body)
+
+    def call(self, token: str, urls: list[str]) -> CallAnswer:
+        """One paid call judging up to 10 images; raises the error tree on anything but a verdict."""
+        payload = {"Tasks": [{"ImageURL": u} for u in urls]}
+        request = self._client.build_request(
+            "POST", self._tool_path, json=payload, headers={"X-Payment-Token": token}
+        )
+        with self._translate(sent_means_unknown=True):
+            response = self._client.send(request, stream=True)
+            try:
+                raw = _read_capped(response)
+            finally:
+                response.close()
+        body = _json_bytes_or_none(raw)
+        if response.status_code >= 300:
+            _raise_for(response, body)
+        return parse_answer(body, raw)
+
+    @contextmanager
+    def _translate(self, *, sent_means_unknown: bool) -> Iterator[None]:
+        try:
+            yield
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+            raise TransientError(f"marketplace unreachable: {type(exc).__name__}") from None
+        except (httpx.ReadTimeout, httpx.WriteTimeout, httpx.RemoteProtocolError, httpx.ReadError) as exc:
+            what = f"marketplace connection failed after the request was sent: {type(exc).__name__}"
+            if sent_means_unknown:
+                raise OutcomeUnknown(what) from None
+            raise TransientError(what) from None
+        except httpx.HTTPError as exc:
+            raise TransientError(f"marketplace transport error: {type(exc).__name__}") from None
+
+
+def parse_quote(response: httpx.Response) -> Quote:
+    """Read the price from the 402 body, or from the base64 PAYMENT-REQUIRED header."""
+    candidates: list[dict[str, Any]] = []
+    body = _json_or_none(response)
+    if isinstance(body, dict):
+        candidates.append(body)
+    header = response.headers.get("PAYMENT-REQUIRED")
+    if header:
+        try:
+            decoded = json.loads(base64.b64decode(header))
+            if isinstance(decoded, dict):
+                candidates.append(decoded)
+        except ValueError:
+            pass
+    for doc in candidates:
+        cents = _price_cents(doc)
+        if cents is not None:
+            service = doc.get("serviceId")
+            return Quote(cents, service if isinstance(service, str) else None)
+    raise ConfigError("the marketplace's 402 answer carries no price irlive can read; refusing to pay")
+
+
+def _price_cents(doc: dict[str, Any]) -> int | None:
+    for key in ("priceCents", "amountCents"):
+        value = doc.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return math.ceil(value)
+    price = doc.get("price")
+    if isinstance(price, int | float | str) and not isinstance(price, bool):
+        usd = _decimal(str(price).lstrip("$"))
+        if usd is not None:
+            return math.ceil(usd * 100)
+    accepts = doc.get("accepts")
+    if isinstance(accepts, list):
+        for option in accepts:
+            if not isinstance(option, dict):
+                continue
+            amount = _decimal(str(option.get("maxAmountRequired", option.get("amount", ""))))
+            extra = option.get("extra") if isinstance(option.get("extra"), dict) else {}
+            decimals = extra.get("decimals", 6) if isinstance(extra, dict) else 6
+            if amount is not None and isinstance(decimals, int):
+                # x402 amounts are in the asset's smallest unit (USDC: 6 decimals).
+                return math.ceil(amount * 100 / (Decimal(10) ** decimals))
+    return None
+
+
+def parse_payment(body: Any) -> Payment:
+    if not isinstance(body, dict) or not isinstance(body.get("paymentId"), str | int):
+        raise TransientError("payment answer has no paymentId")
+    token = body.get("token", body.get("paymentToken"))
+    amount = body.get("amountCents")
+    remaining = body.get("remainingCalls")
+    return Payment(
+        payment_id=str(body["paymentId"]),
+        amount_cents=amount if isinstance(amount, int) else None,
+        status=str(body.get("status", "unknown")),
+        remaining_calls=remaining if isinstance(remaining, int) else None,
+        expires_at=body.get("expiresAt") if isinstance(body.get("expiresAt"), str) else None,
+        token=token if isinstance(token, str) and token else None,
+    )
+
+
+def parse_answer(body: Any, raw: bytes) -> CallAnswer:
+    """The 2xx envelope: `code` is a string; an error Code can still hide in a 2xx body."""
+    if not isinstance(body, dict):
+        raise TransientError(f"marketplace answer is not a JSON object ({len(raw)} bytes)")
+    code = body.get("code")
+    if code is not None and str(code) != "200":
+        _raise_code(str(body.get("Code") or code), str(body.get("message") or body.get("Message") or ""), None)
+    if isinstance(body.get("Code"), str):
+        _raise_code(body["Code"], str(body.get("Message", "")), None)
+    data = body.get("data")
+    if not isinstance(data, dict) or "Result" not in data:
+        raise TransientError("marketplace answer has no data.Result")
+    result = data["Result"]
+    if isinstance(result, dict) and isinstance(result.get("Code"), str):
+        _raise_code(result["Code"], str(result.get("Message", "")), None)
+    request_id = body.get("requestId")
+    return CallAnswer(request_id=str(request_id) if request_id is not None else None, result=result)
+
+
+def _raise_for(response: httpx.Response, body: Any) -> None:
+    status = response.status_code
+    doc = body if isinstance(body, dict) else {}
+    code = doc.get("Code") or doc.get("code")
+    message = str(doc.get("Message") or doc.get("message") or doc.get("error") or "")
+    if status == 429:
+        raise RateLimited(f"marketplace throttled the call: {redact(message)}", _retry_after(response))
+    if status in (401, 403):
+        raise ConfigError(
+            f"marketplace answered {status}: the API key (IRLIVE_API_KEY) is missing, wrong or not allowed "
+            f"for {doc.get('serviceId', 'this service')}: {redact(message)}"
+        )
+    if status == 402:
+        raise PaymentRejected(f"marketplace refused the payment token: {redact(message) or 'payment required'}")
+    if isinstance(code, str) and not code.isdigit():
+        _raise_code(code, message, _retry_after(response))
+    if status >= 500:
+        raise TransientError(f"marketplace answered {status}: {redact(message)}")
+    if status == 400:
+        raise ConfigError(f"marketplace rejected the request body (400): {redact(message)}")
+    raise TransientError(f"marketplace answered unexpected status {status}")
+
+
+def _raise_code(code: str, message: str, retry_after: float | None) -> None:
+    text = f"{code}: {redact(message)}" if message else code
+    if code.startswith("Throttling"):
+        raise RateLimited(f"upstream throttled the call: {text}", retry_after)
+    if code.startswith(_PERMANENT_CODES):
+        raise PermanentInputError(text, code=code)
+    if code.startswith(_CONFIG_CODES):
+        raise ConfigError(f"the seller refused our credentials or API: {text}")
+    if code.startswith(_TRANSIENT_CODES) or code[:1] == "5":
+        raise TransientError(text)
+    raise TransientError(f"unrecognised seller error {text}")
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("Retry-After")
+    if value is None:
+        return None
+    number = _decimal(value.strip())
+    return float(number) if number is not None and number >= 0 else None
+
+
+def _read_capped(response: httpx.Response) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    for chunk in response.iter_bytes():
+        size += len(chunk)
+        if size > MAX_ANSWER_BYTES:
+            raise TransientError(f"marketplace answer larger than {MAX_ANSWER_BYTES} bytes; dropped")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _json_or_none(response: httpx.Response) -> Any:
+    try:
+        return response.json()
+    except (ValueError, httpx.ResponseNotRead):
+        return None
+
+
+def _json_bytes_or_none(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return None
+
+
+def _decimal(text: str) -> Decimal | None:
+    try:
+        value = Decimal(text)
+    except InvalidOperation:
+        return None
+    return value if value.is_finite() else None

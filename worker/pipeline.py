@@ -1,0 +1,256 @@
+"""One chunk end to end, Celery-free: validate, dedupe, pay, call, judge, record, write the chunk manifest."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from worker.config import S3Location, Settings
+from worker.errors import (
+    ConfigError,
+    OutcomeUnknown,
+    PaymentRejected,
+    PermanentInputError,
+    RateLimited,
+    TransientError,
+)
+from worker.manifest import Item, chunk_document, chunk_key, judged_record, unjudged_record
+from worker.marketplace import Marketplace
+from worker.ratelimit import RateLimiter
+from worker.runs import Runs, now_iso
+from worker.storage import Storage
+from worker.validate import Limits, validate
+from worker.verdicts import AnswerError, judge_answer
+from worker.wallet import Wallet
+
+log = logging.getLogger("irlive.pipeline")
+BACKOFF_BASE_S = 0.5
+BACKOFF_CAP_S = 20.0
+# Throttling waits in-process up to this long per chunk; beyond it the task is deferred with a countdown.
+MAX_THROTTLE_WAIT_S = 60.0
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A chunk message: keys only (never tokens or URLs), with the ETag seen when listed."""
+
+    run_id: str
+    seq: int
+    bucket: str
+    items: list[tuple[str, str]]
+
+    @classmethod
+    def from_message(cls, body: dict[str, Any]) -> Chunk:
+        try:
+            items = [(str(k), str(e)) for k, e in body["items"]]
+            return cls(str(body["run_id"]), int(body["seq"]), str(body["bucket"]), items)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PermanentInputError(f"malformed chunk message: {exc!r}", code="bad_message") from None
+
+    def to_message(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, "seq": self.seq, "bucket": self.bucket, "items": [list(i) for i in self.items]}
+
+
+@dataclass
+class Deps:
+    """Everything a chunk needs, built once per worker process and passed in."""
+
+    settings: Settings
+    storage: Storage
+    market: Marketplace
+    wallet: Wallet
+    limiter: RateLimiter
+    runs: Runs
+    sleep: Callable[[float], None] = time.sleep
+    rng: random.Random = field(default_factory=random.Random)
+
+
+@dataclass
+class _Image:
+    index: int
+    item: Item
+    size: int
+
+
+@dataclass
+class _Group:
+    images: list[_Image]
+    attempts: int = 0
+    last_error: str = ""
+    last_code: str = ""
+
+
+class ChunkProcessor:
+    """Judges one chunk; safe to run again on the same chunk (it resumes from the recorded progress)."""
+
+    def __init__(self, deps: Deps) -> None:
+        self.deps = deps
+        self._limits = Limits(deps.settings.max_image_bytes, deps.settings.min_image_side)
+
+    def run(self, chunk: Chunk) -> int | None:
+        """Process the chunk; returns the run's pending chunk count after it, or None if the run is gone."""
+        runs = self.deps.runs
+        run = runs.get(chunk.run_id)
+        if run is None or run["state"] == "failed":
+            log.warning("dropping chunk %s/%s: run %s", chunk.run_id, chunk.seq,
+                        "unknown" if run is None else "failed")
+            return None
+        output = S3Location.parse(run["output"], "run output")
+        force = bool(run["settings"].get("force"))
+        progress = runs.progress(chunk.run_id, chunk.seq)
+        todo = self._validate(chunk, progress)
+        if not force:
+            todo = self._skip_judged(chunk, todo)
+        per_call = self.deps.settings.images_per_call
+        queue = deque(_Group(todo[i:i + per_call]) for i in range(0, len(todo), per_call))
+        throttled_s = 0.0
+        while queue:
+            group = queue.popleft()
+            throttled_s += self._call(chunk, group, queue)
+            if throttled_s > MAX_THROTTLE_WAIT_S:
+                raise RateLimited("throttled for too long in this chunk; deferring", retry_after=5.0)
+        return self._finish(chunk, output)
+
+    def _validate(self, chunk: Chunk, progress: dict[int, dict[str, Any]]) -> list[_Image]:
+        todo: list[_Image] = []
+        for index, (key, etag) in enumerate(chunk.items):
+            if index in progress:
+                continue
+            item = Item(chunk.bucket, key, etag)
+            try:
+                info, _ = validate(self.deps.storage, chunk.bucket, key, self._limits)
+            except PermanentInputError as exc:
+                self._save(chunk, index, item, unjudged_record(
+                    item, None, "rejected", reason=str(exc), code=exc.code, attempts=0, judged_at=now_iso()))
+                continue
+            todo.append(_Image(index, Item(chunk.bucket, key, info.etag), info.size))
+        return todo
+
+    def _skip_judged(self, chunk: Chunk, todo: list[_Image]) -> list[_Image]:
+        """Redelivered chunks, overlapping runs, duplicate events: never pay again for a known identity."""
+        prior = self.deps.runs.already_judged([img.item.identity for img in todo])
+        left: list[_Image] = []
+        for img, seen in zip(todo, prior, strict=True):
+            if seen is None:
+                left.append(img)
+                continue
+            record = dict(seen.get("record") or {})
+            record.update(bucket=img.item.bucket, key=img.item.key, etag=img.item.etag, size=img.size,
+                          verdict=seen["verdict"], reused_from_run=seen.get("run_id"))
+            self._save(chunk, img.index, img.item, record)
+        return left
+
+    def _call(self, chunk: Chunk, group: _Group, queue: deque[_Group]) -> float:
+        """One paid call for the group; failures requeue it by the error tree. Returns seconds throttled."""
+        deps = self.deps
+        run_id = chunk.run_id
+        deps.limiter.acquire()
+        try:
+            token = deps.wallet.take(run_id)
+        except (TransientError, OutcomeUnknown) as exc:
+            self._retry_or_fail(chunk, group, queue, exc, "payment_failed")
+            return 0.0
+        try:
+            urls = [deps.storage.presign_get(img.item.bucket, img.item.key, deps.settings.presign_ttl)
+                    for img in group.images]
+        except TransientError as exc:
+            deps.wallet.release(token)
+            self._retry_or_fail(chunk, group, queue, exc, "presign_failed")
+            return 0.0
+        deps.wallet.sent(token, [img.item.identity for img in group.images])
+        try:
+            answer = deps.market.call(token.secret, urls)
+        except PaymentRejected as exc:
+            deps.wallet.void(token, run_id)
+            self._retry_or_fail(chunk, group, queue, exc, "payment_rejected")
+            return 0.0
+        except RateLimited as exc:
+            deps.wallet.after_failure(token, run_id)
+            wait = exc.retry_after if exc.retry_after is not None else self._backoff(1)
+            deps.sleep(wait)
+            queue.appendleft(group)
+            return wait
+        except PermanentInputError as exc:
+            deps.wallet.after_failure(token, run_id)
+            self._split_or_fail(chunk, group, queue, exc)
+            return 0.0
+        except (TransientError, OutcomeUnknown) as exc:
+            deps.wallet.after_failure(token, run_id)
+            self._retry_or_fail(chunk, group, queue, exc, type(exc).__name__)
+            return 0.0
+        except ConfigError:
+            deps.wallet.after_failure(token, run_id)
+            raise
+        deps.wallet.spent(token, run_id, answer.request_id)
+        self._record_answer(chunk, group, queue, urls, answer.result, answer.request_id)
+        return 0.0
+
+    def _record_answer(self, chunk: Chunk, group: _Group, queue: deque[_Group], urls: list[str], result: Any,
+                       request_id: str | None) -> None:
+        try:
+            judgements = judge_answer(urls, result)
+        except AnswerError as exc:
+            self._retry_or_fail(chunk, group, queue, exc, "bad_answer")
+            return
+        unanswered: list[_Image] = []
+        for img, judgement in zip(group.images, judgements, strict=True):
+            if isinstance(judgement, AnswerError):
+                unanswered.append(img)
+                continue
+            self._save(chunk, img.index, img.item, judged_record(
+                img.item, img.size, judgement, request_id=request_id, attempts=group.attempts + 1,
+                judged_at=now_iso()))
+        if unanswered:
+            log.warning("call %s answered %d of %d images", request_id, len(group.images) - len(unanswered),
+                        len(group.images))
+            rest = _Group(unanswered, group.attempts)
+            self._retry_or_fail(chunk, rest, queue, AnswerError("no usable element in the answer"), "bad_answer")
+
+    def _retry_or_fail(self, chunk: Chunk, group: _Group, queue: deque[_Group], exc: Exception, code: str) -> None:
+        group.attempts += 1
+        group.last_error, group.last_code = str(exc), code
+        if group.attempts >= self.deps.settings.max_attempts:
+            for img in group.images:
+                self._save(chunk, img.index, img.item, unjudged_record(
+                    img.item, img.size, "error", reason=group.last_error, code=code,
+                    attempts=group.attempts, judged_at=now_iso()))
+            return
+        log.info("chunk %s/%s: attempt %d failed (%s); retrying", chunk.run_id, chunk.seq, group.attempts, code)
+        self.deps.sleep(self._backoff(group.attempts))
+        queue.append(group)
+
+    def _split_or_fail(self, chunk: Chunk, group: _Group, queue: deque[_Group], exc: PermanentInputError) -> None:
+        """A batch refused for one bad image: halve it to find the image (each half is a new, counted call)."""
+        if len(group.images) > 1:
+            mid = len(group.images) // 2
+            log.warning("chunk %s/%s: call refused (%s); splitting %d images", chunk.run_id, chunk.seq, exc.code,
+                        len(group.images))
+            queue.appendleft(_Group(group.images[mid:], group.attempts))
+            queue.appendleft(_Group(group.images[:mid], group.attempts))
+            return
+        img = group.images[0]
+        self._save(chunk, img.index, img.item, unjudged_record(
+            img.item, img.size, "error", reason=str(exc), code=exc.code, attempts=group.attempts + 1,
+            judged_at=now_iso()))
+
+    def _backoff(self, attempt: int) -> float:
+        """Exponential backoff with full jitter."""
+        return self.deps.rng.uniform(0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** attempt))
+
+    def _save(self, chunk: Chunk, index: int, item: Item, record: dict[str, Any]) -> None:
+        self.deps.runs.save(chunk.run_id, chunk.seq, index, item, record)
+
+    def _finish(self, chunk: Chunk, output: S3Location) -> int:
+        progress = self.deps.runs.progress(chunk.run_id, chunk.seq)
+        missing = [i for i in range(len(chunk.items)) if i not in progress]
+        if missing:
+            raise TransientError(f"chunk {chunk.seq} has {len(missing)} images without a record")
+        records = [progress[i] for i in range(len(chunk.items))]
+        self.deps.storage.put_json(output.bucket, chunk_key(output, chunk.run_id, chunk.seq),
+                                   chunk_document(chunk.run_id, chunk.seq, records))
+        return self.deps.runs.complete_chunk(chunk.run_id, chunk.seq)

@@ -1,0 +1,153 @@
+"""Run records, per-image progress, the done-set and chunk completion, all in Redis."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from worker.keys import Keys
+from worker.manifest import JUDGED, VERDICTS, Item
+
+# A record is saved once per image per chunk; only the first save counts, so redelivery never double counts.
+_SAVE = """
+if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
+redis.call('HINCRBY', KEYS[2], ARGV[3], 1)
+redis.call('HINCRBY', KEYS[2], 'done', 1)
+if ARGV[5] ~= '' then redis.call('HSET', KEYS[3], ARGV[4], ARGV[5]) end
+return 1
+"""
+# Returns the chunks still pending after this one; a repeated completion changes nothing.
+_COMPLETE = """
+if redis.call('SADD', KEYS[1], ARGV[1]) == 1 then
+  return redis.call('HINCRBY', KEYS[2], 'pending', -1)
+end
+return tonumber(redis.call('HGET', KEYS[2], 'pending') or '0')
+"""
+# The producer holds one extra 'pending' while it lists, so early chunks cannot finish the run.
+LISTING_HOLD = 1
+TERMINAL_STATES = ("done", "failed")
+
+
+@dataclass(frozen=True)
+class RunStatus:
+    """What `irlive status` shows."""
+
+    run_id: str
+    state: str
+    total: int
+    done: int
+    counts: dict[str, int]
+    skipped: int
+    chunks: int
+    pending: int
+    calls: int
+    spend_cents: int
+    error: str | None
+
+
+class Runs:
+    """Run bookkeeping; the Redis client must use decode_responses=True."""
+
+    def __init__(self, redis: Any, keys: Keys) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._save = redis.register_script(_SAVE)
+        self._complete = redis.register_script(_COMPLETE)
+
+    def create(self, run_id: str, *, source: str, output: str, settings: dict[str, Any]) -> None:
+        self._redis.hset(self._keys.run(run_id), mapping={
+            "run_id": run_id, "state": "listing", "source": source, "output": output,
+            "created_at": now_iso(), "total": 0, "chunks": 0, "pending": LISTING_HOLD, "skipped": 0,
+            "done": 0, "calls": 0, "spend_cents": 0, "settings": json.dumps(settings, sort_keys=True),
+        })
+        self._redis.zadd(self._keys.runs(), {run_id: time.time()})
+
+    def add_chunk(self, run_id: str, images: int) -> int:
+        """Count one more chunk of `images` images before it is enqueued; returns its sequence number."""
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.hincrby(self._keys.run(run_id), "chunks", 1)
+        pipe.hincrby(self._keys.run(run_id), "pending", 1)
+        pipe.hincrby(self._keys.run(run_id), "total", images)
+        seq = int(pipe.execute()[0]) - 1
+        return seq
+
+    def add_skipped(self, run_id: str, n: int) -> None:
+        if n:
+            self._redis.hincrby(self._keys.run(run_id), "skipped", n)
+
+    def listing_finished(self, run_id: str) -> int:
+        """Release the producer's hold; returns pending chunks (0 means the run can be finalised)."""
+        self._redis.hset(self._keys.run(run_id), "state", "running")
+        return int(self._redis.hincrby(self._keys.run(run_id), "pending", -LISTING_HOLD))
+
+    def get(self, run_id: str) -> dict[str, Any] | None:
+        raw: dict[str, str] = self._redis.hgetall(self._keys.run(run_id))
+        if not raw:
+            return None
+        run: dict[str, Any] = dict(raw)
+        run["settings"] = json.loads(raw.get("settings", "{}"))
+        return run
+
+    def status(self, run_id: str) -> RunStatus | None:
+        run = self.get(run_id)
+        if run is None:
+            return None
+        return RunStatus(
+            run_id=run_id, state=run["state"], total=int(run["total"]), done=int(run["done"]),
+            counts={v: int(run.get(v, 0)) for v in VERDICTS}, skipped=int(run["skipped"]),
+            chunks=int(run["chunks"]), pending=int(run["pending"]), calls=int(run["calls"]),
+            spend_cents=int(run["spend_cents"]), error=run.get("error"),
+        )
+
+    def set_state(self, run_id: str, state: str, error: str | None = None) -> None:
+        mapping = {"state": state}
+        if error is not None:
+            mapping["error"] = error
+        self._redis.hset(self._keys.run(run_id), mapping=mapping)
+
+    def fail(self, run_id: str, error: str) -> None:
+        """Stop the run for a reason a person must fix; later chunks of it are dropped on arrival."""
+        self.set_state(run_id, "failed", error)
+
+    def progress(self, run_id: str, seq: int) -> dict[int, dict[str, Any]]:
+        raw: dict[str, str] = self._redis.hgetall(self._keys.chunk_progress(run_id, seq))
+        return {int(k): json.loads(v) for k, v in raw.items()}
+
+    def save(self, run_id: str, seq: int, index: int, item: Item, record: dict[str, Any]) -> bool:
+        """Record one image's outcome once; judged verdicts also enter the done-set."""
+        verdict = record["verdict"]
+        done_value = ""
+        if verdict in JUDGED:
+            brief = {k: record.get(k) for k in ("suggestion", "rate", "faces", "request_id", "judged_at")}
+            done_value = json.dumps({"run_id": run_id, "verdict": verdict, "record": brief}, sort_keys=True)
+        saved = self._save(
+            keys=[self._keys.chunk_progress(run_id, seq), self._keys.run(run_id), self._keys.done()],
+            args=[index, json.dumps(record, sort_keys=True), verdict, item.identity, done_value],
+        )
+        return bool(saved)
+
+    def complete_chunk(self, run_id: str, seq: int) -> int:
+        return int(self._complete(keys=[self._keys.chunks_done(run_id), self._keys.run(run_id)], args=[seq]))
+
+    def already_judged(self, identities: list[str]) -> list[dict[str, Any] | None]:
+        if not identities:
+            return []
+        values = self._redis.hmget(self._keys.done(), identities)
+        return [json.loads(v) if v else None for v in values]
+
+    def forget_judged(self, identities: list[str]) -> None:
+        if identities:
+            self._redis.hdel(self._keys.done(), *identities)
+
+    def mark_finished(self, run_id: str) -> str:
+        """Set finished_at once, so finalising twice writes the same manifest."""
+        self._redis.hsetnx(self._keys.run(run_id), "finished_at", now_iso())
+        finished: str = self._redis.hget(self._keys.run(run_id), "finished_at")
+        return finished
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")

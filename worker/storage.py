@@ -1,0 +1,154 @@
+"""S3 access: list, head, ranged get, presign, JSON put/get; the only place that catches botocore errors."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    EndpointConnectionError,
+    NoCredentialsError,
+    PartialCredentialsError,
+)
+
+from worker.errors import ConfigError, NotFound, TransientError
+
+_CONFIG_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "NoSuchBucket",
+                 "InvalidBucketName", "AllAccessDisabled", "ExpiredToken", "InvalidToken"}
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """What HEAD (or a listing) says of an object."""
+
+    key: str
+    size: int
+    etag: str
+
+
+class Storage:
+    """A thin, thread-safe wrapper over one boto3 S3 client."""
+
+    def __init__(self, endpoint_url: str | None, region: str = "us-east-1", max_connections: int = 32,
+                 credentials: tuple[str, str] | None = None) -> None:
+        # Path style and SigV4 always: with a custom endpoint boto3 would otherwise presign SigV2.
+        config = Config(
+            signature_version="s3v4",
+            s3={"addressing_style": "path"},
+            max_pool_connections=max_connections,
+            retries={"max_attempts": 3, "mode": "standard"},
+            connect_timeout=10,
+            read_timeout=30,
+        )
+        keys = {"aws_access_key_id": credentials[0], "aws_secret_access_key": credentials[1]} if credentials else {}
+        self._s3 = boto3.session.Session().client(
+            "s3", endpoint_url=endpoint_url, region_name=region, config=config, **keys
+        )
+
+    def iter_objects(self, bucket: str, prefix: str = "", page_size: int = 1000) -> Iterator[ObjectInfo]:
+        """Stream every object under prefix, page by page: memory does not grow with the bucket."""
+        paginator = self._s3.get_paginator("list_objects_v2")
+        pages = paginator.paginate(Bucket=bucket, Prefix=prefix, PaginationConfig={"PageSize": page_size})
+        with _translate(f"s3://{bucket}/{prefix}"):
+            for page in pages:
+                for obj in page.get("Contents", ()):
+                    yield ObjectInfo(obj["Key"], int(obj["Size"]), _etag(obj["ETag"]))
+
+    def head(self, bucket: str, key: str) -> ObjectInfo:
+        with _translate(f"s3://{bucket}/{key}", missing_is_object=True):
+            meta = self._s3.head_object(Bucket=bucket, Key=key)
+        return ObjectInfo(key, int(meta["ContentLength"]), _etag(meta["ETag"]))
+
+    def read_range(self, bucket: str, key: str, byte_range: str, etag: str | None = None) -> bytes:
+        """Read `bytes=a-b` or `bytes=-n`; with etag, fail as not_found if the object changed meanwhile."""
+        extra = {"IfMatch": f'"{etag}"'} if etag else {}
+        with _translate(f"s3://{bucket}/{key}", missing_is_object=True):
+            answer = self._s3.get_object(Bucket=bucket, Key=key, Range=byte_range, **extra)
+            data: bytes = answer["Body"].read()
+        return data
+
+    def presign_get(self, bucket: str, key: str, ttl_s: int) -> str:
+        with _translate(f"s3://{bucket}/{key}"):
+            url: str = self._s3.generate_presigned_url(
+                "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=ttl_s
+            )
+        return url
+
+    def put_json(self, bucket: str, key: str, doc: Any) -> str:
+        body = json.dumps(doc, indent=1, sort_keys=True, ensure_ascii=False).encode()
+        return self.put_bytes(bucket, key, body, "application/json")
+
+    def put_bytes(self, bucket: str, key: str, body: bytes, content_type: str) -> str:
+        with _translate(f"s3://{bucket}/{key}"):
+            answer = self._s3.put_object(Bucket=bucket, Key=key, Body=body, ContentType=content_type)
+        return _etag(answer["ETag"])
+
+    def get_json(self, bucket: str, key: str) -> tuple[Any, str]:
+        """The parsed document and its ETag."""
+        with _translate(f"s3://{bucket}/{key}", missing_is_object=True):
+            answer = self._s3.get_object(Bucket=bucket, Key=key)
+            body = answer["Body"].read()
+        return json.loads(body), _etag(answer["ETag"])
+
+    def get_bytes(self, bucket: str, key: str) -> bytes:
+        with _translate(f"s3://{bucket}/{key}", missing_is_object=True):
+            data: bytes = self._s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+        return data
+
+    def ensure_bucket(self, bucket: str) -> None:
+        with _translate(f"s3://{bucket}"):
+            try:
+                self._s3.head_bucket(Bucket=bucket)
+            except ClientError as exc:
+                if _code(exc) not in ("404", "NoSuchBucket", "NotFound"):
+                    raise
+                self._s3.create_bucket(Bucket=bucket)
+
+    def check_bucket(self, bucket: str) -> None:
+        """Fail with a ConfigError that names the bucket when it is missing or not ours."""
+        with _translate(f"s3://{bucket}"):
+            try:
+                self._s3.head_bucket(Bucket=bucket)
+            except ClientError as exc:
+                if _code(exc) in ("404", "NoSuchBucket", "NotFound"):
+                    raise ConfigError(f"bucket {bucket!r} does not exist") from None
+                raise
+
+
+@contextmanager
+def _translate(where: str, *, missing_is_object: bool = False) -> Iterator[None]:
+    try:
+        yield
+    except ClientError as exc:
+        code = _code(exc)
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        if code in ("NoSuchKey", "404", "NotFound", "PreconditionFailed", "412") and missing_is_object:
+            raise NotFound(f"{where}: object not found or changed since it was listed") from None
+        if code in _CONFIG_CODES or status in (401, 403):
+            raise ConfigError(f"{where}: S3 refused access ({code}); check the bucket name and credentials") from None
+        if code in ("InvalidRange", "416"):
+            raise NotFound(f"{where}: object is empty or shorter than expected") from None
+        if status >= 500 or code in ("SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout"):
+            raise TransientError(f"{where}: S3 answered {code}") from None
+        raise ConfigError(f"{where}: S3 answered {code} ({status})") from None
+    except (NoCredentialsError, PartialCredentialsError):
+        raise ConfigError("no AWS credentials found: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile") from None
+    except EndpointConnectionError:
+        raise TransientError(f"{where}: S3 endpoint unreachable") from None
+    except BotoCoreError as exc:
+        raise TransientError(f"{where}: S3 client error {type(exc).__name__}") from None
+
+
+def _code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def _etag(raw: str) -> str:
+    return raw.strip('"')

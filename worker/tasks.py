@@ -1,0 +1,103 @@
+"""Thin Celery tasks: decode the message, build dependencies once per process, run the pipeline, map errors."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import redis
+from celery import Celery, Task
+
+from worker.config import Settings
+from worker.errors import ConfigError, PermanentInputError, RateLimited, TransientError
+from worker.finalize import finalize_run
+from worker.keys import Keys
+from worker.marketplace import Marketplace
+from worker.pipeline import Chunk, ChunkProcessor, Deps
+from worker.ratelimit import RateLimiter, RateSpec
+from worker.runs import Runs
+from worker.storage import Storage
+from worker.wallet import Wallet
+
+PROCESS_CHUNK = "irlive.process_chunk"
+FINALIZE_RUN = "irlive.finalize_run"
+log = logging.getLogger("irlive.tasks")
+
+
+def build_deps(settings: Settings) -> Deps:
+    """Every long-lived client one worker process needs."""
+    keys = Keys(settings.key_prefix)
+    client = redis.Redis.from_url(settings.redis_url, decode_responses=True, health_check_interval=30)
+    market = Marketplace(settings.marketplace_url, settings.service_id, api_key=settings.api_key,
+                         api_key_header=settings.api_key_header, timeout_s=settings.call_timeout_s)
+    wallet = Wallet(client, market, keys, max_price_cents=settings.max_price_cents,
+                    lease_s=settings.call_timeout_s + 60)
+    return Deps(
+        settings=settings,
+        storage=Storage(settings.s3_endpoint_url, settings.s3_region, max_connections=64),
+        market=market,
+        wallet=wallet,
+        limiter=RateLimiter(client, keys.ratelimit(), RateSpec(settings.rate_limit_per_s, settings.rate_burst)),
+        runs=Runs(client, keys),
+    )
+
+
+class _LazyDeps:
+    """Builds Deps on first use in each process (never at import, never per task)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._deps: Deps | None = None
+        self._lock = threading.Lock()
+
+    def get(self) -> Deps:
+        with self._lock:
+            if self._deps is None:
+                self._deps = build_deps(self._settings)
+                self._deps.wallet.sweep()
+            return self._deps
+
+
+def register_tasks(app: Celery, settings: Settings) -> None:
+    lazy = _LazyDeps(settings)
+    # Countdowns keep the message unacked on the worker, so they must stay well under the visibility timeout.
+    max_countdown = max(1.0, settings.visibility_timeout_s / 4)
+
+    @app.task(name=PROCESS_CHUNK, bind=True, max_retries=None)  # type: ignore[untyped-decorator]
+    def process_chunk(self: Task, message: dict[str, Any]) -> None:
+        deps = lazy.get()
+        try:
+            chunk = Chunk.from_message(message)
+        except PermanentInputError as exc:
+            log.error("dropping message: %s", exc)
+            return
+        try:
+            pending = ChunkProcessor(deps).run(chunk)
+        except RateLimited as exc:
+            countdown = min(max_countdown, exc.retry_after or 5.0)
+            raise self.retry(countdown=countdown) from None
+        except TransientError as exc:
+            retries = int(self.request.retries or 0)
+            if retries >= settings.max_attempts * 4:
+                # Give up on this delivery; the run's reconcile re-enqueues images with no record.
+                log.error("chunk %s/%s: giving up after %d retries: %s", chunk.run_id, chunk.seq, retries, exc)
+                raise
+            countdown = min(max_countdown, 2.0 * 2 ** min(retries, 8))
+            log.warning("chunk %s/%s: %s; retrying in %.0fs", chunk.run_id, chunk.seq, exc, countdown)
+            raise self.retry(countdown=countdown) from None
+        except ConfigError as exc:
+            log.error("run %s stopped: %s", chunk.run_id, exc)
+            deps.runs.fail(chunk.run_id, str(exc))
+            return
+        if pending == 0:
+            app.send_task(FINALIZE_RUN, args=[chunk.run_id])
+
+    @app.task(name=FINALIZE_RUN, bind=True, max_retries=10)  # type: ignore[untyped-decorator]
+    def finalize(self: Task, run_id: str) -> None:
+        deps = lazy.get()
+        try:
+            finalize_run(deps.runs, deps.storage, run_id)
+        except TransientError:
+            raise self.retry(countdown=5.0) from None
+

@@ -1,0 +1,43 @@
+"""Checks an object before any money moves: size, format by magic bytes, dimensions, an intact end."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from worker import imageinfo
+from worker.errors import PermanentInputError
+from worker.storage import ObjectInfo, Storage
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What the upstream accepts (and what we choose to insist on)."""
+
+    max_bytes: int = 10 * 1024 * 1024
+    min_side: int = 64
+
+
+def validate(storage: Storage, bucket: str, key: str, limits: Limits) -> tuple[ObjectInfo, imageinfo.ImageInfo]:
+    """HEAD, then the first and last bytes; raise PermanentInputError with a code saying why not."""
+    info = storage.head(bucket, key)
+    if info.size == 0:
+        raise PermanentInputError("the object is empty (0 bytes)", code="empty")
+    if info.size > limits.max_bytes:
+        raise PermanentInputError(
+            f"the object is {info.size} bytes; the upstream accepts at most {limits.max_bytes}", code="too_large"
+        )
+    head = storage.read_range(bucket, key, f"bytes=0-{imageinfo.HEAD_BYTES - 1}", etag=info.etag)
+    image = imageinfo.sniff(head)
+    if image is None:
+        raise PermanentInputError("not an image: no PNG/JPEG/GIF/BMP/WEBP signature", code="not_an_image")
+    if image.width is not None and image.height is not None:
+        if min(image.width, image.height) < limits.min_side:
+            raise PermanentInputError(
+                f"image is {image.width}x{image.height}; at least {limits.min_side}x{limits.min_side} required "
+                "(IRLIVE_MIN_IMAGE_SIDE)", code="too_small"
+            )
+    tail = head[-imageinfo.TAIL_BYTES:] if info.size <= len(head) else storage.read_range(
+        bucket, key, f"bytes=-{imageinfo.TAIL_BYTES}", etag=info.etag)
+    if not imageinfo.complete(image.format, tail):
+        raise PermanentInputError(f"the {image.format} file is truncated (no end marker)", code="truncated")
+    return info, image
