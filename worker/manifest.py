@@ -132,5 +132,6 @@ def run_document(run: dict[str, Any], chunks: list[dict[str, Any]], failed: dict
 
 def failed_lines(records: Iterable[dict[str, Any]]) -> bytes:
     """failed.jsonl: one line per image that ended rejected or error."""
-    lines = [json.dumps(r, sort_keys=True, ensure_ascii=False) for r in records if r["verdict"] in ("rejected", "error")]
+    failed = (r for r in records if r["verdict"] in ("rejected", "error"))
+    lines = [json.dumps(r, sort_keys=True, ensure_ascii=False) for r in failed]
     return ("\n".join(lines) + "\n").encode() if lines else b""

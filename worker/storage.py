@@ -139,7 +139,7 @@ def _translate(where: str, *, missing_is_object: bool = False) -> Iterator[None]
             raise TransientError(f"{where}: S3 answered {code}") from None
         raise ConfigError(f"{where}: S3 answered {code} ({status})") from None
     except (NoCredentialsError, PartialCredentialsError):
-        raise ConfigError("no AWS credentials found: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile") from None
+        raise ConfigError("no AWS credentials: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile") from None
     except EndpointConnectionError:
         raise TransientError(f"{where}: S3 endpoint unreachable") from None
     except BotoCoreError as exc:

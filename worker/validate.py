@@ -30,12 +30,11 @@ def validate(storage: Storage, bucket: str, key: str, limits: Limits) -> tuple[O
     image = imageinfo.sniff(head)
     if image is None:
         raise PermanentInputError("not an image: no PNG/JPEG/GIF/BMP/WEBP signature", code="not_an_image")
-    if image.width is not None and image.height is not None:
-        if min(image.width, image.height) < limits.min_side:
-            raise PermanentInputError(
-                f"image is {image.width}x{image.height}; at least {limits.min_side}x{limits.min_side} required "
-                "(IRLIVE_MIN_IMAGE_SIDE)", code="too_small"
-            )
+    if image.width is not None and image.height is not None and min(image.width, image.height) < limits.min_side:
+        raise PermanentInputError(
+            f"image is {image.width}x{image.height}; at least {limits.min_side}x{limits.min_side} required "
+            "(IRLIVE_MIN_IMAGE_SIDE)", code="too_small"
+        )
     tail = head[-imageinfo.TAIL_BYTES:] if info.size <= len(head) else storage.read_range(
         bucket, key, f"bytes=-{imageinfo.TAIL_BYTES}", etag=info.etag)
     if not imageinfo.complete(image.format, tail):

@@ -1,0 +1,109 @@
+"""The sandbox's settings: one dataclass, its validated partial updates, and one CLI flag per field."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, get_args, get_type_hints
+
+SERVICE_ID = "infrared-face-liveness-detection"
+
+
+@dataclass
+class SandboxConfig:
+    """Every behaviour of the sandbox that tests and benchmarks turn; each is also a CLI flag."""
+
+    service_id: str = SERVICE_ID
+    price_cents: int = 20
+    rate_limit_per_s: float = 0.0
+    rate_burst: int = 1
+    throttle_style: str = "429"
+    latency_ms: int = 0
+    p_5xx: float = 0.0
+    p_timeout: float = 0.0
+    timeout_sleep_s: float = 30.0
+    failed_calls_consume_token: bool = True
+    token_ttl_s: float = 600.0
+    bad_image_fails_call: bool = True
+    result_as_string: bool = True
+    seed: int = 0
+    api_key: str | None = None
+    api_key_header: str = "X-API-Key"
+    max_image_bytes: int = 10 * 1024 * 1024
+    fetch_timeout_s: float = 5.0
+
+
+def _allowed(name: str) -> set[Any]:
+    hint = get_type_hints(SandboxConfig)[name]
+    return set(get_args(hint)) or {hint}
+
+
+def updated(config: SandboxConfig, changes: dict[str, Any]) -> SandboxConfig:
+    """A copy of `config` with `changes` applied; ValueError names the first bad field."""
+    names = {field.name for field in dataclasses.fields(SandboxConfig)}
+    clean: dict[str, Any] = {}
+    for name, value in changes.items():
+        if name not in names:
+            raise ValueError(f"unknown sandbox setting {name!r}")
+        allowed = _allowed(name)
+        if value is None and type(None) in allowed:
+            clean[name] = None
+        elif isinstance(value, bool) or bool in allowed:
+            # bool is an int to Python, but a flag given as 1 or a count given as true is a mistake.
+            if not (isinstance(value, bool) and bool in allowed):
+                raise ValueError(f"{name} must be a boolean")
+            clean[name] = value
+        elif float in allowed and isinstance(value, int | float):
+            clean[name] = float(value)
+        elif (int in allowed and isinstance(value, int)) or (str in allowed and isinstance(value, str)):
+            clean[name] = value
+        else:
+            kinds = " or ".join(sorted(getattr(kind, "__name__", str(kind)) for kind in allowed))
+            raise ValueError(f"{name} must be {kinds}")
+    new = dataclasses.replace(config, **clean)
+    if new.throttle_style not in ("429", "400"):
+        raise ValueError("throttle_style must be '429' or '400'")
+    if new.rate_burst < 1:
+        raise ValueError("rate_burst must be at least 1")
+    return new
+
+
+def public_config(config: SandboxConfig) -> dict[str, Any]:
+    """The settings as JSON, with the API key masked: whoever set it knows it."""
+    doc = dataclasses.asdict(config)
+    if doc["api_key"] is not None:
+        doc["api_key"] = "***"
+    return doc
+
+
+def _bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+_FLAG_TYPES: tuple[tuple[type, Any], ...] = ((bool, _bool), (float, float), (int, int))
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    """One `--field-name` flag per SandboxConfig field, defaulting to the field's default."""
+    for field in dataclasses.fields(SandboxConfig):
+        allowed = _allowed(field.name)
+        kind: Any = next((parse for t, parse in _FLAG_TYPES if t in allowed), str)
+        parser.add_argument(
+            "--" + field.name.replace("_", "-"),
+            dest=field.name,
+            type=kind,
+            default=field.default,
+            help=f"default: {field.default}",
+        )
+
+
+def from_args(args: argparse.Namespace) -> SandboxConfig:
+    """The config a parsed command line asks for; ValueError if a value is out of range."""
+    names = {field.name for field in dataclasses.fields(SandboxConfig)}
+    return updated(SandboxConfig(), {k: v for k, v in vars(args).items() if k in names})

@@ -1,0 +1,211 @@
+"""The imitated upstream (DetectInfraredLivingFace): input schema, image fetching, verdicts, answer shapes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import httpx
+
+from sandbox.truth import fallback_truth, read_truth
+from worker.imageinfo import HEAD_BYTES, TAIL_BYTES, complete, sniff
+
+HOST_ID = "facebody.cn-shanghai.aliyuncs.com"
+ACTION = "DetectInfraredLivingFace"
+MAX_TASKS = 10
+NO_FACE_TIP = "no face detected, try again please."
+# Used for face boxes when the header does not give the image size.
+_DEFAULT_SIZE = (640, 480)
+
+
+class UpstreamError(Exception):
+    """An upstream refusal, carried as Alibaba's error body with its HTTP status."""
+
+    def __init__(self, code: str, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.status = status
+
+    def body(self) -> dict[str, Any]:
+        return {"RequestId": new_request_id(), "HostId": HOST_ID, "Code": self.code, "Message": self.message}
+
+
+def new_request_id() -> str:
+    return str(uuid.uuid4()).upper()
+
+
+def url_path(url: str) -> str:
+    """The part of an image URL that is safe to count and log: presigned queries are credentials."""
+    try:
+        return urlsplit(url).path
+    except ValueError:
+        return ""
+
+
+def parse_tasks(body: Any) -> list[str]:
+    """The ImageURLs of a call body, validated like the marketplace's input schema; ValueError says why."""
+    if not isinstance(body, dict):
+        raise ValueError("request body must be a JSON object")
+    if "Tasks" not in body:
+        raise ValueError("Tasks is required")
+    tasks = body["Tasks"]
+    if isinstance(tasks, str):
+        # The marketplace forwards a string-encoded array as is, and the upstream accepts it.
+        try:
+            tasks = json.loads(tasks)
+        except json.JSONDecodeError as exc:
+            raise ValueError("Tasks is a string but not a JSON array") from exc
+    if not isinstance(tasks, list):
+        raise ValueError("Tasks must be an array")
+    if not 1 <= len(tasks) <= MAX_TASKS:
+        raise ValueError(f"Tasks must hold 1 to {MAX_TASKS} items, got {len(tasks)}")
+    urls: list[str] = []
+    for i, task in enumerate(tasks):
+        if not isinstance(task, dict) or not isinstance(task.get("ImageURL"), str) or not task["ImageURL"]:
+            raise ValueError(f"Tasks[{i}] must be an object with a string ImageURL")
+        urls.append(task["ImageURL"])
+    return urls
+
+
+def check_url(url: str, now: float) -> None:
+    """Refuse, before any download, URLs the upstream cannot use, including presigned ones past expiry."""
+    if not url.isascii():
+        raise UpstreamError("IllegalUrlParameter", "The image URL contains non-ASCII characters.")
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:
+        raise UpstreamError("InvalidImage.URL", "The image URL is malformed.") from exc
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise UpstreamError("InvalidImage.URL", "The image URL must be a public http(s) URL.")
+    query = parse_qs(parts.query)
+    # moto never checks presigned expiry; the real storage would refuse the download, so we do.
+    if "X-Amz-Date" in query and "X-Amz-Expires" in query:
+        try:
+            signed = datetime.strptime(query["X-Amz-Date"][0], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
+            expires = signed.timestamp() + int(query["X-Amz-Expires"][0])
+        except ValueError as exc:
+            raise UpstreamError("InvalidImage.Download", "The image URL has a malformed signature.") from exc
+    elif "Expires" in query and "Signature" in query:
+        # SigV2 presigning carries the expiry as epoch seconds.
+        try:
+            expires = int(query["Expires"][0])
+        except ValueError as exc:
+            raise UpstreamError("InvalidImage.Download", "The image URL has a malformed signature.") from exc
+    else:
+        return
+    if now > expires:
+        raise UpstreamError("InvalidImage.Download", "Failed to download the image: the presigned URL has expired.")
+
+
+def fetch(client: httpx.Client, url: str, max_bytes: int, timeout_s: float) -> bytes:
+    """Download an image like the upstream: no redirects, a size cap, a cut-off for the whole body."""
+    deadline = time.monotonic() + timeout_s
+    try:
+        with client.stream("GET", url, follow_redirects=False, timeout=timeout_s) as response:
+            if response.status_code != 200:
+                raise UpstreamError(
+                    "InvalidImage.Download", f"Failed to download the image: HTTP {response.status_code}."
+                )
+            declared = response.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > max_bytes:
+                raise _too_big(max_bytes)
+            data = bytearray()
+            for chunk in response.iter_bytes():
+                data += chunk
+                if len(data) > max_bytes:
+                    raise _too_big(max_bytes)
+                if time.monotonic() > deadline:
+                    raise UpstreamError("InvalidImage.Download", "Failed to download the image: timed out.")
+            return bytes(data)
+    except httpx.HTTPError as exc:
+        # The exception text names the URL, which may carry a signature: keep only the kind of failure.
+        raise UpstreamError("InvalidImage.Download", f"Failed to download the image: {type(exc).__name__}.") from None
+
+
+def _too_big(max_bytes: int) -> UpstreamError:
+    return UpstreamError("InvalidImage.Size", f"The image is larger than {max_bytes} bytes.")
+
+
+def inspect(data: bytes) -> tuple[int, int]:
+    """Check format by magic bytes and that the file is whole; the image's size in pixels."""
+    info = sniff(data[:HEAD_BYTES])
+    if info is None:
+        raise UpstreamError("InvalidImage.Format", "The image format is not supported.")
+    if not complete(info.format, data[-TAIL_BYTES:]) or not _declared_length_ok(info.format, data):
+        raise UpstreamError("InvalidImage.Decode", "The image cannot be decoded: the file is incomplete.")
+    if info.width is None or info.height is None:
+        return _DEFAULT_SIZE
+    return info.width, info.height
+
+
+def _declared_length_ok(fmt: str, data: bytes) -> bool:
+    # BMP and WEBP state their length in the header, which is how a cut-off file shows.
+    if fmt == "bmp" and len(data) >= 6:
+        declared = int.from_bytes(data[2:6], "little")
+        return declared == 0 or declared <= len(data)
+    if fmt == "webp" and len(data) >= 8:
+        return int.from_bytes(data[4:8], "little") + 8 <= len(data)
+    return True
+
+
+def judge(url: str, data: bytes, size: tuple[int, int]) -> dict[str, Any]:
+    """One answer element, from the truth stored in the image (or a stable hash-based stand-in)."""
+    faces = read_truth(data)
+    if faces is None:
+        faces = fallback_truth(data)
+    if not faces:
+        return {
+            "FaceNumber": 0,
+            "ImageURL": url,
+            "Results": [
+                {
+                    "Label": "liveness",
+                    "Rate": 100,
+                    "Rect": {"Left": 0, "Top": 0, "Width": 0, "Height": 0},
+                    "Suggestion": "block",
+                    "MessageTips": NO_FACE_TIP,
+                }
+            ],
+        }
+    digest = hashlib.sha256(data).digest()
+    width, height = size
+    results: list[dict[str, Any]] = []
+    for i, face in enumerate(faces):
+        # Stable per image and face, so a repeated call answers the same.
+        jitter = int.from_bytes(digest[(2 * i) % 30 : (2 * i) % 30 + 2], "big")
+        slot = width // len(faces)
+        rect = {"Left": i * slot + slot // 4, "Top": height // 4, "Width": slot // 2, "Height": height // 2}
+        if face == "live":
+            rate = round(90 + (jitter % 1000) / 100, 2)
+            results.append(_result("normal", rate, rect, "pass"))
+        else:
+            rate = round(80 + (jitter % 2000) / 100, 2)
+            results.append(_result("liveness", rate, rect, "block" if rate >= 90 else "review"))
+    return {"FaceNumber": len(faces), "ImageURL": url, "Results": results}
+
+
+def _result(label: str, rate: float, rect: dict[str, int], suggestion: str) -> dict[str, Any]:
+    return {"Label": label, "Rate": rate, "Rect": rect, "Suggestion": suggestion, "MessageTips": ""}
+
+
+def failed_element(url: str, error: UpstreamError) -> dict[str, Any]:
+    """The element of an image that failed in a call that otherwise succeeded (bad_image_fails_call off)."""
+    return {"FaceNumber": 0, "ImageURL": url, "Results": [], "Code": error.code, "Message": error.message}
+
+
+def envelope(elements: list[dict[str, Any]], result_as_string: bool) -> dict[str, Any]:
+    """The marketplace's success answer around the upstream body."""
+    result = {"RequestId": new_request_id(), "Data": {"Elements": elements}}
+    return {
+        "code": "200",
+        "message": "success",
+        "requestId": new_request_id(),
+        "content": "",
+        "data": {"Action": ACTION, "Result": json.dumps(result) if result_as_string else result},
+    }

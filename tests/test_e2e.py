@@ -1,0 +1,152 @@
+"""End to end through the CLI on real Redis, moto_server, the sandbox and celery worker processes."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+
+from sandbox.images import Sample, demo_corpus, png
+from sandbox.stack import Stack
+from tests.conftest import IrliveRunner
+from tests.e2e import (
+    IN_BUCKET,
+    SECRET_PATTERNS,
+    all_output_text,
+    payment_tokens,
+    read_run,
+    upload,
+    validator,
+)
+
+pytestmark = pytest.mark.integration
+
+
+def scan_and_wait(irlive: IrliveRunner, source: str, *extra: str, timeout: float = 180) -> str:
+    scanned = irlive("scan", source, "--json", *extra)
+    assert scanned.returncode == 0, scanned.stderr
+    run_id: str = json.loads(scanned.stdout)["run_id"]
+    waited = irlive("status", run_id, "--wait", "--json", "--timeout", str(timeout), timeout=timeout + 30)
+    assert waited.returncode == 0, waited.stderr
+    assert json.loads(waited.stdout)["state"] == "done", waited.stdout
+    return run_id
+
+
+def test_every_image_gets_one_record_matching_the_truth(clean_stack: Stack, irlive: IrliveRunner) -> None:
+    corpus = demo_corpus(80, seed=11)
+    upload(clean_stack, corpus)
+    clean_stack.start_worker()
+    clean_stack.start_worker()
+
+    run = read_run(clean_stack, scan_and_wait(irlive, f"s3://{IN_BUCKET}/captures"))
+
+    keys = Counter(r["key"] for r in run.records)
+    assert keys == Counter(s.key for s in corpus), "each object exactly one record"
+    got = {r["key"]: r for r in run.records}
+    wrong = [(s.key, s.expected, got[s.key]["verdict"]) for s in corpus if got[s.key]["verdict"] != s.expected]
+    assert wrong == []
+    for sample in corpus:
+        if sample.expected == "rejected":
+            assert got[sample.key]["reason"], sample.key
+            assert got[sample.key]["error_code"], sample.key
+    counts = Counter(r["verdict"] for r in run.records)
+    assert run.manifest["counts"] == {v: counts.get(v, 0) for v in ("live", "spoof", "no_face", "rejected", "error")}
+    assert run.manifest["failed"]["count"] == counts["rejected"] + counts["error"]
+    assert len(run.failed_jsonl.splitlines()) == run.manifest["failed"]["count"]
+
+
+def test_invalid_objects_cost_nothing_and_bills_match_calls(clean_stack: Stack, irlive: IrliveRunner) -> None:
+    corpus = demo_corpus(40, seed=5)
+    upload(clean_stack, corpus)
+    clean_stack.start_worker()
+
+    run = read_run(clean_stack, scan_and_wait(irlive, f"s3://{IN_BUCKET}/captures"))
+
+    ledger = clean_stack.sandbox_ledger()
+    assert ledger["calls_billed"] == run.manifest["calls"]
+    assert run.manifest["spend_cents"] == 20 * ledger["calls_billed"]
+    billed_paths = ledger["billed_image_urls_path_counts"]
+    invalid = [s.key for s in corpus if s.expected == "rejected"]
+    assert invalid, "the corpus must contain invalid objects"
+    for key in invalid:
+        assert not any(path.endswith(key.split("/")[-1]) for path in billed_paths), key
+    assert max(billed_paths.values()) == 1, "no image billed twice"
+    assert ledger["token_uses"] <= 1
+    assert ledger["images_billed"] == sum(1 for s in corpus if s.expected != "rejected")
+
+
+def test_clean_images_take_one_call_per_ten(clean_stack: Stack, irlive: IrliveRunner) -> None:
+    samples = [Sample(f"clean/img_{i:04d}.png", png(128, 128, "live", seed=i), "live") for i in range(100)]
+    upload(clean_stack, samples)
+    clean_stack.start_worker()
+
+    run = read_run(clean_stack, scan_and_wait(irlive, f"s3://{IN_BUCKET}/clean"))
+
+    assert run.manifest["counts"]["live"] == 100
+    assert run.manifest["calls"] == 10
+    assert clean_stack.sandbox_ledger()["calls_billed"] == 10
+
+
+def test_manifests_match_their_schemas(clean_stack: Stack, irlive: IrliveRunner) -> None:
+    upload(clean_stack, demo_corpus(30, seed=3))
+    clean_stack.start_worker()
+
+    run = read_run(clean_stack, scan_and_wait(irlive, f"s3://{IN_BUCKET}/captures"))
+
+    validator("run").validate(run.manifest)
+    for chunk in run.chunks:
+        validator("chunk").validate(chunk)
+    record_schema = validator("record")
+    for line in run.failed_jsonl.splitlines():
+        record_schema.validate(json.loads(line))
+
+
+def test_no_token_or_presigned_url_leaks(clean_stack: Stack, irlive: IrliveRunner) -> None:
+    upload(clean_stack, demo_corpus(30, seed=9))
+    worker = clean_stack.start_worker(extra_env={"IRLIVE_API_KEY": "sk-live-do-not-print"})
+    clean_stack.sandbox_config(api_key="sk-live-do-not-print")
+
+    scan_and_wait(irlive, f"s3://{IN_BUCKET}/captures")
+
+    tokens = payment_tokens(clean_stack)
+    assert tokens, "the wallet must have recorded the tokens it bought"
+    texts = {"output": all_output_text(clean_stack), "worker log": worker.log.read_text()}
+    for name, text in texts.items():
+        assert not SECRET_PATTERNS.search(text), name
+        assert "sk-live-do-not-print" not in text, name
+        for token in tokens:
+            assert token not in text, f"a payment token appears in the {name}"
+
+
+def test_broker_messages_carry_keys_only(clean_stack: Stack, irlive: IrliveRunner) -> None:
+    upload(clean_stack, demo_corpus(20, seed=2))
+
+    scanned = irlive("scan", f"s3://{IN_BUCKET}/captures", "--json")
+    assert scanned.returncode == 0, scanned.stderr
+
+    queued = clean_stack.redis_client().lrange("irlive", 0, -1)
+    assert queued, "chunks wait in the broker queue while no worker runs"
+    for raw in queued:
+        message = json.loads(raw)
+        text = json.dumps(message)
+        assert "http" not in text and "Signature" not in text and "token" not in text.lower()
+        assert message["headers"]["task"] == "irlive.process_chunk"
+
+
+def test_scan_of_missing_bucket_fails_clearly(clean_stack: Stack, irlive: IrliveRunner) -> None:
+    result = irlive("scan", "s3://no-such-bucket-here/x")
+    assert result.returncode == 2
+    assert "no-such-bucket-here" in result.stderr and "does not exist" in result.stderr
+
+
+def test_bad_setting_fails_at_start_naming_it(clean_stack: Stack, irlive: IrliveRunner) -> None:
+    result = irlive("scan", f"s3://{IN_BUCKET}/x", env={"IRLIVE_IMAGES_PER_CALL": "11"})
+    assert result.returncode == 2
+    assert "IRLIVE_IMAGES_PER_CALL" in result.stderr
+
+
+def test_empty_prefix_finishes_with_zero_images(clean_stack: Stack, irlive: IrliveRunner) -> None:
+    clean_stack.start_worker()
+    run = read_run(clean_stack, scan_and_wait(irlive, f"s3://{IN_BUCKET}/nothing-here"))
+    assert run.manifest["images"] == 0 and run.manifest["calls"] == 0

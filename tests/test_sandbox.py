@@ -1,0 +1,431 @@
+"""The sandbox marketplace over real HTTP: payment gating, validation, image fetching, verdicts, faults, ledger."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from sandbox import images
+from sandbox.server import TOOL_PATHS, SandboxConfig, SandboxServer
+
+TOOL = "/api/tools/infrared-face-liveness-detection"
+LEGACY = "/api/tools/aliyun-facebody-detect-infrared-living-face"
+SERVICE = "infrared-face-liveness-detection"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class ImageHost:
+    """A tiny static file server standing in for S3: path → bytes, queries ignored."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, bytes] = {}
+        files = self.files
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                data = files.get(self.path.split("?", 1)[0])
+                self.send_response(200 if data is not None else 404)
+                self.send_header("Content-Length", str(len(data or b"")))
+                self.end_headers()
+                self.wfile.write(data or b"")
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+
+    def put(self, path: str, data: bytes) -> str:
+        self.files[path] = data
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}{path}"
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def host() -> Iterator[ImageHost]:
+    served = ImageHost()
+    yield served
+    served.close()
+
+
+@pytest.fixture
+def sandbox() -> Iterator[SandboxServer]:
+    with SandboxServer(SandboxConfig()) as server:
+        yield server
+
+
+@pytest.fixture
+def client(sandbox: SandboxServer) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=sandbox.url, timeout=10) as http:
+        yield http
+
+
+def pay(client: httpx.Client) -> dict[str, Any]:
+    response = client.post("/api/payments", json={"serviceId": SERVICE})
+    assert response.status_code == 201, response.text
+    doc: dict[str, Any] = response.json()
+    return doc
+
+
+def call(client: httpx.Client, token: str | None, urls: list[str], path: str = TOOL) -> httpx.Response:
+    headers = {"X-Payment-Token": token} if token else {}
+    return client.post(path, json={"Tasks": [{"ImageURL": url} for url in urls]}, headers=headers)
+
+
+def elements(response: httpx.Response) -> list[dict[str, Any]]:
+    assert response.status_code == 200, response.text
+    doc = response.json()
+    assert doc["code"] == "200" and doc["message"] == "success" and doc["content"] == ""
+    assert doc["data"]["Action"] == "DetectInfraredLivingFace"
+    result = doc["data"]["Result"]
+    body = json.loads(result) if isinstance(result, str) else result
+    assert body["RequestId"]
+    found: list[dict[str, Any]] = body["Data"]["Elements"]
+    return found
+
+
+def payment_state(client: httpx.Client, payment: dict[str, Any]) -> dict[str, Any]:
+    response = client.get(f"/api/payments/{payment['paymentId']}")
+    assert response.status_code == 200
+    doc: dict[str, Any] = response.json()
+    return doc
+
+
+def ledger(client: httpx.Client) -> dict[str, Any]:
+    doc: dict[str, Any] = client.get("/_sandbox/ledger").json()
+    return doc
+
+
+def presigned(url: str, signed_at: datetime, expires_s: int) -> str:
+    stamp = signed_at.strftime("%Y%m%dT%H%M%SZ")
+    return f"{url}?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Date={stamp}&X-Amz-Expires={expires_s}&X-Amz-Signature=ab"
+
+
+@pytest.mark.parametrize("path", sorted(TOOL_PATHS))
+def test_no_token_answers_402_with_x402_metadata_in_body_and_header(client: httpx.Client, path: str) -> None:
+    response = client.post(path, json={"Tasks": [{"ImageURL": "http://example.invalid/a.png"}]})
+    assert response.status_code == 402
+    body = response.json()
+    assert body["x402Version"] == 1 and body["serviceId"] == SERVICE and body["priceCents"] == 20
+    offer = body["accepts"][0]
+    for key in ("scheme", "network", "maxAmountRequired", "amount", "payTo", "asset", "resource",
+                "description", "mimeType", "maxTimeoutSeconds", "extra"):  # fmt: skip
+        assert key in offer
+    assert offer["maxAmountRequired"] == "200000" and offer["resource"].endswith(path)
+    assert json.loads(base64.b64decode(response.headers["PAYMENT-REQUIRED"])) == body
+    assert ledger(client)["rejected_402"] == 1
+
+
+def test_payment_is_created_and_read_back_without_its_token(client: httpx.Client) -> None:
+    payment = pay(client)
+    assert payment["token"] and payment["paymentId"]
+    assert payment["amountCents"] == 20 and payment["currency"] == "USD" and payment["status"] == "paid"
+    assert payment["maxCalls"] == 1 and payment["remainingCalls"] == 1
+    expires = datetime.fromisoformat(payment["expiresAt"].replace("Z", "+00:00"))
+    assert expires > datetime.now(UTC)
+    read = payment_state(client, payment)
+    assert "token" not in read and "paymentToken" not in read
+    assert {k: v for k, v in payment.items() if k != "token"} == read
+
+
+def test_unknown_service_and_unknown_payment_are_404(client: httpx.Client) -> None:
+    assert client.post("/api/payments", json={"serviceId": "nope"}).status_code == 404
+    assert client.post("/api/payments", json={}).status_code == 400
+    assert client.get("/api/payments/pay_missing").status_code == 404
+    assert ledger(client)["payments_created"] == 0
+
+
+def test_a_token_pays_for_exactly_one_call(client: httpx.Client, host: ImageHost) -> None:
+    url = host.put("/once.png", images.png(64, 64, "live"))
+    payment = pay(client)
+    assert call(client, payment["token"], [url]).status_code == 200
+    state = payment_state(client, payment)
+    assert state["status"] == "exhausted" and state["remainingCalls"] == 0
+    again = call(client, payment["token"], [url])
+    assert again.status_code == 402 and again.json()["error"] == "payment token already used"
+    unknown = call(client, "ptk_forged", [url])
+    assert unknown.status_code == 402 and unknown.json()["error"] == "payment token unknown"
+    counts = ledger(client)
+    assert counts["tokens_consumed"] == 1 and counts["calls_billed"] == 1 and counts["token_uses"] == 1
+
+
+def test_expired_token_is_refused(sandbox: SandboxServer, client: httpx.Client, host: ImageHost) -> None:
+    sandbox.configure(token_ttl_s=-1)
+    payment = pay(client)
+    assert payment_state(client, payment)["status"] == "expired"
+    response = call(client, payment["token"], [host.put("/late.png", images.png(64, 64, "live"))])
+    assert response.status_code == 402 and response.json()["error"] == "payment token expired"
+
+
+def test_concurrent_calls_with_one_token_bill_once(client: httpx.Client, host: ImageHost) -> None:
+    url = host.put("/race.png", images.png(64, 64, "live"))
+    token = pay(client)["token"]
+    with ThreadPoolExecutor(8) as pool:
+        statuses = sorted(pool.map(lambda _: call(client, token, [url]).status_code, range(8)))
+    assert statuses == [200] + [402] * 7
+    assert ledger(client)["token_uses"] == 1
+
+
+def test_truth_in_the_image_gives_inverted_labels_in_input_order(client: httpx.Client, host: ImageHost) -> None:
+    live = host.put("/t/live.png", images.png(320, 240, "live"))
+    spoof = host.put("/t/spoof.jpg", images.jpeg(320, 240, "spoof"))
+    pair = host.put("/t/pair.png", images.png(400, 240, "live,spoof"))
+    empty = host.put("/t/empty.jpg", images.jpeg(320, 240, "no_face"))
+    signed = presigned(live, datetime.now(UTC), 900)
+    urls = [spoof, live, pair, empty, signed]
+    found = elements(call(client, pay(client)["token"], urls, path=LEGACY))
+    assert [e["ImageURL"] for e in found] == urls
+    assert all("TaskId" not in e for e in found)
+    by_label = [[(r["Label"], r["Suggestion"]) for r in e["Results"]] for e in found]
+    assert found[0]["FaceNumber"] == 1 and by_label[0][0][0] == "liveness" and by_label[0][0][1] in ("block", "review")
+    assert found[1]["FaceNumber"] == 1 and by_label[1] == [("normal", "pass")]
+    assert found[2]["FaceNumber"] == 2 and [label for label, _ in by_label[2]] == ["normal", "liveness"]
+    assert found[3] == {
+        "FaceNumber": 0,
+        "ImageURL": empty,
+        "Results": [
+            {
+                "Label": "liveness",
+                "Rate": 100,
+                "Rect": {"Left": 0, "Top": 0, "Width": 0, "Height": 0},
+                "Suggestion": "block",
+                "MessageTips": "no face detected, try again please.",
+            }
+        ],
+    }
+    assert found[4]["Results"][0]["Label"] == "normal"
+    assert 90 <= found[1]["Results"][0]["Rate"] <= 100 and 80 <= found[0]["Results"][0]["Rate"] <= 100
+    assert set(found[1]["Results"][0]["Rect"]) == {"Left", "Top", "Width", "Height"}
+
+
+def test_result_can_be_an_object_and_tasks_a_json_string(
+    sandbox: SandboxServer, client: httpx.Client, host: ImageHost
+) -> None:
+    sandbox.configure(result_as_string=False)
+    url = host.put("/s/live.png", images.png(64, 64, "live"))
+    body = {"Tasks": json.dumps([{"ImageURL": url}])}
+    response = client.post(TOOL, json=body, headers={"X-Payment-Token": pay(client)["token"]})
+    assert isinstance(response.json()["data"]["Result"], dict)
+    assert [e["ImageURL"] for e in elements(response)] == [url]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"Tasks": []},
+        {"Tasks": [{"ImageURL": "http://127.0.0.1:9/x.png"}] * 11},
+        {"Tasks": "not json"},
+        {"Tasks": {"ImageURL": "http://127.0.0.1:9/x.png"}},
+        {"Tasks": [{"imageUrl": "http://127.0.0.1:9/x.png"}]},
+        {"tasks": [{"ImageURL": "http://127.0.0.1:9/x.png"}]},
+        [],
+    ],
+)
+def test_bad_bodies_are_400_and_spend_nothing(client: httpx.Client, body: Any) -> None:
+    payment = pay(client)
+    response = client.post(TOOL, json=body, headers={"X-Payment-Token": payment["token"]})
+    assert response.status_code == 400 and response.json()["error"]
+    assert payment_state(client, payment)["remainingCalls"] == 1
+    assert ledger(client)["tokens_consumed"] == 0
+
+
+def _error(response: httpx.Response) -> tuple[str, str]:
+    assert response.status_code == 400, response.text
+    body = response.json()
+    assert set(body) >= {"RequestId", "HostId", "Code", "Message"}
+    return body["Code"], body["Message"]
+
+
+def test_image_failures_answer_upstream_codes(sandbox: SandboxServer, client: httpx.Client, host: ImageHost) -> None:
+    good = images.png(64, 64, "live")
+    limit = len(good) + 100
+    cases = {
+        presigned(host.put("/e/old.png", good), datetime.now(UTC) - timedelta(hours=2), 900): "InvalidImage.Download",
+        host.put("/e/v2.png", good) + f"?Signature=x&Expires={int(time.time()) - 60}": "InvalidImage.Download",
+        host.put("/e/missing.png", good).replace("missing", "absent"): "InvalidImage.Download",
+        host.put("/e/text.png", b"just some text, not an image"): "InvalidImage.Format",
+        host.put("/e/cut.png", good[: len(good) // 2]): "InvalidImage.Decode",
+        host.put("/e/cut.jpg", images.jpeg(64, 64, "live")[:-200]): "InvalidImage.Decode",
+        host.put("/e/big.png", images.png(64, 64, "live", pad_to=limit + 1)): "InvalidImage.Size",
+        host.put("/e/%E4%BA%BA.png", good).replace("%E4%BA%BA", "人"): "IllegalUrlParameter",
+        "ftp://127.0.0.1/x.png": "InvalidImage.URL",
+    }
+    sandbox.configure(max_image_bytes=limit)
+    for url, code in cases.items():
+        got, message = _error(call(client, pay(client)["token"], [host.put("/e/ok.png", good), url]))
+        assert got == code, (url, message)
+        if "Expires" in url:
+            assert "expired" in message
+    # Settle first: each of those calls reached the upstream, so each spent its token.
+    counts = ledger(client)
+    assert counts["calls_billed"] == len(cases) and counts["upstream_errors"] == len(cases)
+
+
+def test_failed_calls_keep_the_token_when_configured(
+    sandbox: SandboxServer, client: httpx.Client, host: ImageHost
+) -> None:
+    bad = host.put("/r/text.png", b"not an image")
+    good = host.put("/r/good.png", images.png(64, 64, "live"))
+    sandbox.configure(failed_calls_consume_token=False)
+    payment = pay(client)
+    assert _error(call(client, payment["token"], [good, bad]))[0] == "InvalidImage.Format"
+    assert payment_state(client, payment)["remainingCalls"] == 1
+    counts = ledger(client)
+    assert counts["tokens_consumed"] == 1 and counts["tokens_restored"] == 1
+    assert counts["calls_billed"] == 0 and counts["images_billed"] == 0
+    assert counts["billed_image_urls_path_counts"] == {}
+    assert len(elements(call(client, payment["token"], [good]))) == 1
+    assert ledger(client)["billed_image_urls_path_counts"] == {"/r/good.png": 1}
+
+
+def test_bad_image_can_fail_alone(sandbox: SandboxServer, client: httpx.Client, host: ImageHost) -> None:
+    bad = host.put("/b/text.png", b"not an image")
+    good = host.put("/b/good.png", images.png(64, 64, "live"))
+    sandbox.configure(bad_image_fails_call=False)
+    found = elements(call(client, pay(client)["token"], [bad, good]))
+    assert found[0] == {
+        "FaceNumber": 0,
+        "ImageURL": bad,
+        "Results": [],
+        "Code": "InvalidImage.Format",
+        "Message": found[0]["Message"],
+    }
+    assert found[1]["Results"][0]["Label"] == "normal"
+    assert _error(call(client, pay(client)["token"], [bad]))[0] == "InvalidImage.Format"
+
+
+@pytest.mark.parametrize("style", ["429", "400"])
+def test_throttled_calls_are_not_billed(
+    sandbox: SandboxServer, client: httpx.Client, host: ImageHost, style: str
+) -> None:
+    url = host.put("/th/a.png", images.png(64, 64, "live"))
+    # One call per 1000 s: the second call is throttled, whatever the machine's speed.
+    sandbox.configure(rate_limit_per_s=0.001, throttle_style=style)
+    assert call(client, pay(client)["token"], [url]).status_code == 200
+    payment = pay(client)
+    response = call(client, payment["token"], [url])
+    if style == "429":
+        assert response.status_code == 429
+        assert 0 < float(response.headers["Retry-After"]) <= 1000
+        assert response.json()["error"]
+    else:
+        assert _error(response)[0] == "Throttling.User"
+    assert payment_state(client, payment)["remainingCalls"] == 1
+    counts = ledger(client)
+    assert counts["throttled"] == 1 and counts["calls_billed"] == 1 and counts["tokens_consumed"] == 1
+    sandbox.configure(rate_limit_per_s=0)
+    assert call(client, payment["token"], [url]).status_code == 200
+
+
+def test_5xx_after_settling_is_billed(sandbox: SandboxServer, client: httpx.Client, host: ImageHost) -> None:
+    url = host.put("/f/a.png", images.png(64, 64, "live"))
+    sandbox.configure(p_5xx=1.0)
+    payment = pay(client)
+    response = call(client, payment["token"], [url])
+    assert response.status_code in (500, 503)
+    assert response.json()["Code"] in ("InternalError", "ServiceUnavailable")
+    assert payment_state(client, payment)["status"] == "exhausted"
+    counts = ledger(client)
+    assert counts["errors_5xx"] == 1 and counts["calls_billed"] == 1 and counts["images_billed"] == 1
+
+
+def test_injected_timeout_spends_the_token(sandbox: SandboxServer, client: httpx.Client, host: ImageHost) -> None:
+    url = host.put("/to/a.png", images.png(64, 64, "live"))
+    sandbox.configure(p_timeout=1.0, timeout_sleep_s=0.0)
+    assert len(elements(call(client, pay(client)["token"], [url]))) == 1
+    sandbox.configure(timeout_sleep_s=60.0)
+    payment = pay(client)
+    with pytest.raises(httpx.ReadTimeout):
+        client.post(TOOL, json={"Tasks": [{"ImageURL": url}]}, headers={"X-Payment-Token": payment["token"]},
+                    timeout=0.5)  # fmt: skip
+    # The outcome is unknown to the caller, but the read-back shows the token was spent.
+    assert payment_state(client, payment)["status"] == "exhausted"
+    assert ledger(client)["timeouts"] == 2
+
+
+def test_ledger_counts_and_reset(client: httpx.Client, host: ImageHost) -> None:
+    urls = [host.put(f"/l/{i}.png", images.png(64, 64, "live", seed=i)) for i in range(10)]
+    elements(call(client, pay(client)["token"], urls))
+    elements(call(client, pay(client)["token"], urls[:3]))
+    call(client, None, urls)
+    counts = ledger(client)
+    assert counts["calls_total"] == 3 and counts["calls_billed"] == 2 and counts["images_billed"] == 13
+    assert counts["payments_created"] == 2 and counts["rejected_402"] == 1 and counts["succeeded"] == 2
+    paths = counts["billed_image_urls_path_counts"]
+    assert paths["/l/0.png"] == 2 and paths["/l/9.png"] == 1 and len(paths) == 10
+    assert client.post("/_sandbox/reset").status_code == 200
+    assert ledger(client)["calls_total"] == 0 and ledger(client)["billed_image_urls_path_counts"] == {}
+
+
+def test_api_key_is_required_when_set(sandbox: SandboxServer, client: httpx.Client, host: ImageHost) -> None:
+    url = host.put("/k/a.png", images.png(64, 64, "live"))
+    sandbox.configure(api_key="s3cret")
+    assert client.post("/api/payments", json={"serviceId": SERVICE}).status_code == 401
+    wrong = {"X-API-Key": "nope"}
+    assert client.post("/api/payments", json={"serviceId": SERVICE}, headers=wrong).status_code == 401
+    key = {"X-API-Key": "s3cret"}
+    payment = client.post("/api/payments", json={"serviceId": SERVICE}, headers=key).json()
+    body = {"Tasks": [{"ImageURL": url}]}
+    assert client.post(TOOL, json=body, headers={"X-Payment-Token": payment["token"]}).status_code == 401
+    paid = client.post(TOOL, json=body, headers={**key, "X-Payment-Token": payment["token"]})
+    assert paid.status_code == 200
+    assert ledger(client)["rejected_401"] == 3
+
+
+def test_config_endpoint_validates_partial_updates(client: httpx.Client) -> None:
+    response = client.post("/_sandbox/config", json={"rate_limit_per_s": 2, "latency_ms": 5, "api_key": "k"})
+    assert response.status_code == 200
+    doc = response.json()
+    assert doc["rate_limit_per_s"] == 2.0 and doc["latency_ms"] == 5 and doc["api_key"] == "***"
+    assert doc["price_cents"] == 20
+    for bad in ({"nope": 1}, {"latency_ms": "5"}, {"failed_calls_consume_token": 1}, {"throttle_style": "503"}):
+        assert client.post("/_sandbox/config", json=bad).status_code == 400
+    assert client.get("/_sandbox/config").json()["latency_ms"] == 5
+
+
+def test_cli_serves_until_sigterm(host: ImageHost) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "sandbox", "--port", "0", "--rate-limit-per-s", "3",
+               "--failed-calls-consume-token", "false"]  # fmt: skip
+    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT) as proc:
+        try:
+            assert proc.stdout is not None
+            line = proc.stdout.readline().strip()
+            assert line.startswith("sandbox listening on http://127.0.0.1:")
+            url = line.rsplit(" ", 1)[1]
+            config = httpx.get(url + "/_sandbox/config").json()
+            assert config["rate_limit_per_s"] == 3.0 and config["failed_calls_consume_token"] is False
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=10) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+
+
+def test_cli_refuses_a_bad_flag() -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-m", "sandbox", "--throttle-style", "503"],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=30,
+    )  # fmt: skip
+    assert done.returncode == 2 and "throttle_style" in done.stderr
