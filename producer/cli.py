@@ -6,22 +6,27 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import redis
 
+from producer.estimate import Estimate, usd
 from producer.filters import parse_suffixes
-from producer.scan import ScanRequest, ScanResult, scan
+from producer.scan import ScanRequest, ScanResult, estimate, scan
 from producer.status import follow, render, status_dict
 from worker.celeryapp import create_app
 from worker.config import S3Location, Settings
 from worker.errors import ConfigError, IrliveError
 from worker.keys import Keys
+from worker.marketplace import Marketplace
 from worker.redact import redact
 from worker.runs import Runs
 from worker.storage import Storage
+from worker.tasks import PROCESS_CHUNK, build_deps
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PAUSED = 0, 1, 2, 3
+_STATE_EXIT = {"done": EXIT_OK, "failed": EXIT_FAILED, "paused_budget": EXIT_PAUSED}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -60,9 +65,26 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=_positive_int, default=None, help="judge at most N images")
     p.add_argument("--output", default=None, help="s3://bucket/prefix for manifests (default IRLIVE_OUTPUT)")
     p.add_argument("--force", action="store_true", help="judge again images already judged")
+    p.add_argument("--budget", type=_usd, default=None, metavar="USD", help="spend at most this on the run")
+    p.add_argument("--dry-run", action="store_true", help="count and estimate the cost; enqueue and spend nothing")
+    p.add_argument("--confirm-above", type=_usd, default=None, metavar="USD",
+                   help="ask before starting a run estimated above this (refused without a terminal)")
     p.add_argument("--wait", action="store_true", help="follow the run to its end")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(handler=_cmd_scan)
+
+    p = sub.add_parser("resume", help="continue a run paused by its budget, optionally with a higher budget")
+    p.add_argument("run_id")
+    p.add_argument("--budget", type=_usd, default=None, metavar="USD", help="the run's new total budget")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_cmd_resume)
+
+    p = sub.add_parser("wallet", help="token pool, ledger totals, today's spend")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--reconcile", action="store_true",
+                   help="reconcile tokens whose lease expired (with --all: every open token; only when no worker runs)")
+    p.add_argument("--all", action="store_true", help=argparse.SUPPRESS)
+    p.set_defaults(handler=_cmd_wallet)
 
     p = sub.add_parser("status", help="show a run's progress")
     p.add_argument("run_id")
@@ -79,6 +101,17 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("sandbox", help="serve the local stand-in marketplace (see `irlive sandbox --help`)")
     return parser
+
+
+def _usd(text: str) -> int:
+    """'12.5' or '$12.50' -> 1250 cents."""
+    try:
+        cents = round(float(text.strip().lstrip("$")) * 100)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an amount in US dollars") from None
+    if cents < 0:
+        raise argparse.ArgumentTypeError("must not be negative")
+    return cents
 
 
 def _positive_int(text: str) -> int:
@@ -104,7 +137,18 @@ def _cmd_scan(ns: argparse.Namespace) -> int:
     settings = Settings.from_env()
     clients = _Clients(settings)
     output = S3Location.parse(ns.output, "--output") if ns.output else settings.require_output()
-    request = ScanRequest(S3Location.parse(ns.source, "source"), parse_suffixes(ns.suffix), ns.limit, ns.force)
+    request = ScanRequest(S3Location.parse(ns.source, "source"), parse_suffixes(ns.suffix), ns.limit, ns.force,
+                          ns.budget)
+    if ns.dry_run or ns.confirm_above is not None:
+        price, source = _price(settings)
+        est = estimate(settings, clients.storage(), clients.runs, request, output, price, source)
+        if ns.dry_run:
+            print(json.dumps(est.as_dict()) if ns.json else est.render())
+            return EXIT_OK
+        if est.cost_cents > ns.confirm_above and not _confirm(est):
+            print(f"irlive: not started: estimate ${usd(est.cost_cents)} is above --confirm-above "
+                  f"${usd(ns.confirm_above)}", file=sys.stderr)
+            return EXIT_USAGE
     app = create_app(settings)
 
     def progress(r: ScanResult) -> None:
@@ -112,7 +156,6 @@ def _cmd_scan(ns: argparse.Namespace) -> int:
             print(f"listed {r.found} images, enqueued {r.enqueued} in {r.chunks} chunks", file=sys.stderr)
 
     result = scan(settings, clients.storage(), clients.runs, app, request, output, progress)
-    assert result.run_id is not None
     doc = result.as_dict()
     if ns.json:
         print(json.dumps(doc))
@@ -122,7 +165,73 @@ def _cmd_scan(ns: argparse.Namespace) -> int:
               f"{result.skipped} already judged", file=sys.stderr)
     if ns.wait:
         final = follow(clients.runs, result.run_id)
-        return EXIT_OK if final.state == "done" else EXIT_FAILED
+        return _STATE_EXIT.get(final.state, EXIT_OK)
+    return EXIT_OK
+
+
+def _price(settings: Settings) -> tuple[int, str]:
+    """The seller's price from its free 402 answer; the configured maximum if it cannot be read."""
+    market = Marketplace(settings.marketplace_url, settings.service_id, api_key=settings.api_key,
+                         api_key_header=settings.api_key_header, timeout_s=min(settings.call_timeout_s, 10))
+    try:
+        return market.quote().price_cents, "quoted by the marketplace"
+    except IrliveError:
+        return settings.max_price_cents, "IRLIVE_MAX_PRICE_CENTS; the marketplace did not quote"
+    finally:
+        market.close()
+
+
+def _confirm(est: Estimate) -> bool:
+    if not sys.stdin.isatty():
+        return False
+    print(est.render(), file=sys.stderr)
+    answer = input(f"Start this run, estimated at ${usd(est.cost_cents)}? [y/N] ")
+    return answer.strip().lower() in ("y", "yes")
+
+
+def _cmd_resume(ns: argparse.Namespace) -> int:
+    settings = Settings.from_env()
+    clients = _Clients(settings)
+    if clients.runs.get(ns.run_id) is None:
+        print(f"irlive: error: no run {ns.run_id!r}", file=sys.stderr)
+        return EXIT_USAGE
+    parked = clients.runs.resume(ns.run_id, ns.budget)
+    app = create_app(settings)
+    for message in parked:
+        app.send_task(PROCESS_CHUNK, args=[message])
+    clients.runs.unpark(ns.run_id, len(parked))
+    status = clients.runs.status(ns.run_id)
+    assert status is not None
+    doc = {"run_id": ns.run_id, "state": status.state, "chunks_resent": len(parked),
+           "budget_cents": status.budget_cents}
+    print(json.dumps(doc) if ns.json else f"run {ns.run_id}: {status.state}, {len(parked)} parked chunks sent again")
+    return EXIT_OK
+
+
+def _cmd_wallet(ns: argparse.Namespace) -> int:
+    settings = Settings.from_env()
+    deps = build_deps(settings)
+    reconciled = deps.wallet.sweep(everything=ns.all) if ns.reconcile else None
+    totals = deps.wallet.totals()
+    doc: dict[str, Any] = {"totals": totals, "reconciled_now": reconciled,
+                           "daily_budget_cents": settings.daily_budget_cents}
+    if ns.json:
+        print(json.dumps(doc, sort_keys=True))
+        return EXIT_OK
+    last = totals.get("last_reconciled_ms")
+    when = datetime.fromtimestamp(last / 1000, UTC).isoformat(timespec="seconds") if last else "never"
+    cap = f"${usd(settings.daily_budget_cents)}" if settings.daily_budget_cents is not None else "none"
+    print("\n".join([
+        f"pool            {totals['pool']} prepaid tokens waiting, {totals['in_flight']} reserved or in flight",
+        f"bought          {totals.get('bought', 0)} tokens, ${usd(totals.get('bought_cents', 0))}",
+        f"spent           {totals.get('spent', 0)} calls, ${usd(totals.get('spent_cents', 0))}",
+        f"void            {totals.get('void', 0)} refused or expired, "
+        f"{totals.get('expired_in_pool', 0)} expired in the pool",
+        f"unknown         {totals.get('unknown_purchases', 0)} purchases whose answer was lost (counted as bought)",
+        f"reconciled      {totals.get('reconciled_unspent', 0)} unspent returned, "
+        f"{totals.get('reconciled_spent', 0)} found spent; last {when}",
+        f"today           ${usd(totals['spent_today_cents'])} bought of daily cap {cap}",
+    ]))
     return EXIT_OK
 
 
@@ -140,7 +249,7 @@ def _cmd_status(ns: argparse.Namespace) -> int:
         return EXIT_USAGE
     doc: dict[str, Any] = status_dict(status)
     print(json.dumps(doc) if ns.json else render(status))
-    return EXIT_FAILED if status.state == "failed" else EXIT_OK
+    return _STATE_EXIT.get(status.state, EXIT_OK) if ns.wait or status.state == "failed" else EXIT_OK
 
 
 def _cmd_demo(ns: argparse.Namespace) -> int:

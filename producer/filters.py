@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
 
-from worker.storage import ObjectInfo
+if TYPE_CHECKING:  # only the type: importing worker.storage at run time would pull in boto3
+    from worker.storage import ObjectInfo
 
 DEFAULT_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
@@ -20,10 +22,12 @@ def parse_suffixes(text: str | None) -> tuple[str, ...]:
 def image_objects(objects: Iterable[ObjectInfo], suffixes: tuple[str, ...],
                   exclude_prefix: str | None = None) -> Iterator[ObjectInfo]:
     """Keep keys with an image suffix; drop folder markers and anything under exclude_prefix (our output)."""
+    # A folder, not a name prefix: excluding "runs" must not drop "runs-2024/a.png".
+    folder = exclude_prefix.rstrip("/") + "/" if exclude_prefix else None
     for obj in objects:
         if obj.key.endswith("/"):
             continue
-        if exclude_prefix and obj.key.startswith(exclude_prefix):
+        if folder and obj.key.startswith(folder):
             continue
         if obj.key.lower().endswith(suffixes):
             yield obj

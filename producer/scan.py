@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from celery import Celery
 
 from producer.chunking import chunked
+from producer.estimate import Estimate, calls_for
 from producer.filters import image_objects
 from worker.config import S3Location, Settings
 from worker.manifest import Item
@@ -28,22 +29,26 @@ class ScanRequest:
     suffixes: tuple[str, ...]
     limit: int | None = None
     force: bool = False
+    budget_cents: int | None = None
 
 
 @dataclass
 class ScanResult:
-    """What a scan did (or, dry, would do)."""
+    """What a scan did."""
 
-    run_id: str | None
+    run_id: str
     found: int = 0
     skipped: int = 0
     enqueued: int = 0
     chunks: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {"run_id": self.run_id, "found": self.found, "already_judged": self.skipped,
-                "enqueued": self.enqueued, "chunks": self.chunks, **self.extra}
+                "enqueued": self.enqueued, "chunks": self.chunks}
+
+
+# (listed, still to judge)
+Page = tuple[list[ObjectInfo], list[ObjectInfo]]
 
 
 def new_run_id() -> str:
@@ -60,32 +65,61 @@ def list_images(storage: Storage, request: ScanRequest, output: S3Location) -> I
         yield obj
 
 
-def scan(settings: Settings, storage: Storage, runs: Runs, app: Celery, request: ScanRequest,
-         output: S3Location, on_progress: Callable[[ScanResult], None] | None = None) -> ScanResult:
-    """Create a run and enqueue its chunks while listing; memory stays one chunk deep."""
+def pages(settings: Settings, storage: Storage, runs: Runs, request: ScanRequest,
+          output: S3Location) -> Iterator[Page]:
+    """(listed, still to judge) one chunk-sized page at a time; memory stays one page deep."""
     storage.check_bucket(request.source.bucket)
     storage.check_bucket(output.bucket)
+    for page in chunked(list_images(storage, request, output), settings.chunk_size):
+        yield page, page if request.force else _unjudged(runs, request.source.bucket, page)
+
+
+def estimate(settings: Settings, storage: Storage, runs: Runs, request: ScanRequest, output: S3Location,
+             price_cents: int, price_source: str) -> Estimate:
+    """The dry run: list, filter and deduplicate exactly as a scan would, enqueue nothing, spend nothing."""
+    found = judged = 0
+    sizes: list[int] = []
+    for page, fresh in pages(settings, storage, runs, request, output):
+        found += len(page)
+        judged += len(page) - len(fresh)
+        if fresh:
+            sizes.append(len(fresh))
+    return Estimate(found=found, already_judged=judged, to_judge=sum(sizes), chunks=len(sizes),
+                    calls=calls_for(sizes, settings.images_per_call), price_cents=price_cents,
+                    price_source=price_source, max_attempts=settings.max_attempts)
+
+
+def scan(settings: Settings, storage: Storage, runs: Runs, app: Celery, request: ScanRequest,
+         output: S3Location, on_progress: Callable[[ScanResult], None] | None = None) -> ScanResult:
+    """Create a run and enqueue its chunks while listing."""
+    listing = pages(settings, storage, runs, request, output)
+    first = next(listing, None)  # checks the buckets before a run record exists
     run_id = new_run_id()
-    runs.create(run_id, source=str(request.source), output=str(output),
+    runs.create(run_id, source=str(request.source), output=str(output), budget_cents=request.budget_cents,
                 settings={**settings.public_view(), "force": request.force, "suffixes": list(request.suffixes)})
     result = ScanResult(run_id)
-    for page in chunked(list_images(storage, request, output), settings.chunk_size):
-        result.found += len(page)
-        fresh = page if request.force else _unjudged(runs, request.source.bucket, page)
-        result.skipped += len(page) - len(fresh)
-        runs.add_skipped(run_id, len(page) - len(fresh))
-        if fresh:
-            seq = runs.add_chunk(run_id, len(fresh))
-            chunk = Chunk(run_id, seq, request.source.bucket, [(o.key, o.etag) for o in fresh])
-            app.send_task(PROCESS_CHUNK, args=[chunk.to_message()])
-            result.enqueued += len(fresh)
-            result.chunks += 1
-        if on_progress:
-            on_progress(result)
+    if first is not None:
+        for page, fresh in _chain(first, listing):
+            result.found += len(page)
+            result.skipped += len(page) - len(fresh)
+            runs.add_skipped(run_id, len(page) - len(fresh))
+            if fresh:
+                seq = runs.add_chunk(run_id, len(fresh))
+                chunk = Chunk(run_id, seq, request.source.bucket, [(o.key, o.etag) for o in fresh])
+                app.send_task(PROCESS_CHUNK, args=[chunk.to_message()])
+                result.enqueued += len(fresh)
+                result.chunks += 1
+            if on_progress:
+                on_progress(result)
     if runs.listing_finished(run_id) == 0:
         # Nothing was enqueued (or everything finished already): finalise now so the run still ends.
         app.send_task(FINALIZE_RUN, args=[run_id])
     return result
+
+
+def _chain(first: Page, rest: Iterator[Page]) -> Iterator[Page]:
+    yield first
+    yield from rest
 
 
 def _unjudged(runs: Runs, bucket: str, page: list[ObjectInfo]) -> list[ObjectInfo]:

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any, TextIO
 
-from worker.runs import TERMINAL_STATES, Runs, RunStatus
+from worker.runs import STOPPED_STATES, Runs, RunStatus
 
 
 def status_dict(status: RunStatus) -> dict[str, Any]:
@@ -29,7 +29,8 @@ def render(status: RunStatus) -> str:
         f"images    {status.done}/{status.total} recorded ({status.skipped} skipped as already judged)",
         f"verdicts  live {c['live']}  spoof {c['spoof']}  no_face {c['no_face']}",
         f"failed    rejected {c['rejected']}  error {c['error']}",
-        f"calls     {status.calls}  spend ${status.spend_cents / 100:.2f}",
+        f"calls     {status.calls}  spend ${status.spend_cents / 100:.2f}"
+        + (f" of budget ${status.budget_cents / 100:.2f}" if status.budget_cents is not None else ""),
         f"chunks    {status.chunks} ({status.pending} pending)",
     ]
     return "\n".join(lines)
@@ -47,7 +48,7 @@ def bar(status: RunStatus, width: int = 30) -> str:
 def follow(runs: Runs, run_id: str, *, interval_s: float = 0.5, timeout_s: float | None = None,
            out: TextIO = sys.stderr, clock: Callable[[], float] = time.monotonic,
            sleep: Callable[[float], None] = time.sleep) -> RunStatus:
-    """Poll until the run is done or failed (or timeout_s passes); draw progress on `out`."""
+    """Poll until the run is done, failed or paused (or timeout_s passes); draw progress on `out`."""
     deadline = None if timeout_s is None else clock() + timeout_s
     tty = out.isatty()
     last_line_at = -1e9
@@ -58,10 +59,10 @@ def follow(runs: Runs, run_id: str, *, interval_s: float = 0.5, timeout_s: float
         if tty:
             out.write("\r" + bar(status))
             out.flush()
-        elif clock() - last_line_at >= 5.0 or status.state in TERMINAL_STATES:
+        elif clock() - last_line_at >= 5.0 or status.state in STOPPED_STATES:
             out.write(bar(status) + "\n")
             last_line_at = clock()
-        if status.state in TERMINAL_STATES:
+        if status.state in STOPPED_STATES:
             if tty:
                 out.write("\n")
             return status

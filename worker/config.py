@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -46,7 +46,7 @@ class Settings:
     output: S3Location | None = None
     marketplace_url: str = "http://127.0.0.1:8402"
     service_id: str = "infrared-face-liveness-detection"
-    api_key: str | None = None
+    api_key: str | None = field(default=None, repr=False)
     api_key_header: str = "X-API-Key"
     images_per_call: int = 10
     chunk_size: int = 50
@@ -60,6 +60,9 @@ class Settings:
     min_image_side: int = 64
     visibility_timeout_s: int = 3600
     key_prefix: str = "irlive"
+    daily_budget_usd: float | None = None
+    token_pool_size: int = 2
+    token_pool_low: int = 1
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -89,6 +92,14 @@ class Settings:
         _in_range("IRLIVE_MAX_IMAGE_BYTES", self.max_image_bytes, 1, 10 * 1024 * 1024)
         _in_range("IRLIVE_MIN_IMAGE_SIDE", self.min_image_side, 1, 10_000)
         _in_range("IRLIVE_VISIBILITY_TIMEOUT_S", self.visibility_timeout_s, 5, 7 * 24 * 3600)
+        if self.daily_budget_usd is not None:
+            _in_range("IRLIVE_DAILY_BUDGET_USD", self.daily_budget_usd, 0, 10_000_000)
+        _in_range("IRLIVE_TOKEN_POOL_SIZE", self.token_pool_size, 0, 1000)
+        _in_range("IRLIVE_TOKEN_POOL_LOW", self.token_pool_low, 0, self.token_pool_size)
+
+    @property
+    def daily_budget_cents(self) -> int | None:
+        return None if self.daily_budget_usd is None else round(self.daily_budget_usd * 100)
 
     def require_output(self) -> S3Location:
         if self.output is None:
@@ -159,4 +170,7 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "min_image_side": _typed(int, "a whole number of pixels"),
     "visibility_timeout_s": _typed(int, "a whole number of seconds"),
     "key_prefix": _text,
+    "daily_budget_usd": _typed(float, "an amount in US dollars"),
+    "token_pool_size": _typed(int, "a whole number of tokens"),
+    "token_pool_low": _typed(int, "a whole number of tokens"),
 }

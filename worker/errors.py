@@ -48,3 +48,7 @@ class NotFound(PermanentInputError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, code="not_found")
+
+
+class ChunkBusy(IrliveError):
+    """Another delivery of the same chunk is working on it (a broker duplicate): retry later, pay nothing."""

@@ -6,17 +6,18 @@ from typing import Any
 
 from worker.config import S3Location
 from worker.manifest import chunk_key, failed_key, failed_lines, run_document, run_manifest_key
-from worker.runs import Runs
+from worker.runs import Runs, now_iso
 from worker.storage import Storage
+from worker.wallet import Wallet
 
 
-def finalize_run(runs: Runs, storage: Storage, run_id: str) -> dict[str, Any] | None:
+def finalize_run(runs: Runs, storage: Storage, wallet: Wallet, run_id: str) -> dict[str, Any] | None:
     """Write manifest.json and failed.jsonl; running it twice writes the same documents."""
     run = runs.get(run_id)
     if run is None:
         return None
     output = S3Location.parse(run["output"], "run output")
-    run["finished_at"] = runs.mark_finished(run_id)
+    run["finished_at"] = runs.set_once(run_id, "finished_at", now_iso())
     chunks: list[dict[str, Any]] = []
     failed: list[dict[str, Any]] = []
     for seq in range(int(run["chunks"])):
@@ -28,6 +29,10 @@ def finalize_run(runs: Runs, storage: Storage, run_id: str) -> dict[str, Any] | 
     fkey = failed_key(output, run_id)
     storage.put_bytes(output.bucket, fkey, body, "application/x-ndjson")
     manifest = run_document(run, chunks, {"key": fkey, "count": len(failed)})
+    manifest["tokens_bought"] = int(run.get("tokens_bought") or 0)
+    manifest["budget_cents"] = int(run["budget_cents"]) if run.get("budget_cents") else None
+    # Prepaid tokens still in the shared pool when the run ended (money paid, not yet used by any run).
+    manifest["tokens_unspent"] = int(runs.set_once(run_id, "tokens_unspent", str(wallet.totals()["pool"])))
     storage.put_json(output.bucket, run_manifest_key(output, run_id), manifest)
     runs.set_state(run_id, "done")
     return manifest

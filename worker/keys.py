@@ -44,5 +44,11 @@ class Keys:
     def wallet_totals(self) -> str:
         return f"{self.prefix}:wallet:totals"
 
+    def day(self, day: str) -> str:
+        return f"{self.prefix}:day:{day}"
+
+    def parked(self, run_id: str) -> str:
+        return f"{self.prefix}:run:{run_id}:parked"
+
     def ratelimit(self) -> str:
         return f"{self.prefix}:ratelimit"

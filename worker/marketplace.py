@@ -10,11 +10,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any
+from urllib.parse import parse_qsl, quote, urlsplit
 
 import httpx
 
 from worker.errors import (
     ConfigError,
+    IrliveError,
     OutcomeUnknown,
     PaymentRejected,
     PermanentInputError,
@@ -29,6 +31,7 @@ _PERMANENT_CODES = ("InvalidImage", "InvalidFile", "IllegalUrlParameter", "Param
                     "InvalidParameter", "MissingParameter")
 _CONFIG_CODES = ("AuthFailed", "InvalidApi", "Forbidden", "InvalidAccessKeyId", "NoPermission")
 _TRANSIENT_CODES = ("InternalError", "ServiceUnavailable", "Timeout", "SystemBusy")
+_SECRET_QUERY = ("x-amz-signature", "x-amz-security-token", "signature")
 
 
 @dataclass(frozen=True)
@@ -94,7 +97,8 @@ class Marketplace:
         with self._translate(sent_means_unknown=False):
             response = self._client.post(self._tool_path, json=probe)
         if response.status_code != 402:
-            _raise_for(response, _json_or_none(response))
+            if response.status_code >= 300:
+                _raise_for(response, _json_or_none(response))
             raise ConfigError(f"price probe expected HTTP 402, got {response.status_code}")
         return parse_quote(response)
 
@@ -130,9 +134,14 @@ class Marketplace:
             finally:
                 response.close()
         body = _json_bytes_or_none(raw)
-        if response.status_code >= 300:
-            _raise_for(response, body)
-        return parse_answer(body, raw)
+        try:
+            if response.status_code >= 300:
+                _raise_for(response, body)
+            return parse_answer(body, raw)
+        except IrliveError as exc:
+            # The seller may echo the token or a URL in free text (or percent-encoded) that redact() misses.
+            _scrub(exc, _secrets_of(token, urls))
+            raise
 
     @contextmanager
     def _translate(self, *, sent_means_unknown: bool) -> Iterator[None]:
@@ -224,8 +233,9 @@ def parse_answer(body: Any, raw: bytes) -> CallAnswer:
     if not isinstance(data, dict) or "Result" not in data:
         raise TransientError("marketplace answer has no data.Result")
     result = data["Result"]
-    if isinstance(result, dict) and isinstance(result.get("Code"), str):
-        _raise_code(result["Code"], str(result.get("Message", "")), None)
+    inner = _json_bytes_or_none(result.encode()) if isinstance(result, str) else result
+    if isinstance(inner, dict) and isinstance(inner.get("Code"), str):
+        _raise_code(inner["Code"], str(inner.get("Message", "")), None)
     request_id = body.get("requestId")
     return CallAnswer(request_id=str(request_id) if request_id is not None else None, result=result)
 
@@ -264,6 +274,27 @@ def _raise_code(code: str, message: str, retry_after: float | None) -> None:
     if code.startswith(_TRANSIENT_CODES) or code[:1] == "5":
         raise TransientError(text)
     raise TransientError(f"unrecognised seller error {text}")
+
+
+def _secrets_of(token: str, urls: list[str]) -> list[str]:
+    """The token and each presigned URL's signature values, as sent and percent-encoded."""
+    found = [token]
+    for url in urls:
+        for name, value in parse_qsl(urlsplit(url).query):
+            if name.lower() in _SECRET_QUERY and value:
+                found += [value, quote(value, safe="")]
+    return [s for s in found if len(s) >= 4]
+
+
+def _scrub(exc: IrliveError, secrets: list[str]) -> None:
+    """Replace every secret in the exception's text arguments with ***, in place."""
+    text_args: list[object] = []
+    for arg in exc.args:
+        if isinstance(arg, str):
+            for secret in secrets:
+                arg = arg.replace(secret, "***")
+        text_args.append(arg)
+    exc.args = tuple(text_args)
 
 
 def _retry_after(response: httpx.Response) -> float | None:

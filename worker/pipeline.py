@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -12,6 +13,8 @@ from typing import Any
 
 from worker.config import S3Location, Settings
 from worker.errors import (
+    BudgetExhausted,
+    ChunkBusy,
     ConfigError,
     OutcomeUnknown,
     PaymentRejected,
@@ -91,6 +94,9 @@ class ChunkProcessor:
     def __init__(self, deps: Deps) -> None:
         self.deps = deps
         self._limits = Limits(deps.settings.max_image_bytes, deps.settings.min_image_side)
+        self._holder = uuid.uuid4().hex
+        # Renewed before every call, so it only lapses when this delivery is dead or stuck.
+        self._lease_s = 3 * deps.settings.call_timeout_s + MAX_THROTTLE_WAIT_S + 60
 
     def run(self, chunk: Chunk) -> int | None:
         """Process the chunk; returns the run's pending chunk count after it, or None if the run is gone."""
@@ -100,6 +106,17 @@ class ChunkProcessor:
             log.warning("dropping chunk %s/%s: run %s", chunk.run_id, chunk.seq,
                         "unknown" if run is None else "failed")
             return None
+        if run["state"] == "paused_budget":
+            raise BudgetExhausted(run.get("pause_reason") or "run paused for budget")
+        if not runs.lease_chunk(chunk.run_id, chunk.seq, self._holder, self._lease_s):
+            raise ChunkBusy(f"chunk {chunk.run_id}/{chunk.seq} is being worked on by another delivery")
+        try:
+            return self._run(chunk, run)
+        finally:
+            runs.release_chunk(chunk.run_id, chunk.seq, self._holder)
+
+    def _run(self, chunk: Chunk, run: dict[str, Any]) -> int:
+        runs = self.deps.runs
         output = S3Location.parse(run["output"], "run output")
         force = bool(run["settings"].get("force"))
         progress = runs.progress(chunk.run_id, chunk.seq)
@@ -149,6 +166,8 @@ class ChunkProcessor:
         """One paid call for the group; failures requeue it by the error tree. Returns seconds throttled."""
         deps = self.deps
         run_id = chunk.run_id
+        if not deps.runs.lease_chunk(run_id, chunk.seq, self._holder, self._lease_s):
+            raise ChunkBusy(f"chunk {run_id}/{chunk.seq}: lease lost to another delivery")
         deps.limiter.acquire()
         try:
             token = deps.wallet.take(run_id)

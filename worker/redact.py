@@ -12,7 +12,7 @@ _SECRET_PARAM = re.compile(
 )
 _SECRET_FIELD = re.compile(
     r"(?i)([\"']?(?:token|paymentToken|X-Payment-Token|api[_-]?key|X-API-Key|authorization)[\"']?\s*[:=]\s*)"
-    r"[\"']?[^\s\"',}]+[\"']?"
+    r"[\"']?(?:(?:Bearer|Basic)\s+)?[^\s\"',}]+[\"']?"
 )
 
 

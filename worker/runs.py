@@ -26,9 +26,38 @@ if redis.call('SADD', KEYS[1], ARGV[1]) == 1 then
 end
 return tonumber(redis.call('HGET', KEYS[2], 'pending') or '0')
 """
+# End of listing: release the producer's hold; a run paused meanwhile stays paused.
+_LISTED = """
+if redis.call('HGET', KEYS[1], 'state') == 'listing' then redis.call('HSET', KEYS[1], 'state', 'running') end
+redis.call('HSET', KEYS[1], 'listed', '1')
+return redis.call('HINCRBY', KEYS[1], 'pending', -tonumber(ARGV[1]))
+"""
+# Park a chunk of a paused run; 0 means the run is no longer paused and the caller must send it on itself.
+_PARK = """
+if redis.call('HGET', KEYS[1], 'state') ~= 'paused_budget' then return 0 end
+redis.call('RPUSH', KEYS[2], ARGV[1])
+return 1
+"""
+_PAUSE = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if state ~= 'running' and state ~= 'listing' then return 0 end
+redis.call('HSET', KEYS[1], 'state', 'paused_budget', 'pause_reason', ARGV[1])
+return 1
+"""
+# Raise the cap (if given) and unpause; the parked chunks are returned, removed only once re-sent.
+_RESUME = """
+if ARGV[1] ~= '' then redis.call('HSET', KEYS[1], 'budget_cents', ARGV[1]) end
+local state = redis.call('HGET', KEYS[1], 'state')
+if state == 'paused_budget' then
+  redis.call('HSET', KEYS[1], 'state', redis.call('HGET', KEYS[1], 'listed') == '1' and 'running' or 'listing')
+  redis.call('HDEL', KEYS[1], 'pause_reason')
+end
+return redis.call('LRANGE', KEYS[2], 0, -1)
+"""
 # The producer holds one extra 'pending' while it lists, so early chunks cannot finish the run.
 LISTING_HOLD = 1
 TERMINAL_STATES = ("done", "failed")
+STOPPED_STATES = ("done", "failed", "paused_budget")
 
 
 @dataclass(frozen=True)
@@ -46,22 +75,32 @@ class RunStatus:
     calls: int
     spend_cents: int
     error: str | None
+    budget_cents: int | None = None
+    tokens_bought: int = 0
 
 
 class Runs:
     """Run bookkeeping; the Redis client must use decode_responses=True."""
 
     def __init__(self, redis: Any, keys: Keys) -> None:
+        self.redis = redis
         self._redis = redis
         self._keys = keys
         self._save = redis.register_script(_SAVE)
         self._complete = redis.register_script(_COMPLETE)
+        self._listed = redis.register_script(_LISTED)
+        self._park = redis.register_script(_PARK)
+        self._pause = redis.register_script(_PAUSE)
+        self._resume = redis.register_script(_RESUME)
 
-    def create(self, run_id: str, *, source: str, output: str, settings: dict[str, Any]) -> None:
+    def create(self, run_id: str, *, source: str, output: str, settings: dict[str, Any],
+               budget_cents: int | None = None) -> None:
         self._redis.hset(self._keys.run(run_id), mapping={
             "run_id": run_id, "state": "listing", "source": source, "output": output,
             "created_at": now_iso(), "total": 0, "chunks": 0, "pending": LISTING_HOLD, "skipped": 0,
-            "done": 0, "calls": 0, "spend_cents": 0, "settings": json.dumps(settings, sort_keys=True),
+            "done": 0, "calls": 0, "spend_cents": 0, "committed_cents": 0, "tokens_bought": 0,
+            "budget_cents": "" if budget_cents is None else budget_cents,
+            "settings": json.dumps(settings, sort_keys=True),
         })
         self._redis.zadd(self._keys.runs(), {run_id: time.time()})
 
@@ -80,8 +119,45 @@ class Runs:
 
     def listing_finished(self, run_id: str) -> int:
         """Release the producer's hold; returns pending chunks (0 means the run can be finalised)."""
-        self._redis.hset(self._keys.run(run_id), "state", "running")
-        return int(self._redis.hincrby(self._keys.run(run_id), "pending", -LISTING_HOLD))
+        return int(self._listed(keys=[self._keys.run(run_id)], args=[LISTING_HOLD]))
+
+    def pause(self, run_id: str, reason: str) -> bool:
+        """Running -> paused_budget; False if the run was not running (already paused, failed, done)."""
+        return bool(self._pause(keys=[self._keys.run(run_id)], args=[reason]))
+
+    def park(self, run_id: str, message: dict[str, Any]) -> bool:
+        """Keep a chunk of a paused run until it resumes; False if it is not paused (send it on instead)."""
+        return bool(self._park(keys=[self._keys.run(run_id), self._keys.parked(run_id)],
+                               args=[json.dumps(message, sort_keys=True)]))
+
+    def resume(self, run_id: str, budget_cents: int | None) -> list[dict[str, Any]]:
+        """Raise the cap and unpause; returns the parked chunk messages to send again (then call unpark)."""
+        raw = self._resume(keys=[self._keys.run(run_id), self._keys.parked(run_id)],
+                           args=["" if budget_cents is None else budget_cents])
+        return [json.loads(m) for m in raw]
+
+    def unpark(self, run_id: str, count: int) -> None:
+        """Drop the first `count` parked messages once they have been re-sent."""
+        self._redis.ltrim(self._keys.parked(run_id), count, -1)
+
+    def parked(self, run_id: str) -> int:
+        return int(self._redis.llen(self._keys.parked(run_id)))
+
+    def lease_chunk(self, run_id: str, seq: int, holder: str, ttl_s: float) -> bool:
+        """One delivery of a chunk works at a time: a duplicate delivery must not pay for the same images."""
+        key = self._keys.chunk_progress(run_id, seq) + ":lease"
+        ms = int(ttl_s * 1000)
+        if self._redis.set(key, holder, nx=True, px=ms):
+            return True
+        if self._redis.get(key) == holder:
+            self._redis.pexpire(key, ms)
+            return True
+        return False
+
+    def release_chunk(self, run_id: str, seq: int, holder: str) -> None:
+        key = self._keys.chunk_progress(run_id, seq) + ":lease"
+        if self._redis.get(key) == holder:
+            self._redis.delete(key)
 
     def get(self, run_id: str) -> dict[str, Any] | None:
         raw: dict[str, str] = self._redis.hgetall(self._keys.run(run_id))
@@ -99,7 +175,9 @@ class Runs:
             run_id=run_id, state=run["state"], total=int(run["total"]), done=int(run["done"]),
             counts={v: int(run.get(v, 0)) for v in VERDICTS}, skipped=int(run["skipped"]),
             chunks=int(run["chunks"]), pending=int(run["pending"]), calls=int(run["calls"]),
-            spend_cents=int(run["spend_cents"]), error=run.get("error"),
+            spend_cents=int(run["spend_cents"]), error=run.get("error") or run.get("pause_reason"),
+            budget_cents=int(run["budget_cents"]) if run.get("budget_cents") else None,
+            tokens_bought=int(run.get("tokens_bought") or 0),
         )
 
     def set_state(self, run_id: str, state: str, error: str | None = None) -> None:
@@ -142,11 +220,11 @@ class Runs:
         if identities:
             self._redis.hdel(self._keys.done(), *identities)
 
-    def mark_finished(self, run_id: str) -> str:
-        """Set finished_at once, so finalising twice writes the same manifest."""
-        self._redis.hsetnx(self._keys.run(run_id), "finished_at", now_iso())
-        finished: str = self._redis.hget(self._keys.run(run_id), "finished_at")
-        return finished
+    def set_once(self, run_id: str, name: str, value: str) -> str:
+        """Set a field only the first time, so finalising twice writes the same manifest; returns the value."""
+        self._redis.hsetnx(self._keys.run(run_id), name, value)
+        stored: str = self._redis.hget(self._keys.run(run_id), name)
+        return stored
 
 
 def now_iso() -> str:

@@ -9,12 +9,22 @@ from typing import Any
 import redis
 from celery import Celery, Task
 
+from worker.budget import Budget
 from worker.config import Settings
-from worker.errors import ConfigError, PermanentInputError, RateLimited, TransientError
+from worker.errors import (
+    BudgetExhausted,
+    ChunkBusy,
+    ConfigError,
+    IrliveError,
+    PermanentInputError,
+    RateLimited,
+    TransientError,
+)
 from worker.finalize import finalize_run
 from worker.keys import Keys
 from worker.marketplace import Marketplace
 from worker.pipeline import Chunk, ChunkProcessor, Deps
+from worker.pool import PoolKeeper
 from worker.ratelimit import RateLimiter, RateSpec
 from worker.runs import Runs
 from worker.storage import Storage
@@ -31,8 +41,9 @@ def build_deps(settings: Settings) -> Deps:
     client = redis.Redis.from_url(settings.redis_url, decode_responses=True, health_check_interval=30)
     market = Marketplace(settings.marketplace_url, settings.service_id, api_key=settings.api_key,
                          api_key_header=settings.api_key_header, timeout_s=settings.call_timeout_s)
-    wallet = Wallet(client, market, keys, max_price_cents=settings.max_price_cents,
-                    lease_s=settings.call_timeout_s + 60)
+    budget = Budget(client, keys, settings.daily_budget_cents)
+    wallet = Wallet(client, market, keys, budget, max_price_cents=settings.max_price_cents,
+                    lease_s=2 * settings.call_timeout_s + 30)
     return Deps(
         settings=settings,
         storage=Storage(settings.s3_endpoint_url, settings.s3_region, max_connections=64),
@@ -44,7 +55,7 @@ def build_deps(settings: Settings) -> Deps:
 
 
 class _LazyDeps:
-    """Builds Deps on first use in each process (never at import, never per task)."""
+    """Builds Deps (and starts the pool keeper) on first use in each process: never at import, never per task."""
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
@@ -54,8 +65,12 @@ class _LazyDeps:
     def get(self) -> Deps:
         with self._lock:
             if self._deps is None:
-                self._deps = build_deps(self._settings)
-                self._deps.wallet.sweep()
+                deps = build_deps(self._settings)
+                deps.wallet.sweep()
+                if self._settings.token_pool_size > 0:
+                    PoolKeeper(deps.wallet, deps.runs.redis, Keys(self._settings.key_prefix),
+                               size=self._settings.token_pool_size, low=self._settings.token_pool_low).start()
+                self._deps = deps
             return self._deps
 
 
@@ -74,22 +89,29 @@ def register_tasks(app: Celery, settings: Settings) -> None:
             return
         try:
             pending = ChunkProcessor(deps).run(chunk)
-        except RateLimited as exc:
-            countdown = min(max_countdown, exc.retry_after or 5.0)
+        except (RateLimited, ChunkBusy) as exc:
+            countdown = min(max_countdown, getattr(exc, "retry_after", None) or 5.0)
             raise self.retry(countdown=countdown) from None
-        except TransientError as exc:
+        except BudgetExhausted as exc:
+            if deps.runs.pause(chunk.run_id, str(exc)):
+                log.warning("run %s paused: %s", chunk.run_id, exc)
+            if not deps.runs.park(chunk.run_id, message):
+                # Resumed between our failure and the park: go round again.
+                raise self.retry(countdown=1.0) from None
+            return
+        except ConfigError as exc:
+            log.error("run %s stopped: %s", chunk.run_id, exc)
+            deps.runs.fail(chunk.run_id, str(exc))
+            return
+        except (TransientError, IrliveError) as exc:
             retries = int(self.request.retries or 0)
             if retries >= settings.max_attempts * 4:
-                # Give up on this delivery; the run's reconcile re-enqueues images with no record.
+                # Give up on this delivery; `irlive reconcile` re-enqueues images with no record.
                 log.error("chunk %s/%s: giving up after %d retries: %s", chunk.run_id, chunk.seq, retries, exc)
                 raise
             countdown = min(max_countdown, 2.0 * 2 ** min(retries, 8))
             log.warning("chunk %s/%s: %s; retrying in %.0fs", chunk.run_id, chunk.seq, exc, countdown)
             raise self.retry(countdown=countdown) from None
-        except ConfigError as exc:
-            log.error("run %s stopped: %s", chunk.run_id, exc)
-            deps.runs.fail(chunk.run_id, str(exc))
-            return
         if pending == 0:
             app.send_task(FINALIZE_RUN, args=[chunk.run_id])
 
@@ -97,7 +119,6 @@ def register_tasks(app: Celery, settings: Settings) -> None:
     def finalize(self: Task, run_id: str) -> None:
         deps = lazy.get()
         try:
-            finalize_run(deps.runs, deps.storage, run_id)
+            finalize_run(deps.runs, deps.storage, deps.wallet, run_id)
         except TransientError:
             raise self.retry(countdown=5.0) from None
-

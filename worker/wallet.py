@@ -1,45 +1,87 @@
-"""Payment tokens and their ledger: every token's life is written down in Redis before each step."""
+"""Payment tokens and their ledger: every token's life is written down in Redis before each step happens."""
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
+from worker.budget import Budget
 from worker.errors import ConfigError, OutcomeUnknown, TransientError
 from worker.keys import Keys
 from worker.marketplace import Marketplace, Payment
 
-# Ledger states of one payment:
+# Ledger states of one payment (hash irlive:pay:<id>):
 #   requested -> paid -> reserved -> sent -> spent
-#                  ^--------+----------+  (returned to the pool: lease expired, or reconciled unspent)
-#   requested -> unknown   (the purchase request timed out: no id to look up; counted as bought)
-#   any       -> void      (the seller refused the token: expired, used or unknown to it)
+#                 ^---------+----------+       returned to the pool: lease expired, or reconciled unspent
+#   requested -> unknown   the purchase request timed out: no id to look up; counted as bought, never repeated
+#   requested -> failed    the purchase certainly did not happen
+#   paid/sent -> void      the seller refused the token (expired, used or unknown to it)
+# A reserved token carries `committed`: its price is charged to the run's budget until it is spent or returned.
+
+# Pop a live token and charge the run, in one step. Returns {1, pid, token, amount} | {0} (pool empty)
+# | {-1} (budget would be crossed; the token stays in the pool).
 _TAKE = """
-local pid = redis.call('LPOP', KEYS[1])
-if not pid then return false end
-local pay = ARGV[3] .. pid
-redis.call('HSET', pay, 'state', 'reserved', 'run_id', ARGV[4], 'updated_ms', ARGV[1])
-redis.call('ZADD', KEYS[2], tonumber(ARGV[1]) + tonumber(ARGV[2]), pid)
-return {pid, redis.call('HGET', pay, 'token') or ''}
+local now = tonumber(ARGV[1])
+while true do
+  local pid = redis.call('LPOP', KEYS[1])
+  if not pid then return {0} end
+  local pay = ARGV[3] .. pid
+  local expires = tonumber(redis.call('HGET', pay, 'expires_ms') or '0')
+  if expires > 0 and expires <= now + tonumber(ARGV[5]) then
+    redis.call('HSET', pay, 'state', 'void', 'void_reason', 'expired in pool', 'updated_ms', ARGV[1])
+    redis.call('HINCRBY', KEYS[4], 'expired_in_pool', 1)
+  else
+    local amount = tonumber(redis.call('HGET', pay, 'amount_cents') or '0')
+    local cap = redis.call('HGET', KEYS[3], 'budget_cents')
+    local committed = tonumber(redis.call('HGET', KEYS[3], 'committed_cents') or '0')
+    if cap and cap ~= '' and committed + amount > tonumber(cap) then
+      redis.call('LPUSH', KEYS[1], pid)
+      return {-1}
+    end
+    redis.call('HINCRBY', KEYS[3], 'committed_cents', amount)
+    redis.call('HSET', pay, 'state', 'reserved', 'run_id', ARGV[4], 'committed', '1', 'updated_ms', ARGV[1])
+    redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), pid)
+    return {1, pid, redis.call('HGET', pay, 'token') or '', amount}
+  end
+end
+"""
+# Back to the pool (never sent, or reconciled unspent), giving the run its commitment back.
+_RETURN = """
+local pay = KEYS[1]
+local state = redis.call('HGET', pay, 'state')
+if state ~= 'reserved' and state ~= 'sent' then return 0 end
+if redis.call('HGET', pay, 'committed') == '1' then
+  local run = redis.call('HGET', pay, 'run_id')
+  if run and run ~= '' then
+    redis.call('HINCRBY', ARGV[2] .. run, 'committed_cents', -tonumber(redis.call('HGET', pay, 'amount_cents') or '0'))
+  end
+end
+redis.call('HSET', pay, 'state', 'paid', 'committed', '0', 'updated_ms', ARGV[3])
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('RPUSH', KEYS[3], ARGV[1])
+return 1
 """
 # Only the transition into 'spent' charges, so a reconcile racing an answer cannot charge twice.
 _SETTLE = """
-if redis.call('HGET', KEYS[1], 'state') == 'spent' then return 0 end
-redis.call('HSET', KEYS[1], 'state', 'spent', 'request_id', ARGV[3], 'updated_ms', ARGV[4])
+local state = redis.call('HGET', KEYS[1], 'state')
+if state == 'spent' or state == 'void' then return 0 end
+redis.call('HSET', KEYS[1], 'state', ARGV[5], 'committed', '0', 'request_id', ARGV[3], 'updated_ms', ARGV[4])
 redis.call('ZREM', KEYS[2], ARGV[1])
-redis.call('HINCRBY', KEYS[3], 'spent', 1)
-redis.call('HINCRBY', KEYS[3], 'spent_cents', ARGV[2])
-if KEYS[4] ~= '' then
+redis.call('HINCRBY', KEYS[3], ARGV[5], 1)
+redis.call('HINCRBY', KEYS[3], ARGV[5] .. '_cents', ARGV[2])
+if KEYS[4] ~= '' and ARGV[5] == 'spent' then
   redis.call('HINCRBY', KEYS[4], 'calls', 1)
   redis.call('HINCRBY', KEYS[4], 'spend_cents', ARGV[2])
 end
 return 1
 """
 QUOTE_TTL_S = 300.0
+# A pool token closer than this to its expiry is not handed out: the call might outlive it.
+EXPIRY_MARGIN_MS = 60_000
 
 
 @dataclass(frozen=True)
@@ -57,27 +99,43 @@ class Wallet:
     The Redis client must be created with decode_responses=True.
     """
 
-    def __init__(self, redis: Any, market: Marketplace, keys: Keys, *, max_price_cents: int,
+    def __init__(self, redis: Any, market: Marketplace, keys: Keys, budget: Budget, *, max_price_cents: int,
                  lease_s: float = 120.0) -> None:
         self._redis = redis
         self._market = market
         self._keys = keys
+        self._budget = budget
         self._max_price = max_price_cents
         self._lease_ms = int(lease_s * 1000)
         self._take = redis.register_script(_TAKE)
+        self._return_script = redis.register_script(_RETURN)
         self._settle_script = redis.register_script(_SETTLE)
         self._quote_lock = threading.Lock()
-        self._quote_checked_at = 0.0
+        self._quote_checked_at = -QUOTE_TTL_S
+        self._price = max_price_cents
+        self.last_take_at = 0.0
 
     def take(self, run_id: str) -> Token:
-        """A token from the pool if one waits there, else a new purchase (after the price guard)."""
-        got = self._take(keys=[self._keys.pool(), self._keys.leases()],
-                         args=[_now_ms(), self._lease_ms, self._keys.payment_prefix(), run_id])
-        if got:
-            pid, secret = str(got[0]), str(got[1])
-            amount = int(self._redis.hget(self._keys.payment(pid), "amount_cents") or 0)
-            return Token(pid, amount, secret)
-        return self._buy(run_id)
+        """A token from the pool if one waits there, else a new purchase; either way charged to the run."""
+        self.last_take_at = time.monotonic()
+        got = self._take(
+            keys=[self._keys.pool(), self._keys.leases(), self._keys.run(run_id), self._keys.wallet_totals()],
+            args=[_now_ms(), self._lease_ms, self._keys.payment_prefix(), run_id, EXPIRY_MARGIN_MS],
+        )
+        if int(got[0]) == 1:
+            return Token(str(got[1]), int(got[3]), str(got[2]))
+        if int(got[0]) == -1:
+            raise self._budget.run_exhausted(run_id)
+        return self._buy(run_id, for_pool=False)
+
+    def refill(self, target: int) -> int:
+        """Buy tokens into the pool until it holds `target`; returns how many were bought."""
+        bought = 0
+        while int(self._redis.llen(self._keys.pool())) < target:
+            token = self._buy("", for_pool=True)
+            self._redis.rpush(self._keys.pool(), token.payment_id)
+            bought += 1
+        return bought
 
     def release(self, token: Token) -> None:
         """Give back a token that never left this process (the call was not sent)."""
@@ -88,13 +146,13 @@ class Wallet:
         now = _now_ms()
         pipe = self._redis.pipeline(transaction=True)
         pipe.hset(self._keys.payment(token.payment_id), mapping={
-            "state": "sent", "images": json.dumps(identities), "updated_ms": now})
+            "state": "sent", "images": ",".join(identities), "updated_ms": now})
         pipe.zadd(self._keys.leases(), {token.payment_id: now + self._lease_ms})
         pipe.execute()
 
     def spent(self, token: Token, run_id: str, request_id: str | None) -> None:
         """The call was answered: the token is consumed and the run is charged."""
-        self._settle(token.payment_id, run_id, token.amount_cents, request_id or "")
+        self._settle(token.payment_id, run_id, token.amount_cents, request_id or "", "spent")
 
     def after_failure(self, token: Token, run_id: str) -> bool:
         """Ask the seller whether a failed call used the token; back to the pool if not. True if spent."""
@@ -106,117 +164,140 @@ class Wallet:
         return self._apply(token.payment_id, run_id, token.amount_cents, payment)
 
     def void(self, token: Token, run_id: str) -> None:
-        """The seller refused the token outright; it can never be used again."""
-        self._redis.hset(self._keys.payment(token.payment_id), mapping={"state": "void", "updated_ms": _now_ms()})
-        self._redis.zrem(self._keys.leases(), token.payment_id)
-        self._redis.hincrby(self._keys.wallet_totals(), "void", 1)
+        """The seller refused the token outright; it can never be used again (its price stays charged)."""
+        self._settle(token.payment_id, run_id, token.amount_cents, "", "void")
 
-    def sweep(self) -> int:
-        """Finish what dead workers left: expired reservations go back, expired 'sent' are reconciled."""
-        due = self._redis.zrangebyscore(self._keys.leases(), "-inf", _now_ms())
+    def sweep(self, *, everything: bool = False) -> int:
+        """Finish what dead workers left: expired reservations go back, expired 'sent' are reconciled.
+
+        everything=True ignores leases: only safe when no worker is running.
+        """
+        limit = "+inf" if everything else _now_ms()
         done = 0
-        for raw in due:
-            pid = str(raw)
+        for pid in self._redis.zrangebyscore(self._keys.leases(), "-inf", limit):
             record: dict[str, str] = self._redis.hgetall(self._keys.payment(pid))
             state, run_id = record.get("state"), record.get("run_id", "")
             amount = int(record.get("amount_cents") or 0)
             if state == "reserved":
                 self._return(pid)
-                done += 1
             elif state == "sent":
                 try:
                     payment = self._market.get_payment(pid)
                 except (TransientError, OutcomeUnknown):
                     continue
                 self._apply(pid, run_id, amount, payment)
-                done += 1
             else:
                 self._redis.zrem(self._keys.leases(), pid)
-        if done:
-            self._redis.hset(self._keys.wallet_totals(), "last_reconciled_ms", _now_ms())
+                continue
+            done += 1
+        self._redis.hset(self._keys.wallet_totals(), "last_reconciled_ms", _now_ms())
         return done
 
     def totals(self) -> dict[str, int]:
-        raw = self._redis.hgetall(self._keys.wallet_totals())
+        raw: dict[str, str] = self._redis.hgetall(self._keys.wallet_totals())
         totals = {k: int(v) for k, v in raw.items()}
         totals["pool"] = int(self._redis.llen(self._keys.pool()))
+        totals["in_flight"] = int(self._redis.zcard(self._keys.leases()))
+        totals["spent_today_cents"] = self._budget.spent_today()
         return totals
 
-    def _buy(self, run_id: str) -> Token:
-        self._check_price()
-        request_id = f"req-{uuid.uuid4().hex}"
-        request_key = self._keys.payment(request_id)
-        self._redis.hset(request_key, mapping={"state": "requested", "run_id": run_id, "created_ms": _now_ms()})
+    def _buy(self, run_id: str, *, for_pool: bool) -> Token:
+        price = self._check_price()
+        if run_id:
+            self._budget.commit_run(run_id, price)
+        request_key = self._keys.payment(f"req-{uuid.uuid4().hex}")
         try:
+            self._budget.commit_day(price)
+            self._redis.hset(request_key, mapping={"state": "requested", "run_id": run_id, "created_ms": _now_ms()})
             payment = self._market.create_payment()
         except OutcomeUnknown:
             # No idempotency key and no id: the purchase may exist. Count it as bought, never repeat blindly.
             self._redis.hset(request_key, "state", "unknown")
             self._redis.hincrby(self._keys.wallet_totals(), "unknown_purchases", 1)
+            if run_id:
+                self._budget.release_run(run_id, price)
             raise
         except BaseException:
-            self._redis.hset(request_key, "state", "failed")
+            if self._redis.hget(request_key, "state") == "requested":
+                self._redis.hset(request_key, "state", "failed")
+                self._budget.release_day(price)
+            if run_id:
+                self._budget.release_run(run_id, price)
             raise
-        if payment.token is None:
-            self._redis.hset(request_key, "state", "failed")
-            raise TransientError(f"payment {payment.payment_id} answered without a token")
-        amount = payment.amount_cents if payment.amount_cents is not None else self._max_price
+        amount = payment.amount_cents if payment.amount_cents is not None else price
         now = _now_ms()
+        state = "paid" if for_pool else "reserved"
         pipe = self._redis.pipeline(transaction=True)
         pipe.hset(self._keys.payment(payment.payment_id), mapping={
-            "state": "reserved", "token": payment.token, "amount_cents": amount, "run_id": run_id,
-            "expires_at": payment.expires_at or "", "created_ms": now, "updated_ms": now})
-        pipe.zadd(self._keys.leases(), {payment.payment_id: now + self._lease_ms})
+            "state": state, "token": payment.token or "", "amount_cents": amount, "run_id": run_id,
+            "committed": "1" if run_id else "0", "expires_ms": _parse_ms(payment.expires_at),
+            "created_ms": now, "updated_ms": now})
+        if not for_pool:
+            pipe.zadd(self._keys.leases(), {payment.payment_id: now + self._lease_ms})
         pipe.hset(request_key, mapping={"state": "paid", "payment_id": payment.payment_id})
         pipe.expire(request_key, 7 * 24 * 3600)
         pipe.hincrby(self._keys.wallet_totals(), "bought", 1)
         pipe.hincrby(self._keys.wallet_totals(), "bought_cents", amount)
+        if run_id:
+            pipe.hincrby(self._keys.run(run_id), "tokens_bought", 1)
+            pipe.hincrby(self._keys.run(run_id), "committed_cents", amount - price)
         pipe.execute()
         if amount > self._max_price:
             raise ConfigError(
                 f"the seller charged {amount} cents per call; IRLIVE_MAX_PRICE_CENTS allows {self._max_price}"
             )
+        if payment.token is None:
+            self.void(Token(payment.payment_id, amount, ""), run_id)
+            raise TransientError(f"payment {payment.payment_id} answered without a token")
         return Token(payment.payment_id, amount, payment.token)
 
-    def _check_price(self) -> None:
+    def _check_price(self) -> int:
+        """Read the seller's price from its 402 answer (cached); refuse above IRLIVE_MAX_PRICE_CENTS."""
         with self._quote_lock:
             if time.monotonic() - self._quote_checked_at < QUOTE_TTL_S:
-                return
+                return self._price
             quote = self._market.quote()
             if quote.price_cents > self._max_price:
                 raise ConfigError(
                     f"the seller asks {quote.price_cents} cents per call; IRLIVE_MAX_PRICE_CENTS allows "
                     f"{self._max_price}: raise it if that price is acceptable"
                 )
+            self._price = quote.price_cents
             self._quote_checked_at = time.monotonic()
+            return self._price
 
     def _apply(self, pid: str, run_id: str, amount: int, payment: Payment) -> bool:
-        if payment.remaining_calls is not None and payment.remaining_calls > 0 and payment.status in (
-                "paid", "pending", "unknown"):
+        if payment.remaining_calls and payment.status not in ("expired", "exhausted"):
             self._return(pid)
             self._redis.hincrby(self._keys.wallet_totals(), "reconciled_unspent", 1)
             return False
         if payment.status == "expired" and payment.remaining_calls:
-            self.void(Token(pid, amount, ""), run_id)
+            self._settle(pid, run_id, amount, "", "void")
             return False
-        self._settle(pid, run_id, amount, "")
+        self._settle(pid, run_id, amount, "", "spent")
         self._redis.hincrby(self._keys.wallet_totals(), "reconciled_spent", 1)
         return True
 
-    def _settle(self, pid: str, run_id: str, amount: int, request_id: str) -> None:
+    def _settle(self, pid: str, run_id: str, amount: int, request_id: str, state: str) -> None:
         run_key = self._keys.run(run_id) if run_id else ""
         self._settle_script(
             keys=[self._keys.payment(pid), self._keys.leases(), self._keys.wallet_totals(), run_key],
-            args=[pid, amount, request_id, _now_ms()],
+            args=[pid, amount, request_id, _now_ms(), state],
         )
 
     def _return(self, pid: str) -> None:
-        pipe = self._redis.pipeline(transaction=True)
-        pipe.hset(self._keys.payment(pid), mapping={"state": "paid", "updated_ms": _now_ms()})
-        pipe.zrem(self._keys.leases(), pid)
-        pipe.rpush(self._keys.pool(), pid)
-        pipe.execute()
+        self._return_script(keys=[self._keys.payment(pid), self._keys.leases(), self._keys.pool()],
+                            args=[pid, self._keys.run(""), _now_ms()])
 
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def _parse_ms(iso: str | None) -> int:
+    if not iso:
+        return 0
+    try:
+        return int(datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp() * 1000)
+    except ValueError:
+        return 0

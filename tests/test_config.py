@@ -1,0 +1,134 @@
+"""worker.config: Settings from IRLIVE_* variables, range checks, and the secret-free public view."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from worker.config import S3Location, Settings
+from worker.errors import ConfigError
+
+ALL_VARS = {
+    "IRLIVE_REDIS_URL": "redis://redis.internal:6380/2",
+    "IRLIVE_S3_ENDPOINT_URL": "http://127.0.0.1:5000/",
+    "IRLIVE_S3_REGION": "eu-west-1",
+    "IRLIVE_OUTPUT": "s3://out-bucket/results/nightly/",
+    "IRLIVE_MARKETPLACE_URL": "https://market.example.com",
+    "IRLIVE_SERVICE_ID": "aliyun-facebody-detect-infrared-living-face",
+    "IRLIVE_API_KEY": " sk_live_abc ",
+    "IRLIVE_API_KEY_HEADER": "Authorization",
+    "IRLIVE_IMAGES_PER_CALL": "7",
+    "IRLIVE_CHUNK_SIZE": "200",
+    "IRLIVE_PRESIGN_TTL": "600",
+    "IRLIVE_MAX_PRICE_CENTS": "25",
+    "IRLIVE_RATE_LIMIT_PER_S": "4.5",
+    "IRLIVE_RATE_BURST": "3",
+    "IRLIVE_MAX_ATTEMPTS": "8",
+    "IRLIVE_CALL_TIMEOUT_S": "12.5",
+    "IRLIVE_MAX_IMAGE_BYTES": "5000000",
+    "IRLIVE_MIN_IMAGE_SIDE": "128",
+    "IRLIVE_VISIBILITY_TIMEOUT_S": "7200",
+    "IRLIVE_KEY_PREFIX": "irlive-test",
+    "IRLIVE_DAILY_BUDGET_USD": "12.5",
+    "IRLIVE_TOKEN_POOL_SIZE": "5",
+    "IRLIVE_TOKEN_POOL_LOW": "2",
+}
+
+
+def test_defaults_when_no_variable_is_set() -> None:
+    s = Settings.from_env({})
+    assert s == Settings()
+    assert s.redis_url == "redis://127.0.0.1:6379/0"
+    assert s.service_id == "infrared-face-liveness-detection"
+    assert (s.images_per_call, s.chunk_size, s.max_price_cents) == (10, 50, 20)
+    assert s.output is None and s.api_key is None
+
+
+def test_empty_variables_count_as_unset() -> None:
+    assert Settings.from_env({"IRLIVE_CHUNK_SIZE": "", "IRLIVE_API_KEY": ""}) == Settings()
+
+
+def test_unrelated_variables_are_ignored() -> None:
+    assert Settings.from_env({"PATH": "/bin", "IRLIVE": "x", "REDIS_URL": "nonsense"}) == Settings()
+
+
+def test_every_irlive_variable_is_parsed() -> None:
+    s = Settings.from_env(ALL_VARS)
+    assert s == Settings(
+        redis_url="redis://redis.internal:6380/2",
+        s3_endpoint_url="http://127.0.0.1:5000",
+        s3_region="eu-west-1",
+        output=S3Location("out-bucket", "results/nightly"),
+        marketplace_url="https://market.example.com",
+        service_id="aliyun-facebody-detect-infrared-living-face",
+        api_key="sk_live_abc",
+        api_key_header="Authorization",
+        images_per_call=7,
+        chunk_size=200,
+        presign_ttl=600,
+        max_price_cents=25,
+        rate_limit_per_s=4.5,
+        rate_burst=3,
+        max_attempts=8,
+        call_timeout_s=12.5,
+        max_image_bytes=5_000_000,
+        min_image_side=128,
+        visibility_timeout_s=7200,
+        key_prefix="irlive-test",
+        daily_budget_usd=12.5,
+        token_pool_size=5,
+        token_pool_low=2,
+    )
+
+
+def test_the_variable_list_covers_every_settings_field() -> None:
+    assert set(ALL_VARS) == {"IRLIVE_" + f.name.upper() for f in dataclasses.fields(Settings)}
+
+
+@pytest.mark.parametrize(
+    ("var", "value"),
+    [
+        ("IRLIVE_IMAGES_PER_CALL", "11"),
+        ("IRLIVE_IMAGES_PER_CALL", "0"),
+        ("IRLIVE_IMAGES_PER_CALL", "abc"),
+        ("IRLIVE_CHUNK_SIZE", "1.5"),
+        ("IRLIVE_RATE_LIMIT_PER_S", "nan"),
+        ("IRLIVE_RATE_LIMIT_PER_S", "inf"),
+        ("IRLIVE_CALL_TIMEOUT_S", "soon"),
+        ("IRLIVE_MAX_IMAGE_BYTES", "20000000"),
+        ("IRLIVE_OUTPUT", "bucket"),
+        ("IRLIVE_OUTPUT", "s3://ab/prefix"),
+        ("IRLIVE_REDIS_URL", "nonsense"),
+        ("IRLIVE_MARKETPLACE_URL", "market.example.com"),
+        ("IRLIVE_DAILY_BUDGET_USD", "-1"),
+    ],
+)
+def test_bad_value_raises_config_error_naming_the_variable(var: str, value: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({var: value})
+    assert var in str(info.value)
+
+
+def test_public_view_hides_the_api_key() -> None:
+    view = Settings.from_env(ALL_VARS).public_view()
+    assert view["api_key"] == "***"
+    assert "sk_live_abc" not in repr(view)
+    assert view["output"] == "s3://out-bucket/results/nightly"
+    assert set(view) == {f.name for f in dataclasses.fields(Settings)}
+    assert Settings().public_view()["api_key"] is None
+
+
+def test_require_output_names_the_variable_when_unset() -> None:
+    with pytest.raises(ConfigError, match="IRLIVE_OUTPUT"):
+        Settings().require_output()
+    assert Settings.from_env({"IRLIVE_OUTPUT": "s3://out-bucket"}).require_output() == S3Location("out-bucket", "")
+
+
+def test_s3_location_keys_join_without_empty_parts() -> None:
+    assert S3Location("out-bucket", "results").key("runs", "r1") == "results/runs/r1"
+    assert S3Location("out-bucket", "").key("runs", "r1") == "runs/r1"
+
+
+def test_settings_repr_hides_the_api_key() -> None:
+    assert "sk_live_abc" not in repr(Settings.from_env(ALL_VARS))
