@@ -175,7 +175,7 @@ class Runs:
             run_id=run_id, state=run["state"], total=int(run["total"]), done=int(run["done"]),
             counts={v: int(run.get(v, 0)) for v in VERDICTS}, skipped=int(run["skipped"]),
             chunks=int(run["chunks"]), pending=int(run["pending"]), calls=int(run["calls"]),
-            spend_cents=int(run["spend_cents"]), error=run.get("error") or run.get("pause_reason"),
+            spend_cents=int(run["spend_cents"]), error=run.get("stop_reason") or run.get("pause_reason"),
             budget_cents=int(run["budget_cents"]) if run.get("budget_cents") else None,
             tokens_bought=int(run.get("tokens_bought") or 0),
         )
@@ -183,7 +183,7 @@ class Runs:
     def set_state(self, run_id: str, state: str, error: str | None = None) -> None:
         mapping = {"state": state}
         if error is not None:
-            mapping["error"] = error
+            mapping["stop_reason"] = error
         self._redis.hset(self._keys.run(run_id), mapping=mapping)
 
     def fail(self, run_id: str, error: str) -> None:

@@ -112,13 +112,23 @@ class Storage:
                 self._s3.create_bucket(Bucket=bucket)
 
     def check_bucket(self, bucket: str) -> None:
-        """Fail with a ConfigError that names the bucket when it is missing or not ours."""
-        with _translate(f"s3://{bucket}"):
-            try:
-                self._s3.head_bucket(Bucket=bucket)
-            except ClientError as exc:
-                if _code(exc) in ("404", "NoSuchBucket", "NotFound"):
-                    raise ConfigError(f"bucket {bucket!r} does not exist") from None
+        """Fail with a ConfigError naming the bucket when it does not exist.
+
+        A 403 passes: least-privilege policies grant ListBucket only under a prefix, and HeadBucket needs it
+        on the whole bucket. Real access problems then surface on the listing or the first read.
+        """
+        try:
+            self._s3.head_bucket(Bucket=bucket)
+        except ClientError as exc:
+            code = _code(exc)
+            if code in ("404", "NoSuchBucket", "NotFound"):
+                raise ConfigError(f"bucket {bucket!r} does not exist") from None
+            if code in ("403", "AccessDenied", "Forbidden"):
+                return
+            with _translate(f"s3://{bucket}"):
+                raise
+        except (BotoCoreError, NoCredentialsError):
+            with _translate(f"s3://{bucket}"):
                 raise
 
 
