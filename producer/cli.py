@@ -20,10 +20,11 @@ from worker.config import S3Location, Settings
 from worker.errors import ConfigError, IrliveError
 from worker.keys import Keys
 from worker.marketplace import Marketplace
+from worker.recovery import Reconciled, Recovery
 from worker.redact import redact
 from worker.runs import Runs
 from worker.storage import Storage
-from worker.tasks import PROCESS_CHUNK, build_deps
+from worker.tasks import FINALIZE_RUN, PROCESS_CHUNK, build_deps
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PAUSED = 0, 1, 2, 3
 _STATE_EXIT = {"done": EXIT_OK, "failed": EXIT_FAILED, "paused_budget": EXIT_PAUSED}
@@ -78,6 +79,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=_usd, default=None, metavar="USD", help="the run's new total budget")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=_cmd_resume)
+
+    p = sub.add_parser("reconcile", help="re-enqueue a run's chunks that nobody is working on; finalise if due")
+    p.add_argument("run_id")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_cmd_reconcile)
+
+    p = sub.add_parser("dlq", help="list dead-lettered chunks")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_cmd_dlq)
+
+    p = sub.add_parser("redrive", help="judge again a run's failed (error) and dead-lettered images, nothing else")
+    p.add_argument("run_id")
+    p.add_argument("--include-rejected", action="store_true", help="also images refused before paying")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_cmd_redrive)
 
     p = sub.add_parser("wallet", help="token pool, ledger totals, today's spend")
     p.add_argument("--json", action="store_true")
@@ -205,6 +221,61 @@ def _cmd_resume(ns: argparse.Namespace) -> int:
     doc = {"run_id": ns.run_id, "state": status.state, "chunks_resent": len(parked),
            "budget_cents": status.budget_cents}
     print(json.dumps(doc) if ns.json else f"run {ns.run_id}: {status.state}, {len(parked)} parked chunks sent again")
+    return EXIT_OK
+
+
+def _recovery(clients: _Clients) -> Recovery:
+    return Recovery(clients.redis, Keys(clients.settings.key_prefix), clients.runs)
+
+
+def _cmd_reconcile(ns: argparse.Namespace) -> int:
+    settings = Settings.from_env()
+    clients = _Clients(settings)
+    try:
+        lost = _recovery(clients).orphans(ns.run_id)
+    except LookupError:
+        print(f"irlive: error: no run {ns.run_id!r}", file=sys.stderr)
+        return EXIT_USAGE
+    app = create_app(settings)
+    for chunk in lost:
+        app.send_task(PROCESS_CHUNK, args=[chunk.to_message()])
+    status = clients.runs.status(ns.run_id)
+    assert status is not None
+    finalize = status.pending == 0 and status.state not in ("done", "failed")
+    if finalize:
+        app.send_task(FINALIZE_RUN, args=[ns.run_id])
+    result = Reconciled(ns.run_id, [c.seq for c in lost], finalize)
+    print(json.dumps(result.as_dict()) if ns.json else
+          f"run {ns.run_id}: {len(lost)} chunks enqueued again" + ("; finalisation enqueued" if finalize else ""))
+    return EXIT_OK
+
+
+def _cmd_dlq(ns: argparse.Namespace) -> int:
+    clients = _Clients(Settings.from_env())
+    entries = _recovery(clients).dead_letters()
+    if ns.json:
+        print(json.dumps(entries))
+    elif not entries:
+        print("no dead-lettered chunks")
+    for e in [] if ns.json else entries:
+        print(f"{e['run_id']} chunk {e['seq']}: {e['images']} images, {e['deliveries']} deliveries, "
+              f"{e['at']}: {e['last_error']}")
+    return EXIT_OK
+
+
+def _cmd_redrive(ns: argparse.Namespace) -> int:
+    settings = Settings.from_env()
+    clients = _Clients(settings)
+    try:
+        chunks = _recovery(clients).reopen_failed(ns.run_id, include_rejected=ns.include_rejected)
+    except LookupError:
+        print(f"irlive: error: no run {ns.run_id!r}", file=sys.stderr)
+        return EXIT_USAGE
+    app = create_app(settings)
+    for chunk in chunks:
+        app.send_task(PROCESS_CHUNK, args=[chunk.to_message()])
+    doc = {"run_id": ns.run_id, "chunks_redriven": [c.seq for c in chunks]}
+    print(json.dumps(doc) if ns.json else f"run {ns.run_id}: {len(chunks)} chunks sent to be judged again")
     return EXIT_OK
 
 

@@ -104,8 +104,9 @@ def scan(settings: Settings, storage: Storage, runs: Runs, app: Celery, request:
             result.skipped += len(page) - len(fresh)
             runs.add_skipped(run_id, len(page) - len(fresh))
             if fresh:
-                seq = runs.add_chunk(run_id, len(fresh))
-                chunk = Chunk(run_id, seq, request.source.bucket, [(o.key, o.etag) for o in fresh])
+                items = [(o.key, o.etag) for o in fresh]
+                seq = runs.add_chunk(run_id, items)
+                chunk = Chunk(run_id, seq, request.source.bucket, items)
                 app.send_task(PROCESS_CHUNK, args=[chunk.to_message()])
                 result.enqueued += len(fresh)
                 result.chunks += 1

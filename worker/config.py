@@ -63,6 +63,7 @@ class Settings:
     daily_budget_usd: float | None = None
     token_pool_size: int = 2
     token_pool_low: int = 1
+    max_deliveries: int = 10
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -96,6 +97,7 @@ class Settings:
             _in_range("IRLIVE_DAILY_BUDGET_USD", self.daily_budget_usd, 0, 10_000_000)
         _in_range("IRLIVE_TOKEN_POOL_SIZE", self.token_pool_size, 0, 1000)
         _in_range("IRLIVE_TOKEN_POOL_LOW", self.token_pool_low, 0, self.token_pool_size)
+        _in_range("IRLIVE_MAX_DELIVERIES", self.max_deliveries, 1, 1000)
 
     @property
     def daily_budget_cents(self) -> int | None:
@@ -173,4 +175,5 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "daily_budget_usd": _typed(float, "an amount in US dollars"),
     "token_pool_size": _typed(int, "a whole number of tokens"),
     "token_pool_low": _typed(int, "a whole number of tokens"),
+    "max_deliveries": _typed(int, "a whole number"),
 }

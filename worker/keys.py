@@ -50,5 +50,11 @@ class Keys:
     def parked(self, run_id: str) -> str:
         return f"{self.prefix}:run:{run_id}:parked"
 
+    def deliveries(self, run_id: str) -> str:
+        return f"{self.prefix}:run:{run_id}:deliveries"
+
+    def dlq(self) -> str:
+        return f"{self.prefix}:dlq"
+
     def ratelimit(self) -> str:
         return f"{self.prefix}:ratelimit"

@@ -115,6 +115,20 @@ class ChunkProcessor:
         finally:
             runs.release_chunk(chunk.run_id, chunk.seq, self._holder)
 
+    def give_up(self, chunk: Chunk, reason: str) -> int | None:
+        """Dead-letter: every image of the chunk still without a record ends `error`, so the run can finish."""
+        run = self.deps.runs.get(chunk.run_id)
+        if run is None:
+            return None
+        progress = self.deps.runs.progress(chunk.run_id, chunk.seq)
+        for index, (key, etag) in enumerate(chunk.items):
+            if index not in progress:
+                item = Item(chunk.bucket, key, etag)
+                self._save(chunk, index, item, unjudged_record(
+                    item, None, "error", reason=f"dead-lettered: {reason}", code="dead_letter", attempts=0,
+                    judged_at=now_iso()))
+        return self._finish(chunk, S3Location.parse(run["output"], "run output"))
+
     def _run(self, chunk: Chunk, run: dict[str, Any]) -> int:
         runs = self.deps.runs
         output = S3Location.parse(run["output"], "run output")

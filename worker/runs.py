@@ -16,8 +16,17 @@ _SAVE = """
 if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
 redis.call('HINCRBY', KEYS[2], ARGV[3], 1)
 redis.call('HINCRBY', KEYS[2], 'done', 1)
+redis.call('HSET', KEYS[2], 'progress_ms', ARGV[6])
 if ARGV[5] ~= '' then redis.call('HSET', KEYS[3], ARGV[4], ARGV[5]) end
 return 1
+"""
+# A new chunk: its number, its counters and its keys, in one step (a crash cannot count it without its keys).
+_ADD_CHUNK = """
+local seq = redis.call('HINCRBY', KEYS[1], 'chunks', 1) - 1
+redis.call('HINCRBY', KEYS[1], 'pending', 1)
+redis.call('HINCRBY', KEYS[1], 'total', tonumber(ARGV[1]))
+redis.call('HSET', KEYS[2], seq, ARGV[2])
+return seq
 """
 # Returns the chunks still pending after this one; a repeated completion changes nothing.
 _COMPLETE = """
@@ -89,6 +98,7 @@ class Runs:
         self._save = redis.register_script(_SAVE)
         self._complete = redis.register_script(_COMPLETE)
         self._listed = redis.register_script(_LISTED)
+        self._add_chunk = redis.register_script(_ADD_CHUNK)
         self._park = redis.register_script(_PARK)
         self._pause = redis.register_script(_PAUSE)
         self._resume = redis.register_script(_RESUME)
@@ -104,14 +114,15 @@ class Runs:
         })
         self._redis.zadd(self._keys.runs(), {run_id: time.time()})
 
-    def add_chunk(self, run_id: str, images: int) -> int:
-        """Count one more chunk of `images` images before it is enqueued; returns its sequence number."""
-        pipe = self._redis.pipeline(transaction=True)
-        pipe.hincrby(self._keys.run(run_id), "chunks", 1)
-        pipe.hincrby(self._keys.run(run_id), "pending", 1)
-        pipe.hincrby(self._keys.run(run_id), "total", images)
-        seq = int(pipe.execute()[0]) - 1
-        return seq
+    def add_chunk(self, run_id: str, items: list[tuple[str, str]]) -> int:
+        """Count and keep one more chunk (its keys, for reconcile and redrive) before it is enqueued."""
+        seq = self._add_chunk(keys=[self._keys.run(run_id), self._keys.chunk_items(run_id)],
+                              args=[len(items), json.dumps(items)])
+        return int(seq)
+
+    def chunk_items(self, run_id: str, seq: int) -> list[tuple[str, str]] | None:
+        raw = self._redis.hget(self._keys.chunk_items(run_id), seq)
+        return [(k, e) for k, e in json.loads(raw)] if raw else None
 
     def add_skipped(self, run_id: str, n: int) -> None:
         if n:
@@ -142,6 +153,16 @@ class Runs:
 
     def parked(self, run_id: str) -> int:
         return int(self._redis.llen(self._keys.parked(run_id)))
+
+    def count_delivery(self, run_id: str, seq: int, step: int = 1) -> int:
+        """Deliveries of a chunk that failed or crashed (deferrals give theirs back); for dead-lettering."""
+        return int(self._redis.hincrby(self._keys.deliveries(run_id), seq, step))
+
+    def note_error(self, run_id: str, seq: int, error: str) -> None:
+        self._redis.hset(self._keys.deliveries(run_id), f"error:{seq}", error[:500])
+
+    def last_error(self, run_id: str, seq: int) -> str:
+        return str(self._redis.hget(self._keys.deliveries(run_id), f"error:{seq}") or "unknown")
 
     def lease_chunk(self, run_id: str, seq: int, holder: str, ttl_s: float) -> bool:
         """One delivery of a chunk works at a time: a duplicate delivery must not pay for the same images."""
@@ -203,7 +224,7 @@ class Runs:
             done_value = json.dumps({"run_id": run_id, "verdict": verdict, "record": brief}, sort_keys=True)
         saved = self._save(
             keys=[self._keys.chunk_progress(run_id, seq), self._keys.run(run_id), self._keys.done()],
-            args=[index, json.dumps(record, sort_keys=True), verdict, item.identity, done_value],
+            args=[index, json.dumps(record, sort_keys=True), verdict, item.identity, done_value, _now_ms()],
         )
         return bool(saved)
 
@@ -225,6 +246,10 @@ class Runs:
         self._redis.hsetnx(self._keys.run(run_id), name, value)
         stored: str = self._redis.hget(self._keys.run(run_id), name)
         return stored
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 def now_iso() -> str:

@@ -26,6 +26,8 @@ from worker.marketplace import Marketplace
 from worker.pipeline import Chunk, ChunkProcessor, Deps
 from worker.pool import PoolKeeper
 from worker.ratelimit import RateLimiter, RateSpec
+from worker.recovery import Recovery
+from worker.redact import redact
 from worker.runs import Runs
 from worker.storage import Storage
 from worker.wallet import Wallet
@@ -87,33 +89,53 @@ def register_tasks(app: Celery, settings: Settings) -> None:
         except PermanentInputError as exc:
             log.error("dropping message: %s", exc)
             return
-        try:
-            pending = ChunkProcessor(deps).run(chunk)
-        except (RateLimited, ChunkBusy) as exc:
-            countdown = min(max_countdown, getattr(exc, "retry_after", None) or 5.0)
-            raise self.retry(countdown=countdown) from None
-        except BudgetExhausted as exc:
-            if deps.runs.pause(chunk.run_id, str(exc)):
-                log.warning("run %s paused: %s", chunk.run_id, exc)
-            if not deps.runs.park(chunk.run_id, message):
-                # Resumed between our failure and the park: go round again.
-                raise self.retry(countdown=1.0) from None
-            return
-        except ConfigError as exc:
-            log.error("run %s stopped: %s", chunk.run_id, exc)
-            deps.runs.fail(chunk.run_id, str(exc))
-            return
-        except (TransientError, IrliveError) as exc:
-            retries = int(self.request.retries or 0)
-            if retries >= settings.max_attempts * 4:
-                # Give up on this delivery; `irlive reconcile` re-enqueues images with no record.
-                log.error("chunk %s/%s: giving up after %d retries: %s", chunk.run_id, chunk.seq, retries, exc)
-                raise
-            countdown = min(max_countdown, 2.0 * 2 ** min(retries, 8))
-            log.warning("chunk %s/%s: %s; retrying in %.0fs", chunk.run_id, chunk.seq, exc, countdown)
-            raise self.retry(countdown=countdown) from None
+        processor = ChunkProcessor(deps)
+        # Counted before the work, so a chunk that kills its worker every time is still caught.
+        deliveries = deps.runs.count_delivery(chunk.run_id, chunk.seq)
+        if deliveries > settings.max_deliveries:
+            reason = deps.runs.last_error(chunk.run_id, chunk.seq)
+            log.error("chunk %s/%s dead-lettered after %d deliveries: %s", chunk.run_id, chunk.seq,
+                      deliveries - 1, reason)
+            Recovery(deps.runs.redis, Keys(settings.key_prefix), deps.runs).dead_letter(chunk, deliveries - 1, reason)
+            try:
+                pending = processor.give_up(chunk, reason)
+            except IrliveError:
+                raise self.retry(countdown=max_countdown) from None
+        else:
+            pending = _process(self, deps, processor, chunk, message)
         if pending == 0:
             app.send_task(FINALIZE_RUN, args=[chunk.run_id])
+
+    def _process(task: Task, deps: Deps, processor: ChunkProcessor, chunk: Chunk,
+                 message: dict[str, Any]) -> int | None:
+        runs = deps.runs
+        try:
+            return processor.run(chunk)
+        except (RateLimited, ChunkBusy) as exc:
+            runs.count_delivery(chunk.run_id, chunk.seq, -1)
+            countdown = min(max_countdown, getattr(exc, "retry_after", None) or 5.0)
+            raise task.retry(countdown=countdown) from None
+        except BudgetExhausted as exc:
+            runs.count_delivery(chunk.run_id, chunk.seq, -1)
+            if runs.pause(chunk.run_id, str(exc)):
+                log.warning("run %s paused: %s", chunk.run_id, exc)
+            if not runs.park(chunk.run_id, message):
+                # Resumed between our failure and the park: go round again.
+                raise task.retry(countdown=1.0) from None
+            return None
+        except ConfigError as exc:
+            log.error("run %s stopped: %s", chunk.run_id, exc)
+            runs.fail(chunk.run_id, str(exc))
+            return None
+        except Exception as exc:
+            # Transient trouble, or a bug: retry; the delivery count sends a chunk that never heals to the DLQ.
+            if not isinstance(exc, IrliveError):
+                log.exception("chunk %s/%s: unexpected failure", chunk.run_id, chunk.seq)
+            runs.note_error(chunk.run_id, chunk.seq, redact(f"{type(exc).__name__}: {exc}"))
+            retries = int(task.request.retries or 0)
+            countdown = min(max_countdown, 2.0 * 2 ** min(retries, 8))
+            log.warning("chunk %s/%s: %s; retrying in %.0fs", chunk.run_id, chunk.seq, redact(str(exc)), countdown)
+            raise task.retry(countdown=countdown) from None
 
     @app.task(name=FINALIZE_RUN, bind=True, max_retries=10)  # type: ignore[untyped-decorator]
     def finalize(self: Task, run_id: str) -> None:

@@ -1,0 +1,78 @@
+"""Recovery on the real stack: a lost broker message is reconciled, failed images are redriven."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sandbox.stack import Stack
+from tests.conftest import IrliveRunner
+from tests.e2e import IN_BUCKET, read_run, upload
+from tests.test_budget import clean_samples, poll, run_hash
+
+pytestmark = pytest.mark.integration
+
+
+def test_reconcile_requeues_chunks_the_broker_lost(clean_stack: Stack, irlive: IrliveRunner) -> None:
+    samples = clean_samples(120)
+    upload(clean_stack, samples)
+    scanned = irlive("scan", f"s3://{IN_BUCKET}/clean", "--json")
+    run_id = json.loads(scanned.stdout)["run_id"]
+    r = clean_stack.redis_client()
+    assert r.llen("irlive") == 3
+    r.delete("irlive")  # the broker lost every message
+    clean_stack.start_worker()
+
+    before = json.loads(irlive("reconcile", run_id, "--json").stdout)
+    assert sorted(before["requeued_chunks"]) == [0, 1, 2]
+    again = json.loads(irlive("reconcile", run_id, "--json").stdout)
+    assert again["requeued_chunks"] == [], "queued or running chunks are not requeued twice"
+    poll(lambda: run_hash(clean_stack, run_id)["state"] == "done", 60, "the run to finish")
+
+    run = read_run(clean_stack, run_id)
+    assert sorted(rec["key"] for rec in run.records) == sorted(s.key for s in samples)
+    assert max(clean_stack.sandbox_ledger()["billed_image_urls_path_counts"].values()) == 1
+
+
+def test_reconcile_finalises_a_run_whose_finalisation_was_lost(clean_stack: Stack, irlive: IrliveRunner) -> None:
+    upload(clean_stack, clean_samples(10))
+    clean_stack.start_worker()
+    run_id = json.loads(irlive("scan", f"s3://{IN_BUCKET}/clean", "--json").stdout)["run_id"]
+    poll(lambda: run_hash(clean_stack, run_id)["state"] == "done", 60, "the run to finish")
+    r = clean_stack.redis_client()
+    r.hset(f"irlive:run:{run_id}", "state", "running")  # as if the finalize message was lost
+
+    result = json.loads(irlive("reconcile", run_id, "--json").stdout)
+
+    assert result == {"run_id": run_id, "requeued_chunks": [], "finalize_enqueued": True}
+    poll(lambda: run_hash(clean_stack, run_id)["state"] == "done", 30, "finalisation")
+
+
+def test_redrive_judges_failed_images_again_and_nothing_else(clean_stack: Stack, irlive: IrliveRunner) -> None:
+    samples = clean_samples(30)
+    upload(clean_stack, samples)
+    clean_stack.sandbox_config(p_5xx=1.0)
+    clean_stack.start_worker(extra_env={"IRLIVE_MAX_ATTEMPTS": "1"})
+    run_id = json.loads(irlive("scan", f"s3://{IN_BUCKET}/clean", "--json").stdout)["run_id"]
+    poll(lambda: run_hash(clean_stack, run_id)["state"] == "done", 60, "the run to finish with errors")
+    assert read_run(clean_stack, run_id).manifest["counts"]["error"] == 30
+    calls_before = clean_stack.sandbox_ledger()["calls_billed"]
+    clean_stack.sandbox_config(p_5xx=0.0)
+
+    redriven = json.loads(irlive("redrive", run_id, "--json").stdout)
+
+    assert sorted(redriven["chunks_redriven"]) == [0]
+    poll(lambda: run_hash(clean_stack, run_id)["state"] == "done", 60, "the redriven run to finish")
+    run = read_run(clean_stack, run_id)
+    assert run.manifest["counts"]["live"] == 30 and run.manifest["counts"]["error"] == 0
+    assert sorted(rec["key"] for rec in run.records) == sorted(s.key for s in samples)
+    assert clean_stack.sandbox_ledger()["calls_billed"] == calls_before + 3
+    assert run.manifest["calls"] == calls_before + 3
+    nothing = json.loads(irlive("redrive", run_id, "--json").stdout)
+    assert nothing["chunks_redriven"] == []
+
+
+def test_dlq_is_empty_and_readable(clean_stack: Stack, irlive: IrliveRunner) -> None:
+    assert json.loads(irlive("dlq", "--json").stdout) == []
+    assert "no dead-lettered chunks" in irlive("dlq").stdout
