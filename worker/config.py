@@ -64,6 +64,7 @@ class Settings:
     token_pool_size: int = 2
     token_pool_low: int = 1
     max_deliveries: int = 10
+    max_in_flight: int = 16
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -98,6 +99,7 @@ class Settings:
         _in_range("IRLIVE_TOKEN_POOL_SIZE", self.token_pool_size, 0, 1000)
         _in_range("IRLIVE_TOKEN_POOL_LOW", self.token_pool_low, 0, self.token_pool_size)
         _in_range("IRLIVE_MAX_DELIVERIES", self.max_deliveries, 1, 1000)
+        _in_range("IRLIVE_MAX_IN_FLIGHT", self.max_in_flight, 0, 10_000)
 
     @property
     def daily_budget_cents(self) -> int | None:
@@ -176,4 +178,5 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "token_pool_size": _typed(int, "a whole number of tokens"),
     "token_pool_low": _typed(int, "a whole number of tokens"),
     "max_deliveries": _typed(int, "a whole number"),
+    "max_in_flight": _typed(int, "a whole number of calls (0 = no cap)"),
 }

@@ -34,8 +34,10 @@ from worker.wallet import Wallet
 log = logging.getLogger("irlive.pipeline")
 BACKOFF_BASE_S = 0.5
 BACKOFF_CAP_S = 20.0
-# Throttling waits in-process up to this long per chunk; beyond it the task is deferred with a countdown.
-MAX_THROTTLE_WAIT_S = 60.0
+# Beyond this many throttled calls in one chunk the task is deferred with a countdown, freeing the slot.
+MAX_THROTTLES_PER_CHUNK = 50
+# The limiter waits in-process at most this long for a slot; beyond it the task is deferred.
+MAX_SLOT_WAIT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -96,7 +98,7 @@ class ChunkProcessor:
         self._limits = Limits(deps.settings.max_image_bytes, deps.settings.min_image_side)
         self._holder = uuid.uuid4().hex
         # Renewed before every call, so it only lapses when this delivery is dead or stuck.
-        self._lease_s = 3 * deps.settings.call_timeout_s + MAX_THROTTLE_WAIT_S + 60
+        self._lease_s = 3 * deps.settings.call_timeout_s + 2 * MAX_SLOT_WAIT_S + 60
 
     def run(self, chunk: Chunk) -> int | None:
         """Process the chunk; returns the run's pending chunk count after it, or None if the run is gone."""
@@ -139,12 +141,12 @@ class ChunkProcessor:
             todo = self._skip_judged(chunk, todo)
         per_call = self.deps.settings.images_per_call
         queue = deque(_Group(todo[i:i + per_call]) for i in range(0, len(todo), per_call))
-        throttled_s = 0.0
+        throttled = 0
         while queue:
             group = queue.popleft()
-            throttled_s += self._call(chunk, group, queue)
-            if throttled_s > MAX_THROTTLE_WAIT_S:
-                raise RateLimited("throttled for too long in this chunk; deferring", retry_after=5.0)
+            throttled += self._call(chunk, group, queue)
+            if throttled > MAX_THROTTLES_PER_CHUNK:
+                raise RateLimited("throttled too often in this chunk; deferring it", retry_after=5.0)
         return self._finish(chunk, output)
 
     def _validate(self, chunk: Chunk, progress: dict[int, dict[str, Any]]) -> list[_Image]:
@@ -176,52 +178,61 @@ class ChunkProcessor:
             self._save(chunk, img.index, img.item, record)
         return left
 
-    def _call(self, chunk: Chunk, group: _Group, queue: deque[_Group]) -> float:
-        """One paid call for the group; failures requeue it by the error tree. Returns seconds throttled."""
+    def _call(self, chunk: Chunk, group: _Group, queue: deque[_Group]) -> int:
+        """One paid call for the group; failures requeue it by the error tree. Returns 1 if throttled."""
+        deps = self.deps
+        if not deps.runs.lease_chunk(chunk.run_id, chunk.seq, self._holder, self._lease_s):
+            raise ChunkBusy(f"chunk {chunk.run_id}/{chunk.seq}: lease lost to another delivery")
+        release_slot = deps.limiter.slot(lease_s=deps.settings.call_timeout_s + 30, max_wait_s=MAX_SLOT_WAIT_S)
+        try:
+            deps.limiter.acquire(MAX_SLOT_WAIT_S)
+            return self._pay_and_call(chunk, group, queue)
+        finally:
+            release_slot()
+
+    def _pay_and_call(self, chunk: Chunk, group: _Group, queue: deque[_Group]) -> int:
         deps = self.deps
         run_id = chunk.run_id
-        if not deps.runs.lease_chunk(run_id, chunk.seq, self._holder, self._lease_s):
-            raise ChunkBusy(f"chunk {run_id}/{chunk.seq}: lease lost to another delivery")
-        deps.limiter.acquire()
         try:
             token = deps.wallet.take(run_id)
         except (TransientError, OutcomeUnknown) as exc:
             self._retry_or_fail(chunk, group, queue, exc, "payment_failed")
-            return 0.0
+            return 0
         try:
             urls = [deps.storage.presign_get(img.item.bucket, img.item.key, deps.settings.presign_ttl)
                     for img in group.images]
         except TransientError as exc:
             deps.wallet.release(token)
             self._retry_or_fail(chunk, group, queue, exc, "presign_failed")
-            return 0.0
+            return 0
         deps.wallet.sent(token, [img.item.identity for img in group.images])
         try:
             answer = deps.market.call(token.secret, urls)
         except PaymentRejected as exc:
             deps.wallet.void(token, run_id)
             self._retry_or_fail(chunk, group, queue, exc, "payment_rejected")
-            return 0.0
+            return 0
         except RateLimited as exc:
+            # Not an attempt: everyone slows down and waits out Retry-After (the limiter's shared cool-down).
+            deps.limiter.throttled(exc.retry_after)
             deps.wallet.after_failure(token, run_id)
-            wait = exc.retry_after if exc.retry_after is not None else self._backoff(1)
-            deps.sleep(wait)
             queue.appendleft(group)
-            return wait
+            return 1
         except PermanentInputError as exc:
             deps.wallet.after_failure(token, run_id)
             self._split_or_fail(chunk, group, queue, exc)
-            return 0.0
+            return 0
         except (TransientError, OutcomeUnknown) as exc:
             deps.wallet.after_failure(token, run_id)
             self._retry_or_fail(chunk, group, queue, exc, type(exc).__name__)
-            return 0.0
+            return 0
         except ConfigError:
             deps.wallet.after_failure(token, run_id)
             raise
         deps.wallet.spent(token, run_id, answer.request_id)
+        deps.limiter.answered()
         self._record_answer(chunk, group, queue, urls, answer.result, answer.request_id)
-        return 0.0
+        return 0
 
     def _record_answer(self, chunk: Chunk, group: _Group, queue: deque[_Group], urls: list[str], result: Any,
                        request_id: str | None) -> None:

@@ -51,7 +51,8 @@ def build_deps(settings: Settings) -> Deps:
         storage=Storage(settings.s3_endpoint_url, settings.s3_region, max_connections=64),
         market=market,
         wallet=wallet,
-        limiter=RateLimiter(client, keys.ratelimit(), RateSpec(settings.rate_limit_per_s, settings.rate_burst)),
+        limiter=RateLimiter(client, keys.ratelimit(), RateSpec(
+            settings.rate_limit_per_s, settings.rate_burst, max_in_flight=settings.max_in_flight)),
         runs=Runs(client, keys),
     )
 
