@@ -33,6 +33,9 @@ ALL_VARS = {
     "IRLIVE_DAILY_BUDGET_USD": "12.5",
     "IRLIVE_TOKEN_POOL_SIZE": "5",
     "IRLIVE_TOKEN_POOL_LOW": "2",
+    "IRLIVE_MAX_DELIVERIES": "4",
+    "IRLIVE_MAX_IN_FLIGHT": "8",
+    "IRLIVE_RATE_ADAPTIVE": "false",
 }
 
 
@@ -79,6 +82,9 @@ def test_every_irlive_variable_is_parsed() -> None:
         daily_budget_usd=12.5,
         token_pool_size=5,
         token_pool_low=2,
+        max_deliveries=4,
+        max_in_flight=8,
+        rate_adaptive=False,
     )
 
 

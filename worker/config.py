@@ -65,6 +65,7 @@ class Settings:
     token_pool_low: int = 1
     max_deliveries: int = 10
     max_in_flight: int = 16
+    rate_adaptive: bool = True
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -145,6 +146,15 @@ def _url(var: str, raw: str) -> str:
     return raw.strip().rstrip("/")
 
 
+def _bool(var: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{var}={raw!r} is not a yes/no value (true/false, 1/0)")
+
+
 def _text(var: str, raw: str) -> str:
     return raw.strip()
 
@@ -179,4 +189,5 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "token_pool_low": _typed(int, "a whole number of tokens"),
     "max_deliveries": _typed(int, "a whole number"),
     "max_in_flight": _typed(int, "a whole number of calls (0 = no cap)"),
+    "rate_adaptive": _bool,
 }

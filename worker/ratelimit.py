@@ -93,6 +93,7 @@ class RateSpec:
     increase: float = 0.001
     decrease_guard_s: float = 0.05
     max_in_flight: int = 0
+    adaptive: bool = True
 
 
 class RateLimiter:
@@ -122,6 +123,8 @@ class RateLimiter:
 
     def throttled(self, retry_after_s: float | None) -> float:
         """The seller said 'too fast': slow everyone down; returns the new effective rate."""
+        if not self.spec.adaptive:
+            return self.spec.per_second
         wait_us = round((retry_after_s or 0) * 1_000_000)
         rate = self._penalize(keys=[self._tat, self._state], args=[
             self.spec.per_second, self.spec.floor, self.spec.decrease,
@@ -130,6 +133,8 @@ class RateLimiter:
 
     def answered(self) -> float:
         """A call went through: creep back towards the ceiling."""
+        if not self.spec.adaptive:
+            return self.spec.per_second
         return float(self._reward(keys=[self._tat, self._state], args=[self.spec.per_second, self.spec.increase]))
 
     def effective_rate(self) -> float:

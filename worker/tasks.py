@@ -52,7 +52,8 @@ def build_deps(settings: Settings) -> Deps:
         market=market,
         wallet=wallet,
         limiter=RateLimiter(client, keys.ratelimit(), RateSpec(
-            settings.rate_limit_per_s, settings.rate_burst, max_in_flight=settings.max_in_flight)),
+            settings.rate_limit_per_s, settings.rate_burst, max_in_flight=settings.max_in_flight,
+            adaptive=settings.rate_adaptive)),
         runs=Runs(client, keys),
     )
 
