@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -325,5 +326,8 @@ def _cmd_status(ns: argparse.Namespace) -> int:
 
 def _cmd_demo(ns: argparse.Namespace) -> int:
     from producer.demo import run_demo
+
+    # The stack's processes live in their own sessions: turn SIGTERM into an exit that stops them.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     return run_demo(images=ns.images, workers=ns.workers, out_dir=ns.out_dir)

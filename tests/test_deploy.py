@@ -98,8 +98,8 @@ def _check_timing(env: dict[str, str], grace_s: float, where: str) -> None:
     need = 2 * settings.call_timeout_s + MARGIN_S
     assert grace_s >= need, f"{where}: grace {grace_s}s < 2 x IRLIVE_CALL_TIMEOUT_S + {MARGIN_S}s = {need}s"
     calls = math.ceil(settings.chunk_size / settings.images_per_call)
-    assert settings.visibility_timeout_s >= 2 * calls * settings.call_timeout_s, f"{where}: visibility timeout"
-    assert settings.visibility_timeout_s > grace_s, f"{where}: a chunk in warm shutdown would be redelivered"
+    assert settings.visibility_timeout >= 2 * calls * settings.call_timeout_s, f"{where}: visibility timeout"
+    assert settings.visibility_timeout > grace_s, f"{where}: a chunk in warm shutdown would be redelivered"
 
 
 def _duration(text: str) -> float:

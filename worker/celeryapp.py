@@ -13,6 +13,7 @@ from worker import redact
 from worker.config import Settings
 
 QUEUE = "irlive"
+log = logging.getLogger("irlive.app")
 _lock = threading.Lock()
 _from_env: Celery | None = None
 
@@ -22,7 +23,12 @@ def create_app(settings: Settings) -> Celery:
     from worker.tasks import register_tasks
 
     app = Celery("irlive", broker=settings.redis_url, set_as_current=False)
-    vt = settings.visibility_timeout_s
+    vt = settings.visibility_timeout
+    if vt < 2 * settings.worst_chunk_s:
+        # Allowed (tests want fast redelivery), but a slow chunk may then run twice; the chunk lease makes
+        # the second delivery wait instead of paying, so it costs time, not money.
+        log.warning("IRLIVE_VISIBILITY_TIMEOUT_S=%s is under twice the worst chunk time (%.0fs)", vt,
+                    settings.worst_chunk_s)
     transport = {
         "visibility_timeout": vt,
         # kombu scans for unacked messages every interval*throttle seconds; keep it well under vt.
@@ -42,6 +48,9 @@ def create_app(settings: Settings) -> Celery:
         visibility_timeout=vt,
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=True,
+        # Keep running on a broker hiccup: the work is idempotent and recorded per image, and cancelling
+        # would throw away calls already paid for; an ack that cannot be sent means a harmless redelivery.
+        worker_cancel_long_running_tasks_on_connection_loss=False,
     )
     register_tasks(app, settings)
     return app

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
@@ -58,7 +59,7 @@ class Settings:
     call_timeout_s: float = 30.0
     max_image_bytes: int = 10 * 1024 * 1024
     min_image_side: int = 64
-    visibility_timeout_s: int = 3600
+    visibility_timeout_s: int | None = None
     key_prefix: str = "irlive"
     daily_budget_usd: float | None = None
     token_pool_size: int = 2
@@ -94,7 +95,8 @@ class Settings:
         _in_range("IRLIVE_CALL_TIMEOUT_S", self.call_timeout_s, 0.1, 600)
         _in_range("IRLIVE_MAX_IMAGE_BYTES", self.max_image_bytes, 1, 10 * 1024 * 1024)
         _in_range("IRLIVE_MIN_IMAGE_SIDE", self.min_image_side, 1, 10_000)
-        _in_range("IRLIVE_VISIBILITY_TIMEOUT_S", self.visibility_timeout_s, 5, 7 * 24 * 3600)
+        if self.visibility_timeout_s is not None:
+            _in_range("IRLIVE_VISIBILITY_TIMEOUT_S", self.visibility_timeout_s, 5, 7 * 24 * 3600)
         if self.daily_budget_usd is not None:
             _in_range("IRLIVE_DAILY_BUDGET_USD", self.daily_budget_usd, 0, 10_000_000)
         _in_range("IRLIVE_TOKEN_POOL_SIZE", self.token_pool_size, 0, 1000)
@@ -105,6 +107,21 @@ class Settings:
     @property
     def daily_budget_cents(self) -> int | None:
         return None if self.daily_budget_usd is None else round(self.daily_budget_usd * 100)
+
+    @property
+    def worst_chunk_s(self) -> float:
+        """How long one chunk can take when every call fails slowly until its attempts run out."""
+        calls = math.ceil(self.chunk_size / self.images_per_call) + 4  # + the splits that hunt a bad image
+        per_attempt = self.call_timeout_s + 20.0 + 10.0  # the call, the backoff cap, the limiter's wait
+        validation = self.chunk_size * 3 * 2.0  # HEAD + two ranged GETs per image, slow S3
+        return calls * self.max_attempts * per_attempt + validation
+
+    @property
+    def visibility_timeout(self) -> int:
+        """The broker's redelivery delay: IRLIVE_VISIBILITY_TIMEOUT_S, else twice the worst chunk time."""
+        if self.visibility_timeout_s is not None:
+            return self.visibility_timeout_s
+        return max(600, math.ceil(2 * self.worst_chunk_s))
 
     def require_output(self) -> S3Location:
         if self.output is None:

@@ -31,6 +31,7 @@ from worker.redact import redact
 from worker.runs import Runs
 from worker.storage import Storage
 from worker.wallet import Wallet
+from worker.watchdog import Watchdog
 
 PROCESS_CHUNK = "irlive.process_chunk"
 FINALIZE_RUN = "irlive.finalize_run"
@@ -59,10 +60,11 @@ def build_deps(settings: Settings) -> Deps:
 
 
 class _LazyDeps:
-    """Builds Deps (and starts the pool keeper) on first use in each process: never at import, never per task."""
+    """Builds Deps (and starts the background threads) on first use in each process: never at import or per task."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, app: Celery) -> None:
         self._settings = settings
+        self._app = app
         self._deps: Deps | None = None
         self._lock = threading.Lock()
 
@@ -71,17 +73,21 @@ class _LazyDeps:
             if self._deps is None:
                 deps = build_deps(self._settings)
                 deps.wallet.sweep()
+                keys = Keys(self._settings.key_prefix)
                 if self._settings.token_pool_size > 0:
-                    PoolKeeper(deps.wallet, deps.runs.redis, Keys(self._settings.key_prefix),
+                    PoolKeeper(deps.wallet, deps.runs.redis, keys,
                                size=self._settings.token_pool_size, low=self._settings.token_pool_low).start()
+                Watchdog(deps.runs, Recovery(deps.runs.redis, keys, deps.runs), keys,
+                         lambda name, args: self._app.send_task(name, args=args),
+                         stall_s=self._settings.visibility_timeout + 60).start()
                 self._deps = deps
             return self._deps
 
 
 def register_tasks(app: Celery, settings: Settings) -> None:
-    lazy = _LazyDeps(settings)
+    lazy = _LazyDeps(settings, app)
     # Countdowns keep the message unacked on the worker, so they must stay well under the visibility timeout.
-    max_countdown = max(1.0, settings.visibility_timeout_s / 4)
+    max_countdown = max(1.0, settings.visibility_timeout / 4)
 
     @app.task(name=PROCESS_CHUNK, bind=True, max_retries=None)  # type: ignore[untyped-decorator]
     def process_chunk(self: Task, message: dict[str, Any]) -> None:

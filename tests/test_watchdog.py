@@ -1,0 +1,63 @@
+"""The watchdog on a real Redis: finalises runs whose counters say done, re-enqueues stalled runs' chunks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import redis
+
+from sandbox.stack import Stack
+from worker.keys import Keys
+from worker.recovery import Recovery
+from worker.runs import Runs
+from worker.watchdog import Watchdog
+
+pytestmark = pytest.mark.integration
+
+
+def _watchdog(stack: Stack, sent: list[tuple[str, list[Any]]]) -> tuple[Runs, Watchdog]:
+    client = redis.Redis.from_url(stack.redis_url, decode_responses=True)
+    keys = Keys()
+    runs = Runs(client, keys)
+    dog = Watchdog(runs, Recovery(client, keys, runs), keys, lambda n, a: sent.append((n, a)), stall_s=0.0)
+    return runs, dog
+
+
+def test_a_run_whose_chunks_all_completed_is_finalised(clean_stack: Stack) -> None:
+    sent: list[tuple[str, list[Any]]] = []
+    runs, dog = _watchdog(clean_stack, sent)
+    runs.create("r1", source="s3://irlive-in/x", output="s3://irlive-out/results", settings={})
+    seq = runs.add_chunk("r1", [("x/a.png", "e1")])
+    runs.listing_finished("r1")
+    runs.complete_chunk("r1", seq)  # as if the worker died before enqueueing finalisation
+
+    assert dog.tick() == 1
+    assert sent == [("irlive.finalize_run", ["r1"])]
+
+
+def test_a_stalled_run_gets_its_lost_chunks_back_and_only_those(clean_stack: Stack) -> None:
+    sent: list[tuple[str, list[Any]]] = []
+    runs, dog = _watchdog(clean_stack, sent)
+    runs.create("r2", source="s3://irlive-in/x", output="s3://irlive-out/results", settings={})
+    lost = runs.add_chunk("r2", [("x/a.png", "e1")])
+    held = runs.add_chunk("r2", [("x/b.png", "e2")])
+    done = runs.add_chunk("r2", [("x/c.png", "e3")])
+    runs.listing_finished("r2")
+    runs.complete_chunk("r2", done)
+    assert runs.lease_chunk("r2", held, "someone", 60)
+
+    assert dog.tick() == 1
+    assert sent == [("irlive.process_chunk", [{"run_id": "r2", "seq": lost, "bucket": "irlive-in",
+                                               "items": [["x/a.png", "e1"]]}])]
+
+
+def test_only_one_watchdog_acts_at_a_time(clean_stack: Stack) -> None:
+    sent: list[tuple[str, list[Any]]] = []
+    runs, first = _watchdog(clean_stack, sent)
+    _, second = _watchdog(clean_stack, sent)
+    runs.create("r3", source="s3://irlive-in/x", output="s3://irlive-out/results", settings={})
+    runs.listing_finished("r3")
+
+    assert first.tick() == 1
+    assert second.tick() == 0

@@ -1,0 +1,76 @@
+"""The run watchdog: a background thread that finishes runs whose counters say done and revives stalled ones."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from worker.keys import Keys
+from worker.recovery import Recovery
+from worker.runs import Runs
+
+log = logging.getLogger("irlive.watchdog")
+Send = Callable[[str, list[Any]], None]
+
+
+class Watchdog(threading.Thread):
+    """One watchdog acts at a time across the fleet (a Redis lock); the others stay idle."""
+
+    def __init__(self, runs: Runs, recovery: Recovery, keys: Keys, send: Send, *, stall_s: float,
+                 interval_s: float = 30.0, chunk_task: str = "irlive.process_chunk",
+                 finalize_task: str = "irlive.finalize_run") -> None:
+        super().__init__(name="irlive-watchdog", daemon=True)
+        self._runs = runs
+        self._recovery = recovery
+        self._keys = keys
+        self._send = send
+        self._stall_ms = stall_s * 1000
+        self._interval = interval_s
+        self._chunk_task = chunk_task
+        self._finalize_task = finalize_task
+        self._me = uuid.uuid4().hex
+        self._stop_event = threading.Event()
+
+    def stop(self) -> None:
+        self._stop_event.set()
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self._interval):
+            try:
+                self.tick()
+            except Exception:
+                log.exception("watchdog pass failed")
+
+    def tick(self) -> int:
+        """One pass; returns how many actions it took."""
+        redis = self._runs.redis
+        lock = self._keys.prefix + ":watchdog-lock"
+        if not redis.set(lock, self._me, nx=True, px=int(self._interval * 2000)):
+            return 0
+        actions = 0
+        now_ms = time.time() * 1000
+        week_ago = time.time() - 7 * 24 * 3600
+        for run_id in redis.zrangebyscore(self._keys.runs(), week_ago, "+inf"):
+            run = self._runs.get(run_id)
+            if run is None or run["state"] != "running":
+                continue
+            if int(run["pending"]) <= 0:
+                log.warning("run %s: all chunks complete but not finalised; finalising", run_id)
+                self._send(self._finalize_task, [run_id])
+                actions += 1
+                continue
+            last = float(run.get("progress_ms") or 0)
+            if last and now_ms - last < self._stall_ms:
+                continue
+            lost = self._recovery.orphans(run_id)
+            for chunk in lost:
+                self._send(self._chunk_task, [chunk.to_message()])
+            if lost:
+                log.warning("run %s stalled: re-enqueued %d chunks nobody held", run_id, len(lost))
+                redis.hset(self._keys.run(run_id), "progress_ms", int(now_ms))
+                actions += len(lost)
+        return actions
