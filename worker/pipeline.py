@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import random
 import time
-import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from worker.errors import (
     RateLimited,
     TransientError,
 )
+from worker.lease import ChunkLease
 from worker.manifest import Item, chunk_document, chunk_key, judged_record, unjudged_record
 from worker.marketplace import Marketplace
 from worker.ratelimit import RateLimiter
@@ -96,9 +96,7 @@ class ChunkProcessor:
     def __init__(self, deps: Deps) -> None:
         self.deps = deps
         self._limits = Limits(deps.settings.max_image_bytes, deps.settings.min_image_side)
-        self._holder = uuid.uuid4().hex
-        # Renewed before every call, so it only lapses when this delivery is dead or stuck.
-        self._lease_s = 3 * deps.settings.call_timeout_s + 2 * MAX_SLOT_WAIT_S + 60
+        self._lease: ChunkLease | None = None
 
     def run(self, chunk: Chunk) -> int | None:
         """Process the chunk; returns the run's pending chunk count after it, or None if the run is gone."""
@@ -110,12 +108,9 @@ class ChunkProcessor:
             return None
         if run["state"] == "paused_budget":
             raise BudgetExhausted(run.get("pause_reason") or "run paused for budget")
-        if not runs.lease_chunk(chunk.run_id, chunk.seq, self._holder, self._lease_s):
-            raise ChunkBusy(f"chunk {chunk.run_id}/{chunk.seq} is being worked on by another delivery")
-        try:
+        with ChunkLease(runs, chunk.run_id, chunk.seq) as lease:
+            self._lease = lease
             return self._run(chunk, run)
-        finally:
-            runs.release_chunk(chunk.run_id, chunk.seq, self._holder)
 
     def give_up(self, chunk: Chunk, reason: str) -> int | None:
         """Dead-letter: every image of the chunk still without a record ends `error`, so the run can finish."""
@@ -181,7 +176,7 @@ class ChunkProcessor:
     def _call(self, chunk: Chunk, group: _Group, queue: deque[_Group]) -> int:
         """One paid call for the group; failures requeue it by the error tree. Returns 1 if throttled."""
         deps = self.deps
-        if not deps.runs.lease_chunk(chunk.run_id, chunk.seq, self._holder, self._lease_s):
+        if self._lease is not None and not self._lease.held:
             raise ChunkBusy(f"chunk {chunk.run_id}/{chunk.seq}: lease lost to another delivery")
         release_slot = deps.limiter.slot(lease_s=deps.settings.call_timeout_s + 30, max_wait_s=MAX_SLOT_WAIT_S)
         try:

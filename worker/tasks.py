@@ -79,7 +79,7 @@ class _LazyDeps:
                                size=self._settings.token_pool_size, low=self._settings.token_pool_low).start()
                 Watchdog(deps.runs, Recovery(deps.runs.redis, keys, deps.runs), keys,
                          lambda name, args: self._app.send_task(name, args=args),
-                         stall_s=self._settings.visibility_timeout + 60).start()
+                         stall_s=self._settings.visibility_timeout + 60, wallet=deps.wallet).start()
                 self._deps = deps
             return self._deps
 

@@ -12,6 +12,7 @@ from typing import Any
 from worker.keys import Keys
 from worker.recovery import Recovery
 from worker.runs import Runs
+from worker.wallet import Wallet
 
 log = logging.getLogger("irlive.watchdog")
 Send = Callable[[str, list[Any]], None]
@@ -21,6 +22,7 @@ class Watchdog(threading.Thread):
     """One watchdog acts at a time across the fleet (a Redis lock); the others stay idle."""
 
     def __init__(self, runs: Runs, recovery: Recovery, keys: Keys, send: Send, *, stall_s: float,
+                 wallet: Wallet | None = None,
                  interval_s: float = 30.0, chunk_task: str = "irlive.process_chunk",
                  finalize_task: str = "irlive.finalize_run") -> None:
         super().__init__(name="irlive-watchdog", daemon=True)
@@ -32,6 +34,7 @@ class Watchdog(threading.Thread):
         self._interval = interval_s
         self._chunk_task = chunk_task
         self._finalize_task = finalize_task
+        self._wallet = wallet
         self._me = uuid.uuid4().hex
         self._stop_event = threading.Event()
 
@@ -51,7 +54,8 @@ class Watchdog(threading.Thread):
         lock = self._keys.prefix + ":watchdog-lock"
         if not redis.set(lock, self._me, nx=True, px=int(self._interval * 2000)):
             return 0
-        actions = 0
+        # Tokens whose holder died: reservations go back to the pool, sent ones are reconciled with the seller.
+        actions = self._wallet.sweep() if self._wallet is not None else 0
         now_ms = time.time() * 1000
         week_ago = time.time() - 7 * 24 * 3600
         for run_id in redis.zrangebyscore(self._keys.runs(), week_ago, "+inf"):
