@@ -8,6 +8,18 @@ from dataclasses import dataclass
 from typing import Any, get_args, get_type_hints
 
 SERVICE_ID = "infrared-face-liveness-detection"
+# How a judged call's 200 answer is shaped: "normal", or one way a seller can answer badly (the token is
+# settled before the upstream runs, so every one of them is billed like a real answer).
+ANSWER_MODES = (
+    "normal",
+    "not_json",  # the body is not JSON at all
+    "result_not_json",  # data.Result is a string cut off halfway: not JSON
+    "fewer_elements",  # the last image's element is missing
+    "more_elements",  # a second, contradicting element for the first image
+    "unknown_url",  # every element names an ImageURL that was not in the call
+    "missing_fields",  # every element keeps only its ImageURL: no FaceNumber, no Results
+    "huge_body",  # a valid answer padded to about 50 MB
+)
 
 
 @dataclass
@@ -32,6 +44,7 @@ class SandboxConfig:
     api_key_header: str = "X-API-Key"
     max_image_bytes: int = 10 * 1024 * 1024
     fetch_timeout_s: float = 5.0
+    answer_mode: str = "normal"
 
 
 def _allowed(name: str) -> set[Any]:
@@ -64,6 +77,8 @@ def updated(config: SandboxConfig, changes: dict[str, Any]) -> SandboxConfig:
     new = dataclasses.replace(config, **clean)
     if new.throttle_style not in ("429", "400"):
         raise ValueError("throttle_style must be '429' or '400'")
+    if new.answer_mode not in ANSWER_MODES:
+        raise ValueError(f"answer_mode must be one of {', '.join(ANSWER_MODES)}")
     if new.rate_burst < 1:
         raise ValueError("rate_burst must be at least 1")
     return new

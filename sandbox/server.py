@@ -155,6 +155,18 @@ class _Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
 
+    def _send_body(self, status: int, body: upstream.Body) -> None:
+        """Write an answer piece by piece; a caller that hangs up early (an answer too big for it) is not an error."""
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", body.content_type)
+            self.send_header("Content-Length", str(body.length))
+            self.end_headers()
+            for piece in body.pieces:
+                self.wfile.write(piece)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+
     def _authorized(self, config: SandboxConfig) -> bool:
         if config.api_key is None or self.headers.get(config.api_key_header) == config.api_key:
             return True
@@ -202,10 +214,10 @@ class _Handler(BaseHTTPRequestHandler):
             # Another call spent the same token between the check and here.
             self._payment_required(state, str(refused))
             return
-        status, doc = self._run_upstream(state, config, urls)
+        status, body = self._run_upstream(state, config, urls)
         if status != 200 and not config.failed_calls_consume_token:
             ledger.restore(payment, paths)
-        self._send(status, doc)
+        self._send_body(status, body)
 
     def _throttled(self, config: SandboxConfig, wait: float) -> None:
         if config.throttle_style == "400":
@@ -216,7 +228,7 @@ class _Handler(BaseHTTPRequestHandler):
         doc = {"error": "rate limit exceeded", "retryAfter": float(seconds)}
         self._send(429, doc, {"Retry-After": seconds})
 
-    def _run_upstream(self, state: _State, config: SandboxConfig, urls: list[str]) -> tuple[int, Any]:
+    def _run_upstream(self, state: _State, config: SandboxConfig, urls: list[str]) -> tuple[int, upstream.Body]:
         ledger = state.ledger
         fail_roll, timeout_roll, kind_roll = state.rolls(3)
         if config.latency_ms > 0:
@@ -227,14 +239,14 @@ class _Handler(BaseHTTPRequestHandler):
             state.stopping.wait(config.timeout_sleep_s)
         if state.stopping.is_set():
             shutting = upstream.UpstreamError("ServiceUnavailable", "The sandbox is shutting down.", 503)
-            return shutting.status, shutting.body()
+            return shutting.status, upstream.json_body(shutting.body())
         if fail_roll < config.p_5xx:
             ledger.count("errors_5xx")
             if kind_roll < 0.5:
                 error = upstream.UpstreamError("ServiceUnavailable", "The service is unavailable.", 503)
             else:
                 error = upstream.UpstreamError("InternalError", "The request processing has failed.", 500)
-            return error.status, error.body()
+            return error.status, upstream.json_body(error.body())
         elements: list[dict[str, Any]] = []
         failures: list[upstream.UpstreamError] = []
         for url in urls:
@@ -245,15 +257,15 @@ class _Handler(BaseHTTPRequestHandler):
             except upstream.UpstreamError as error:
                 if config.bad_image_fails_call:
                     ledger.count("upstream_errors")
-                    return error.status, error.body()
+                    return error.status, upstream.json_body(error.body())
                 failures.append(error)
                 elements.append(upstream.failed_element(url, error))
         if len(failures) == len(urls):
             # Nothing was judged: a call that only carries errors is a failed call.
             ledger.count("upstream_errors")
-            return failures[0].status, failures[0].body()
+            return failures[0].status, upstream.json_body(failures[0].body())
         ledger.count("succeeded")
-        return 200, upstream.envelope(elements, config.result_as_string)
+        return 200, upstream.answer(config.answer_mode, elements, config.result_as_string)
 
     def _create_payment(self, state: _State, raw: bytes) -> None:
         config = state.config

@@ -6,6 +6,8 @@ import hashlib
 import json
 import time
 import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -21,6 +23,12 @@ MAX_TASKS = 10
 NO_FACE_TIP = "no face detected, try again please."
 # Used for face boxes when the header does not give the image size.
 _DEFAULT_SIZE = (640, 480)
+# answer_mode "huge_body": the whole answer's size, and the piece size it is written in.
+HUGE_BODY_BYTES = 50 * 1024 * 1024
+_PIECE_BYTES = 1024 * 1024
+# answer_mode "unknown_url": what every element names instead of the image it was asked about.
+FOREIGN_URL = "https://images.example.invalid/not-in-this-call/{n}.png"
+NOT_JSON_BODY = b"<html><body><h1>502 Bad Gateway</h1><p>upstream answered garbage</p></body></html>\n"
 
 
 class UpstreamError(Exception):
@@ -209,3 +217,69 @@ def envelope(elements: list[dict[str, Any]], result_as_string: bool) -> dict[str
         "content": "",
         "data": {"Action": ACTION, "Result": json.dumps(result) if result_as_string else result},
     }
+
+
+@dataclass(frozen=True)
+class Body:
+    """An answer's bytes in pieces, so a huge one is written without being held in memory."""
+
+    length: int
+    pieces: Iterable[bytes]
+    content_type: str = "application/json"
+
+
+def json_body(doc: Any) -> Body:
+    payload = json.dumps(doc).encode()
+    return Body(len(payload), (payload,))
+
+
+def answer(mode: str, elements: list[dict[str, Any]], result_as_string: bool) -> Body:
+    """The 200 answer to a judged call, shaped by answer_mode (see sandbox.config.ANSWER_MODES)."""
+    if mode == "not_json":
+        return Body(len(NOT_JSON_BODY), (NOT_JSON_BODY,))
+    doc = envelope(_reshape(mode, elements), result_as_string)
+    if mode == "result_not_json":
+        text = json.dumps({"RequestId": new_request_id(), "Data": {"Elements": elements}})
+        doc["data"]["Result"] = text[: len(text) // 2]
+    if mode == "huge_body":
+        return _padded(doc, HUGE_BODY_BYTES)
+    return json_body(doc)
+
+
+def _reshape(mode: str, elements: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    if mode == "fewer_elements":
+        return elements[:-1]
+    if mode == "more_elements" and elements:
+        return [*elements, _contradiction(elements[0])]
+    if mode == "unknown_url":
+        return [{**e, "ImageURL": FOREIGN_URL.format(n=i)} for i, e in enumerate(elements)]
+    if mode == "missing_fields":
+        return [{"ImageURL": e["ImageURL"]} for e in elements]
+    return elements
+
+
+def _contradiction(element: dict[str, Any]) -> dict[str, Any]:
+    """A second element for the same image, with the opposite verdict: live for a spoof or no face, else spoof."""
+    rect = {"Left": 0, "Top": 0, "Width": 64, "Height": 64}
+    results = element.get("Results") or []
+    was_live = element.get("FaceNumber", 0) > 0 and all(r.get("Label") == "normal" for r in results)
+    face = _result("liveness", 99.0, rect, "block") if was_live else _result("normal", 99.0, rect, "pass")
+    return {"FaceNumber": 1, "ImageURL": element["ImageURL"], "Results": [face]}
+
+
+def _padded(doc: dict[str, Any], total: int) -> Body:
+    """`doc` with a `padding` string member that brings the JSON text to `total` bytes: valid, but huge."""
+    head = json.dumps(doc)[:-1].encode() + b', "padding": "'
+    tail = b'"}'
+    fill = max(0, total - len(head) - len(tail))
+
+    def pieces() -> Iterator[bytes]:
+        yield head
+        piece = b"x" * _PIECE_BYTES
+        left = fill
+        while left > 0:
+            yield piece[:left]
+            left -= _PIECE_BYTES
+        yield tail
+
+    return Body(len(head) + fill + len(tail), pieces())

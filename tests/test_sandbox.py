@@ -429,3 +429,135 @@ def test_cli_refuses_a_bad_flag() -> None:
         capture_output=True, text=True, env=env, cwd=ROOT, timeout=30,
     )  # fmt: skip
     assert done.returncode == 2 and "throttle_style" in done.stderr
+
+
+def _answer_result(response: httpx.Response) -> dict[str, Any]:
+    assert response.status_code == 200, response.text
+    result = response.json()["data"]["Result"]
+    doc: dict[str, Any] = json.loads(result) if isinstance(result, str) else result
+    return doc
+
+
+def _spent_once(client: httpx.Client, payment: dict[str, Any], images: int) -> None:
+    """Every answer_mode settles its token like a real answer: exhausted, one call and its images billed."""
+    assert payment_state(client, payment)["status"] == "exhausted"
+    counts = ledger(client)
+    assert counts["calls_billed"] == counts["tokens_consumed"] == 1 and counts["tokens_restored"] == 0
+    assert counts["images_billed"] == images
+
+
+@pytest.fixture
+def judged_pair(host: ImageHost) -> list[str]:
+    live = host.put("/am/live.png", images.png(64, 64, "live"))
+    return [live, host.put("/am/spoof.png", images.png(64, 64, "spoof"))]
+
+
+def test_answer_mode_not_json_is_a_paid_200_that_is_not_json(
+    sandbox: SandboxServer, client: httpx.Client, judged_pair: list[str]
+) -> None:
+    sandbox.configure(answer_mode="not_json")
+    payment = pay(client)
+    response = call(client, payment["token"], judged_pair)
+    assert response.status_code == 200
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(response.content)
+    _spent_once(client, payment, 2)
+
+
+def test_answer_mode_result_not_json_cuts_the_result_string(
+    sandbox: SandboxServer, client: httpx.Client, judged_pair: list[str]
+) -> None:
+    sandbox.configure(answer_mode="result_not_json", result_as_string=False)
+    payment = pay(client)
+    response = call(client, payment["token"], judged_pair)
+    assert response.status_code == 200 and response.json()["code"] == "200"
+    result = response.json()["data"]["Result"]
+    assert isinstance(result, str) and result.startswith('{"RequestId"')
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(result)
+    _spent_once(client, payment, 2)
+
+
+def test_answer_mode_fewer_elements_drops_the_last_image(
+    sandbox: SandboxServer, client: httpx.Client, judged_pair: list[str]
+) -> None:
+    sandbox.configure(answer_mode="fewer_elements")
+    payment = pay(client)
+    found = elements(call(client, payment["token"], judged_pair))
+    assert [e["ImageURL"] for e in found] == judged_pair[:1]
+    assert found[0]["Results"][0]["Label"] == "normal"
+    _spent_once(client, payment, 2)
+    assert elements(call(client, pay(client)["token"], judged_pair[:1])) == []
+
+
+def test_answer_mode_more_elements_adds_a_contradicting_element_for_the_first_image(
+    sandbox: SandboxServer, client: httpx.Client, judged_pair: list[str]
+) -> None:
+    sandbox.configure(answer_mode="more_elements")
+    payment = pay(client)
+    found = elements(call(client, payment["token"], judged_pair))
+    assert [e["ImageURL"] for e in found] == [judged_pair[0], judged_pair[1], judged_pair[0]]
+    assert [r["Label"] for r in found[0]["Results"]] == ["normal"]
+    assert [r["Label"] for r in found[2]["Results"]] == ["liveness"]
+    _spent_once(client, payment, 2)
+    spoof_first = elements(call(client, pay(client)["token"], judged_pair[::-1]))
+    assert [r["Label"] for r in spoof_first[0]["Results"]] == ["liveness"]
+    assert [r["Label"] for r in spoof_first[2]["Results"]] == ["normal"]
+
+
+def test_answer_mode_unknown_url_names_images_not_in_the_call(
+    sandbox: SandboxServer, client: httpx.Client, judged_pair: list[str]
+) -> None:
+    sandbox.configure(answer_mode="unknown_url")
+    payment = pay(client)
+    found = elements(call(client, payment["token"], judged_pair))
+    assert len(found) == 2 and not {e["ImageURL"] for e in found} & set(judged_pair)
+    assert [e["Results"][0]["Label"] for e in found] == ["normal", "liveness"]
+    _spent_once(client, payment, 2)
+
+
+def test_answer_mode_missing_fields_keeps_only_image_urls(
+    sandbox: SandboxServer, client: httpx.Client, judged_pair: list[str]
+) -> None:
+    sandbox.configure(answer_mode="missing_fields")
+    payment = pay(client)
+    assert elements(call(client, payment["token"], judged_pair)) == [{"ImageURL": url} for url in judged_pair]
+    _spent_once(client, payment, 2)
+
+
+def test_answer_mode_huge_body_is_valid_json_of_about_50_mb(
+    sandbox: SandboxServer, client: httpx.Client, judged_pair: list[str]
+) -> None:
+    sandbox.configure(answer_mode="huge_body")
+    payment = pay(client)
+    response = call(client, payment["token"], judged_pair)
+    assert response.status_code == 200
+    assert len(response.content) == int(response.headers["Content-Length"]) == 50 * 1024 * 1024
+    assert [e["ImageURL"] for e in elements(response)] == judged_pair
+    _spent_once(client, payment, 2)
+
+
+def test_answer_mode_huge_body_survives_a_caller_hanging_up(
+    sandbox: SandboxServer, client: httpx.Client, judged_pair: list[str]
+) -> None:
+    sandbox.configure(answer_mode="huge_body")
+    payment = pay(client)
+    body = {"Tasks": [{"ImageURL": url} for url in judged_pair]}
+    with client.stream("POST", TOOL, json=body, headers={"X-Payment-Token": payment["token"]}) as response:
+        assert response.status_code == 200
+        next(response.iter_bytes())
+    _spent_once(client, payment, 2)
+    sandbox.configure(answer_mode="normal")
+    assert len(elements(call(client, pay(client)["token"], judged_pair))) == 2
+
+
+def test_answer_mode_is_validated_and_a_cli_flag(client: httpx.Client) -> None:
+    assert client.get("/_sandbox/config").json()["answer_mode"] == "normal"
+    refused = client.post("/_sandbox/config", json={"answer_mode": "sometimes"})
+    assert refused.status_code == 400 and "answer_mode" in refused.json()["error"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-m", "sandbox", "--answer-mode", "sometimes"],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=30,
+    )  # fmt: skip
+    assert done.returncode == 2 and "answer_mode" in done.stderr

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from worker.verdicts import AnswerError, Judgement, judge_answer, judge_element, parse_result
+from worker.verdicts import AnswerError, ElementError, Judgement, judge_answer, judge_element, parse_result
 
 A = "https://s3.example.com/in/a.png?X-Amz-Signature=aaa"
 B = "https://s3.example.com/in/b.png?X-Amz-Signature=bbb"
@@ -69,7 +69,9 @@ def test_no_face_with_real_block_shape_is_no_face_never_spoof() -> None:
 
 def test_no_face_without_results_is_no_face() -> None:
     assert judge_element({"FaceNumber": 0, "ImageURL": A, "Results": []}).verdict == "no_face"
-    assert judge_element({"ImageURL": A}).verdict == "no_face"
+    # Missing fields are not "no face": that verdict would enter the done-set and never be judged again.
+    with pytest.raises(AnswerError):
+        judge_element({"ImageURL": A})
 
 
 def test_several_faces_any_spoof_makes_the_image_spoof() -> None:
@@ -143,9 +145,16 @@ def test_unknown_image_url_is_not_guessed_onto_another_image() -> None:
     assert isinstance(out[1], AnswerError)
 
 
-def test_every_image_url_rewritten_falls_back_to_documented_order() -> None:
+def test_elements_naming_foreign_urls_leave_the_images_unanswered() -> None:
+    # A guess by position could swap two images' verdicts; an unanswered image is retried instead.
     res = result(element("https://proxy/1", face("liveness")), element("https://proxy/2", face("normal")))
-    assert [j.verdict for j in judged(judge_answer([A, B], res))] == ["spoof", "live"]
+    assert all(isinstance(j, AnswerError) for j in judge_answer([A, B], res))
+
+
+def test_elements_naming_a_re_encoded_url_are_matched() -> None:
+    plain_b = B.split("?")[0]
+    res = result(element(plain_b, face("liveness")), element(A, face("normal")))
+    assert [j.verdict for j in judged(judge_answer([A, B], res))] == ["live", "spoof"]
 
 
 def test_elements_without_image_url_are_matched_by_position() -> None:
@@ -181,3 +190,9 @@ def test_faces_claimed_without_results_is_an_answer_error() -> None:
 def test_rate_given_as_string_and_missing_rect_are_tolerated() -> None:
     j = judge_element({"FaceNumber": 1, "Results": [{"Label": "normal", "Rate": "93.5", "Suggestion": "pass"}]})
     assert (j.verdict, j.rate, j.face_results[0].rect) == ("live", 93.5, None)
+
+
+def test_an_element_carrying_an_error_code_is_an_element_error() -> None:
+    el = {"FaceNumber": 0, "ImageURL": A, "Results": [], "Code": "InvalidImage.Download", "Message": "no"}
+    (out,) = judge_answer([A], result(el))
+    assert isinstance(out, ElementError) and out.code == "InvalidImage.Download"

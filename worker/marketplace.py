@@ -263,6 +263,11 @@ def _raise_for(response: httpx.Response, body: Any) -> None:
     raise TransientError(f"marketplace answered unexpected status {status}")
 
 
+def is_permanent_code(code: str) -> bool:
+    """An upstream Code that says the image itself is unacceptable (never retry it)."""
+    return code.startswith(_PERMANENT_CODES)
+
+
 def _raise_code(code: str, message: str, retry_after: float | None) -> None:
     text = f"{code}: {redact(message)}" if message else code
     if code.startswith("Throttling"):

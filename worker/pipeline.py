@@ -23,12 +23,12 @@ from worker.errors import (
 )
 from worker.lease import ChunkLease
 from worker.manifest import Item, chunk_document, chunk_key, judged_record, unjudged_record
-from worker.marketplace import Marketplace
+from worker.marketplace import Marketplace, is_permanent_code
 from worker.ratelimit import RateLimiter
 from worker.runs import Runs, now_iso
 from worker.storage import Storage
 from worker.validate import Limits, validate
-from worker.verdicts import AnswerError, judge_answer
+from worker.verdicts import AnswerError, ElementError, judge_answer
 from worker.wallet import Wallet
 
 log = logging.getLogger("irlive.pipeline")
@@ -238,6 +238,12 @@ class ChunkProcessor:
             return
         unanswered: list[_Image] = []
         for img, judgement in zip(group.images, judgements, strict=True):
+            if isinstance(judgement, ElementError) and is_permanent_code(judgement.code):
+                # Refused by the seller for this image alone: record it, never retry it.
+                self._save(chunk, img.index, img.item, unjudged_record(
+                    img.item, img.size, "error", reason=str(judgement), code=judgement.code,
+                    attempts=group.attempts + 1, judged_at=now_iso(), request_id=request_id))
+                continue
             if isinstance(judgement, AnswerError):
                 unanswered.append(img)
                 continue

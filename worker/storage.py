@@ -16,6 +16,7 @@ from botocore.exceptions import (
     EndpointConnectionError,
     NoCredentialsError,
     PartialCredentialsError,
+    ProfileNotFound,
 )
 
 from worker.errors import ConfigError, NotFound, TransientError
@@ -48,9 +49,14 @@ class Storage:
             read_timeout=30,
         )
         keys = {"aws_access_key_id": credentials[0], "aws_secret_access_key": credentials[1]} if credentials else {}
-        self._s3 = boto3.session.Session().client(
-            "s3", endpoint_url=endpoint_url, region_name=region, config=config, **keys
-        )
+        try:
+            self._s3 = boto3.session.Session().client(
+                "s3", endpoint_url=endpoint_url, region_name=region, config=config, **keys
+            )
+        except ProfileNotFound as exc:
+            raise ConfigError(f"AWS_PROFILE names a profile that does not exist: {exc}") from None
+        except (BotoCoreError, ValueError) as exc:
+            raise ConfigError(f"cannot build the S3 client (IRLIVE_S3_ENDPOINT_URL, IRLIVE_S3_REGION): {exc}") from None
 
     def iter_objects(self, bucket: str, prefix: str = "", page_size: int = 1000) -> Iterator[ObjectInfo]:
         """Stream every object under prefix, page by page: memory does not grow with the bucket."""
@@ -151,7 +157,7 @@ def _translate(where: str, *, missing_is_object: bool = False) -> Iterator[None]
     except (NoCredentialsError, PartialCredentialsError):
         raise ConfigError("no AWS credentials: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile") from None
     except EndpointConnectionError:
-        raise TransientError(f"{where}: S3 endpoint unreachable") from None
+        raise TransientError(f"{where}: S3 endpoint unreachable (IRLIVE_S3_ENDPOINT_URL)") from None
     except BotoCoreError as exc:
         raise TransientError(f"{where}: S3 client error {type(exc).__name__}") from None
 

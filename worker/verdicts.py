@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from worker.redact import redact
 
 # Worst first: an image's Suggestion is the worst of its faces'.
 _SUGGESTION_RANK = {"block": 0, "review": 1, "pass": 2}
@@ -12,6 +15,14 @@ _SUGGESTION_RANK = {"block": 0, "review": 1, "pass": 2}
 
 class AnswerError(ValueError):
     """The seller's answer does not have the documented shape."""
+
+
+class ElementError(AnswerError):
+    """The seller refused this one image inside an answered call (an element carrying an error Code)."""
+
+    def __init__(self, message: str, code: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass(frozen=True)
@@ -70,11 +81,16 @@ def elements_of(result: dict[str, Any]) -> list[dict[str, Any]]:
 
 def judge_element(element: dict[str, Any]) -> Judgement:
     """Per face: Label 'normal' is live, 'liveness' is spoof (inverted names); no face is not spoof."""
+    code = element.get("Code")
+    if isinstance(code, str) and code:
+        raise ElementError(f"{code}: {redact(str(element.get('Message', '')))}", code)
     raw_results = element.get("Results")
     results = [r for r in raw_results if isinstance(r, dict)] if isinstance(raw_results, list) else []
     face_number = element.get("FaceNumber")
-    if not isinstance(face_number, int) or isinstance(face_number, bool):
-        face_number = len(results)
+    if not isinstance(face_number, int) or isinstance(face_number, bool) or face_number < 0:
+        raise AnswerError("element has no valid FaceNumber")
+    if face_number > 0 and not isinstance(raw_results, list):
+        raise AnswerError("element has faces but no Results list")
     if face_number == 0:
         tips = results[0].get("MessageTips") if results else None
         return Judgement("no_face", 0, _text(results[0].get("Suggestion")) if results else None,
@@ -97,27 +113,38 @@ def judge_element(element: dict[str, Any]) -> Judgement:
 
 
 def match_elements(urls: list[str], elements: list[dict[str, Any]]) -> list[dict[str, Any] | None]:
-    """Pair each input URL with its element: by ImageURL first, then by position among the rest."""
+    """Pair each input URL with its element: by ImageURL first, then by position among the rest.
+
+    An element may carry the URL as sent or re-encoded (query dropped, path percent-decoded); an element with
+    no ImageURL takes the input at its own position. An element naming no input is ignored, and an input named
+    by two elements is ambiguous: both leave it unanswered rather than guess.
+    """
     matched: list[dict[str, Any] | None] = [None] * len(urls)
-    unclaimed = list(range(len(elements)))
-    wanted: dict[str, list[int]] = {}
+    by_url: dict[str, list[int]] = {}
     for i, url in enumerate(urls):
-        wanted.setdefault(url, []).append(i)
+        by_url.setdefault(url, []).append(i)
+        by_url.setdefault(_plain(url), []).append(i)
+    claims: dict[int, int] = {}
     for j, element in enumerate(elements):
-        slots = wanted.get(str(element.get("ImageURL", "")))
-        if slots:
-            matched[slots.pop(0)] = element
-            unclaimed.remove(j)
-    # Elements whose ImageURL names no input (rewritten or missing) fill the gaps in order, but only
-    # when their position is the one left open: a misplaced guess would swap two images' verdicts.
-    for j in list(unclaimed):
-        if j < len(urls) and matched[j] is None and not elements[j].get("ImageURL"):
-            matched[j] = elements[j]
-            unclaimed.remove(j)
-    if unclaimed and all(m is None for m in matched) and len(elements) == len(urls):
-        # Every URL was rewritten (e.g. re-encoded by a proxy): trust the documented order.
-        return list(elements)
-    return matched
+        named = element.get("ImageURL")
+        if isinstance(named, str) and named:
+            slots = by_url.get(named) or by_url.get(_plain(named)) or []
+            free = [i for i in dict.fromkeys(slots) if matched[i] is None and i not in claims]
+            if not free and slots:
+                claims[slots[0]] = claims.get(slots[0], 0) + 1  # named twice
+                continue
+            if free:
+                matched[free[0]] = element
+                claims[free[0]] = 1
+        elif j < len(urls) and matched[j] is None:
+            matched[j] = element
+            claims[j] = 1
+    return [m if claims.get(i, 0) <= 1 else None for i, m in enumerate(matched)]
+
+
+def _plain(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}{unquote(parts.path)}"
 
 
 def judge_answer(urls: list[str], result: Any) -> list[Judgement | AnswerError]:
