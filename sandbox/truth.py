@@ -23,17 +23,26 @@ def parse_truth(value: str) -> list[str] | None:
     return faces
 
 
+# A truth value that makes the upstream refuse the image as undecodable although its header and end are fine:
+# the one failure pre-validation cannot see, which is what batch splitting is for.
+UNDECODABLE = "undecodable"
+
+
+def truth_text(data: bytes) -> str | None:
+    """The raw truth value stored in the image, if any."""
+    if data.startswith(_PNG_SIGNATURE):
+        return _png_text(data)
+    if data.startswith(b"\xff\xd8"):
+        return _jpeg_comment(data)
+    return None
+
+
 def read_truth(data: bytes) -> list[str] | None:
     """The per-face labels stored in a PNG tEXt chunk or a JPEG COM segment; None if absent or malformed.
 
     An empty list means the image is known to hold no face.
     """
-    if data.startswith(_PNG_SIGNATURE):
-        value = _png_text(data)
-    elif data.startswith(b"\xff\xd8"):
-        value = _jpeg_comment(data)
-    else:
-        value = None
+    value = truth_text(data)
     return None if value is None else parse_truth(value)
 
 

@@ -14,7 +14,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 
-from sandbox.truth import fallback_truth, read_truth
+from sandbox.truth import UNDECODABLE, fallback_truth, read_truth, truth_text
 from worker.imageinfo import HEAD_BYTES, TAIL_BYTES, complete, sniff
 
 HOST_ID = "facebody.cn-shanghai.aliyuncs.com"
@@ -147,6 +147,8 @@ def inspect(data: bytes) -> tuple[int, int]:
         raise UpstreamError("InvalidImage.Format", "The image format is not supported.")
     if not complete(info.format, data[-TAIL_BYTES:]) or not _declared_length_ok(info.format, data):
         raise UpstreamError("InvalidImage.Decode", "The image cannot be decoded: the file is incomplete.")
+    if truth_text(data) == UNDECODABLE:
+        raise UpstreamError("InvalidImage.Decode", "The image content cannot be decoded.")
     if info.width is None or info.height is None:
         return _DEFAULT_SIZE
     return info.width, info.height
