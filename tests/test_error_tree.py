@@ -18,7 +18,8 @@ pytestmark = pytest.mark.integration
 
 
 def billed(stack: Stack) -> Counter[str]:
-    return Counter({path.rsplit("/", 1)[-1]: n for path, n in stack.sandbox_ledger()["billed_image_urls_path_counts"].items()})
+    counts = stack.sandbox_ledger()["billed_image_urls_path_counts"]
+    return Counter({path.rsplit("/", 1)[-1]: n for path, n in counts.items()})
 
 
 @pytest.mark.parametrize("style", ["429", "400"])
