@@ -116,6 +116,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", default="irlive-demo-output", help="where to copy the manifests")
     p.set_defaults(handler=_cmd_demo)
 
+    p = sub.add_parser("smoke", help="make exactly one paid call on one image and print what the seller did")
+    p.add_argument("image", help="s3://bucket/key of one capture")
+    p.set_defaults(handler=_cmd_smoke)
+
     sub.add_parser("sandbox", help="serve the local stand-in marketplace (see `irlive sandbox --help`)")
     return parser
 
@@ -322,6 +326,14 @@ def _cmd_status(ns: argparse.Namespace) -> int:
     doc: dict[str, Any] = status_dict(status)
     print(json.dumps(doc) if ns.json else render(status))
     return _STATE_EXIT.get(status.state, EXIT_OK) if ns.wait or status.state == "failed" else EXIT_OK
+
+
+def _cmd_smoke(ns: argparse.Namespace) -> int:
+    from producer.smoke import render, smoke
+
+    report = smoke(Settings.from_env(), S3Location.parse(ns.image, "image"))
+    print(render(report))
+    return EXIT_OK if "verdict" in report else EXIT_FAILED
 
 
 def _cmd_demo(ns: argparse.Namespace) -> int:

@@ -109,3 +109,18 @@ def test_an_unknown_outcome_is_reconciled_before_paying_again(clean_stack: Stack
     assert wallet["bought"] == ledger["payments_created"]
     assert wallet["spent"] == ledger["tokens_consumed"] - ledger["tokens_restored"]
     assert wallet.get("reconciled_spent", 0) >= ledger["timeouts"]
+
+
+def test_smoke_makes_exactly_one_paid_call_and_reports_it(clean_stack: Stack, irlive: IrliveRunner) -> None:
+    upload(clean_stack, [Sample("one/live.png", png(96, 96, "spoof", seed=1), "spoof")])
+
+    result = irlive("smoke", f"s3://{IN_BUCKET}/one/live.png")
+
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["verdict"] == "spoof" and report["quote_cents"] == 20
+    assert report["answer"]["result_type"] == "string"
+    assert report["payment_after"]["remaining_calls"] == 0
+    ledger = clean_stack.sandbox_ledger()
+    assert (ledger["payments_created"], ledger["calls_billed"]) == (1, 1)
+    assert "X-Amz-Signature" not in result.stdout
