@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import logging
-import threading
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any
 
 from worker.keys import Keys
+from worker.periodic import Periodic
 from worker.recovery import Recovery
 from worker.runs import Runs
 from worker.wallet import Wallet
@@ -18,42 +17,25 @@ log = logging.getLogger("irlive.watchdog")
 Send = Callable[[str, list[Any]], None]
 
 
-class Watchdog(threading.Thread):
-    """One watchdog acts at a time across the fleet (a Redis lock); the others stay idle."""
+class Watchdog(Periodic):
+    """Finalises runs whose chunks are all complete, re-enqueues stalled runs' lost chunks, sweeps the wallet."""
 
     def __init__(self, runs: Runs, recovery: Recovery, keys: Keys, send: Send, *, stall_s: float,
-                 wallet: Wallet | None = None,
-                 interval_s: float = 30.0, chunk_task: str = "irlive.process_chunk",
+                 wallet: Wallet | None = None, interval_s: float = 30.0, chunk_task: str = "irlive.process_chunk",
                  finalize_task: str = "irlive.finalize_run") -> None:
-        super().__init__(name="irlive-watchdog", daemon=True)
+        super().__init__("irlive-watchdog", runs.redis, keys.prefix + ":watchdog-lock", interval_s)
         self._runs = runs
         self._recovery = recovery
         self._keys = keys
         self._send = send
         self._stall_ms = stall_s * 1000
-        self._interval = interval_s
         self._chunk_task = chunk_task
         self._finalize_task = finalize_task
         self._wallet = wallet
-        self._me = uuid.uuid4().hex
-        self._stop_event = threading.Event()
-
-    def stop(self) -> None:
-        self._stop_event.set()
-
-    def run(self) -> None:
-        while not self._stop_event.wait(self._interval):
-            try:
-                self.tick()
-            except Exception:
-                log.exception("watchdog pass failed")
 
     def tick(self) -> int:
         """One pass; returns how many actions it took."""
         redis = self._runs.redis
-        lock = self._keys.prefix + ":watchdog-lock"
-        if not redis.set(lock, self._me, nx=True, px=int(self._interval * 2000)):
-            return 0
         # Tokens whose holder died: reservations go back to the pool, sent ones are reconciled with the seller.
         actions = self._wallet.sweep() if self._wallet is not None else 0
         now_ms = time.time() * 1000
