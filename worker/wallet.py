@@ -80,6 +80,8 @@ end
 return 1
 """
 QUOTE_TTL_S = 300.0
+PENDING_WAIT_S = 20.0
+PENDING_POLL_S = 0.5
 # A pool token closer than this to its expiry is not handed out: the call might outlive it.
 EXPIRY_MARGIN_MS = 60_000
 
@@ -249,7 +251,25 @@ class Wallet:
         if payment.token is None:
             self.void(Token(payment.payment_id, amount, ""), run_id)
             raise TransientError(f"payment {payment.payment_id} answered without a token")
-        return Token(payment.payment_id, amount, payment.token)
+        token = Token(payment.payment_id, amount, payment.token)
+        if payment.status == "pending":
+            self._await_paid(token, run_id)
+        return token
+
+    def _await_paid(self, token: Token, run_id: str) -> None:
+        """A payment not settled yet: poll it (never buy another) until it is paid or has expired."""
+        deadline = time.monotonic() + PENDING_WAIT_S
+        while time.monotonic() < deadline:
+            time.sleep(PENDING_POLL_S)
+            status = self._market.get_payment(token.payment_id).status
+            if status == "paid":
+                return
+            if status in ("expired", "exhausted"):
+                self.void(token, run_id)
+                raise TransientError(f"payment {token.payment_id} ended {status} before it was paid")
+        # Still pending: leave it in the pool for a later call rather than hold this one up further.
+        self.release(token)
+        raise TransientError(f"payment {token.payment_id} still pending after {PENDING_WAIT_S:.0f}s")
 
     def _check_price(self) -> int:
         """Read the seller's price from its 402 answer (cached); refuse above IRLIVE_MAX_PRICE_CENTS."""

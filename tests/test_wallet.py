@@ -1,0 +1,137 @@
+"""The token ledger on a real Redis with a scripted marketplace (httpx.MockTransport): every money path."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+import httpx
+import pytest
+import redis
+
+from sandbox.stack import Stack
+from worker.budget import Budget
+from worker.errors import BudgetExhausted, OutcomeUnknown, TransientError
+from worker.keys import Keys
+from worker.marketplace import Marketplace
+from worker.runs import Runs
+from worker.wallet import Wallet
+
+pytestmark = pytest.mark.integration
+Handler = Callable[[httpx.Request], httpx.Response]
+
+
+class Seller:
+    """A scripted marketplace: payments and their states, answering like the real one."""
+
+    def __init__(self) -> None:
+        self.payments: dict[str, dict[str, object]] = {}
+        self.statuses: list[str] = []  # what successive GETs of a payment answer, then "paid"
+        self.create_fails: Exception | None = None
+
+    def handle(self, request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        if path.startswith("/api/tools/"):
+            return httpx.Response(402, json={"priceCents": 20, "serviceId": "svc"})
+        if path == "/api/payments" and request.method == "POST":
+            if self.create_fails:
+                raise self.create_fails
+            pid = f"p{len(self.payments) + 1}"
+            self.payments[pid] = {"paymentId": pid, "token": f"tok-{pid}", "amountCents": 20,
+                                  "status": "pending" if self.statuses else "paid", "remainingCalls": 1}
+            return httpx.Response(201, json=self.payments[pid])
+        pid = path.rsplit("/", 1)[-1]
+        doc = dict(self.payments[pid])
+        if self.statuses:
+            doc["status"] = self.statuses.pop(0)
+        doc.pop("token")
+        return httpx.Response(200, json=doc)
+
+
+@pytest.fixture
+def env(clean_stack: Stack) -> Iterator[tuple[Wallet, Seller, redis.Redis, Runs]]:
+    client = redis.Redis.from_url(clean_stack.redis_url, decode_responses=True)
+    seller = Seller()
+    market = Marketplace("http://seller", "svc", transport=httpx.MockTransport(seller.handle))
+    keys = Keys()
+    wallet = Wallet(client, market, keys, Budget(client, keys, daily_cap_cents=100), max_price_cents=20,
+                    lease_s=0.2)
+    runs = Runs(client, keys)
+    runs.create("r", source="s3://in/x", output="s3://out/y", settings={}, budget_cents=60)
+    yield wallet, seller, client, runs
+    market.close()
+
+
+def test_a_pending_payment_is_polled_until_paid_never_bought_twice(env: tuple[Wallet, Seller, redis.Redis, Runs],
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    wallet, seller, _, _ = env
+    monkeypatch.setattr("worker.wallet.PENDING_POLL_S", 0.0)
+    seller.statuses = ["pending", "pending", "paid"]
+    token = wallet.take("r")
+    assert token.payment_id == "p1" and len(seller.payments) == 1
+
+
+def test_a_payment_that_expires_while_pending_is_void(env: tuple[Wallet, Seller, redis.Redis, Runs],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    wallet, seller, client, _ = env
+    monkeypatch.setattr("worker.wallet.PENDING_POLL_S", 0.0)
+    seller.statuses = ["pending", "expired"]
+    with pytest.raises(TransientError):
+        wallet.take("r")
+    assert client.hget("irlive:pay:p1", "state") == "void"
+
+
+def test_a_purchase_whose_answer_was_lost_is_counted_and_not_repeated(
+        env: tuple[Wallet, Seller, redis.Redis, Runs]) -> None:
+    wallet, seller, client, runs = env
+    seller.create_fails = httpx.ReadTimeout("lost")
+    with pytest.raises(OutcomeUnknown):
+        wallet.take("r")
+    assert wallet.totals()["unknown_purchases"] == 1
+    assert wallet.totals()["spent_today_cents"] == 20, "it may have been paid: the day cap counts it"
+    assert client.hget("irlive:run:r", "committed_cents") == "0", "the run got no call from it"
+
+
+def test_the_run_budget_stops_the_fourth_call_of_a_60_cent_budget(
+        env: tuple[Wallet, Seller, redis.Redis, Runs]) -> None:
+    wallet, _, _, _ = env
+    tokens = [wallet.take("r") for _ in range(3)]
+    with pytest.raises(BudgetExhausted, match="run budget of \\$0.60"):
+        wallet.take("r")
+    wallet.release(tokens[0])
+    assert wallet.take("r").payment_id == tokens[0].payment_id, "a returned token gives its budget back"
+
+
+def test_the_daily_cap_counts_purchases_for_the_pool_too(env: tuple[Wallet, Seller, redis.Redis, Runs]) -> None:
+    wallet, _, _, _ = env
+    assert wallet.refill(5) == 5
+    with pytest.raises(BudgetExhausted, match="daily budget"):
+        wallet.refill(6)
+
+
+def test_settling_twice_charges_once(env: tuple[Wallet, Seller, redis.Redis, Runs]) -> None:
+    wallet, _, client, _ = env
+    token = wallet.take("r")
+    wallet.sent(token, ["in/x/a.png@e"])
+    wallet.spent(token, "r", "req-1")
+    wallet.spent(token, "r", "req-1")
+    assert (client.hget("irlive:run:r", "calls"), client.hget("irlive:run:r", "spend_cents")) == ("1", "20")
+
+
+def test_a_dead_workers_tokens_come_back_after_the_lease(env: tuple[Wallet, Seller, redis.Redis, Runs]) -> None:
+    wallet, seller, client, _ = env
+    reserved = wallet.take("r")
+    sent = wallet.take("r")
+    wallet.sent(sent, ["in/x/b.png@e"])  # then the worker dies; the seller never saw the call
+    assert client.hget("irlive:run:r", "committed_cents") == "40"
+
+    assert wallet.sweep() == 0, "live leases are left alone"
+    swept = 0
+    deadline = time.monotonic() + 5
+    while swept < 2 and time.monotonic() < deadline:  # until the 0.2 s leases run out
+        swept += wallet.sweep()
+    assert swept == 2
+    assert client.hget(f"irlive:pay:{reserved.payment_id}", "state") == "paid"
+    assert client.hget(f"irlive:pay:{sent.payment_id}", "state") == "paid", "reconciled: remainingCalls was 1"
+    assert client.llen("irlive:wallet:pool") == 2
+    assert client.hget("irlive:run:r", "committed_cents") == "0"
