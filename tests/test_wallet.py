@@ -83,7 +83,7 @@ def test_a_payment_that_expires_while_pending_is_void(env: tuple[Wallet, Seller,
 
 def test_a_purchase_whose_answer_was_lost_is_counted_and_not_repeated(
         env: tuple[Wallet, Seller, redis.Redis, Runs]) -> None:
-    wallet, seller, client, runs = env
+    wallet, seller, client, _runs = env
     seller.create_fails = httpx.ReadTimeout("lost")
     with pytest.raises(OutcomeUnknown):
         wallet.take("r")
@@ -96,7 +96,7 @@ def test_the_run_budget_stops_the_fourth_call_of_a_60_cent_budget(
         env: tuple[Wallet, Seller, redis.Redis, Runs]) -> None:
     wallet, _, _, _ = env
     tokens = [wallet.take("r") for _ in range(3)]
-    with pytest.raises(BudgetExhausted, match="run budget of \\$0.60"):
+    with pytest.raises(BudgetExhausted, match=r"run budget of \$0\.60"):
         wallet.take("r")
     wallet.release(tokens[0])
     assert wallet.take("r").payment_id == tokens[0].payment_id, "a returned token gives its budget back"
@@ -119,7 +119,7 @@ def test_settling_twice_charges_once(env: tuple[Wallet, Seller, redis.Redis, Run
 
 
 def test_a_dead_workers_tokens_come_back_after_the_lease(env: tuple[Wallet, Seller, redis.Redis, Runs]) -> None:
-    wallet, seller, client, _ = env
+    wallet, _seller, client, _ = env
     reserved = wallet.take("r")
     sent = wallet.take("r")
     wallet.sent(sent, ["in/x/b.png@e"])  # then the worker dies; the seller never saw the call
