@@ -46,6 +46,7 @@ def test_every_image_gets_one_record_matching_the_truth(clean_stack: Stack, irli
     got = {r["key"]: r for r in run.records}
     wrong = [(s.key, s.expected, got[s.key]["verdict"]) for s in corpus if got[s.key]["verdict"] != s.expected]
     assert wrong == []
+    assert not any(r.get("warning") for r in run.records), "256x256 captures meet the recommendation"
     for sample in corpus:
         if sample.expected == "rejected":
             assert got[sample.key]["reason"], sample.key
@@ -85,6 +86,7 @@ def test_clean_images_take_one_call_per_ten(clean_stack: Stack, irlive: IrliveRu
 
     assert run.manifest["counts"]["live"] == 100
     assert run.manifest["calls"] == 10
+    assert all("256x256" in r["warning"] for r in run.records), "128x128 is judged but flagged"
     assert clean_stack.sandbox_ledger()["calls_billed"] == 10
 
 

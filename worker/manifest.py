@@ -42,8 +42,9 @@ def failed_key(output: S3Location, run_id: str) -> str:
 
 
 def judged_record(item: Item, size: int, judgement: Judgement, *, request_id: str | None,
-                  attempts: int, judged_at: str) -> dict[str, Any]:
+                  attempts: int, judged_at: str, warning: str | None = None) -> dict[str, Any]:
     return {
+        "warning": warning,
         "bucket": item.bucket,
         "key": item.key,
         "etag": item.etag,

@@ -27,7 +27,7 @@ from worker.marketplace import Marketplace, is_permanent_code
 from worker.ratelimit import RateLimiter
 from worker.runs import Runs, now_iso
 from worker.storage import Storage
-from worker.validate import Limits, validate
+from worker.validate import Limits, small_image_warning, validate
 from worker.verdicts import AnswerError, ElementError, judge_answer
 from worker.wallet import Wallet
 
@@ -80,6 +80,7 @@ class _Image:
     index: int
     item: Item
     size: int
+    warning: str | None = None
 
 
 @dataclass
@@ -151,12 +152,12 @@ class ChunkProcessor:
                 continue
             item = Item(chunk.bucket, key, etag)
             try:
-                info, _ = validate(self.deps.storage, chunk.bucket, key, self._limits)
+                info, image = validate(self.deps.storage, chunk.bucket, key, self._limits)
             except PermanentInputError as exc:
                 self._save(chunk, index, item, unjudged_record(
                     item, None, "rejected", reason=str(exc), code=exc.code, attempts=0, judged_at=now_iso()))
                 continue
-            todo.append(_Image(index, Item(chunk.bucket, key, info.etag), info.size))
+            todo.append(_Image(index, Item(chunk.bucket, key, info.etag), info.size, small_image_warning(image)))
         return todo
 
     def _skip_judged(self, chunk: Chunk, todo: list[_Image]) -> list[_Image]:
@@ -249,7 +250,7 @@ class ChunkProcessor:
                 continue
             self._save(chunk, img.index, img.item, judged_record(
                 img.item, img.size, judgement, request_id=request_id, attempts=group.attempts + 1,
-                judged_at=now_iso()))
+                judged_at=now_iso(), warning=img.warning))
         if unanswered:
             log.warning("call %s answered %d of %d images", request_id, len(group.images) - len(unanswered),
                         len(group.images))

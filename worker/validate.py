@@ -8,6 +8,16 @@ from worker import imageinfo
 from worker.errors import PermanentInputError
 from worker.storage import ObjectInfo, Storage
 
+# The upstream recommends at least this; smaller images are judged but flagged in their record.
+RECOMMENDED_SIDE = 256
+
+
+def small_image_warning(image: imageinfo.ImageInfo) -> str | None:
+    if image.width is None or image.height is None or min(image.width, image.height) >= RECOMMENDED_SIDE:
+        return None
+    return (f"image is {image.width}x{image.height}; the upstream recommends at least "
+            f"{RECOMMENDED_SIDE}x{RECOMMENDED_SIDE}, so its verdict is less reliable")
+
 
 @dataclass(frozen=True)
 class Limits:
