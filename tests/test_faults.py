@@ -1,0 +1,403 @@
+"""Fault injection on the real stack (issue 5, item 5): killed workers, Redis restarts, seller faults,
+connections dropped mid-answer, S3 flapping. After every trial `check_invariants` must find nothing.
+
+CI runs a bounded version (`-m slow`); IRLIVE_LONG_FAULTS=1 runs the long one (>= 100 kills and >= 5
+Redis restarts). Every test prints its seed; IRLIVE_FAULT_SEED=<seed> replays the same fault schedule
+(the stack's own timing still varies).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from sandbox.stack import Stack
+from tests.faultproxy import FaultProxy
+from tests.faults import (
+    Books,
+    Drive,
+    check_invariants,
+    drive_to_completion,
+    live_samples,
+    long_mode,
+    reset_stack,
+    scan,
+    seed_from_env,
+    upload_samples,
+)
+
+pytestmark = pytest.mark.slow
+
+# Quick redelivery after a kill: unacked messages come back after 10 s; a call gives up after 5 s.
+FAST_REDELIVERY = {"IRLIVE_VISIBILITY_TIMEOUT_S": "10", "IRLIVE_CALL_TIMEOUT_S": "5"}
+SMALL_CHUNKS = {"IRLIVE_CHUNK_SIZE": "20"}
+
+# Violations caused by known worker bugs. The random trials hit them only some of the time, so a strict xfail
+# there would flake; each is instead proven by a deterministic strict-xfail test at the end of this file, and
+# the random trials print them as KNOWN but fail only on anything else. When a bug is fixed its xfail test
+# passes (and fails as XPASS(strict)): delete the marker and the entry here together.
+KNOWN_BUGS = {
+    "manifest-calls-miss-open-tokens": "run manifest says",
+    "purchase-left-requested": "purchases left in state 'requested'",
+    # Only Redis outages and kills can cause this one; elsewhere it stays a failure.
+    "answer-lost-after-spent": "billed twice with an answer received",
+}
+CRASH_BUGS = tuple(KNOWN_BUGS)
+DEFAULT_BUGS = ("manifest-calls-miss-open-tokens", "purchase-left-requested")
+
+
+def unexpected(problems: list[str], allow: tuple[str, ...] = DEFAULT_BUGS) -> list[str]:
+    marks = [KNOWN_BUGS[name] for name in allow]
+    return [p for p in problems if not any(mark in p for mark in marks)]
+
+
+def _report(name: str, seed: int, drive: Drive, books: Books, problems: list[str],
+            allow: tuple[str, ...] = DEFAULT_BUGS) -> str:
+    line = (f"[{name}] seed={seed} run={drive.run_id} {drive.elapsed_s:.1f}s stalls={drive.stalls} "
+            f"requeued={drive.requeued} reconcile_missing={drive.reconcile_missing} "
+            f"verdicts={dict(books.verdicts)} calls_billed={books.ledger.get('calls_billed')} "
+            f"images_billed_more_than_once={books.billed_twice} wallet={books.wallet} notes={books.notes}")
+    print(line)
+    for p in problems:
+        print(f"[{name}]   {'VIOLATION' if unexpected([p], allow) else 'KNOWN BUG'}: {p}")
+    return line
+
+
+def _workers(stack: Stack, n: int, env: dict[str, str], concurrency: int = 4) -> None:
+    for _ in range(n):
+        stack.start_worker(extra_env=env, concurrency=concurrency)
+
+
+# ---- 1. SIGKILL of random workers at random moments -------------------------------------------------
+
+
+@dataclass
+class KillPlan:
+    runs: int
+    kills_per_run: int
+    redis_restarts_per_run: int
+    images: int
+    workers: int = 3
+    concurrency: int = 4
+    deadline_s: float = 300.0
+
+
+def kill_plan() -> KillPlan:
+    if long_mode():
+        return KillPlan(runs=5, kills_per_run=22, redis_restarts_per_run=1, images=800, deadline_s=600.0)
+    return KillPlan(runs=1, kills_per_run=22, redis_restarts_per_run=0, images=800)
+
+
+class Killer:
+    """Called on every poll of a run: SIGKILLs a random worker at random moments and starts a new one."""
+
+    def __init__(self, stack: Stack, rng: random.Random, plan: KillPlan, env: dict[str, str]) -> None:
+        self.stack, self.rng, self.plan, self.env = stack, rng, plan, env
+        self.kills = 0
+        self.redis_restarts = 0
+        self.next_kill = rng.uniform(0.3, 1.5)
+        self.restart_after = sorted(rng.uniform(2.0, 15.0) for _ in range(plan.redis_restarts_per_run))
+        self.log: list[str] = []
+
+    def __call__(self, elapsed: float, snap: dict[str, str]) -> None:
+        if self.restart_after and elapsed >= self.restart_after[0]:
+            self.restart_after.pop(0)
+            self.stack.restart_redis(appendonly=True)
+            self.redis_restarts += 1
+            self.log.append(f"{elapsed:.1f}s redis restart")
+        if self.kills >= self.plan.kills_per_run or elapsed < self.next_kill or not self.stack.workers:
+            return
+        victim = self.rng.choice(self.stack.workers)
+        self.stack.kill_worker(victim)
+        self.kills += 1
+        self.log.append(f"{elapsed:.1f}s kill {victim.name} ({snap.get('done')}/{snap.get('total')})")
+        self.stack.start_worker(extra_env=self.env, concurrency=self.plan.concurrency)
+        # Random moments: sometimes two kills back to back, sometimes a quiet spell.
+        self.next_kill = elapsed + self.rng.choice((0.1, 0.5, 1.0, 2.5)) * self.rng.random() * 2
+
+
+@pytest.mark.timeout(3600)
+def test_sigkill_random_workers_at_random_moments(clean_stack: Stack) -> None:
+    seed = seed_from_env()
+    rng = random.Random(seed)
+    plan = kill_plan()
+    print(f"seed={seed} plan={plan}")
+    env = {**FAST_REDELIVERY, **SMALL_CHUNKS}
+    wanted = plan.runs * plan.kills_per_run
+    total_kills = total_restarts = trial = 0
+    failures: list[str] = []
+    # Runs until both the planned runs and the planned kills are done: a run that ends before its kills
+    # hands the rest to one more run, so every kill lands on a live run.
+    while (trial < plan.runs or total_kills < wanted) and trial < plan.runs + 3:
+        if trial:
+            reset_stack(clean_stack)
+        # Calls slow enough that kills land mid-call, mid-purchase and between steps alike.
+        clean_stack.sandbox_config(latency_ms=rng.choice((200, 300, 500)))
+        samples = live_samples(plan.images, f"kill{trial}", seed=trial)
+        upload_samples(clean_stack, samples)
+        _workers(clean_stack, plan.workers, env, plan.concurrency)
+        budget = plan.kills_per_run if trial < plan.runs else wanted - total_kills
+        killer = Killer(clean_stack, rng, dataclasses.replace(plan, kills_per_run=budget), env)
+        run_id = scan(clean_stack, f"kill{trial}", env=env)
+        drive = drive_to_completion(clean_stack, run_id, deadline_s=plan.deadline_s, during=killer, env=env)
+        books = Books()
+        problems = check_invariants(clean_stack, run_id, samples, env=env, books=books)
+        total_kills += killer.kills
+        total_restarts += killer.redis_restarts
+        line = _report(f"kill trial {trial}: {killer.kills} kills", seed, drive, books, problems, CRASH_BUGS)
+        print("   " + "; ".join(killer.log))
+        print(f"   progress (s, images recorded): {drive.progress}")
+        if unexpected(problems, CRASH_BUGS):
+            failures.append(line + "\n  " + "\n  ".join(unexpected(problems, CRASH_BUGS)))
+        trial += 1
+    print(f"kill trials: {total_kills} kills, {total_restarts} redis restarts over {trial} runs, seed {seed}")
+    assert not failures, f"seed {seed}:\n" + "\n".join(failures)
+    assert total_kills >= (100 if long_mode() else 20)
+    assert total_restarts >= (5 if long_mode() else 0)
+
+
+# ---- 2. Redis stopped and restarted mid-run, with AOF ----------------------------------------------
+
+
+def test_redis_restart_mid_run_with_aof(clean_stack: Stack) -> None:
+    seed = seed_from_env()
+    rng = random.Random(seed)
+    env = {**FAST_REDELIVERY, **SMALL_CHUNKS}
+    samples = live_samples(400, "redis", seed=1)
+    upload_samples(clean_stack, samples)
+    clean_stack.sandbox_config(latency_ms=200)
+    _workers(clean_stack, 2, env)
+    restarts: list[float] = sorted(rng.uniform(1.0, 4.0) for _ in range(2))
+    done_at_restart: list[str] = []
+
+    def restart(elapsed: float, snap: dict[str, str]) -> None:
+        if restarts and elapsed >= restarts[0]:
+            restarts.pop(0)
+            done_at_restart.append(f"{snap.get('done')}/{snap.get('total')}")
+            clean_stack.restart_redis(appendonly=True)
+
+    run_id = scan(clean_stack, "redis", env=env)
+    drive = drive_to_completion(clean_stack, run_id, deadline_s=240, during=restart, env=env)
+    books = Books()
+    problems = check_invariants(clean_stack, run_id, samples, env=env, books=books)
+    _report(f"redis restarts at {done_at_restart}", seed, drive, books, problems, CRASH_BUGS)
+    assert not restarts, "the run finished before every Redis restart happened"
+    assert unexpected(problems, CRASH_BUGS) == [], f"seed {seed}: {problems}"
+
+
+# ---- 3. Seller faults: 5xx, latency, timing out after consuming the token ----------------------------
+
+
+@dataclass(frozen=True)
+class SellerFault:
+    sandbox: dict[str, Any]
+    worker_env: dict[str, str]
+    # Only when no answer can be lost after billing does "every image billed exactly once" hold.
+    strict_once: bool
+
+
+SELLER_FAULTS = {
+    # A 5xx still consumes the token (the seller's default): billed, no verdict, paid again.
+    "5xx-30pct": SellerFault({"p_5xx": 0.3}, {}, strict_once=False),
+    # The same with refunds: the worker must reconcile the token back to its pool and reuse it.
+    "5xx-30pct-refunded": SellerFault({"p_5xx": 0.3, "failed_calls_consume_token": False}, {}, strict_once=True),
+    "latency-700ms": SellerFault({"latency_ms": 700}, {}, strict_once=True),
+    # The seller consumes the token, then sleeps past the worker's timeout: the answer is lost after billing.
+    # "Billed twice" then cannot mean "the seller billed the image twice": the first bill bought nothing the
+    # worker could read, so judging the image needs a second paid call. The honest invariant (checked for
+    # every trial) is: no image billed twice *with an answer received*, and every bill of every image is a
+    # token the worker's ledger holds as spent (answered, or reconciled with GET /api/payments/{id}).
+    "timeout-after-consuming": SellerFault({"p_timeout": 0.2, "timeout_sleep_s": 3.0},
+                                           {"IRLIVE_CALL_TIMEOUT_S": "1"}, strict_once=False),
+}
+
+
+@pytest.mark.parametrize("name", list(SELLER_FAULTS))
+def test_seller_faults(clean_stack: Stack, name: str) -> None:
+    fault = SELLER_FAULTS[name]
+    seed = seed_from_env()
+    env = {**SMALL_CHUNKS, **fault.worker_env}
+    samples = live_samples(200, name, seed=2)
+    upload_samples(clean_stack, samples)
+    clean_stack.sandbox_config(seed=seed, **fault.sandbox)
+    _workers(clean_stack, 2, env)
+    run_id = scan(clean_stack, name, env=env)
+    drive = drive_to_completion(clean_stack, run_id, deadline_s=240, env=env)
+    books = Books()
+    problems = check_invariants(clean_stack, run_id, samples, strict_once=fault.strict_once, env=env, books=books)
+    _report(name, seed, drive, books, problems)
+    assert unexpected(problems) == [], f"seed {seed}: {problems}"
+    if "p_timeout" in fault.sandbox:
+        assert books.ledger["timeouts"] > 0 and books.wallet.get("reconciled_spent", 0) > 0, books.wallet
+    if "p_5xx" in fault.sandbox:
+        assert books.ledger["errors_5xx"] > 0
+
+
+# ---- 4. Connections dropped between the worker and the seller ----------------------------------------
+
+
+PROXY_FAULTS: dict[str, tuple[Callable[[FaultProxy], None], str]] = {
+    # Any request (402 quote, purchase, call, payment read-back) may lose its answer after 0..600 bytes.
+    "drop-mid-answer": (lambda p: p.drop_mid_answer(after_bytes=(0, 600), p=0.15), "drop"),
+    "drop-mid-answer-rst": (lambda p: p.drop_mid_answer(after_bytes=(0, 600), p=0.15, rst=True), "drop"),
+    # Refused before a byte reaches the seller: nothing can have been billed.
+    "reset-on-connect": (lambda p: p.reset_on_connect(p=0.2), "reset"),
+}
+
+
+@pytest.mark.parametrize("name", list(PROXY_FAULTS))
+def test_connections_to_the_seller_dropped(clean_stack: Stack, name: str) -> None:
+    switch, stat = PROXY_FAULTS[name]
+    seed = seed_from_env()
+    samples = live_samples(200, name, seed=3)
+    upload_samples(clean_stack, samples)
+    with FaultProxy.for_url(clean_stack.sandbox_url, seed=seed) as proxy:
+        env = {**SMALL_CHUNKS, "IRLIVE_MARKETPLACE_URL": proxy.url}
+        switch(proxy)
+        _workers(clean_stack, 2, env)
+        run_id = scan(clean_stack, name, env=env)
+        drive = drive_to_completion(clean_stack, run_id, deadline_s=240, env=env)
+        proxy.pass_through()
+        books = Books()
+        # Reconciliation asks the seller directly (stack env, no proxy) about every token left open.
+        problems = check_invariants(clean_stack, run_id, samples, strict_once=name == "reset-on-connect",
+                                    books=books)
+        print(f"proxy stats: {dict(proxy.stats)}")
+    _report(name, seed, drive, books, problems)
+    assert unexpected(problems) == [], f"seed {seed}: {problems}"
+    assert proxy.stats[stat] > 0
+
+
+# ---- 5. S3 answering 500/503 for a while ---------------------------------------------------------------
+
+
+def _not_presigned(head: bytes) -> bool:
+    # The seller downloads images through presigned URLs, which point at the proxy too. A seller that cannot
+    # download answers InvalidImage.Download, a permanent per-image error by the seller's contract; that is
+    # the seller's behaviour, covered elsewhere. Here S3 fails the worker's own calls: HEAD, ranged GET, PUT.
+    return b"X-Amz-Signature=" not in head.split(b"\r\n", 1)[0]
+
+
+def test_s3_answering_500_and_503_for_a_while(clean_stack: Stack) -> None:
+    seed = seed_from_env()
+    samples = live_samples(300, "s3flap", seed=4)
+    upload_samples(clean_stack, samples)
+    clean_stack.sandbox_config(latency_ms=150)
+    with FaultProxy.for_url(clean_stack.s3_endpoint, seed=seed) as proxy:
+        env = {**SMALL_CHUNKS, "IRLIVE_S3_ENDPOINT_URL": proxy.url}
+        _workers(clean_stack, 2, env)
+        phases = [(0.3, lambda: proxy.http_error(503, duration_s=3.0, match=_not_presigned)),
+                  (4.5, lambda: proxy.http_error(500, duration_s=2.0, p=0.5, match=_not_presigned)),
+                  (7.5, lambda: proxy.http_error(500, count=40, match=_not_presigned))]
+
+        def flap(elapsed: float, snap: dict[str, str]) -> None:
+            if phases and elapsed >= phases[0][0]:
+                phases.pop(0)[1]()
+
+        # The scan lists through S3 directly: the faults are for the workers.
+        run_id = scan(clean_stack, "s3flap", env=SMALL_CHUNKS)
+        drive = drive_to_completion(clean_stack, run_id, deadline_s=240, during=flap, env=env)
+        proxy.pass_through()
+        books = Books()
+        problems = check_invariants(clean_stack, run_id, samples, strict_once=True, books=books)
+        print(f"proxy stats: {dict(proxy.stats)}")
+    _report("s3 500/503", seed, drive, books, problems)
+    assert unexpected(problems) == [], f"seed {seed}: {problems}"
+    assert proxy.stats["http_error"] > 0
+
+
+# ---- known worker bugs, reproduced deterministically -------------------------------------------------
+
+
+def _paid_call_with_token(head: bytes) -> bool:
+    return head.startswith(b"POST /api/tools/") and b"\r\nx-payment-token:" in head.lower()
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "worker/finalize.py finalize_run writes the run manifest's calls/spend_cents from the run hash while "
+    "tokens of the run are still 'sent' (answer lost, read-back failed); their later reconciliation "
+    "(_SETTLE) charges the run in Redis but the manifest is already final, so manifest.calls < seller's "
+    "calls_billed. Fix: before writing, settle the run's open tokens (lease zset entries whose run_id is the "
+    "run: GET /api/payments/{id}, as Wallet.sweep does; all chunks are complete, so no live delivery owns "
+    "them) and retry finalisation (TransientError) while any stays unresolved."))
+def test_known_bug_manifest_misses_calls_whose_tokens_were_open_at_finalisation(clean_stack: Stack) -> None:
+    samples = live_samples(10, "openfinal")
+    upload_samples(clean_stack, samples)
+    with FaultProxy.for_url(clean_stack.sandbox_url) as proxy:
+        env = {"IRLIVE_MARKETPLACE_URL": proxy.url}
+        # The first paid call loses its answer after the seller billed it, and the read-back of that token
+        # fails too: the worker pays a second call, and the first token stays 'sent' past finalisation.
+        proxy.drop_mid_answer(0, count=2, match=lambda h: _paid_call_with_token(h)
+                              or h.startswith(b"GET /api/payments/"))
+        _workers(clean_stack, 1, env, concurrency=1)
+        run_id = scan(clean_stack, "openfinal", env=env)
+        drive_to_completion(clean_stack, run_id, deadline_s=120, env=env)
+        problems = check_invariants(clean_stack, run_id, samples)
+    print(problems)
+    assert proxy.stats["drop"] == 2
+    assert problems == []
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "worker/wallet.py Wallet._buy writes the purchase request as 'requested' before POST /api/payments; if "
+    "the worker dies (SIGKILL) or Redis is unreachable when the answer comes back, the record stays "
+    "'requested' forever: Wallet.sweep only walks the leases zset, so the seller's payment is counted "
+    "neither in 'bought' nor in 'unknown_purchases' (ledger short of the seller's payments_created). Fix: "
+    "index requests in a zset with their time and let sweep turn 'requested' older than the call timeout "
+    "into 'unknown' (HINCRBY unknown_purchases), as the OutcomeUnknown branch does."))
+def test_known_bug_purchase_whose_answer_never_came_back_stays_requested(clean_stack: Stack) -> None:
+    samples = live_samples(10, "lostbuy")
+    upload_samples(clean_stack, samples)
+    with FaultProxy.for_url(clean_stack.sandbox_url) as proxy:
+        env = {**FAST_REDELIVERY, "IRLIVE_MARKETPLACE_URL": proxy.url}
+        proxy.hold_answer(30.0, count=1, match=lambda h: h.startswith(b"POST /api/payments"))
+        worker = clean_stack.start_worker(extra_env=env, concurrency=1)
+        run_id = scan(clean_stack, "lostbuy", env=env)
+        deadline = time.monotonic() + 30
+        while clean_stack.sandbox_ledger()["payments_created"] < 1:
+            assert time.monotonic() < deadline, "the purchase never reached the seller"
+            time.sleep(0.05)
+        # The seller has created the payment; its answer is held in the proxy. The worker dies now.
+        clean_stack.kill_worker(worker)
+        proxy.pass_through()
+        _workers(clean_stack, 1, env)
+        drive_to_completion(clean_stack, run_id, deadline_s=120, env=env)
+        problems = check_invariants(clean_stack, run_id, samples)
+    print(problems)
+    assert problems == []
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "worker/pipeline.py ChunkProcessor._record_answer: after a paid call is answered and the token settled "
+    "spent, saving the verdicts (Runs.save, the _SAVE script) fails on a Redis blip (the worker's client "
+    "has no retries: NoBackoff, 0 retries) and the exception abandons the delivery; the answer is lost and "
+    "the redelivered chunk pays again for the same images: billed twice with an answer received. Seen in "
+    "test_redis_restart_mid_run_with_aof; a SIGKILL between Wallet.spent and the saves does the same. Fix: "
+    "settle the token and save the call's records in one Lua script (both or neither: if neither, the token "
+    "stays 'sent' and is reconciled as spent without an answer, an honest re-pay), and retry that idempotent "
+    "script with backoff on ConnectionError/TimeoutError while the chunk lease is held (not a client-wide "
+    "retry: the _buy pipeline's HINCRBYs are not idempotent)."))
+def test_known_bug_answer_lost_to_a_redis_blip_after_paying_is_paid_again(clean_stack: Stack) -> None:
+    from worker.runs import _SAVE  # the script whose EVALSHA the proxy fails once
+
+    samples = live_samples(10, "blip")
+    upload_samples(clean_stack, samples)
+    redis_port = int(clean_stack.redis_url.rsplit(":", 1)[1].split("/", 1)[0])
+    with FaultProxy("127.0.0.1", redis_port) as proxy:
+        env = {**FAST_REDELIVERY, "IRLIVE_REDIS_URL": f"redis://127.0.0.1:{proxy.port}/0"}
+        # The first save of a verdict, which comes right after the first paid call was answered, fails.
+        proxy.cut_on_send(hashlib.sha1(_SAVE.encode()).hexdigest().encode(), count=1)
+        _workers(clean_stack, 1, env, concurrency=1)
+        run_id = scan(clean_stack, "blip", env=env)
+        drive_to_completion(clean_stack, run_id, deadline_s=120, env=env)
+        problems = check_invariants(clean_stack, run_id, samples)
+    print(problems)
+    assert proxy.stats["cut"] == 1
+    assert problems == []
