@@ -110,11 +110,11 @@ def test_the_daily_cap_counts_purchases_for_the_pool_too(env: tuple[Wallet, Sell
 
 
 def test_settling_twice_charges_once(env: tuple[Wallet, Seller, redis.Redis, Runs]) -> None:
-    wallet, _, client, _ = env
+    wallet, _, client, runs = env
     token = wallet.take("r")
     wallet.sent(token, ["in/x/a.png@e"])
-    wallet.spent(token, "r", "req-1")
-    wallet.spent(token, "r", "req-1")
+    runs.record("r", 0, [], paid_by=(token.payment_id, 20, "req-1"))
+    runs.record("r", 0, [], paid_by=(token.payment_id, 20, "req-1"))
     assert (client.hget("irlive:run:r", "calls"), client.hget("irlive:run:r", "spend_cents")) == ("1", "20")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from worker.config import S3Location
+from worker.errors import TransientError
 from worker.manifest import chunk_key, failed_key, failed_lines, run_document, run_manifest_key
 from worker.runs import Runs, now_iso
 from worker.storage import Storage
@@ -17,6 +18,10 @@ def finalize_run(runs: Runs, storage: Storage, wallet: Wallet, run_id: str) -> d
     if run is None:
         return None
     output = S3Location.parse(run["output"], "run output")
+    # A call whose answer was lost leaves its token 'sent'; the manifest's calls must include it.
+    if wallet.settle_run(run_id):
+        raise TransientError(f"run {run_id}: some tokens could not be reconciled yet; finalising later")
+    run = runs.get(run_id) or run
     run["finished_at"] = runs.set_once(run_id, "finished_at", now_iso())
     chunks: list[dict[str, Any]] = []
     failed: list[dict[str, Any]] = []

@@ -41,6 +41,9 @@ class Keys:
     def leases(self) -> str:
         return f"{self.prefix}:wallet:leases"
 
+    def requests(self) -> str:
+        return f"{self.prefix}:wallet:requests"
+
     def wallet_totals(self) -> str:
         return f"{self.prefix}:wallet:totals"
 

@@ -28,7 +28,7 @@ from worker.ratelimit import RateLimiter
 from worker.runs import Runs, now_iso
 from worker.storage import Storage
 from worker.validate import Limits, small_image_warning, validate
-from worker.verdicts import AnswerError, ElementError, judge_answer
+from worker.verdicts import AnswerError, ElementError, Judgement, judge_answer
 from worker.wallet import Wallet
 
 log = logging.getLogger("irlive.pipeline")
@@ -225,37 +225,39 @@ class ChunkProcessor:
         except ConfigError:
             deps.wallet.after_failure(token, run_id)
             raise
-        deps.wallet.spent(token, run_id, answer.request_id)
         deps.limiter.answered()
-        self._record_answer(chunk, group, queue, urls, answer.result, answer.request_id)
+        self._record_answer(chunk, group, queue, urls, answer.result, answer.request_id,
+                            (token.payment_id, token.amount_cents, answer.request_id or ""))
         return 0
 
     def _record_answer(self, chunk: Chunk, group: _Group, queue: deque[_Group], urls: list[str], result: Any,
-                       request_id: str | None) -> None:
-        try:
-            judgements = judge_answer(urls, result)
-        except AnswerError as exc:
-            self._retry_or_fail(chunk, group, queue, exc, "bad_answer")
-            return
+                       request_id: str | None, paid_by: tuple[str, int, str]) -> None:
+        """Settle the token and save every verdict it bought in one step; retry the images it did not answer."""
+        saves: list[tuple[int, Item, dict[str, Any]]] = []
         unanswered: list[_Image] = []
+        try:
+            judgements: list[Judgement | AnswerError] = judge_answer(urls, result)
+        except AnswerError as exc:
+            judgements = [exc] * len(group.images)
         for img, judgement in zip(group.images, judgements, strict=True):
             if isinstance(judgement, ElementError) and is_permanent_code(judgement.code):
                 # Refused by the seller for this image alone: record it, never retry it.
-                self._save(chunk, img.index, img.item, unjudged_record(
+                saves.append((img.index, img.item, unjudged_record(
                     img.item, img.size, "error", reason=str(judgement), code=judgement.code,
-                    attempts=group.attempts + 1, judged_at=now_iso(), request_id=request_id))
-                continue
-            if isinstance(judgement, AnswerError):
+                    attempts=group.attempts + 1, judged_at=now_iso(), request_id=request_id)))
+            elif isinstance(judgement, AnswerError):
                 unanswered.append(img)
-                continue
-            self._save(chunk, img.index, img.item, judged_record(
-                img.item, img.size, judgement, request_id=request_id, attempts=group.attempts + 1,
-                judged_at=now_iso(), warning=img.warning))
+            else:
+                saves.append((img.index, img.item, judged_record(
+                    img.item, img.size, judgement, request_id=request_id, attempts=group.attempts + 1,
+                    judged_at=now_iso(), warning=img.warning)))
+        self.deps.runs.record(chunk.run_id, chunk.seq, saves, paid_by=paid_by)
         if unanswered:
             log.warning("call %s answered %d of %d images", request_id, len(group.images) - len(unanswered),
                         len(group.images))
-            rest = _Group(unanswered, group.attempts)
-            self._retry_or_fail(chunk, rest, queue, AnswerError("no usable element in the answer"), "bad_answer")
+            reason = judgements[0] if len(unanswered) == len(group.images) else "no usable element in the answer"
+            self._retry_or_fail(chunk, _Group(unanswered, group.attempts), queue, AnswerError(str(reason)),
+                                "bad_answer")
 
     def _retry_or_fail(self, chunk: Chunk, group: _Group, queue: deque[_Group], exc: Exception, code: str) -> None:
         group.attempts += 1

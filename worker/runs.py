@@ -8,17 +8,32 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from redis import exceptions as redis_errors
+
+from worker.errors import TransientError
 from worker.keys import Keys
 from worker.manifest import JUDGED, VERDICTS, Item
+from worker.settle_lua import SETTLE_FN
 
-# A record is saved once per image per chunk; only the first save counts, so redelivery never double counts.
-_SAVE = """
-if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
-redis.call('HINCRBY', KEYS[2], ARGV[3], 1)
-redis.call('HINCRBY', KEYS[2], 'done', 1)
-redis.call('HSET', KEYS[2], 'progress_ms', ARGV[6])
-if ARGV[5] ~= '' then redis.call('HSET', KEYS[3], ARGV[4], ARGV[5]) end
-return 1
+# Records are saved once per image per chunk (only the first save counts, so redelivery never double counts),
+# together with the settlement of the token that paid for them, if any: an answer is never lost between the
+# two. KEYS: progress, run, done, pay, leases, totals. ARGV: now_ms, pid ('' = none), amount, request_id,
+# then five per record: index, record, verdict, identity, done-set entry ('' = none).
+_RECORD = SETTLE_FN + """
+if ARGV[2] ~= '' then
+  settle(KEYS[4], KEYS[5], KEYS[6], KEYS[2], ARGV[2], ARGV[3], ARGV[4], ARGV[1], 'spent')
+end
+local saved = 0
+for i = 5, #ARGV, 5 do
+  if redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]) == 1 then
+    redis.call('HINCRBY', KEYS[2], ARGV[i + 2], 1)
+    redis.call('HINCRBY', KEYS[2], 'done', 1)
+    if ARGV[i + 4] ~= '' then redis.call('HSET', KEYS[3], ARGV[i + 3], ARGV[i + 4]) end
+    saved = saved + 1
+  end
+end
+redis.call('HSET', KEYS[2], 'progress_ms', ARGV[1])
+return saved
 """
 # A new chunk: its number, its counters and its keys, in one step (a crash cannot count it without its keys).
 _ADD_CHUNK = """
@@ -63,6 +78,7 @@ if state == 'paused_budget' then
 end
 return redis.call('LRANGE', KEYS[2], 0, -1)
 """
+RECORD_RETRY_S = 60.0
 # The producer holds one extra 'pending' while it lists, so early chunks cannot finish the run.
 LISTING_HOLD = 1
 TERMINAL_STATES = ("done", "failed")
@@ -95,7 +111,7 @@ class Runs:
         self.redis = redis
         self._redis = redis
         self._keys = keys
-        self._save = redis.register_script(_SAVE)
+        self._record = redis.register_script(_RECORD)
         self._complete = redis.register_script(_COMPLETE)
         self._listed = redis.register_script(_LISTED)
         self._add_chunk = redis.register_script(_ADD_CHUNK)
@@ -217,16 +233,29 @@ class Runs:
 
     def save(self, run_id: str, seq: int, index: int, item: Item, record: dict[str, Any]) -> bool:
         """Record one image's outcome once; judged verdicts also enter the done-set."""
-        verdict = record["verdict"]
-        done_value = ""
-        if verdict in JUDGED:
-            brief = {k: record.get(k) for k in ("suggestion", "rate", "faces", "request_id", "judged_at")}
-            done_value = json.dumps({"run_id": run_id, "verdict": verdict, "record": brief}, sort_keys=True)
-        saved = self._save(
-            keys=[self._keys.chunk_progress(run_id, seq), self._keys.run(run_id), self._keys.done()],
-            args=[index, json.dumps(record, sort_keys=True), verdict, item.identity, done_value, _now_ms()],
-        )
-        return bool(saved)
+        return self.record(run_id, seq, [(index, item, record)]) == 1
+
+    def record(self, run_id: str, seq: int, saves: list[tuple[int, Item, dict[str, Any]]],
+               paid_by: tuple[str, int, str] | None = None) -> int:
+        """Save records, and settle the token (payment id, cents, request id) that paid for them, atomically."""
+        args: list[Any] = [_now_ms(), *(paid_by or ("", 0, ""))]
+        for index, item, rec in saves:
+            args += [index, json.dumps(rec, sort_keys=True), rec["verdict"], item.identity,
+                     _done_entry(run_id, rec)]
+        pid = paid_by[0] if paid_by else "none"
+        keys = [self._keys.chunk_progress(run_id, seq), self._keys.run(run_id), self._keys.done(),
+                self._keys.payment(pid), self._keys.leases(), self._keys.wallet_totals()]
+        # The script is idempotent, so a Redis blip is retried here rather than losing a paid answer.
+        deadline = time.monotonic() + RECORD_RETRY_S
+        delay = 0.1
+        while True:
+            try:
+                return int(self._record(keys=keys, args=args))
+            except (redis_errors.ConnectionError, redis_errors.TimeoutError) as exc:
+                if time.monotonic() + delay > deadline:
+                    raise TransientError(f"could not record results in Redis: {type(exc).__name__}") from None
+                time.sleep(delay)
+                delay = min(2.0, delay * 2)
 
     def complete_chunk(self, run_id: str, seq: int) -> int:
         return int(self._complete(keys=[self._keys.chunks_done(run_id), self._keys.run(run_id)], args=[seq]))
@@ -246,6 +275,13 @@ class Runs:
         self._redis.hsetnx(self._keys.run(run_id), name, value)
         stored: str = self._redis.hget(self._keys.run(run_id), name)
         return stored
+
+
+def _done_entry(run_id: str, record: dict[str, Any]) -> str:
+    if record["verdict"] not in JUDGED:
+        return ""
+    brief = {k: record.get(k) for k in ("suggestion", "rate", "faces", "request_id", "judged_at")}
+    return json.dumps({"run_id": run_id, "verdict": record["verdict"], "record": brief}, sort_keys=True)
 
 
 def _now_ms() -> int:

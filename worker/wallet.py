@@ -13,9 +13,10 @@ from worker.budget import Budget
 from worker.errors import ConfigError, OutcomeUnknown, TransientError
 from worker.keys import Keys
 from worker.marketplace import Marketplace, Payment
+from worker.settle_lua import SETTLE_FN
 
 # Ledger states of one payment (hash irlive:pay:<id>):
-#   requested -> paid -> reserved -> sent -> spent
+#   requested -> paid -> reserved -> sent -> spent   (spent is written with the call's verdicts: Runs.record)
 #                 ^---------+----------+       returned to the pool: lease expired, or reconciled unspent
 #   requested -> unknown   the purchase request timed out: no id to look up; counted as bought, never repeated
 #   requested -> failed    the purchase certainly did not happen
@@ -65,19 +66,8 @@ redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('RPUSH', KEYS[3], ARGV[1])
 return 1
 """
-# Only the transition into 'spent' charges, so a reconcile racing an answer cannot charge twice.
-_SETTLE = """
-local state = redis.call('HGET', KEYS[1], 'state')
-if state == 'spent' or state == 'void' then return 0 end
-redis.call('HSET', KEYS[1], 'state', ARGV[5], 'committed', '0', 'request_id', ARGV[3], 'updated_ms', ARGV[4])
-redis.call('ZREM', KEYS[2], ARGV[1])
-redis.call('HINCRBY', KEYS[3], ARGV[5], 1)
-redis.call('HINCRBY', KEYS[3], ARGV[5] .. '_cents', ARGV[2])
-if KEYS[4] ~= '' and ARGV[5] == 'spent' then
-  redis.call('HINCRBY', KEYS[4], 'calls', 1)
-  redis.call('HINCRBY', KEYS[4], 'spend_cents', ARGV[2])
-end
-return 1
+_SETTLE = SETTLE_FN + """
+return settle(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
 """
 QUOTE_TTL_S = 300.0
 PENDING_WAIT_S = 20.0
@@ -152,10 +142,6 @@ class Wallet:
         pipe.zadd(self._keys.leases(), {token.payment_id: now + self._lease_ms})
         pipe.execute()
 
-    def spent(self, token: Token, run_id: str, request_id: str | None) -> None:
-        """The call was answered: the token is consumed and the run is charged."""
-        self._settle(token.payment_id, run_id, token.amount_cents, request_id or "", "spent")
-
     def after_failure(self, token: Token, run_id: str) -> bool:
         """Ask the seller whether a failed call used the token; back to the pool if not. True if spent."""
         try:
@@ -170,30 +156,58 @@ class Wallet:
         self._settle(token.payment_id, run_id, token.amount_cents, "", "void")
 
     def sweep(self, *, everything: bool = False) -> int:
-        """Finish what dead workers left: expired reservations go back, expired 'sent' are reconciled.
+        """Finish what dead workers left: expired reservations go back, expired 'sent' are reconciled,
+        purchases that never got an answer are counted as unknown.
 
         everything=True ignores leases: only safe when no worker is running.
         """
         limit = "+inf" if everything else _now_ms()
-        done = 0
-        for pid in self._redis.zrangebyscore(self._keys.leases(), "-inf", limit):
+        done = self._settle_open(self._redis.zrangebyscore(self._keys.leases(), "-inf", limit))[0]
+        done += self._expire_requests("+inf" if everything else _now_ms() - self._lease_ms)
+        self._redis.hset(self._keys.wallet_totals(), "last_reconciled_ms", _now_ms())
+        return done
+
+    def settle_run(self, run_id: str) -> int:
+        """Settle every open token of a run whose chunks are all complete; returns how many stay unsettled."""
+        mine = [pid for pid in self._redis.zrange(self._keys.leases(), 0, -1)
+                if self._redis.hget(self._keys.payment(pid), "run_id") == run_id]
+        return self._settle_open(mine)[1]
+
+    def _settle_open(self, pids: list[str]) -> tuple[int, int]:
+        """(settled, left open) for tokens reserved or sent: back to the pool, or reconciled with the seller."""
+        done = left = 0
+        for pid in pids:
             record: dict[str, str] = self._redis.hgetall(self._keys.payment(pid))
             state, run_id = record.get("state"), record.get("run_id", "")
-            amount = int(record.get("amount_cents") or 0)
             if state == "reserved":
                 self._return(pid)
             elif state == "sent":
                 try:
                     payment = self._market.get_payment(pid)
                 except (TransientError, OutcomeUnknown):
+                    left += 1
                     continue
-                self._apply(pid, run_id, amount, payment)
+                self._apply(pid, run_id, int(record.get("amount_cents") or 0), payment)
             else:
                 self._redis.zrem(self._keys.leases(), pid)
                 continue
             done += 1
-        self._redis.hset(self._keys.wallet_totals(), "last_reconciled_ms", _now_ms())
-        return done
+        return done, left
+
+    def _expire_requests(self, older_than: float | str) -> int:
+        """A purchase request with no recorded answer: the worker died mid-request. It may have been paid."""
+        expired = 0
+        for rid in self._redis.zrangebyscore(self._keys.requests(), "-inf", older_than):
+            key = self._keys.payment(rid)
+            record: dict[str, str] = self._redis.hgetall(key)
+            if record.get("state") == "requested":
+                self._redis.hset(key, "state", "unknown")
+                self._redis.hincrby(self._keys.wallet_totals(), "unknown_purchases", 1)
+                if record.get("run_id"):
+                    self._budget.release_run(record["run_id"], int(record.get("price_cents") or 0))
+                expired += 1
+            self._redis.zrem(self._keys.requests(), rid)
+        return expired
 
     def totals(self) -> dict[str, int]:
         raw: dict[str, str] = self._redis.hgetall(self._keys.wallet_totals())
@@ -207,14 +221,21 @@ class Wallet:
         price = self._check_price()
         if run_id:
             self._budget.commit_run(run_id, price)
-        request_key = self._keys.payment(f"req-{uuid.uuid4().hex}")
+        request_id = f"req-{uuid.uuid4().hex}"
+        request_key = self._keys.payment(request_id)
         try:
             self._budget.commit_day(price)
-            self._redis.hset(request_key, mapping={"state": "requested", "run_id": run_id, "created_ms": _now_ms()})
+            now = _now_ms()
+            pipe = self._redis.pipeline(transaction=True)
+            pipe.hset(request_key, mapping={"state": "requested", "run_id": run_id, "price_cents": price,
+                                            "created_ms": now})
+            pipe.zadd(self._keys.requests(), {request_id: now})
+            pipe.execute()
             payment = self._market.create_payment()
         except OutcomeUnknown:
             # No idempotency key and no id: the purchase may exist. Count it as bought, never repeat blindly.
             self._redis.hset(request_key, "state", "unknown")
+            self._redis.zrem(self._keys.requests(), request_id)
             self._redis.hincrby(self._keys.wallet_totals(), "unknown_purchases", 1)
             if run_id:
                 self._budget.release_run(run_id, price)
@@ -222,6 +243,7 @@ class Wallet:
         except BaseException:
             if self._redis.hget(request_key, "state") == "requested":
                 self._redis.hset(request_key, "state", "failed")
+                self._redis.zrem(self._keys.requests(), request_id)
                 self._budget.release_day(price)
             if run_id:
                 self._budget.release_run(run_id, price)
@@ -237,6 +259,7 @@ class Wallet:
         if not for_pool:
             pipe.zadd(self._keys.leases(), {payment.payment_id: now + self._lease_ms})
         pipe.hset(request_key, mapping={"state": "paid", "payment_id": payment.payment_id})
+        pipe.zrem(self._keys.requests(), request_id)
         pipe.expire(request_key, 7 * 24 * 3600)
         pipe.hincrby(self._keys.wallet_totals(), "bought", 1)
         pipe.hincrby(self._keys.wallet_totals(), "bought_cents", amount)
