@@ -9,6 +9,7 @@ import pytest
 from sandbox.stack import Stack
 from tests.conftest import IrliveRunner
 from tests.e2e import IN_BUCKET, read_run, upload
+from tests.faultproxy import FaultProxy
 from tests.test_budget import clean_samples, poll, run_hash
 
 pytestmark = pytest.mark.integration
@@ -76,3 +77,31 @@ def test_redrive_judges_failed_images_again_and_nothing_else(clean_stack: Stack,
 def test_dlq_is_empty_and_readable(clean_stack: Stack, irlive: IrliveRunner) -> None:
     assert json.loads(irlive("dlq", "--json").stdout) == []
     assert "no dead-lettered chunks" in irlive("dlq").stdout
+
+
+def test_a_chunk_that_keeps_failing_is_dead_lettered_then_redriven(clean_stack: Stack, irlive: IrliveRunner) -> None:
+    samples = clean_samples(10)
+    upload(clean_stack, samples)
+    with FaultProxy.for_url(clean_stack.s3_endpoint) as proxy:
+        # S3 refuses the workers' HEADs, so every delivery of the chunk fails before paying anything.
+        proxy.http_error(503, match=lambda head: head.startswith(b"HEAD "))
+        env = {"IRLIVE_S3_ENDPOINT_URL": proxy.url, "IRLIVE_MAX_DELIVERIES": "2"}
+        clean_stack.start_worker(extra_env=env)
+        run_id = json.loads(irlive("scan", f"s3://{IN_BUCKET}/clean", "--json").stdout)["run_id"]
+        poll(lambda: bool(json.loads(irlive("dlq", "--json").stdout)), 120, "the chunk to be dead-lettered")
+        proxy.pass_through()
+        poll(lambda: run_hash(clean_stack, run_id)["state"] == "done", 60, "the run to end with errors")
+
+        entries = json.loads(irlive("dlq", "--json").stdout)
+        assert [(e["run_id"], e["seq"], e["deliveries"]) for e in entries] == [(run_id, 0, 2)]
+        assert "503" in entries[0]["last_error"] or "S3" in entries[0]["last_error"]
+        run = read_run(clean_stack, run_id)
+        assert run.manifest["counts"]["error"] == 10
+        assert all(r["error_code"] == "dead_letter" for r in run.records)
+        assert clean_stack.sandbox_ledger()["payments_created"] == 0
+
+        redriven = json.loads(irlive("redrive", run_id, "--json").stdout)
+        assert redriven["chunks_redriven"] == [0]
+        poll(lambda: run_hash(clean_stack, run_id)["state"] == "done", 60, "the redriven run")
+    assert read_run(clean_stack, run_id).manifest["counts"]["live"] == 10
+    assert json.loads(irlive("dlq", "--json").stdout) == []

@@ -113,6 +113,9 @@ class Recovery:
         return reopened
 
     def dead_letter(self, chunk: Chunk, deliveries: int, last_error: str) -> None:
+        """List the chunk once, however many deliveries it takes to write its error records."""
+        if not self._redis.sadd(self._keys.dlq() + ":members", f"{chunk.run_id}/{chunk.seq}"):
+            return
         entry = {"run_id": chunk.run_id, "seq": chunk.seq, "deliveries": deliveries, "last_error": last_error,
                  "images": len(chunk.items), "at": now_iso()}
         self._redis.rpush(self._keys.dlq(), json.dumps(entry, sort_keys=True))
@@ -122,8 +125,10 @@ class Recovery:
 
     def _drop_dead_letters(self, run_id: str) -> None:
         for raw in self._redis.lrange(self._keys.dlq(), 0, -1):
-            if json.loads(raw).get("run_id") == run_id:
+            entry = json.loads(raw)
+            if entry.get("run_id") == run_id:
                 self._redis.lrem(self._keys.dlq(), 0, raw)
+                self._redis.srem(self._keys.dlq() + ":members", f"{run_id}/{entry['seq']}")
 
 
 def _chunk_message(raw: str | bytes) -> dict[str, Any] | None:
