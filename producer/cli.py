@@ -18,7 +18,7 @@ from producer.scan import ScanRequest, ScanResult, estimate, scan
 from producer.status import follow, render, status_dict
 from worker.celeryapp import create_app
 from worker.config import S3Location, Settings
-from worker.errors import ConfigError, IrliveError
+from worker.errors import ConfigError, IrliveError, UnknownRun
 from worker.keys import Keys
 from worker.marketplace import Marketplace
 from worker.recovery import Reconciled, Recovery
@@ -48,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return code
     except IrliveError as exc:
         print(f"irlive: error: {redact(str(exc))}", file=sys.stderr)
-        return EXIT_USAGE if isinstance(exc, ConfigError) else EXIT_FAILED
+        return EXIT_USAGE if isinstance(exc, ConfigError | UnknownRun) else EXIT_FAILED
     except redis.exceptions.ConnectionError as exc:
         print(f"irlive: error: cannot reach Redis (IRLIVE_REDIS_URL): {redact(str(exc))}", file=sys.stderr)
         return EXIT_FAILED
@@ -214,8 +214,7 @@ def _cmd_resume(ns: argparse.Namespace) -> int:
     settings = Settings.from_env()
     clients = _Clients(settings)
     if clients.runs.get(ns.run_id) is None:
-        print(f"irlive: error: no run {ns.run_id!r}", file=sys.stderr)
-        return EXIT_USAGE
+        raise UnknownRun(ns.run_id)
     parked = clients.runs.resume(ns.run_id, ns.budget)
     app = create_app(settings)
     for message in parked:
@@ -236,11 +235,7 @@ def _recovery(clients: _Clients) -> Recovery:
 def _cmd_reconcile(ns: argparse.Namespace) -> int:
     settings = Settings.from_env()
     clients = _Clients(settings)
-    try:
-        lost = _recovery(clients).orphans(ns.run_id)
-    except LookupError:
-        print(f"irlive: error: no run {ns.run_id!r}", file=sys.stderr)
-        return EXIT_USAGE
+    lost = _recovery(clients).orphans(ns.run_id)
     app = create_app(settings)
     for chunk in lost:
         app.send_task(PROCESS_CHUNK, args=[chunk.to_message()])
@@ -271,11 +266,7 @@ def _cmd_dlq(ns: argparse.Namespace) -> int:
 def _cmd_redrive(ns: argparse.Namespace) -> int:
     settings = Settings.from_env()
     clients = _Clients(settings)
-    try:
-        chunks = _recovery(clients).reopen_failed(ns.run_id, include_rejected=ns.include_rejected)
-    except LookupError:
-        print(f"irlive: error: no run {ns.run_id!r}", file=sys.stderr)
-        return EXIT_USAGE
+    chunks = _recovery(clients).reopen_failed(ns.run_id, include_rejected=ns.include_rejected)
     app = create_app(settings)
     for chunk in chunks:
         app.send_task(PROCESS_CHUNK, args=[chunk.to_message()])
@@ -313,16 +304,9 @@ def _cmd_wallet(ns: argparse.Namespace) -> int:
 
 def _cmd_status(ns: argparse.Namespace) -> int:
     clients = _Clients(Settings.from_env())
-    if ns.wait:
-        try:
-            status = follow(clients.runs, ns.run_id, timeout_s=ns.timeout)
-        except LookupError:
-            status = None
-    else:
-        status = clients.runs.status(ns.run_id)
+    status = follow(clients.runs, ns.run_id, timeout_s=ns.timeout) if ns.wait else clients.runs.status(ns.run_id)
     if status is None:
-        print(f"irlive: error: no run {ns.run_id!r} in {redact(clients.settings.redis_url)}", file=sys.stderr)
-        return EXIT_USAGE
+        raise UnknownRun(ns.run_id)
     doc: dict[str, Any] = status_dict(status)
     print(json.dumps(doc) if ns.json else render(status))
     return _STATE_EXIT.get(status.state, EXIT_OK) if ns.wait or status.state == "failed" else EXIT_OK

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any, TextIO
 
+from worker.errors import UnknownRun
 from worker.runs import STOPPED_STATES, Runs, RunStatus
 
 
@@ -55,7 +56,7 @@ def follow(runs: Runs, run_id: str, *, interval_s: float = 0.5, timeout_s: float
     while True:
         status = runs.status(run_id)
         if status is None:
-            raise LookupError(run_id)
+            raise UnknownRun(run_id)
         if tty:
             out.write("\r" + bar(status))
             out.flush()

@@ -43,6 +43,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 @pytest.fixture
 def clean_stack(stack: Stack) -> Stack:
     """The session stack with no workers, empty Redis and S3 (but the two buckets), a fresh sandbox."""
+    reset_stack(stack)
+    return stack
+
+
+def reset_stack(stack: Stack) -> None:
+    """What clean_stack does; also for one more trial inside the same test."""
     stack.stop_workers()
     if "redis" not in stack.pids():
         # A previous test stopped Redis and failed before starting it again.
@@ -54,7 +60,6 @@ def clean_stack(stack: Stack) -> Stack:
     s3 = stack.s3_client()
     for bucket in BUCKETS:
         s3.create_bucket(Bucket=bucket)
-    return stack
 
 
 def run_irlive(

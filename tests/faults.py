@@ -8,7 +8,6 @@ a deadline with the state and the worker logs in the message.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import random
@@ -21,11 +20,10 @@ from urllib.parse import quote
 
 import redis
 
-from sandbox.config import SandboxConfig
 from sandbox.images import Sample, png
 from sandbox.procs import log_tail
 from sandbox.stack import Stack
-from tests.conftest import BUCKETS, run_irlive
+from tests.conftest import run_irlive
 from tests.e2e import IN_BUCKET, OUT_BUCKET, OUT_PREFIX, upload
 
 OPEN_STATES = ("reserved", "sent")
@@ -44,20 +42,6 @@ def long_mode() -> bool:
 
 
 # ---- trial set-up --------------------------------------------------------------------------------------
-
-
-def reset_stack(stack: Stack) -> None:
-    """What the clean_stack fixture does, for one more trial inside the same test."""
-    stack.stop_workers()
-    if "redis" not in stack.pids():
-        stack.start_redis()
-    stack.redis_client().flushall()
-    stack.reset_s3()
-    stack.reset_sandbox()
-    stack.sandbox_config(**dataclasses.asdict(SandboxConfig()))
-    s3 = stack.s3_client()
-    for bucket in BUCKETS:
-        s3.create_bucket(Bucket=bucket)
 
 
 def live_samples(n: int, prefix: str, seed: int = 0) -> list[Sample]:

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from sandbox.stack import Stack
+from tests.conftest import reset_stack
 from tests.faultproxy import FaultProxy
 from tests.faults import (
     Books,
@@ -27,7 +28,6 @@ from tests.faults import (
     drive_to_completion,
     live_samples,
     long_mode,
-    reset_stack,
     scan,
     seed_from_env,
     upload_samples,

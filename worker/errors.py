@@ -52,3 +52,11 @@ class NotFound(PermanentInputError):
 
 class ChunkBusy(IrliveError):
     """Another delivery of the same chunk is working on it (a broker duplicate): retry later, pay nothing."""
+
+
+class UnknownRun(IrliveError):
+    """A command named a run that this Redis (and key prefix) does not hold."""
+
+    def __init__(self, run_id: str) -> None:
+        super().__init__(f"no run {run_id!r} (check IRLIVE_REDIS_URL and IRLIVE_KEY_PREFIX)")
+        self.run_id = run_id

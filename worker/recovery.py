@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from worker.config import S3Location
+from worker.errors import UnknownRun
 from worker.keys import Keys
 from worker.pipeline import Chunk
 from worker.runs import Runs, now_iso
@@ -64,7 +65,7 @@ class Recovery:
         """Chunks not complete, not parked, not leased by a delivery, and not waiting in the broker."""
         run = self._runs.get(run_id)
         if run is None:
-            raise LookupError(run_id)
+            raise UnknownRun(run_id)
         if run["state"] in ("failed", "paused_budget"):
             return []
         done = {int(s) for s in self._redis.smembers(self._keys.chunks_done(run_id))}
@@ -95,7 +96,7 @@ class Recovery:
         """Drop the run's error (and dead-lettered) records so their images are judged again; returns chunks."""
         run = self._runs.get(run_id)
         if run is None:
-            raise LookupError(run_id)
+            raise UnknownRun(run_id)
         verdicts = ("error", "rejected") if include_rejected else ("error",)
         bucket = S3Location.parse(run["source"], "run source").bucket
         reopened: list[Chunk] = []
