@@ -237,9 +237,10 @@ class Stack:
             client.close()
         self._redis_appendonly = True
 
-    def start_worker(self, extra_env: Mapping[str, str] | None = None, concurrency: int | None = None) -> WorkerProc:
-        """Start one `celery -A worker worker` (threads pool) and wait until it logs "ready."."""
-        w = self._spawn_worker(extra_env, concurrency)
+    def start_worker(self, extra_env: Mapping[str, str] | None = None, concurrency: int | None = None,
+                     app: str = "worker") -> WorkerProc:
+        """Start one `celery -A <app> worker` (threads pool) and wait until it logs "ready."."""
+        w = self._spawn_worker(extra_env, concurrency, app)
         self._await_worker(w)
         return w
 
@@ -299,11 +300,12 @@ class Stack:
             self._spawn_service(name, procs.free_port())
             self._await_service(name, retry_on_port_clash=False)
 
-    def _spawn_worker(self, extra_env: Mapping[str, str] | None, concurrency: int | None) -> WorkerProc:
+    def _spawn_worker(self, extra_env: Mapping[str, str] | None, concurrency: int | None,
+                      app: str = "worker") -> WorkerProc:
         self._worker_seq += 1
         name = f"w{self._worker_seq}"
         cmd = [
-            sys.executable, "-m", "celery", "-A", "worker", "worker", "--pool", "threads",
+            sys.executable, "-m", "celery", "-A", app, "worker", "--pool", "threads",
             "--concurrency", str(concurrency or self.concurrency), "--loglevel", "INFO",
             "--without-gossip", "--without-mingle", "--without-heartbeat", "-n", f"{name}@%h",
         ]  # fmt: skip

@@ -1,0 +1,1 @@
+"""Benchmarks on the local stack that print ratios against a baseline measured in the same run."""
