@@ -67,10 +67,21 @@ class Storage:
                 for obj in page.get("Contents", ()):
                     yield ObjectInfo(obj["Key"], int(obj["Size"]), _etag(obj["ETag"]))
 
-    def head(self, bucket: str, key: str) -> ObjectInfo:
-        with _translate(f"s3://{bucket}/{key}", missing_is_object=True):
-            meta = self._s3.head_object(Bucket=bucket, Key=key)
-        return ObjectInfo(key, int(meta["ContentLength"]), _etag(meta["ETag"]))
+    def read_head(self, bucket: str, key: str, max_bytes: int) -> tuple[ObjectInfo, bytes]:
+        """The first bytes with the object's size and ETag, in one request (no HEAD); empty objects too."""
+        where = f"s3://{bucket}/{key}"
+        with _translate(where, missing_is_object=True):
+            try:
+                answer = self._s3.get_object(Bucket=bucket, Key=key, Range=f"bytes=0-{max_bytes - 1}")
+            except ClientError as exc:
+                if _code(exc) not in ("InvalidRange", "416"):
+                    raise
+                # Only an empty object cannot satisfy a range that starts at 0.
+                return ObjectInfo(key, 0, _etag(exc.response.get("Error", {}).get("ETag", ""))), b""
+            data: bytes = answer["Body"].read()
+        total = str(answer.get("ContentRange", "")).rpartition("/")[2]
+        size = int(total) if total.isdigit() else int(answer.get("ContentLength", len(data)))
+        return ObjectInfo(key, size, _etag(answer["ETag"])), data
 
     def read_range(self, bucket: str, key: str, byte_range: str, etag: str | None = None) -> bytes:
         """Read `bytes=a-b` or `bytes=-n`; with etag, fail as not_found if the object changed meanwhile."""

@@ -28,15 +28,14 @@ class Limits:
 
 
 def validate(storage: Storage, bucket: str, key: str, limits: Limits) -> tuple[ObjectInfo, imageinfo.ImageInfo]:
-    """HEAD, then the first and last bytes; raise PermanentInputError with a code saying why not."""
-    info = storage.head(bucket, key)
+    """The first bytes (with size and ETag), then the last ones if needed; PermanentInputError says why not."""
+    info, head = storage.read_head(bucket, key, imageinfo.HEAD_BYTES)
     if info.size == 0:
         raise PermanentInputError("the object is empty (0 bytes)", code="empty")
     if info.size > limits.max_bytes:
         raise PermanentInputError(
             f"the object is {info.size} bytes; the upstream accepts at most {limits.max_bytes}", code="too_large"
         )
-    head = storage.read_range(bucket, key, f"bytes=0-{imageinfo.HEAD_BYTES - 1}", etag=info.etag)
     image = imageinfo.sniff(head)
     if image is None:
         raise PermanentInputError("not an image: no PNG/JPEG/GIF/BMP/WEBP signature", code="not_an_image")
