@@ -113,7 +113,7 @@ class Settings:
         """How long one chunk can take when every call fails slowly until its attempts run out."""
         calls = math.ceil(self.chunk_size / self.images_per_call) + 4  # + the splits that hunt a bad image
         per_attempt = self.call_timeout_s + 20.0 + 10.0  # the call, the backoff cap, the limiter's wait
-        validation = self.chunk_size * 3 * 2.0  # HEAD + two ranged GETs per image, slow S3
+        validation = self.chunk_size * 2 * 2.0  # two ranged GETs per image, slow S3
         return calls * self.max_attempts * per_attempt + validation
 
     @property
