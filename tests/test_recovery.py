@@ -83,8 +83,8 @@ def test_a_chunk_that_keeps_failing_is_dead_lettered_then_redriven(clean_stack: 
     samples = clean_samples(10)
     upload(clean_stack, samples)
     with FaultProxy.for_url(clean_stack.s3_endpoint) as proxy:
-        # S3 refuses the workers' HEADs, so every delivery of the chunk fails before paying anything.
-        proxy.http_error(503, match=lambda head: head.startswith(b"HEAD "))
+        # S3 refuses the workers' reads, so every delivery of the chunk fails before paying anything.
+        proxy.http_error(503, match=lambda head: head.startswith(b"GET "))
         env = {"IRLIVE_S3_ENDPOINT_URL": proxy.url, "IRLIVE_MAX_DELIVERIES": "2"}
         clean_stack.start_worker(extra_env=env)
         run_id = json.loads(irlive("scan", f"s3://{IN_BUCKET}/clean", "--json").stdout)["run_id"]
