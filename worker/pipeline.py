@@ -87,8 +87,6 @@ class _Image:
 class _Group:
     images: list[_Image]
     attempts: int = 0
-    last_error: str = ""
-    last_code: str = ""
 
 
 class ChunkProcessor:
@@ -261,12 +259,11 @@ class ChunkProcessor:
 
     def _retry_or_fail(self, chunk: Chunk, group: _Group, queue: deque[_Group], exc: Exception, code: str) -> None:
         group.attempts += 1
-        group.last_error, group.last_code = str(exc), code
         if group.attempts >= self.deps.settings.max_attempts:
-            for img in group.images:
-                self._save(chunk, img.index, img.item, unjudged_record(
-                    img.item, img.size, "error", reason=group.last_error, code=code,
-                    attempts=group.attempts, judged_at=now_iso()))
+            self.deps.runs.record(chunk.run_id, chunk.seq, [
+                (img.index, img.item, unjudged_record(img.item, img.size, "error", reason=str(exc), code=code,
+                                                      attempts=group.attempts, judged_at=now_iso()))
+                for img in group.images])
             return
         log.info("chunk %s/%s: attempt %d failed (%s); retrying", chunk.run_id, chunk.seq, group.attempts, code)
         self.deps.sleep(self._backoff(group.attempts))

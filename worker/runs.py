@@ -266,10 +266,6 @@ class Runs:
         values = self._redis.hmget(self._keys.done(), identities)
         return [json.loads(v) if v else None for v in values]
 
-    def forget_judged(self, identities: list[str]) -> None:
-        if identities:
-            self._redis.hdel(self._keys.done(), *identities)
-
     def set_once(self, run_id: str, name: str, value: str) -> str:
         """Set a field only the first time, so finalising twice writes the same manifest; returns the value."""
         self._redis.hsetnx(self._keys.run(run_id), name, value)
