@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 
 from bench.common import NEUTRAL_RATE, RATE_ENV
-from worker.celeryapp import create_app
+from worker.app import create_app
 from worker.config import Settings
 from worker.errors import ConfigError
-from worker.tasks import PROCESS_CHUNK
+from worker.flow.tasks import PROCESS_CHUNK
 
 
 def _celery_rate() -> float:

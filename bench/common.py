@@ -26,8 +26,8 @@ from sandbox.config import SandboxConfig
 from sandbox.images import png
 from sandbox.procs import wait_until
 from sandbox.stack import AWS_ENV, Stack
+from worker.flow.runs import STOPPED_STATES, Runs, RunStatus
 from worker.keys import Keys
-from worker.runs import STOPPED_STATES, Runs, RunStatus
 
 IN_BUCKET = "bench-in"
 OUT_BUCKET = "bench-out"

@@ -16,16 +16,16 @@ from producer.estimate import Estimate, usd
 from producer.filters import parse_suffixes
 from producer.scan import ScanRequest, ScanResult, estimate, scan
 from producer.status import follow, render, status_dict
-from worker.celeryapp import create_app
+from worker.app import create_app
 from worker.config import S3Location, Settings
 from worker.errors import ConfigError, IrliveError, UnknownRun
+from worker.flow.runs import Runs
+from worker.flow.tasks import FINALIZE_RUN, PROCESS_CHUNK, build_deps
 from worker.keys import Keys
-from worker.marketplace import Marketplace
-from worker.recovery import Reconciled, Recovery
-from worker.redact import redact
-from worker.runs import Runs
-from worker.storage import Storage
-from worker.tasks import FINALIZE_RUN, PROCESS_CHUNK, build_deps
+from worker.ops.recovery import Reconciled, Recovery
+from worker.ops.redact import redact
+from worker.seams.marketplace import Marketplace
+from worker.seams.storage import Storage
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PAUSED = 0, 1, 2, 3
 _STATE_EXIT = {"done": EXIT_OK, "failed": EXIT_FAILED, "paused_budget": EXIT_PAUSED}

@@ -17,12 +17,12 @@ from producer.scan import ScanRequest, scan
 from producer.status import follow
 from sandbox.images import Sample, demo_corpus
 from sandbox.stack import AWS_ENV, Stack
-from worker.celeryapp import create_app
+from worker.app import create_app
 from worker.config import S3Location, Settings
+from worker.flow.runs import Runs
+from worker.judge.manifest import chunk_key, failed_key, run_manifest_key
 from worker.keys import Keys
-from worker.manifest import chunk_key, failed_key, run_manifest_key
-from worker.runs import Runs
-from worker.storage import Storage
+from worker.seams.storage import Storage
 
 SOURCE = S3Location("irlive-demo-captures", "captures")
 OUTPUT = S3Location("irlive-demo-results", "irlive")

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # only the type: importing worker.storage at run time would pull in boto3
-    from worker.storage import ObjectInfo
+if TYPE_CHECKING:  # only the type: importing worker.seams.storage at run time would pull in boto3
+    from worker.seams.storage import ObjectInfo
 
 DEFAULT_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 

@@ -14,11 +14,11 @@ from producer.chunking import chunked
 from producer.estimate import Estimate, calls_for
 from producer.filters import image_objects
 from worker.config import S3Location, Settings
-from worker.manifest import Item
-from worker.pipeline import Chunk
-from worker.runs import Runs
-from worker.storage import ObjectInfo, Storage
-from worker.tasks import FINALIZE_RUN, PROCESS_CHUNK
+from worker.flow.pipeline import Chunk
+from worker.flow.runs import Runs
+from worker.flow.tasks import FINALIZE_RUN, PROCESS_CHUNK
+from worker.judge.manifest import Item
+from worker.seams.storage import ObjectInfo, Storage
 
 
 @dataclass(frozen=True)

@@ -7,10 +7,10 @@ from typing import Any
 
 from worker.config import S3Location, Settings
 from worker.errors import IrliveError
-from worker.marketplace import Marketplace
-from worker.storage import Storage
-from worker.validate import Limits, validate
-from worker.verdicts import judge_answer
+from worker.flow.validate import Limits, validate
+from worker.judge.verdicts import judge_answer
+from worker.seams.marketplace import Marketplace
+from worker.seams.storage import Storage
 
 
 def smoke(settings: Settings, image: S3Location) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from dataclasses import asdict
 from typing import Any, TextIO
 
 from worker.errors import UnknownRun
-from worker.runs import STOPPED_STATES, Runs, RunStatus
+from worker.flow.runs import STOPPED_STATES, Runs, RunStatus
 
 
 def status_dict(status: RunStatus) -> dict[str, Any]:

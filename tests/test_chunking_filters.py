@@ -11,7 +11,7 @@ import pytest
 
 from producer.chunking import chunked
 from producer.filters import DEFAULT_SUFFIXES, image_objects, parse_suffixes
-from worker.storage import ObjectInfo
+from worker.seams.storage import ObjectInfo
 
 
 def test_chunk_sizes_are_full_then_the_remainder_in_order() -> None:
@@ -98,7 +98,7 @@ def test_filtering_is_lazy() -> None:
 
 
 def test_pure_modules_import_no_io_library() -> None:
-    code = ("import sys, producer.chunking, producer.filters, worker.verdicts, worker.manifest;"
+    code = ("import sys, producer.chunking, producer.filters, worker.judge.verdicts, worker.judge.manifest;"
             "print(' '.join(m for m in ('boto3', 'botocore', 'httpx', 'redis', 'celery') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == ""

@@ -354,7 +354,7 @@ def test_a_purchase_whose_answer_never_came_back_is_counted_unknown(clean_stack:
 
 
 def test_an_answer_is_not_lost_to_a_redis_blip_after_paying(clean_stack: Stack) -> None:
-    from worker.runs import _RECORD  # the script whose EVALSHA the proxy fails once
+    from worker.flow.runs import _RECORD  # the script whose EVALSHA the proxy fails once
 
     samples = live_samples(10, "blip")
     upload_samples(clean_stack, samples)

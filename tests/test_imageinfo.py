@@ -1,4 +1,4 @@
-"""Unit tests of worker.imageinfo: format sniffing, header dimensions, and end-of-file checks."""
+"""Unit tests of worker.judge.imageinfo: format sniffing, header dimensions, and end-of-file checks."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import zlib
 
 import pytest
 
-from worker.imageinfo import HEAD_BYTES, TAIL_BYTES, ImageInfo, complete, sniff
+from worker.judge.imageinfo import HEAD_BYTES, TAIL_BYTES, ImageInfo, complete, sniff
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:

@@ -1,4 +1,4 @@
-"""worker.manifest: keys, image identity, chunk and run documents, failed.jsonl (pure, no servers)."""
+"""worker.judge.manifest: keys, image identity, chunk and run documents, failed.jsonl (pure, no servers)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 from worker.config import S3Location
-from worker.manifest import (
+from worker.judge.manifest import (
     SCHEMA_VERSION,
     VERDICTS,
     Item,
@@ -20,7 +20,7 @@ from worker.manifest import (
     run_manifest_key,
     unjudged_record,
 )
-from worker.verdicts import Face, Judgement
+from worker.judge.verdicts import Face, Judgement
 
 OUT = S3Location("irlive-out", "results")
 NOW = "2024-01-01T00:00:00Z"

@@ -1,4 +1,4 @@
-"""worker.marketplace: quote, payments, calls and the error translation, over httpx.MockTransport."""
+"""worker.seams.marketplace: quote, payments, calls and the error translation, over httpx.MockTransport."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from urllib.parse import quote
 import httpx
 import pytest
 
-from worker import marketplace as mp
 from worker.errors import (
     ConfigError,
     IrliveError,
@@ -21,7 +20,8 @@ from worker.errors import (
     RateLimited,
     TransientError,
 )
-from worker.marketplace import Marketplace, parse_payment
+from worker.seams import marketplace as mp
+from worker.seams.marketplace import Marketplace, parse_payment
 
 SERVICE = "infrared-face-liveness-detection"
 TOOL = f"/api/tools/{SERVICE}"

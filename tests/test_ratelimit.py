@@ -10,7 +10,7 @@ import redis
 
 from sandbox.stack import Stack
 from worker.errors import RateLimited
-from worker.ratelimit import RateLimiter, RateSpec
+from worker.flow.limiter import RateLimiter, RateSpec
 
 pytestmark = pytest.mark.integration
 

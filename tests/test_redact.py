@@ -1,4 +1,4 @@
-"""worker.redact: presigned queries, tokens and keys are scrubbed from text and from log records."""
+"""worker.ops.redact: presigned queries, tokens and keys are scrubbed from text and from log records."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from worker.redact import RedactingFilter, install, redact
+from worker.ops.redact import RedactingFilter, install, redact
 
 SIGV4 = ("https://in-bucket.s3.us-east-1.amazonaws.com/cam/2024/a.png?X-Amz-Algorithm=AWS4-HMAC-SHA256"
          "&X-Amz-Credential=AKIAIOSFODNN7EXAMPLE%2F20240101%2Fus-east-1%2Fs3%2Faws4_request"

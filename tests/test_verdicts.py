@@ -1,4 +1,4 @@
-"""worker.verdicts: the seller's answer -> one verdict per image (pure, no servers)."""
+"""worker.judge.verdicts: the seller's answer -> one verdict per image (pure, no servers)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from worker.verdicts import AnswerError, ElementError, Judgement, judge_answer, judge_element, parse_result
+from worker.judge.verdicts import AnswerError, ElementError, Judgement, judge_answer, judge_element, parse_result
 
 A = "https://s3.example.com/in/a.png?X-Amz-Signature=aaa"
 B = "https://s3.example.com/in/b.png?X-Amz-Signature=bbb"

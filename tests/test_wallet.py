@@ -10,12 +10,12 @@ import pytest
 import redis
 
 from sandbox.stack import Stack
-from worker.budget import Budget
 from worker.errors import BudgetExhausted, OutcomeUnknown, TransientError
+from worker.flow.runs import Runs
 from worker.keys import Keys
-from worker.marketplace import Marketplace
-from worker.runs import Runs
-from worker.wallet import Wallet
+from worker.money.budgets import Budget
+from worker.money.ledger import Wallet
+from worker.seams.marketplace import Marketplace
 
 pytestmark = pytest.mark.integration
 Handler = Callable[[httpx.Request], httpx.Response]
@@ -65,7 +65,7 @@ def env(clean_stack: Stack) -> Iterator[tuple[Wallet, Seller, redis.Redis, Runs]
 def test_a_pending_payment_is_polled_until_paid_never_bought_twice(env: tuple[Wallet, Seller, redis.Redis, Runs],
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     wallet, seller, _, _ = env
-    monkeypatch.setattr("worker.wallet.PENDING_POLL_S", 0.0)
+    monkeypatch.setattr("worker.money.ledger.PENDING_POLL_S", 0.0)
     seller.statuses = ["pending", "pending", "paid"]
     token = wallet.take("r")
     assert token.payment_id == "p1" and len(seller.payments) == 1
@@ -74,7 +74,7 @@ def test_a_pending_payment_is_polled_until_paid_never_bought_twice(env: tuple[Wa
 def test_a_payment_that_expires_while_pending_is_void(env: tuple[Wallet, Seller, redis.Redis, Runs],
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     wallet, seller, client, _ = env
-    monkeypatch.setattr("worker.wallet.PENDING_POLL_S", 0.0)
+    monkeypatch.setattr("worker.money.ledger.PENDING_POLL_S", 0.0)
     seller.statuses = ["pending", "expired"]
     with pytest.raises(TransientError):
         wallet.take("r")

@@ -8,10 +8,10 @@ import pytest
 import redis
 
 from sandbox.stack import Stack
+from worker.flow.runs import Runs
 from worker.keys import Keys
-from worker.recovery import Recovery
-from worker.runs import Runs
-from worker.watchdog import Watchdog
+from worker.ops.recovery import Recovery
+from worker.ops.watchdog import Watchdog
 
 pytestmark = pytest.mark.integration
 

@@ -11,6 +11,14 @@ class TransientError(IrliveError):
     """A failure that may pass: retry with exponential backoff and full jitter, bounded."""
 
 
+class StoreUnavailable(TransientError):
+    """Redis cannot be reached, or is not accepting writes for a while (a failover, loading, a busy script)."""
+
+
+class StoreRefused(StoreUnavailable):
+    """Redis refused a write: out of memory under `maxmemory`. Passes only when memory is freed."""
+
+
 class PaymentRejected(TransientError):
     """The seller refused a payment token (used, expired or unknown): drop it and use another."""
 

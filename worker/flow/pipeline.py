@@ -21,15 +21,15 @@ from worker.errors import (
     RateLimited,
     TransientError,
 )
-from worker.lease import ChunkLease
-from worker.manifest import Item, chunk_document, chunk_key, judged_record, unjudged_record
-from worker.marketplace import Marketplace, is_permanent_code
-from worker.ratelimit import RateLimiter
-from worker.runs import Runs, now_iso
-from worker.storage import Storage
-from worker.validate import Limits, small_image_warning, validate
-from worker.verdicts import AnswerError, ElementError, Judgement, judge_answer
-from worker.wallet import Wallet
+from worker.flow.leases import ChunkLease
+from worker.flow.limiter import RateLimiter
+from worker.flow.runs import Runs, now_iso
+from worker.flow.validate import Limits, small_image_warning, validate
+from worker.judge.manifest import Item, chunk_document, chunk_key, judged_record, unjudged_record
+from worker.judge.verdicts import AnswerError, ElementError, Judgement, judge_answer
+from worker.money.ledger import Wallet
+from worker.seams.marketplace import Marketplace, is_permanent_code
+from worker.seams.storage import Storage
 
 log = logging.getLogger("irlive.pipeline")
 BACKOFF_BASE_S = 0.5

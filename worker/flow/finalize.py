@@ -6,10 +6,10 @@ from typing import Any
 
 from worker.config import S3Location
 from worker.errors import TransientError
-from worker.manifest import chunk_key, failed_key, failed_lines, run_document, run_manifest_key
-from worker.runs import Runs, now_iso
-from worker.storage import Storage
-from worker.wallet import Wallet
+from worker.flow.runs import Runs, now_iso
+from worker.judge.manifest import chunk_key, failed_key, failed_lines, run_document, run_manifest_key
+from worker.money.ledger import Wallet
+from worker.seams.storage import Storage
 
 
 def finalize_run(runs: Runs, storage: Storage, wallet: Wallet, run_id: str) -> dict[str, Any] | None:

@@ -10,9 +10,9 @@ from typing import Any
 
 from worker.config import S3Location
 from worker.errors import UnknownRun
+from worker.flow.pipeline import Chunk
+from worker.flow.runs import Runs, now_iso
 from worker.keys import Keys
-from worker.pipeline import Chunk
-from worker.runs import Runs, now_iso
 
 BROKER_QUEUE = "irlive"
 # Reopen one chunk: drop its error (and optionally rejected) records so they are judged again.

@@ -7,11 +7,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from worker.flow.runs import Runs
 from worker.keys import Keys
-from worker.periodic import Periodic
-from worker.recovery import Recovery
-from worker.runs import Runs
-from worker.wallet import Wallet
+from worker.money.ledger import Wallet
+from worker.ops.periodic import Periodic
+from worker.ops.recovery import Recovery
 
 log = logging.getLogger("irlive.watchdog")
 Send = Callable[[str, list[Any]], None]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from worker import imageinfo
 from worker.errors import PermanentInputError
-from worker.storage import ObjectInfo, Storage
+from worker.judge import imageinfo
+from worker.seams.storage import ObjectInfo, Storage
 
 # The upstream recommends at least this; smaller images are judged but flagged in their record.
 RECOMMENDED_SIDE = 256

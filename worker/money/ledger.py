@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from worker.budget import Budget
 from worker.errors import ConfigError, OutcomeUnknown, TransientError
 from worker.keys import Keys
-from worker.marketplace import Marketplace, Payment
+from worker.money.budgets import Budget
+from worker.seams.marketplace import Marketplace, Payment
 from worker.settle_lua import SETTLE_FN
 
 # Ledger states of one payment (hash irlive:pay:<id>):

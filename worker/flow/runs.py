@@ -11,8 +11,8 @@ from typing import Any
 from redis import exceptions as redis_errors
 
 from worker.errors import TransientError
+from worker.judge.manifest import JUDGED, VERDICTS, Item
 from worker.keys import Keys
-from worker.manifest import JUDGED, VERDICTS, Item
 from worker.settle_lua import SETTLE_FN
 
 # Records are saved once per image per chunk (only the first save counts, so redelivery never double counts),

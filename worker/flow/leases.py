@@ -7,7 +7,7 @@ import uuid
 from types import TracebackType
 
 from worker.errors import ChunkBusy
-from worker.runs import Runs
+from worker.flow.runs import Runs
 
 # Short, because a heartbeat renews it: a killed worker's chunk is free again this soon.
 CHUNK_LEASE_S = 15.0

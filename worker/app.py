@@ -9,8 +9,8 @@ from typing import Any
 from celery import Celery
 from celery.signals import after_setup_logger, after_setup_task_logger
 
-from worker import redact
 from worker.config import Settings
+from worker.ops import redact
 
 QUEUE = "irlive"
 log = logging.getLogger("irlive.app")
@@ -20,7 +20,7 @@ _from_env: Celery | None = None
 
 def create_app(settings: Settings) -> Celery:
     """A configured app; the producer uses it to send tasks by name, workers to run them."""
-    from worker.tasks import register_tasks
+    from worker.flow.tasks import register_tasks
 
     app = Celery("irlive", broker=settings.redis_url, set_as_current=False)
     vt = settings.visibility_timeout

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from worker.config import S3Location
-from worker.verdicts import Judgement
+from worker.judge.verdicts import Judgement
 
 SCHEMA_VERSION = 1
 VERDICTS = ("live", "spoof", "no_face", "rejected", "error")

@@ -23,7 +23,7 @@ from worker.errors import (
     RateLimited,
     TransientError,
 )
-from worker.redact import redact
+from worker.ops.redact import redact
 
 TOOL_PATH = "/api/tools/{service_id}"
 MAX_ANSWER_BYTES = 8 * 1024 * 1024

@@ -6,8 +6,8 @@ import time
 from typing import Any
 
 from worker.keys import Keys
-from worker.periodic import Periodic
-from worker.wallet import Wallet
+from worker.money.ledger import Wallet
+from worker.ops.periodic import Periodic
 
 # Buy only while calls are being made: an idle fleet must not hold (and let expire) prepaid tokens.
 DEMAND_WINDOW_S = 30.0

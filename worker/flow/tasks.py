@@ -9,7 +9,6 @@ from typing import Any
 import redis
 from celery import Celery, Task
 
-from worker.budget import Budget
 from worker.config import Settings
 from worker.errors import (
     BudgetExhausted,
@@ -20,18 +19,19 @@ from worker.errors import (
     RateLimited,
     TransientError,
 )
-from worker.finalize import finalize_run
+from worker.flow.finalize import finalize_run
+from worker.flow.limiter import RateLimiter, RateSpec
+from worker.flow.pipeline import Chunk, ChunkProcessor, Deps
+from worker.flow.runs import Runs
 from worker.keys import Keys
-from worker.marketplace import Marketplace
-from worker.pipeline import Chunk, ChunkProcessor, Deps
-from worker.pool import PoolKeeper
-from worker.ratelimit import RateLimiter, RateSpec
-from worker.recovery import Recovery
-from worker.redact import redact
-from worker.runs import Runs
-from worker.storage import Storage
-from worker.wallet import Wallet
-from worker.watchdog import Watchdog
+from worker.money.budgets import Budget
+from worker.money.ledger import Wallet
+from worker.money.pool import PoolKeeper
+from worker.ops.recovery import Recovery
+from worker.ops.redact import redact
+from worker.ops.watchdog import Watchdog
+from worker.seams.marketplace import Marketplace
+from worker.seams.storage import Storage
 
 PROCESS_CHUNK = "irlive.process_chunk"
 FINALIZE_RUN = "irlive.finalize_run"

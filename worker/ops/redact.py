@@ -16,8 +16,17 @@ _SECRET_FIELD = re.compile(
 )
 
 
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/@\s\"']*@")
+
+
+def mask_url(url: str) -> str:
+    """A URL with its user and password (if any) replaced by ***: `redis://***@host:6379/0`."""
+    return _USERINFO.sub(r"\1***@", url)
+
+
 def redact(text: str) -> str:
     """Return text with URL query strings, signatures and token-like fields replaced by ***."""
+    text = _USERINFO.sub(r"\1***@", text)
     text = _URL_QUERY.sub(r"\1?***", text)
     text = _SECRET_PARAM.sub(r"\1=***", text)
     return _SECRET_FIELD.sub(r"\1***", text)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from worker.redact import redact
+from worker.ops.redact import redact
 
 # Worst first: an image's Suggestion is the worst of its faces'.
 _SUGGESTION_RANK = {"block": 0, "review": 1, "pass": 2}

@@ -1,0 +1,1 @@
+"""Money: the token ledger, budgets (run and day), purchasing, the pool keeper; nothing else writes a money key."""

@@ -1,0 +1,1 @@
+"""Background jobs and operations: watchdog, recovery, leader-locked periodic jobs, durability checks, redaction."""
