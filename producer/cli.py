@@ -4,28 +4,29 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-import redis
-
 from producer.estimate import Estimate, usd
 from producer.filters import parse_suffixes
 from producer.scan import ScanRequest, ScanResult, estimate, scan
 from producer.status import follow, render, status_dict
-from worker.app import create_app
+from worker.app import make_app
 from worker.config import S3Location, Settings
-from worker.errors import ConfigError, IrliveError, UnknownRun
+from worker.errors import ConfigError, IrliveError, StoreUnavailable, UnknownRun
+from worker.flow.claims import Claims
 from worker.flow.runs import Runs
-from worker.flow.tasks import FINALIZE_RUN, PROCESS_CHUNK, build_deps
 from worker.keys import Keys
+from worker.messages import FINALIZE_RUN, PROCESS_CHUNK
+from worker.ops.durability import require_durable
 from worker.ops.recovery import Reconciled, Recovery
 from worker.ops.redact import redact
-from worker.seams.marketplace import Marketplace
 from worker.seams.storage import Storage
+from worker.seams.store import Store
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PAUSED = 0, 1, 2, 3
 _STATE_EXIT = {"done": EXIT_OK, "failed": EXIT_FAILED, "paused_budget": EXIT_PAUSED}
@@ -46,12 +47,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code = int(ns.handler(ns))
         return code
+    except StoreUnavailable as exc:
+        print(f"irlive: error: {redact(str(exc))} (IRLIVE_REDIS_URL)", file=sys.stderr)
+        return EXIT_FAILED
     except IrliveError as exc:
         print(f"irlive: error: {redact(str(exc))}", file=sys.stderr)
         return EXIT_USAGE if isinstance(exc, ConfigError | UnknownRun) else EXIT_FAILED
-    except redis.exceptions.ConnectionError as exc:
-        print(f"irlive: error: cannot reach Redis (IRLIVE_REDIS_URL): {redact(str(exc))}", file=sys.stderr)
-        return EXIT_FAILED
     except KeyboardInterrupt:
         print("irlive: interrupted", file=sys.stderr)
         return 130
@@ -147,11 +148,23 @@ class _Clients:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.redis = redis.Redis.from_url(settings.redis_url, decode_responses=True)
-        self.runs = Runs(self.redis, Keys(settings.key_prefix))
+        self.keys = Keys(settings.key_prefix)
+        self.store = Store.from_url(settings.redis_url)
+        self.runs = Runs(self.store, self.keys)
+        self.claims = Claims(self.store, self.keys)
 
     def storage(self) -> Storage:
         return Storage(self.settings.s3_endpoint_url, self.settings.s3_region)
+
+    def require_durable_redis(self) -> None:
+        """Refuse a Redis that would forget money (exit 2 naming what to set); say so when it is allowed."""
+        found = require_durable(self.store, allow_volatile=self.settings.allow_volatile_redis,
+                                where=self.store.where)
+        if not found.checked:
+            print(f"irlive: warning: Redis durability not checked: {found.why_unchecked}", file=sys.stderr)
+        elif found.problems():
+            print(f"irlive: warning: Redis at {self.store.where} is volatile ({'; '.join(found.problems())}); "
+                  "going on because IRLIVE_ALLOW_VOLATILE_REDIS=true", file=sys.stderr)
 
 
 def _cmd_scan(ns: argparse.Namespace) -> int:
@@ -162,7 +175,7 @@ def _cmd_scan(ns: argparse.Namespace) -> int:
                           ns.budget)
     if ns.dry_run or ns.confirm_above is not None:
         price, source = _price(settings)
-        est = estimate(settings, clients.storage(), clients.runs, request, output, price, source)
+        est = estimate(settings, clients.storage(), clients.claims, request, output, price, source)
         if ns.dry_run:
             print(json.dumps(est.as_dict()) if ns.json else est.render())
             return EXIT_OK
@@ -170,13 +183,14 @@ def _cmd_scan(ns: argparse.Namespace) -> int:
             print(f"irlive: not started: estimate ${usd(est.cost_cents)} is above --confirm-above "
                   f"${usd(ns.confirm_above)}", file=sys.stderr)
             return EXIT_USAGE
-    app = create_app(settings)
+    clients.require_durable_redis()
+    app = make_app(settings)
 
     def progress(r: ScanResult) -> None:
         if not ns.json and r.chunks and r.chunks % 100 == 0:
             print(f"listed {r.found} images, enqueued {r.enqueued} in {r.chunks} chunks", file=sys.stderr)
 
-    result = scan(settings, clients.storage(), clients.runs, app, request, output, progress)
+    result = scan(settings, clients.storage(), clients.runs, clients.claims, app, request, output, progress)
     doc = result.as_dict()
     if ns.json:
         print(json.dumps(doc))
@@ -192,6 +206,8 @@ def _cmd_scan(ns: argparse.Namespace) -> int:
 
 def _price(settings: Settings) -> tuple[int, str]:
     """The seller's price from its free 402 answer; the configured maximum if it cannot be read."""
+    from worker.seams.marketplace import Marketplace
+
     market = Marketplace(settings.marketplace_url, settings.service_id, api_key=settings.api_key,
                          api_key_header=settings.api_key_header, timeout_s=min(settings.call_timeout_s, 10))
     try:
@@ -216,7 +232,7 @@ def _cmd_resume(ns: argparse.Namespace) -> int:
     if clients.runs.get(ns.run_id) is None:
         raise UnknownRun(ns.run_id)
     parked = clients.runs.resume(ns.run_id, ns.budget)
-    app = create_app(settings)
+    app = make_app(settings)
     for message in parked:
         app.send_task(PROCESS_CHUNK, args=[message])
     clients.runs.unpark(ns.run_id, len(parked))
@@ -229,14 +245,14 @@ def _cmd_resume(ns: argparse.Namespace) -> int:
 
 
 def _recovery(clients: _Clients) -> Recovery:
-    return Recovery(clients.redis, Keys(clients.settings.key_prefix), clients.runs)
+    return Recovery(clients.store, clients.keys, clients.runs)
 
 
 def _cmd_reconcile(ns: argparse.Namespace) -> int:
     settings = Settings.from_env()
     clients = _Clients(settings)
     lost = _recovery(clients).orphans(ns.run_id)
-    app = create_app(settings)
+    app = make_app(settings)
     for chunk in lost:
         app.send_task(PROCESS_CHUNK, args=[chunk.to_message()])
     status = clients.runs.status(ns.run_id)
@@ -267,7 +283,7 @@ def _cmd_redrive(ns: argparse.Namespace) -> int:
     settings = Settings.from_env()
     clients = _Clients(settings)
     chunks = _recovery(clients).reopen_failed(ns.run_id, include_rejected=ns.include_rejected)
-    app = create_app(settings)
+    app = make_app(settings)
     for chunk in chunks:
         app.send_task(PROCESS_CHUNK, args=[chunk.to_message()])
     doc = {"run_id": ns.run_id, "chunks_redriven": [c.seq for c in chunks]}
@@ -276,25 +292,38 @@ def _cmd_redrive(ns: argparse.Namespace) -> int:
 
 
 def _cmd_wallet(ns: argparse.Namespace) -> int:
+    from worker.ops.runtime import build_deps
+
     settings = Settings.from_env()
     deps = build_deps(settings)
-    reconciled = deps.wallet.sweep(everything=ns.all) if ns.reconcile else None
-    totals = deps.wallet.totals()
-    doc: dict[str, Any] = {"totals": totals, "reconciled_now": reconciled,
-                           "daily_budget_cents": settings.daily_budget_cents}
+    # Which Redis holds this ledger matters most when acting on it: say it, and whether it was chosen.
+    chosen = "IRLIVE_REDIS_URL" if os.environ.get("IRLIVE_REDIS_URL") else "the default: IRLIVE_REDIS_URL is not set"
+    where = f"{deps.store.where} ({chosen}), key prefix {settings.key_prefix!r}"
+    if ns.reconcile and not ns.json:
+        print(f"reconciling the ledger in Redis at {where}", file=sys.stderr)
+    reconciled = deps.ledger.sweep(everything=ns.all) if ns.reconcile else None
+    totals = deps.ledger.totals()
+    cap_cents = settings.daily_budget_cents
+    over = max(0, totals["spent_today_cents"] - cap_cents) if cap_cents is not None else 0
+    doc: dict[str, Any] = {"totals": totals, "reconciled_now": reconciled, "redis": where,
+                           "daily_budget_cents": cap_cents, "daily_cap_crossed_by_cents": over}
     if ns.json:
         print(json.dumps(doc, sort_keys=True))
         return EXIT_OK
     last = totals.get("last_reconciled_ms")
     when = datetime.fromtimestamp(last / 1000, UTC).isoformat(timespec="seconds") if last else "never"
-    cap = f"${usd(settings.daily_budget_cents)}" if settings.daily_budget_cents is not None else "none"
+    cap = f"${usd(cap_cents)}" if cap_cents is not None else "none"
+    if over:
+        cap += f" (CROSSED by ${usd(over)}: the seller charged more than it quoted)"
     print("\n".join([
+        f"redis           {where}",
         f"pool            {totals['pool']} prepaid tokens waiting, {totals['in_flight']} reserved or in flight",
         f"bought          {totals.get('bought', 0)} tokens, ${usd(totals.get('bought_cents', 0))}",
         f"spent           {totals.get('spent', 0)} calls, ${usd(totals.get('spent_cents', 0))}",
         f"void            {totals.get('void', 0)} refused or expired, "
         f"{totals.get('expired_in_pool', 0)} expired in the pool",
         f"unknown         {totals.get('unknown_purchases', 0)} purchases whose answer was lost (counted as bought)",
+        f"answers lost    {totals.get('answers_lost', 0)} calls paid whose answer never reached the ledger",
         f"reconciled      {totals.get('reconciled_unspent', 0)} unspent returned, "
         f"{totals.get('reconciled_spent', 0)} found spent; last {when}",
         f"today           ${usd(totals['spent_today_cents'])} bought of daily cap {cap}",

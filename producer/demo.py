@@ -10,19 +10,19 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import redis
-
 from producer.filters import DEFAULT_SUFFIXES
 from producer.scan import ScanRequest, scan
 from producer.status import follow
 from sandbox.images import Sample, demo_corpus
 from sandbox.stack import AWS_ENV, Stack
-from worker.app import create_app
+from worker.app import make_app
 from worker.config import S3Location, Settings
+from worker.flow.claims import Claims
 from worker.flow.runs import Runs
 from worker.judge.manifest import chunk_key, failed_key, run_manifest_key
 from worker.keys import Keys
 from worker.seams.storage import Storage
+from worker.seams.store import Store
 
 SOURCE = S3Location("irlive-demo-captures", "captures")
 OUTPUT = S3Location("irlive-demo-results", "irlive")
@@ -36,7 +36,6 @@ def run_demo(images: int, workers: int, out_dir: str) -> int:
         "IRLIVE_OUTPUT": str(OUTPUT),
         "IRLIVE_RATE_LIMIT_PER_S": "20",
         "IRLIVE_RATE_BURST": "4",
-        "IRLIVE_VISIBILITY_TIMEOUT_S": "300",
     }
     say(f"starting a local stack: redis, moto_server, the sandbox marketplace, {workers} worker(s)")
     with Stack(workers=workers, concurrency=8, settings_env=env_extra) as stack:
@@ -46,8 +45,10 @@ def run_demo(images: int, workers: int, out_dir: str) -> int:
         _upload(storage, corpus)
         say(f"uploaded {len(corpus)} captures to {SOURCE} ({sum(s.expected == 'rejected' for s in corpus)} "
             "of them deliberately invalid)")
-        runs = Runs(redis.Redis.from_url(settings.redis_url, decode_responses=True), Keys(settings.key_prefix))
-        result = scan(settings, storage, runs, create_app(settings), ScanRequest(SOURCE, DEFAULT_SUFFIXES), OUTPUT)
+        store, keys = Store.from_url(settings.redis_url), Keys(settings.key_prefix)
+        runs = Runs(store, keys)
+        result = scan(settings, storage, runs, Claims(store, keys), make_app(settings),
+                      ScanRequest(SOURCE, DEFAULT_SUFFIXES), OUTPUT)
         assert result.run_id is not None
         say(f"run {result.run_id}: {result.enqueued} images in {result.chunks} chunks")
         final = follow(runs, result.run_id, timeout_s=300)

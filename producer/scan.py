@@ -14,10 +14,10 @@ from producer.chunking import chunked
 from producer.estimate import Estimate, calls_for
 from producer.filters import image_objects
 from worker.config import S3Location, Settings
-from worker.flow.pipeline import Chunk
+from worker.flow.claims import Claims
 from worker.flow.runs import Runs
-from worker.flow.tasks import FINALIZE_RUN, PROCESS_CHUNK
 from worker.judge.manifest import Item
+from worker.messages import FINALIZE_RUN, PROCESS_CHUNK, Chunk
 from worker.seams.storage import ObjectInfo, Storage
 
 
@@ -65,21 +65,21 @@ def list_images(storage: Storage, request: ScanRequest, output: S3Location) -> I
         yield obj
 
 
-def pages(settings: Settings, storage: Storage, runs: Runs, request: ScanRequest,
+def pages(settings: Settings, storage: Storage, claims: Claims, request: ScanRequest,
           output: S3Location) -> Iterator[Page]:
     """(listed, still to judge) one chunk-sized page at a time; memory stays one page deep."""
     storage.check_bucket(request.source.bucket)
     storage.check_bucket(output.bucket)
     for page in chunked(list_images(storage, request, output), settings.chunk_size):
-        yield page, page if request.force else _unjudged(runs, request.source.bucket, page)
+        yield page, page if request.force else _unjudged(claims, request.source.bucket, page)
 
 
-def estimate(settings: Settings, storage: Storage, runs: Runs, request: ScanRequest, output: S3Location,
+def estimate(settings: Settings, storage: Storage, claims: Claims, request: ScanRequest, output: S3Location,
              price_cents: int, price_source: str) -> Estimate:
     """The dry run: list, filter and deduplicate exactly as a scan would, enqueue nothing, spend nothing."""
     found = judged = 0
     sizes: list[int] = []
-    for page, fresh in pages(settings, storage, runs, request, output):
+    for page, fresh in pages(settings, storage, claims, request, output):
         found += len(page)
         judged += len(page) - len(fresh)
         if fresh:
@@ -89,10 +89,10 @@ def estimate(settings: Settings, storage: Storage, runs: Runs, request: ScanRequ
                     price_source=price_source, max_attempts=settings.max_attempts)
 
 
-def scan(settings: Settings, storage: Storage, runs: Runs, app: Celery, request: ScanRequest,
+def scan(settings: Settings, storage: Storage, runs: Runs, claims: Claims, app: Celery, request: ScanRequest,
          output: S3Location, on_progress: Callable[[ScanResult], None] | None = None) -> ScanResult:
     """Create a run and enqueue its chunks while listing."""
-    listing = pages(settings, storage, runs, request, output)
+    listing = pages(settings, storage, claims, request, output)
     first = next(listing, None)  # checks the buckets before a run record exists
     run_id = new_run_id()
     runs.create(run_id, source=str(request.source), output=str(output), budget_cents=request.budget_cents,
@@ -123,6 +123,6 @@ def _chain(first: Page, rest: Iterator[Page]) -> Iterator[Page]:
     yield from rest
 
 
-def _unjudged(runs: Runs, bucket: str, page: list[ObjectInfo]) -> list[ObjectInfo]:
-    seen = runs.already_judged([Item(bucket, o.key, o.etag).identity for o in page])
+def _unjudged(claims: Claims, bucket: str, page: list[ObjectInfo]) -> list[ObjectInfo]:
+    seen = claims.judged([Item(bucket, o.key, o.etag).identity for o in page])
     return [o for o, s in zip(page, seen, strict=True) if s is None]

@@ -73,7 +73,7 @@ class Stack:
         concurrency: int = 8,
         sandbox_args: Sequence[str] = (),
         settings_env: Mapping[str, str] | None = None,
-        redis_appendonly: bool = False,
+        redis_appendonly: bool = True,
     ) -> None:
         self._owns_workdir = workdir is None
         self.workdir = Path(tempfile.mkdtemp(prefix="irlive-stack-")) if workdir is None else Path(workdir)
@@ -213,6 +213,10 @@ class Stack:
             self._redis_appendonly = appendonly
         self._spawn_service("redis", self._redis_port)
         self._await_service("redis", retry_on_port_clash=False)
+
+    @property
+    def redis_appendonly(self) -> bool:
+        return self._redis_appendonly
 
     def restart_redis(self, appendonly: bool = True, *, hard: bool = True) -> None:
         """Stop and start Redis on the same port; with appendonly the data survives even a SIGKILL."""

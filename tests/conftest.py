@@ -52,7 +52,10 @@ def reset_stack(stack: Stack) -> None:
     stack.stop_workers()
     if "redis" not in stack.pids():
         # A previous test stopped Redis and failed before starting it again.
-        stack.start_redis(appendonly=False)
+        stack.start_redis(appendonly=True)
+    elif not stack.redis_appendonly:
+        # A previous test left a Redis that keeps nothing; workers and scans refuse one (as users' do).
+        stack.restart_redis(appendonly=True)
     stack.redis_client().flushall()
     stack.reset_s3()
     stack.reset_sandbox()

@@ -36,6 +36,8 @@ ALL_VARS = {
     "IRLIVE_MAX_DELIVERIES": "4",
     "IRLIVE_MAX_IN_FLIGHT": "8",
     "IRLIVE_RATE_ADAPTIVE": "false",
+    "IRLIVE_ALLOW_VOLATILE_REDIS": "yes",
+    "IRLIVE_MAX_RETRY_AFTER_S": "60",
 }
 
 
@@ -85,6 +87,8 @@ def test_every_irlive_variable_is_parsed() -> None:
         max_deliveries=4,
         max_in_flight=8,
         rate_adaptive=False,
+        allow_volatile_redis=True,
+        max_retry_after_s=60.0,
     )
 
 

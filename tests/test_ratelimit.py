@@ -11,16 +11,18 @@ import redis
 from sandbox.stack import Stack
 from worker.errors import RateLimited
 from worker.flow.limiter import RateLimiter, RateSpec
+from worker.keys import Keys
+from worker.seams.store import Store
 
 pytestmark = pytest.mark.integration
 
 
-def _client(stack: Stack) -> redis.Redis:
-    return redis.Redis.from_url(stack.redis_url, decode_responses=True)
+def _client(stack: Stack) -> Store:
+    return Store(redis.Redis.from_url(stack.redis_url, decode_responses=True))
 
 
 def _hammer(url: str, rate: float, seconds: float, out: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
-    limiter = RateLimiter(redis.Redis.from_url(url, decode_responses=True), "irlive:ratelimit", RateSpec(rate))
+    limiter = RateLimiter(Store(redis.Redis.from_url(url, decode_responses=True)), Keys(), RateSpec(rate))
     stamps = []
     end = time.monotonic() + seconds
     while time.monotonic() < end:
@@ -50,7 +52,7 @@ def test_four_processes_share_one_rate(clean_stack: Stack) -> None:
 
 
 def test_throttling_cuts_the_rate_and_answers_raise_it_back(clean_stack: Stack) -> None:
-    limiter = RateLimiter(_client(clean_stack), "irlive:ratelimit", RateSpec(50, decrease_guard_s=0))
+    limiter = RateLimiter(_client(clean_stack), Keys(), RateSpec(50, decrease_guard_s=0))
     assert limiter.effective_rate() == 50
     after = limiter.throttled(None)
     assert after == pytest.approx(50 * 0.85)
@@ -60,21 +62,21 @@ def test_throttling_cuts_the_rate_and_answers_raise_it_back(clean_stack: Stack) 
 
 
 def test_throttles_from_one_burst_count_once(clean_stack: Stack) -> None:
-    limiter = RateLimiter(_client(clean_stack), "irlive:ratelimit", RateSpec(50, decrease_guard_s=5))
+    limiter = RateLimiter(_client(clean_stack), Keys(), RateSpec(50, decrease_guard_s=5))
     rates = [limiter.throttled(None) for _ in range(5)]
     assert rates == [pytest.approx(42.5)] * 5
 
 
 def test_retry_after_makes_every_worker_wait(clean_stack: Stack) -> None:
-    one = RateLimiter(_client(clean_stack), "irlive:ratelimit", RateSpec(1000))
-    other = RateLimiter(_client(clean_stack), "irlive:ratelimit", RateSpec(1000))
+    one = RateLimiter(_client(clean_stack), Keys(), RateSpec(1000))
+    other = RateLimiter(_client(clean_stack), Keys(), RateSpec(1000))
     one.throttled(0.5)
     wait = other.try_acquire()
     assert 0.3 < wait <= 0.5
 
 
 def test_in_flight_cap_and_dead_slots_come_back(clean_stack: Stack) -> None:
-    limiter = RateLimiter(_client(clean_stack), "irlive:ratelimit", RateSpec(1000, max_in_flight=2))
+    limiter = RateLimiter(_client(clean_stack), Keys(), RateSpec(1000, max_in_flight=2))
     limiter.slot(lease_s=60)
     release = limiter.slot(lease_s=0.3)  # a worker that will die holding it
     with pytest.raises(RateLimited):

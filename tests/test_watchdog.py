@@ -8,19 +8,24 @@ import pytest
 import redis
 
 from sandbox.stack import Stack
+from worker.flow.leases import Lease
 from worker.flow.runs import Runs
 from worker.keys import Keys
+from worker.ops.broker import Broker
 from worker.ops.recovery import Recovery
 from worker.ops.watchdog import Watchdog
+from worker.seams.store import Store
 
 pytestmark = pytest.mark.integration
 
 
 def _watchdog(stack: Stack, sent: list[tuple[str, list[Any]]]) -> tuple[Runs, Watchdog]:
-    client = redis.Redis.from_url(stack.redis_url, decode_responses=True)
+    store = Store(redis.Redis.from_url(stack.redis_url, decode_responses=True))
     keys = Keys()
-    runs = Runs(client, keys)
-    dog = Watchdog(runs, Recovery(client, keys, runs), keys, lambda n, a: sent.append((n, a)), stall_s=0.0)
+    runs = Runs(store, keys)
+    broker = Broker(store)
+    dog = Watchdog(store, keys, runs, broker, Recovery(store, keys, runs, broker), lambda n, a: sent.append((n, a)),
+                   stall_s=0.0)
     return runs, dog
 
 
@@ -32,6 +37,7 @@ def test_a_run_whose_chunks_all_completed_is_finalised(clean_stack: Stack) -> No
     runs.listing_finished("r1")
     runs.complete_chunk("r1", seq)  # as if the worker died before enqueueing finalisation
 
+    assert dog.holds_lock()
     assert dog.tick() == 1
     assert sent == [("irlive.finalize_run", ["r1"])]
 
@@ -45,8 +51,9 @@ def test_a_stalled_run_gets_its_lost_chunks_back_and_only_those(clean_stack: Sta
     done = runs.add_chunk("r2", [("x/c.png", "e3")])
     runs.listing_finished("r2")
     runs.complete_chunk("r2", done)
-    assert runs.lease_chunk("r2", held, "someone", 60)
+    assert Lease(runs.store, Keys().chunk_lease("r2", held), 60).take()
 
+    assert dog.holds_lock()
     assert dog.tick() == 1
     assert sent == [("irlive.process_chunk", [{"run_id": "r2", "seq": lost, "bucket": "irlive-in",
                                                "items": [["x/a.png", "e1"]]}])]

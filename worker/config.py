@@ -67,6 +67,8 @@ class Settings:
     max_deliveries: int = 10
     max_in_flight: int = 16
     rate_adaptive: bool = True
+    allow_volatile_redis: bool = False
+    max_retry_after_s: float = 300.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -103,6 +105,7 @@ class Settings:
         _in_range("IRLIVE_TOKEN_POOL_LOW", self.token_pool_low, 0, self.token_pool_size)
         _in_range("IRLIVE_MAX_DELIVERIES", self.max_deliveries, 1, 1000)
         _in_range("IRLIVE_MAX_IN_FLIGHT", self.max_in_flight, 0, 10_000)
+        _in_range("IRLIVE_MAX_RETRY_AFTER_S", self.max_retry_after_s, 1, 24 * 3600)
 
     @property
     def daily_budget_cents(self) -> int | None:
@@ -127,6 +130,17 @@ class Settings:
         if self.output is None:
             raise ConfigError("IRLIVE_OUTPUT is not set: give s3://bucket/prefix where manifests go")
         return self.output
+
+    def enforced_view(self) -> dict[str, Any]:
+        """What the workers enforce on money (recorded in each run manifest by the worker that finalises it)."""
+        return {
+            "max_price_cents": self.max_price_cents,
+            "images_per_call": self.images_per_call,
+            "max_attempts": self.max_attempts,
+            "daily_budget_cents": self.daily_budget_cents,
+            "rate_limit_per_s": self.rate_limit_per_s,
+            "token_pool_size": self.token_pool_size,
+        }
 
     def public_view(self) -> dict[str, Any]:
         """The settings as a manifest may record them: no secrets."""
@@ -207,4 +221,6 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "max_deliveries": _typed(int, "a whole number"),
     "max_in_flight": _typed(int, "a whole number of calls (0 = no cap)"),
     "rate_adaptive": _bool,
+    "allow_volatile_redis": _bool,
+    "max_retry_after_s": _typed(float, "a number of seconds"),
 }

@@ -47,6 +47,14 @@ class OutcomeUnknown(IrliveError):
     """The request may have reached the seller and spent its token; reconcile before paying again."""
 
 
+class UnreadableAnswer(IrliveError):
+    """A paid call answered 2xx with a body irlive's reading of it failed on: spent, recorded, never re-paid."""
+
+    def __init__(self, message: str, raw: bytes) -> None:
+        super().__init__(message)
+        self.raw = raw
+
+
 class BudgetExhausted(IrliveError):
     """The wallet cannot buy within the run's or the day's cap: pause until the cap is raised."""
 

@@ -1,8 +1,22 @@
-"""Every Redis key irlive uses, in one place, under one prefix."""
+"""Every Redis key irlive uses, in one place, under one prefix; nothing else builds a key."""
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
+
+# The done-set is split over 16**DONE_SHARD_HEX hashes, small enough for Redis's compact (listpack) encoding.
+DONE_SHARD_HEX = 4
+# Hex digits of an identity's digest kept as its field: with the shard's, 96 bits, so collisions never happen.
+DONE_FIELD_HEX = 20
+
+
+@dataclass(frozen=True)
+class DoneRef:
+    """Where one image identity's judgment lives in the done-set: a shard hash and a field in it."""
+
+    shard: str
+    field: str
 
 
 @dataclass(frozen=True)
@@ -11,8 +25,13 @@ class Keys:
 
     prefix: str = "irlive"
 
+    # ---- runs and chunks (flow) ----
     def run(self, run_id: str) -> str:
         return f"{self.prefix}:run:{run_id}"
+
+    def no_run(self) -> str:
+        """A placeholder passed to scripts for 'no run' (never written)."""
+        return f"{self.prefix}:run:-"
 
     def runs(self) -> str:
         return f"{self.prefix}:runs"
@@ -26,14 +45,45 @@ class Keys:
     def chunk_items(self, run_id: str) -> str:
         return f"{self.prefix}:run:{run_id}:items"
 
-    def done(self) -> str:
-        return f"{self.prefix}:done"
+    def parked(self, run_id: str) -> str:
+        return f"{self.prefix}:run:{run_id}:parked"
 
+    def deliveries(self, run_id: str) -> str:
+        return f"{self.prefix}:run:{run_id}:deliveries"
+
+    def run_keys(self, run_id: str) -> list[str]:
+        """The per-run keys (besides each chunk's progress) that expire once the run is finalised."""
+        return [self.chunks_done(run_id), self.chunk_items(run_id), self.parked(run_id), self.deliveries(run_id)]
+
+    def dlq(self) -> str:
+        return f"{self.prefix}:dlq"
+
+    def dlq_members(self) -> str:
+        return f"{self.prefix}:dlq:members"
+
+    # ---- leases and claims ----
+    def chunk_lease(self, run_id: str, seq: int) -> str:
+        return f"{self.prefix}:lease:chunk:{run_id}:{seq}"
+
+    def job_lease(self, name: str) -> str:
+        return f"{self.prefix}:lease:job:{name}"
+
+    def claim(self, identity: str) -> str:
+        return f"{self.prefix}:claim:{identity}"
+
+    def done(self, identity: str) -> DoneRef:
+        digest = hashlib.blake2b(identity.encode(), digest_size=12).hexdigest()
+        return DoneRef(f"{self.prefix}:done:{digest[:DONE_SHARD_HEX]}", digest[DONE_SHARD_HEX:])
+
+    def done_pattern(self) -> str:
+        return f"{self.prefix}:done:*"
+
+    # ---- money ----
     def payment(self, payment_id: str) -> str:
         return f"{self.prefix}:pay:{payment_id}"
 
-    def payment_prefix(self) -> str:
-        return f"{self.prefix}:pay:"
+    def payment_pattern(self) -> str:
+        return f"{self.prefix}:pay:*"
 
     def pool(self) -> str:
         return f"{self.prefix}:wallet:pool"
@@ -44,20 +94,21 @@ class Keys:
     def requests(self) -> str:
         return f"{self.prefix}:wallet:requests"
 
+    def unrecorded(self) -> str:
+        return f"{self.prefix}:wallet:unrecorded"
+
     def wallet_totals(self) -> str:
         return f"{self.prefix}:wallet:totals"
 
     def day(self, day: str) -> str:
         return f"{self.prefix}:day:{day}"
 
-    def parked(self, run_id: str) -> str:
-        return f"{self.prefix}:run:{run_id}:parked"
-
-    def deliveries(self, run_id: str) -> str:
-        return f"{self.prefix}:run:{run_id}:deliveries"
-
-    def dlq(self) -> str:
-        return f"{self.prefix}:dlq"
-
+    # ---- the limiter ----
     def ratelimit(self) -> str:
         return f"{self.prefix}:ratelimit"
+
+    def ratelimit_state(self) -> str:
+        return f"{self.prefix}:ratelimit:state"
+
+    def ratelimit_slots(self) -> str:
+        return f"{self.prefix}:ratelimit:in-flight"

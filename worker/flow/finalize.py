@@ -7,19 +7,24 @@ from typing import Any
 from worker.config import S3Location
 from worker.errors import TransientError
 from worker.flow.runs import Runs, now_iso
+from worker.flow.states import RunState
 from worker.judge.manifest import chunk_key, failed_key, failed_lines, run_document, run_manifest_key
-from worker.money.ledger import Wallet
+from worker.money.ledger import Ledger
 from worker.seams.storage import Storage
 
 
-def finalize_run(runs: Runs, storage: Storage, wallet: Wallet, run_id: str) -> dict[str, Any] | None:
-    """Write manifest.json and failed.jsonl; running it twice writes the same documents."""
+def finalize_run(runs: Runs, storage: Storage, ledger: Ledger, run_id: str,
+                 enforced: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """Write manifest.json and failed.jsonl; running it twice writes the same documents.
+
+    `enforced` are the money settings the workers applied (they, not the producer, decide what is paid).
+    """
     run = runs.get(run_id)
     if run is None:
         return None
     output = S3Location.parse(run["output"], "run output")
     # A call whose answer was lost leaves its token 'sent'; the manifest's calls must include it.
-    if wallet.settle_run(run_id):
+    if ledger.settle_run(run_id):
         raise TransientError(f"run {run_id}: some tokens could not be reconciled yet; finalising later")
     run = runs.get(run_id) or run
     run["finished_at"] = runs.set_once(run_id, "finished_at", now_iso())
@@ -36,8 +41,15 @@ def finalize_run(runs: Runs, storage: Storage, wallet: Wallet, run_id: str) -> d
     manifest = run_document(run, chunks, {"key": fkey, "count": len(failed)})
     manifest["tokens_bought"] = int(run.get("tokens_bought") or 0)
     manifest["budget_cents"] = int(run["budget_cents"]) if run.get("budget_cents") else None
+    manifest["duplicates"] = int(run.get("duplicates") or 0)
+    # Calls paid whose answer never reached the ledger (a worker killed mid-call, a timeout after the seller
+    # took the token): their images were judged again, and this is the only way an image is paid twice.
+    manifest["answers_lost"] = int(run.get("answers_lost") or 0)
+    manifest["answers_lost_images"] = int(run.get("answers_lost_images") or 0)
+    if enforced:
+        manifest["enforced"] = enforced
     # Prepaid tokens still in the shared pool when the run ended (money paid, not yet used by any run).
-    manifest["tokens_unspent"] = int(runs.set_once(run_id, "tokens_unspent", str(wallet.totals()["pool"])))
+    manifest["tokens_unspent"] = int(runs.set_once(run_id, "tokens_unspent", str(ledger.totals()["pool"])))
     storage.put_json(output.bucket, run_manifest_key(output, run_id), manifest)
-    runs.set_state(run_id, "done")
+    runs.set_state(run_id, RunState.DONE)
     return manifest

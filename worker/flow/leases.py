@@ -1,38 +1,104 @@
-"""The chunk lease: one delivery of a chunk works at a time, kept alive by a heartbeat while it works."""
+"""Leases on the Redis clock: one chunk delivery at a time (with the image claims it holds), one leader per job."""
 
 from __future__ import annotations
 
+import logging
+import os
+import socket
 import threading
 import uuid
+from collections.abc import Iterable
 from types import TracebackType
 
-from worker.errors import ChunkBusy
-from worker.flow.runs import Runs
+from worker.errors import ChunkBusy, IrliveError
+from worker.keys import Keys
+from worker.seams.store import Store
 
-# Short, because a heartbeat renews it: a killed worker's chunk is free again this soon.
+log = logging.getLogger("irlive.leases")
+# Short, because a heartbeat renews it: a killed worker's chunk (and its claims) are free again this soon.
 CHUNK_LEASE_S = 15.0
 
 
-class ChunkLease:
-    """`with ChunkLease(...)`: raises ChunkBusy if another delivery holds the chunk; `held` turns False if lost."""
+def new_token() -> str:
+    """A holder token that also says who held it (host/pid), for people reading Redis; never contains spaces."""
+    host = socket.gethostname().replace(" ", "_")[:40]
+    return f"{host}/{os.getpid()}/{uuid.uuid4().hex[:12]}"
 
-    def __init__(self, runs: Runs, run_id: str, seq: int, ttl_s: float = CHUNK_LEASE_S) -> None:
-        self._runs = runs
-        self._run_id = run_id
-        self._seq = seq
+
+class Lease:
+    """A key held by one token until it expires; take, renew and release are one script each (atomic)."""
+
+    def __init__(self, store: Store, key: str, ttl_s: float, token: str | None = None) -> None:
+        self.key = key
+        self.token = token or new_token()
+        self._ttl_ms = max(1, round(ttl_s * 1000))
+        self._take = store.script("flow", "lease_take")
+        self._renew = store.script("flow", "lease_renew")
+        self._release = store.script("flow", "lease_release")
+
+    def take(self) -> bool:
+        """Take the lease, or extend it if this token holds it already."""
+        return int(self._take([self.key], [self.token, self._ttl_ms])) == 1
+
+    def renew(self, claims: Iterable[str] = ()) -> bool:
+        """Extend the lease and the claims held under it; False (and nothing extended) if it was lost."""
+        return int(self._renew([self.key, *claims], [self.token, self._ttl_ms])) == 1
+
+    def release(self, claims: Iterable[str] = ()) -> bool:
+        """Give it back, with the claims still held under it; False if it had already been lost."""
+        return int(self._release([self.key, *claims], [self.token])) == 1
+
+
+class ChunkLease:
+    """`with ChunkLease(...)`: one delivery of a chunk works at a time; a heartbeat renews the lease and every
+    image claim taken under it, so a killed worker's chunk and claims come free within CHUNK_LEASE_S.
+
+    Raises ChunkBusy on entry if another delivery holds the chunk; `held` turns False if the lease is lost.
+    """
+
+    def __init__(self, store: Store, keys: Keys, run_id: str, seq: int, ttl_s: float = CHUNK_LEASE_S) -> None:
+        self._lease = Lease(store, keys.chunk_lease(run_id, seq), ttl_s)
+        self._label = f"{run_id}/{seq}"
         self._ttl = ttl_s
-        self._holder = uuid.uuid4().hex
+        self._claims: set[str] = set()
+        self._claims_lock = threading.Lock()
         self._stop = threading.Event()
         self._lost = threading.Event()
         self._thread = threading.Thread(target=self._beat, name=f"lease-{run_id}-{seq}", daemon=True)
 
     @property
+    def key(self) -> str:
+        return self._lease.key
+
+    @property
+    def token(self) -> str:
+        return self._lease.token
+
+    @property
+    def ttl_ms(self) -> int:
+        return round(self._ttl * 1000)
+
+    @property
     def held(self) -> bool:
         return not self._lost.is_set()
 
+    def hold_claims(self, claim_keys: Iterable[str]) -> None:
+        """Claims taken under this lease: renewed with it, released with it."""
+        with self._claims_lock:
+            self._claims.update(claim_keys)
+
+    def drop_claims(self, claim_keys: Iterable[str]) -> None:
+        """Claims released by a record (the record script releases them in Redis)."""
+        with self._claims_lock:
+            self._claims.difference_update(claim_keys)
+
+    def _claim_keys(self) -> list[str]:
+        with self._claims_lock:
+            return sorted(self._claims)
+
     def __enter__(self) -> ChunkLease:
-        if not self._runs.lease_chunk(self._run_id, self._seq, self._holder, self._ttl):
-            raise ChunkBusy(f"chunk {self._run_id}/{self._seq} is being worked on by another delivery")
+        if not self._lease.take():
+            raise ChunkBusy(f"chunk {self._label} is being worked on by another delivery")
         self._thread.start()
         return self
 
@@ -40,15 +106,20 @@ class ChunkLease:
                  tb: TracebackType | None) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
-        self._runs.release_chunk(self._run_id, self._seq, self._holder)
+        try:
+            self._lease.release(self._claim_keys())
+        except IrliveError as err:
+            # Redis unreachable: the lease and its claims expire by themselves within the TTL.
+            log.warning("chunk %s: lease not released (%s); it expires in %.0fs", self._label, err, self._ttl)
 
     def _beat(self) -> None:
         while not self._stop.wait(self._ttl / 3):
             try:
-                renewed = self._runs.lease_chunk(self._run_id, self._seq, self._holder, self._ttl)
-            except Exception:
+                renewed = self._lease.renew(self._claim_keys())
+            except IrliveError:
                 # Redis unreachable for a moment: keep trying until the lease would have run out.
                 continue
             if not renewed:
+                log.warning("chunk %s: lease lost to another delivery", self._label)
                 self._lost.set()
                 return

@@ -1,7 +1,8 @@
-"""One chunk end to end, Celery-free: validate, dedupe, pay, call, judge, record, write the chunk manifest."""
+"""One chunk end to end, Celery-free: lease, validate, claim, pay, call, judge, record, write the chunk manifest."""
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
@@ -20,16 +21,28 @@ from worker.errors import (
     PermanentInputError,
     RateLimited,
     TransientError,
+    UnreadableAnswer,
 )
+from worker.flow.claims import Claims, DoneEntry
 from worker.flow.leases import ChunkLease
 from worker.flow.limiter import RateLimiter
-from worker.flow.runs import Runs, now_iso
+from worker.flow.runs import Runs, Save, now_iso
+from worker.flow.states import RunState
 from worker.flow.validate import Limits, small_image_warning, validate
-from worker.judge.manifest import Item, chunk_document, chunk_key, judged_record, unjudged_record
+from worker.judge.manifest import (
+    Item,
+    chunk_document,
+    chunk_key,
+    duplicate_record,
+    judged_record,
+    unjudged_record,
+)
 from worker.judge.verdicts import AnswerError, ElementError, Judgement, judge_answer
-from worker.money.ledger import Wallet
-from worker.seams.marketplace import Marketplace, is_permanent_code
+from worker.messages import Chunk
+from worker.money.ledger import Ledger, Unrecorded
+from worker.seams.marketplace import Marketplace, is_permanent_code, parse_answer
 from worker.seams.storage import Storage
+from worker.seams.store import Store
 
 log = logging.getLogger("irlive.pipeline")
 BACKOFF_BASE_S = 0.5
@@ -38,27 +51,17 @@ BACKOFF_CAP_S = 20.0
 MAX_THROTTLES_PER_CHUNK = 50
 # The limiter waits in-process at most this long for a slot; beyond it the task is deferred.
 MAX_SLOT_WAIT_S = 10.0
+# Images another delivery holds are waited for this long in-process, then the chunk defers itself.
+CLAIM_WAIT_S = 20.0
+CLAIM_POLL_S = 0.5
+
+__all__ = ["Chunk", "ChunkProcessor", "Deps"]
 
 
-@dataclass(frozen=True)
-class Chunk:
-    """A chunk message: keys only (never tokens or URLs), with the ETag seen when listed."""
+class ClaimsHeld(ChunkBusy):
+    """Images of this chunk are being judged by another run's delivery: come back for their verdicts."""
 
-    run_id: str
-    seq: int
-    bucket: str
-    items: list[tuple[str, str]]
-
-    @classmethod
-    def from_message(cls, body: dict[str, Any]) -> Chunk:
-        try:
-            items = [(str(k), str(e)) for k, e in body["items"]]
-            return cls(str(body["run_id"]), int(body["seq"]), str(body["bucket"]), items)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise PermanentInputError(f"malformed chunk message: {exc!r}", code="bad_message") from None
-
-    def to_message(self) -> dict[str, Any]:
-        return {"run_id": self.run_id, "seq": self.seq, "bucket": self.bucket, "items": [list(i) for i in self.items]}
+    retry_after = 5.0
 
 
 @dataclass
@@ -66,11 +69,13 @@ class Deps:
     """Everything a chunk needs, built once per worker process and passed in."""
 
     settings: Settings
+    store: Store
     storage: Storage
     market: Marketplace
-    wallet: Wallet
+    ledger: Ledger
     limiter: RateLimiter
     runs: Runs
+    claims: Claims
     sleep: Callable[[float], None] = time.sleep
     rng: random.Random = field(default_factory=random.Random)
 
@@ -79,7 +84,7 @@ class Deps:
 class _Image:
     index: int
     item: Item
-    size: int
+    size: int | None
     warning: str | None = None
 
 
@@ -97,17 +102,24 @@ class ChunkProcessor:
         self._limits = Limits(deps.settings.max_image_bytes, deps.settings.min_image_side)
         self._lease: ChunkLease | None = None
 
+    @property
+    def lease(self) -> ChunkLease:
+        assert self._lease is not None, "only inside run()"
+        return self._lease
+
     def run(self, chunk: Chunk) -> int | None:
         """Process the chunk; returns the run's pending chunk count after it, or None if the run is gone."""
         runs = self.deps.runs
         run = runs.get(chunk.run_id)
-        if run is None or run["state"] == "failed":
-            log.warning("dropping chunk %s/%s: run %s", chunk.run_id, chunk.seq,
-                        "unknown" if run is None else "failed")
+        if run is None or run["state"] == RunState.FAILED:
+            log.warning("dropping chunk %s: run %s", chunk.label(), "unknown" if run is None else "failed")
             return None
-        if run["state"] == "paused_budget":
+        if runs.chunk_complete(chunk.run_id, chunk.seq):
+            # A late duplicate delivery (the broker's redelivery after a watchdog restore): nothing to do.
+            return int(run["pending"])
+        if run["state"] == RunState.PAUSED_BUDGET:
             raise BudgetExhausted(run.get("pause_reason") or "run paused for budget")
-        with ChunkLease(runs, chunk.run_id, chunk.seq) as lease:
+        with ChunkLease(self.deps.store, runs.keys, chunk.run_id, chunk.seq) as lease:
             self._lease = lease
             return self._run(chunk, run)
 
@@ -117,66 +129,90 @@ class ChunkProcessor:
         if run is None:
             return None
         progress = self.deps.runs.progress(chunk.run_id, chunk.seq)
-        for index, (key, etag) in enumerate(chunk.items):
-            if index not in progress:
-                item = Item(chunk.bucket, key, etag)
-                self._save(chunk, index, item, unjudged_record(
-                    item, None, "error", reason=f"dead-lettered: {reason}", code="dead_letter", attempts=0,
-                    judged_at=now_iso()))
+        saves = [Save(index, item, unjudged_record(item, None, "error", reason=f"dead-lettered: {reason}",
+                                                   code="dead_letter", attempts=0, judged_at=now_iso()))
+                 for index, item in enumerate(_items(chunk)) if index not in progress]
+        self.deps.runs.record(chunk.run_id, chunk.seq, saves)
         return self._finish(chunk, S3Location.parse(run["output"], "run output"))
 
+    # ---- the chunk ----------------------------------------------------------------------------------------
+
     def _run(self, chunk: Chunk, run: dict[str, Any]) -> int:
-        runs = self.deps.runs
         output = S3Location.parse(run["output"], "run output")
-        force = bool(run["settings"].get("force"))
-        progress = runs.progress(chunk.run_id, chunk.seq)
+        self._replay(chunk)
+        progress = self.deps.runs.progress(chunk.run_id, chunk.seq)
         todo = self._validate(chunk, progress)
-        if not force:
-            todo = self._skip_judged(chunk, todo)
+        not_before = int(run.get("created_ms") or 1) if run["settings"].get("force") else 0
+        deadline = time.monotonic() + CLAIM_WAIT_S
+        while todo:
+            result = self.deps.claims.claim(self.lease, chunk.run_id, chunk.seq,
+                                            [img.item.identity for img in todo], not_before)
+            self._record_duplicates(chunk, {todo[p].index: (todo[p], e) for p, e in result.judged.items()})
+            self._pay_for(chunk, [todo[p] for p in result.mine])
+            todo = [todo[p] for p in sorted(result.busy)]
+            if not todo:
+                break
+            holders = sorted({f"{r}/{s}" for r, s in result.busy.values()})
+            if time.monotonic() > deadline:
+                raise ClaimsHeld(f"chunk {chunk.label()}: {len(todo)} images are being judged by "
+                                 f"{', '.join(holders[:3])}; waiting for their verdicts")
+            log.info("chunk %s: waiting for %d images held by %s", chunk.label(), len(todo), ", ".join(holders[:3]))
+            self.deps.sleep(CLAIM_POLL_S)
+        return self._finish(chunk, output)
+
+    def _validate(self, chunk: Chunk, progress: dict[int, dict[str, Any]]) -> list[_Image]:
+        todo: list[_Image] = []
+        rejected: list[Save] = []
+        for index, item in enumerate(_items(chunk)):
+            if index in progress:
+                continue
+            try:
+                info, image = validate(self.deps.storage, item.bucket, item.key, self._limits)
+            except PermanentInputError as exc:
+                rejected.append(Save(index, item, unjudged_record(
+                    item, None, "rejected", reason=str(exc), code=exc.code, attempts=0, judged_at=now_iso())))
+                continue
+            todo.append(_Image(index, Item(item.bucket, item.key, info.etag), info.size, small_image_warning(image)))
+        self._save(chunk, rejected)
+        return todo
+
+    def _record_duplicates(self, chunk: Chunk, judged: dict[int, tuple[_Image, DoneEntry]]) -> None:
+        """Images judged by another run (or by an earlier delivery of another chunk): their verdict, at no cost."""
+        if not judged:
+            return
+        firsts: dict[tuple[str, int], dict[int, dict[str, Any]]] = {}
+        saves: list[Save] = []
+        for index, (img, entry) in sorted(judged.items()):
+            where = (entry.run_id, entry.seq)
+            if where == (chunk.run_id, chunk.seq):
+                continue  # our own record exists already
+            if where not in firsts:
+                firsts[where] = self.deps.runs.progress(*where)
+            first = next((r for r in firsts[where].values()
+                          if r.get("key") == img.item.key and r.get("etag") == img.item.etag
+                          and r.get("bucket") == img.item.bucket), None)
+            record = duplicate_record(img.item, img.size, entry.verdict, first, run_id=entry.run_id, seq=entry.seq,
+                                      judged_at=now_iso())
+            saves.append(Save(index, img.item, record, duplicate=True))
+        self._save(chunk, saves)
+
+    # ---- paying -------------------------------------------------------------------------------------------
+
+    def _pay_for(self, chunk: Chunk, images: list[_Image]) -> None:
         per_call = self.deps.settings.images_per_call
-        queue = deque(_Group(todo[i:i + per_call]) for i in range(0, len(todo), per_call))
+        queue = deque(_Group(images[i:i + per_call]) for i in range(0, len(images), per_call))
         throttled = 0
         while queue:
             group = queue.popleft()
             throttled += self._call(chunk, group, queue)
             if throttled > MAX_THROTTLES_PER_CHUNK:
                 raise RateLimited("throttled too often in this chunk; deferring it", retry_after=5.0)
-        return self._finish(chunk, output)
-
-    def _validate(self, chunk: Chunk, progress: dict[int, dict[str, Any]]) -> list[_Image]:
-        todo: list[_Image] = []
-        for index, (key, etag) in enumerate(chunk.items):
-            if index in progress:
-                continue
-            item = Item(chunk.bucket, key, etag)
-            try:
-                info, image = validate(self.deps.storage, chunk.bucket, key, self._limits)
-            except PermanentInputError as exc:
-                self._save(chunk, index, item, unjudged_record(
-                    item, None, "rejected", reason=str(exc), code=exc.code, attempts=0, judged_at=now_iso()))
-                continue
-            todo.append(_Image(index, Item(chunk.bucket, key, info.etag), info.size, small_image_warning(image)))
-        return todo
-
-    def _skip_judged(self, chunk: Chunk, todo: list[_Image]) -> list[_Image]:
-        """Redelivered chunks, overlapping runs, duplicate events: never pay again for a known identity."""
-        prior = self.deps.runs.already_judged([img.item.identity for img in todo])
-        left: list[_Image] = []
-        for img, seen in zip(todo, prior, strict=True):
-            if seen is None:
-                left.append(img)
-                continue
-            record = dict(seen.get("record") or {})
-            record.update(bucket=img.item.bucket, key=img.item.key, etag=img.item.etag, size=img.size,
-                          verdict=seen["verdict"], reused_from_run=seen.get("run_id"))
-            self._save(chunk, img.index, img.item, record)
-        return left
 
     def _call(self, chunk: Chunk, group: _Group, queue: deque[_Group]) -> int:
         """One paid call for the group; failures requeue it by the error tree. Returns 1 if throttled."""
         deps = self.deps
-        if self._lease is not None and not self._lease.held:
-            raise ChunkBusy(f"chunk {chunk.run_id}/{chunk.seq}: lease lost to another delivery")
+        if not self.lease.held:
+            raise ChunkBusy(f"chunk {chunk.label()}: lease lost to another delivery")
         release_slot = deps.limiter.slot(lease_s=deps.settings.call_timeout_s + 30, max_wait_s=MAX_SLOT_WAIT_S)
         try:
             deps.limiter.acquire(MAX_SLOT_WAIT_S)
@@ -186,9 +222,8 @@ class ChunkProcessor:
 
     def _pay_and_call(self, chunk: Chunk, group: _Group, queue: deque[_Group]) -> int:
         deps = self.deps
-        run_id = chunk.run_id
         try:
-            token = deps.wallet.take(run_id)
+            token = deps.ledger.take(chunk.run_id, self.lease.token)
         except (TransientError, OutcomeUnknown) as exc:
             self._retry_or_fail(chunk, group, queue, exc, "payment_failed")
             return 0
@@ -196,76 +231,122 @@ class ChunkProcessor:
             urls = [deps.storage.presign_get(img.item.bucket, img.item.key, deps.settings.presign_ttl)
                     for img in group.images]
         except TransientError as exc:
-            deps.wallet.release(token)
+            deps.ledger.give_back(token)
             self._retry_or_fail(chunk, group, queue, exc, "presign_failed")
             return 0
-        deps.wallet.sent(token, [img.item.identity for img in group.images])
-        try:
-            answer = deps.market.call(token.secret, urls)
-        except PaymentRejected as exc:
-            deps.wallet.void(token, run_id)
-            self._retry_or_fail(chunk, group, queue, exc, "payment_rejected")
-            return 0
-        except RateLimited as exc:
-            # Not an attempt: everyone slows down and waits out Retry-After (the limiter's shared cool-down).
-            deps.limiter.throttled(exc.retry_after)
-            deps.wallet.after_failure(token, run_id)
-            queue.appendleft(group)
-            return 1
-        except PermanentInputError as exc:
-            deps.wallet.after_failure(token, run_id)
-            self._split_or_fail(chunk, group, queue, exc)
-            return 0
-        except (TransientError, OutcomeUnknown) as exc:
-            deps.wallet.after_failure(token, run_id)
-            self._retry_or_fail(chunk, group, queue, exc, type(exc).__name__)
-            return 0
-        except ConfigError:
-            deps.wallet.after_failure(token, run_id)
-            raise
+        identities = [img.item.identity for img in group.images]
+        with deps.ledger.spend(token, identities, self.lease.key, f"{chunk.run_id} {chunk.seq}") as spend:
+            try:
+                answer = deps.market.call(token.secret, urls)
+            except PaymentRejected as exc:
+                spend.refused(str(exc)[:200])
+                self._retry_or_fail(chunk, group, queue, exc, "payment_rejected")
+                return 0
+            except RateLimited as exc:
+                # Not an attempt: everyone slows down and waits out Retry-After (the limiter's shared cool-down).
+                deps.limiter.throttled(exc.retry_after)
+                spend.failed()
+                queue.appendleft(group)
+                return 1
+            except PermanentInputError as exc:
+                spend.failed()
+                self._split_or_fail(chunk, group, queue, exc)
+                return 0
+            except OutcomeUnknown as exc:
+                spend.unknown()
+                self._retry_or_fail(chunk, group, queue, exc, type(exc).__name__)
+                return 0
+            except TransientError as exc:
+                spend.failed()
+                self._retry_or_fail(chunk, group, queue, exc, type(exc).__name__)
+                return 0
+            except ConfigError:
+                spend.failed()
+                raise
+            except UnreadableAnswer as exc:
+                spend.answered(None, exc.raw)
+                self._unreadable(chunk, group, str(exc), token.payment_id, None)
+                return 0
+            spend.answered(answer.request_id, answer.raw)
         deps.limiter.answered()
-        self._record_answer(chunk, group, queue, urls, answer.result, answer.request_id,
-                            (token.payment_id, token.amount_cents, answer.request_id or ""))
+        self._record_answer(chunk, group, queue, urls, answer.result, answer.request_id, token.payment_id)
         return 0
 
-    def _record_answer(self, chunk: Chunk, group: _Group, queue: deque[_Group], urls: list[str], result: Any,
-                       request_id: str | None, paid_by: tuple[str, int, str]) -> None:
-        """Settle the token and save every verdict it bought in one step; retry the images it did not answer."""
-        saves: list[tuple[int, Item, dict[str, Any]]] = []
-        unanswered: list[_Image] = []
+    def _record_answer(self, chunk: Chunk, group: _Group, queue: deque[_Group] | None, urls: list[str],
+                       result: Any, request_id: str | None, payment_id: str) -> None:
+        """Save every verdict a paid answer bought, then let the ledger forget the answer; retry what it lacks."""
         try:
             judgements: list[Judgement | AnswerError] = judge_answer(urls, result)
         except AnswerError as exc:
             judgements = [exc] * len(group.images)
+        except Exception as exc:
+            # Our reading failed on something the seller sent: the call is paid, its images end recorded.
+            self._unreadable(chunk, group, f"the answer could not be read ({type(exc).__name__})", payment_id,
+                             request_id)
+            return
+        saves: list[Save] = []
+        unanswered: list[_Image] = []
         for img, judgement in zip(group.images, judgements, strict=True):
             if isinstance(judgement, ElementError) and is_permanent_code(judgement.code):
                 # Refused by the seller for this image alone: record it, never retry it.
-                saves.append((img.index, img.item, unjudged_record(
+                saves.append(Save(img.index, img.item, unjudged_record(
                     img.item, img.size, "error", reason=str(judgement), code=judgement.code,
                     attempts=group.attempts + 1, judged_at=now_iso(), request_id=request_id)))
             elif isinstance(judgement, AnswerError):
                 unanswered.append(img)
             else:
-                saves.append((img.index, img.item, judged_record(
-                    img.item, img.size, judgement, request_id=request_id, attempts=group.attempts + 1,
+                saves.append(Save(img.index, img.item, judged_record(
+                    img.item, img.size or 0, judgement, request_id=request_id, attempts=group.attempts + 1,
                     judged_at=now_iso(), warning=img.warning)))
-        self.deps.runs.record(chunk.run_id, chunk.seq, saves, paid_by=paid_by)
-        if unanswered:
+        self._save(chunk, saves)
+        self.deps.ledger.recorded(payment_id)
+        if unanswered and queue is not None:
             log.warning("call %s answered %d of %d images", request_id, len(group.images) - len(unanswered),
                         len(group.images))
             reason = judgements[0] if len(unanswered) == len(group.images) else "no usable element in the answer"
             self._retry_or_fail(chunk, _Group(unanswered, group.attempts), queue, AnswerError(str(reason)),
                                 "bad_answer")
 
+    def _unreadable(self, chunk: Chunk, group: _Group, reason: str, payment_id: str, request_id: str | None) -> None:
+        log.error("chunk %s: paid answer %s unreadable: %s (kept in the ledger for inspection)", chunk.label(),
+                  payment_id, reason)
+        self._save(chunk, [Save(img.index, img.item, unjudged_record(
+            img.item, img.size, "error", reason=reason, code="unreadable_answer", attempts=group.attempts + 1,
+            judged_at=now_iso(), request_id=request_id)) for img in group.images])
+        self.deps.ledger.recorded(payment_id, keep_answer=True)
+
+    def _replay(self, chunk: Chunk) -> None:
+        """Record answers this chunk paid for and the ledger holds, but a crash or Redis kept from its records."""
+        items = {item.identity.rsplit("@", 1)[0]: (index, item) for index, item in enumerate(_items(chunk))}
+        for paid in self.deps.ledger.unrecorded(chunk.run_id, chunk.seq):
+            images: list[_Image] = []
+            for identity in paid.identities:
+                bucket_key, _, etag = identity.rpartition("@")
+                if bucket_key in items:
+                    index, item = items[bucket_key]
+                    images.append(_Image(index, Item(item.bucket, item.key, etag), None))
+            log.warning("chunk %s: recording answer %s paid by an earlier delivery", chunk.label(), paid.payment_id)
+            group = _Group(images)
+            urls = [self.deps.storage.presign_get(i.item.bucket, i.item.key, self.deps.settings.presign_ttl)
+                    for i in images]
+            try:
+                result = _result_of(paid)
+            except Exception as exc:
+                self._unreadable(chunk, group, f"the answer could not be read ({type(exc).__name__})",
+                                 paid.payment_id, paid.request_id or None)
+                continue
+            self._record_answer(chunk, group, None, urls, result, paid.request_id or None, paid.payment_id)
+
+    # ---- failure handling ---------------------------------------------------------------------------------
+
     def _retry_or_fail(self, chunk: Chunk, group: _Group, queue: deque[_Group], exc: Exception, code: str) -> None:
         group.attempts += 1
         if group.attempts >= self.deps.settings.max_attempts:
-            self.deps.runs.record(chunk.run_id, chunk.seq, [
-                (img.index, img.item, unjudged_record(img.item, img.size, "error", reason=str(exc), code=code,
-                                                      attempts=group.attempts, judged_at=now_iso()))
-                for img in group.images])
+            self._save(chunk, [Save(img.index, img.item, unjudged_record(
+                img.item, img.size, "error", reason=str(exc), code=code, attempts=group.attempts,
+                judged_at=now_iso())) for img in group.images])
             return
-        log.info("chunk %s/%s: attempt %d failed (%s); retrying", chunk.run_id, chunk.seq, group.attempts, code)
+        log.info("chunk %s: attempt %d failed (%s); retrying", chunk.label(), group.attempts, code)
         self.deps.sleep(self._backoff(group.attempts))
         queue.append(group)
 
@@ -273,22 +354,27 @@ class ChunkProcessor:
         """A batch refused for one bad image: halve it to find the image (each half is a new, counted call)."""
         if len(group.images) > 1:
             mid = len(group.images) // 2
-            log.warning("chunk %s/%s: call refused (%s); splitting %d images", chunk.run_id, chunk.seq, exc.code,
+            log.warning("chunk %s: call refused (%s); splitting %d images", chunk.label(), exc.code,
                         len(group.images))
             queue.appendleft(_Group(group.images[mid:], group.attempts))
             queue.appendleft(_Group(group.images[:mid], group.attempts))
             return
         img = group.images[0]
-        self._save(chunk, img.index, img.item, unjudged_record(
+        self._save(chunk, [Save(img.index, img.item, unjudged_record(
             img.item, img.size, "error", reason=str(exc), code=exc.code, attempts=group.attempts + 1,
-            judged_at=now_iso()))
+            judged_at=now_iso()))])
 
     def _backoff(self, attempt: int) -> float:
         """Exponential backoff with full jitter."""
         return self.deps.rng.uniform(0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** attempt))
 
-    def _save(self, chunk: Chunk, index: int, item: Item, record: dict[str, Any]) -> None:
-        self.deps.runs.save(chunk.run_id, chunk.seq, index, item, record)
+    def _save(self, chunk: Chunk, saves: list[Save]) -> None:
+        if not saves:
+            return
+        holder = self._lease.token if self._lease is not None else ""
+        self.deps.runs.record(chunk.run_id, chunk.seq, saves, holder=holder)
+        if self._lease is not None:
+            self._lease.drop_claims(self.deps.claims.claim_keys([s.item.identity for s in saves]))
 
     def _finish(self, chunk: Chunk, output: S3Location) -> int:
         progress = self.deps.runs.progress(chunk.run_id, chunk.seq)
@@ -299,3 +385,14 @@ class ChunkProcessor:
         self.deps.storage.put_json(output.bucket, chunk_key(output, chunk.run_id, chunk.seq),
                                    chunk_document(chunk.run_id, chunk.seq, records))
         return self.deps.runs.complete_chunk(chunk.run_id, chunk.seq)
+
+
+def _items(chunk: Chunk) -> list[Item]:
+    return [Item(chunk.bucket, key, etag) for key, etag in chunk.items]
+
+
+def _result_of(paid: Unrecorded) -> Any:
+    """`data.Result` of an answer the ledger kept (the marketplace envelope, as received)."""
+    raw = paid.raw.encode()
+    return parse_answer(json.loads(raw), raw).result
+

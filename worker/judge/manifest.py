@@ -86,6 +86,24 @@ def unjudged_record(item: Item, size: int | None, verdict: str, *, reason: str, 
     }
 
 
+def duplicate_record(item: Item, size: int | None, verdict: str, first: dict[str, Any] | None, *,
+                     run_id: str, seq: int, judged_at: str) -> dict[str, Any]:
+    """The record of an image another run (or chunk) judged: its judgment, marked `duplicate_of`, paid nothing.
+
+    `first` is that judgment's own record when it can still be read; else only the verdict is known.
+    """
+    record = dict(first) if first else {
+        "suggestion": None, "rate": None, "faces": None, "face_results": [], "message_tips": None,
+        "request_id": None, "judged_at": judged_at, "warning": None,
+    }
+    if verdict == "no_face":
+        record["faces"] = 0
+    record.update(bucket=item.bucket, key=item.key, etag=item.etag, size=size, verdict=verdict, reason=None,
+                  error_code=None, attempts=0, duplicate_of={"run_id": run_id, "seq": seq})
+    record.pop("reused_from_run", None)
+    return record
+
+
 def count_verdicts(records: Iterable[dict[str, Any]]) -> dict[str, int]:
     counts = dict.fromkeys(VERDICTS, 0)
     for record in records:

@@ -1,66 +1,44 @@
-"""Spending caps in integer cents: per run (calls charged to it) and per day (money paid out), checked atomically."""
+"""Spending caps in integer cents: per run (charged when a token is lent) and per UTC day (money paid out).
+
+The caps are checked inside the scripts that commit money (buy_begin, buy_end, take); this module holds the
+settings, the day's name, and the messages that say which cap stopped what.
+"""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
 
 from worker.errors import BudgetExhausted
 from worker.keys import Keys
-
-# Commit `price` cents against a cap, or refuse. KEYS[1] hash, ARGV: field of the committed amount, field of
-# the cap ('' = no cap field), price, fixed cap (-1 = none). Returns 1 when committed.
-_COMMIT = """
-local committed = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
-local cap = tonumber(ARGV[4])
-if ARGV[2] ~= '' then
-  local stored = redis.call('HGET', KEYS[1], ARGV[2])
-  if stored and stored ~= '' then cap = tonumber(stored) end
-end
-local price = tonumber(ARGV[3])
-if cap >= 0 and committed + price > cap then return 0 end
-redis.call('HINCRBY', KEYS[1], ARGV[1], price)
-return 1
-"""
+from worker.seams.store import Store
 
 
-class Budget:
-    """Run caps live in the run record (`budget_cents`); the daily cap is a setting, spent per UTC day."""
+class Budgets:
+    """The run caps live in the run record (`budget_cents`); the daily cap is a setting."""
 
-    def __init__(self, redis: Any, keys: Keys, daily_cap_cents: int | None) -> None:
-        self._redis = redis
+    def __init__(self, store: Store, keys: Keys, daily_cap_cents: int | None) -> None:
+        self._store = store
         self._keys = keys
-        self._daily_cap = daily_cap_cents
-        self._commit = redis.register_script(_COMMIT)
+        self.daily_cap_cents = daily_cap_cents
 
-    def commit_run(self, run_id: str, cents: int) -> None:
-        """Charge one call's price to the run before its token is taken; BudgetExhausted if it would cross."""
-        ok = self._commit(keys=[self._keys.run(run_id)], args=["committed_cents", "budget_cents", cents, -1])
-        if not int(ok):
-            raise self.run_exhausted(run_id)
+    @property
+    def day_cap_arg(self) -> int:
+        return -1 if self.daily_cap_cents is None else self.daily_cap_cents
 
     def run_exhausted(self, run_id: str) -> BudgetExhausted:
-        cap = int(self._redis.hget(self._keys.run(run_id), "budget_cents") or 0)
+        cap = int(self._store.hget(self._keys.run(run_id), "budget_cents") or 0)
         return BudgetExhausted(f"run budget of ${cap / 100:.2f} reached; raise it with "
                                f"`irlive resume {run_id} --budget USD`")
 
-    def release_run(self, run_id: str, cents: int) -> None:
-        """Give back a commitment whose token turned out not to be spent."""
-        self._redis.hincrby(self._keys.run(run_id), "committed_cents", -cents)
+    def day_exhausted(self, day: str) -> BudgetExhausted:
+        cap = self.day_cap_arg
+        return BudgetExhausted(f"daily budget of ${cap / 100:.2f} (IRLIVE_DAILY_BUDGET_USD) reached for {day}")
 
-    def commit_day(self, cents: int) -> None:
-        """Charge a purchase to today's cap before it is made."""
-        cap = -1 if self._daily_cap is None else self._daily_cap
-        ok = self._commit(keys=[self._keys.day(today())], args=["bought_cents", "", cents, cap])
-        if not int(ok):
-            raise BudgetExhausted(f"daily budget of ${cap / 100:.2f} (IRLIVE_DAILY_BUDGET_USD) reached for {today()}")
-
-    def release_day(self, cents: int, day: str | None = None) -> None:
-        """A purchase that certainly did not happen."""
-        self._redis.hincrby(self._keys.day(day or today()), "bought_cents", -cents)
+    def bought_on(self, day: str) -> int:
+        return int(self._store.hget(self._keys.day(day), "bought_cents") or 0)
 
     def spent_today(self) -> int:
-        return int(self._redis.hget(self._keys.day(today()), "bought_cents") or 0)
+        return self.bought_on(today())
 
 
 def today() -> str:

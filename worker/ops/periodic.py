@@ -1,51 +1,60 @@
-"""Fleet-wide periodic jobs: a daemon thread per worker process, one of which (a Redis lock) acts at a time."""
+"""Fleet-wide periodic jobs: a daemon thread per worker process; the one holding the job's lease acts."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
-import uuid
-from typing import Any
 
 from worker.errors import IrliveError
+from worker.flow.leases import Lease
+from worker.keys import Keys
+from worker.seams.store import Store
 
 log = logging.getLogger("irlive.periodic")
 
 
 class Periodic(threading.Thread):
-    """Calls tick() every interval while this process holds `lock_key`; subclasses define tick()."""
+    """Calls tick() every interval while this process holds the job's lease; subclasses define tick().
 
-    def __init__(self, name: str, redis: Any, lock_key: str, interval_s: float) -> None:
+    The lease lives on the Redis clock and is taken, renewed and released by one script each, so two
+    processes never both believe they lead. A long tick calls still_leader() between steps: it renews the
+    lease, and says to stop if it was lost.
+    """
+
+    def __init__(self, name: str, store: Store, keys: Keys, *, interval_s: float, lease_s: float) -> None:
         super().__init__(name=name, daemon=True)
-        self._redis_lock = redis
-        self._lock_key = lock_key
+        self.lease = Lease(store, keys.job_lease(name), lease_s)
         self._interval = interval_s
-        self._me = uuid.uuid4().hex
         self._stop_event = threading.Event()
 
     def stop(self) -> None:
         self._stop_event.set()
+        with contextlib.suppress(IrliveError):
+            self.lease.release()
 
     def run(self) -> None:
-        while not self._stop_event.wait(self._interval):
+        failures = 0
+        while not self._stop_event.wait(self._interval * min(2 ** failures, 120)):
             try:
                 if self.holds_lock():
                     self.tick()
+                failures = 0
             except IrliveError as exc:
-                # Budget, seller or S3 trouble: the calls themselves report it; try again next time.
+                # Budget, seller, S3 or Redis trouble: the calls themselves report it; back off and try again.
                 log.info("%s skipped: %s", self.name, exc)
+                failures = min(failures + 1, 7)
             except Exception:
                 log.exception("%s failed", self.name)
+                failures = min(failures + 1, 7)
 
     def holds_lock(self) -> bool:
-        """Take the lock, or keep it if it is already ours; it lapses two intervals after its holder dies."""
-        ttl_ms = max(1000, int(self._interval * 2000))
-        if self._redis_lock.set(self._lock_key, self._me, nx=True, px=ttl_ms):
-            return True
-        if self._redis_lock.get(self._lock_key) == self._me:
-            self._redis_lock.pexpire(self._lock_key, ttl_ms)
-            return True
-        return False
+        """Take the job's lease, or keep it if it is already ours."""
+        return self.lease.take()
+
+    def still_leader(self) -> bool:
+        """Renew the lease in the middle of a long tick; False means another process leads now: stop."""
+        return self.lease.renew()
 
     def tick(self) -> int:
         raise NotImplementedError

@@ -1,43 +1,19 @@
-"""Getting stuck runs home: reconcile lost chunks, dead-letter poison chunks, redrive failed images."""
+"""Getting stuck runs home: find lost chunks, dead-letter poison chunks, redrive failed images."""
 
 from __future__ import annotations
 
-import base64
 import json
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from worker.config import S3Location
 from worker.errors import UnknownRun
-from worker.flow.pipeline import Chunk
 from worker.flow.runs import Runs, now_iso
+from worker.flow.states import RunState
 from worker.keys import Keys
-
-BROKER_QUEUE = "irlive"
-# Reopen one chunk: drop its error (and optionally rejected) records so they are judged again.
-_REOPEN = """
-local removed = 0
-for i = 1, #ARGV - 1 do
-  local rec = redis.call('HGET', KEYS[1], ARGV[i])
-  if rec then
-    local verdict = cjson.decode(rec)['verdict']
-    redis.call('HDEL', KEYS[1], ARGV[i])
-    redis.call('HINCRBY', KEYS[2], verdict, -1)
-    redis.call('HINCRBY', KEYS[2], 'done', -1)
-    removed = removed + 1
-  end
-end
-if removed > 0 and redis.call('SREM', KEYS[3], ARGV[#ARGV]) == 1 then
-  redis.call('HINCRBY', KEYS[2], 'pending', 1)
-end
-if removed > 0 then
-  redis.call('HSET', KEYS[2], 'state', 'running')
-  redis.call('HDEL', KEYS[2], 'finished_at', 'tokens_unspent')
-  redis.call('HDEL', KEYS[4], ARGV[#ARGV])
-end
-return removed
-"""
+from worker.messages import Chunk
+from worker.ops.broker import Broker
+from worker.seams.store import Store
 
 
 @dataclass(frozen=True)
@@ -53,44 +29,38 @@ class Reconciled:
 
 
 class Recovery:
-    """Reads the broker's queue and the run's records to find chunks nobody is working on."""
+    """Reads the broker and the run's records to find chunks nobody is working on."""
 
-    def __init__(self, redis: Any, keys: Keys, runs: Runs) -> None:
-        self._redis = redis
+    def __init__(self, store: Store, keys: Keys, runs: Runs, broker: Broker | None = None) -> None:
+        self._store = store
         self._keys = keys
         self._runs = runs
-        self._reopen = redis.register_script(_REOPEN)
+        self._broker = broker or Broker(store)
+        self._reopen = store.script("flow", "reopen")
 
     def orphans(self, run_id: str) -> list[Chunk]:
-        """Chunks not complete, not parked, not leased by a delivery, and not waiting in the broker."""
+        """Chunks not complete, not parked, not leased by a delivery, and nowhere in the broker (lost)."""
         run = self._runs.get(run_id)
         if run is None:
             raise UnknownRun(run_id)
-        if run["state"] in ("failed", "paused_budget"):
+        if run["state"] in (RunState.FAILED, RunState.PAUSED_BUDGET):
             return []
-        done = {int(s) for s in self._redis.smembers(self._keys.chunks_done(run_id))}
-        parked = {int(json.loads(m)["seq"]) for m in self._redis.lrange(self._keys.parked(run_id), 0, -1)}
-        queued = {int(m["seq"]) for m in self.broker_messages() if m.get("run_id") == run_id}
+        done = {int(s) for s in self._store.smembers(self._keys.chunks_done(run_id))}
+        parked = {int(json.loads(m)["seq"]) for m in self._store.lrange(self._keys.parked(run_id), 0, -1)}
+        in_broker = [m for m in self._broker.queued_chunks()]
+        in_broker += [d.chunk for d in self._broker.deliveries() if d.chunk is not None]
+        queued = {int(m["seq"]) for m in in_broker if m.get("run_id") == run_id}
         bucket = S3Location.parse(run["source"], "run source").bucket
         lost: list[Chunk] = []
         for seq in range(int(run["chunks"])):
             if seq in done or seq in parked or seq in queued:
                 continue
-            if self._redis.exists(self._keys.chunk_progress(run_id, seq) + ":lease"):
+            if self._store.exists(self._keys.chunk_lease(run_id, seq)):
                 continue
             items = self._runs.chunk_items(run_id, seq)
             if items is not None:
                 lost.append(Chunk(run_id, seq, bucket, items))
         return lost
-
-    def broker_messages(self) -> Iterator[dict[str, Any]]:
-        """Chunk messages waiting in the queue or delivered but unacked (kombu's Redis layout)."""
-        raws = list(self._redis.lrange(BROKER_QUEUE, 0, -1))
-        raws += [json.dumps(json.loads(v)[0]) for v in self._redis.hvals("unacked")]
-        for raw in raws:
-            message = _chunk_message(raw)
-            if message is not None:
-                yield message
 
     def reopen_failed(self, run_id: str, *, include_rejected: bool = False) -> list[Chunk]:
         """Drop the run's error (and dead-lettered) records so their images are judged again; returns chunks."""
@@ -106,42 +76,26 @@ class Recovery:
             items = self._runs.chunk_items(run_id, seq)
             if not indices or items is None:
                 continue
-            self._reopen(keys=[self._keys.chunk_progress(run_id, seq), self._keys.run(run_id),
-                               self._keys.chunks_done(run_id), self._keys.deliveries(run_id)],
-                         args=[*indices, seq])
+            self._reopen([self._keys.chunk_progress(run_id, seq), self._keys.run(run_id),
+                          self._keys.chunks_done(run_id), self._keys.deliveries(run_id)], [*indices, seq])
             reopened.append(Chunk(run_id, seq, bucket, items))
         self._drop_dead_letters(run_id)
         return reopened
 
     def dead_letter(self, chunk: Chunk, deliveries: int, last_error: str) -> None:
         """List the chunk once, however many deliveries it takes to write its error records."""
-        if not self._redis.sadd(self._keys.dlq() + ":members", f"{chunk.run_id}/{chunk.seq}"):
+        if not self._store.sadd(self._keys.dlq_members(), chunk.label()):
             return
         entry = {"run_id": chunk.run_id, "seq": chunk.seq, "deliveries": deliveries, "last_error": last_error,
                  "images": len(chunk.items), "at": now_iso()}
-        self._redis.rpush(self._keys.dlq(), json.dumps(entry, sort_keys=True))
+        self._store.rpush(self._keys.dlq(), json.dumps(entry, sort_keys=True))
 
     def dead_letters(self) -> list[dict[str, Any]]:
-        return [json.loads(e) for e in self._redis.lrange(self._keys.dlq(), 0, -1)]
+        return [json.loads(e) for e in self._store.lrange(self._keys.dlq(), 0, -1)]
 
     def _drop_dead_letters(self, run_id: str) -> None:
-        for raw in self._redis.lrange(self._keys.dlq(), 0, -1):
+        for raw in self._store.lrange(self._keys.dlq(), 0, -1):
             entry = json.loads(raw)
             if entry.get("run_id") == run_id:
-                self._redis.lrem(self._keys.dlq(), 0, raw)
-                self._redis.srem(self._keys.dlq() + ":members", f"{run_id}/{entry['seq']}")
-
-
-def _chunk_message(raw: str | bytes) -> dict[str, Any] | None:
-    try:
-        envelope = json.loads(raw)
-        if envelope.get("headers", {}).get("task") != "irlive.process_chunk":
-            return None
-        body = envelope["body"]
-        if envelope.get("properties", {}).get("body_encoding") == "base64":
-            body = base64.b64decode(body)
-        args = json.loads(body)[0]
-        message = args[0]
-        return message if isinstance(message, dict) else None
-    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
-        return None
+                self._store.lrem(self._keys.dlq(), 0, raw)
+                self._store.srem(self._keys.dlq_members(), f"{run_id}/{entry['seq']}")

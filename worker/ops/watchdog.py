@@ -1,4 +1,10 @@
-"""The run watchdog: a background thread that finishes runs whose counters say done and revives stalled ones."""
+"""The run watchdog: hands a dead worker's chunks back within a minute, finalises finished runs, finds lost ones.
+
+Liveness comes from chunk leases, not from the broker: a chunk delivery that is delivered but unacked and
+whose lease has expired (its worker was SIGKILLed, OOM-killed, its host lost) is given back to the head of its
+queue with kombu's own restore, without waiting for the broker's visibility timeout (about an hour). The
+broker's late redelivery of anything restored this way finds the chunk complete and does nothing.
+"""
 
 from __future__ import annotations
 
@@ -7,56 +13,111 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from worker.errors import IrliveError
 from worker.flow.runs import Runs
+from worker.flow.states import RunState
 from worker.keys import Keys
-from worker.money.ledger import Wallet
+from worker.messages import FINALIZE_RUN, PROCESS_CHUNK
+from worker.money.ledger import Ledger
+from worker.ops.broker import Broker
 from worker.ops.periodic import Periodic
 from worker.ops.recovery import Recovery
+from worker.seams.store import Store
 
 log = logging.getLogger("irlive.watchdog")
 Send = Callable[[str, list[Any]], None]
+# How often the leader looks; with the 15 s chunk lease a killed worker's chunk resumes in about 20-25 s.
+INTERVAL_S = 5.0
+# A delivery younger than this may not have taken its lease yet.
+DELIVERY_GRACE_S = 10.0
+# A finalisation delivered this long ago and not acked lost its worker (finalising takes seconds).
+FINALIZE_GRACE_S = 120.0
+# A running run with no progress for this long has its lost chunks (nowhere in the broker) sent again.
+STALL_S = 120.0
 
 
 class Watchdog(Periodic):
-    """Finalises runs whose chunks are all complete, re-enqueues stalled runs' lost chunks, sweeps the wallet."""
+    """One leader in the fleet: restores orphaned deliveries, sweeps the ledger, finalises, re-sends lost chunks."""
 
-    def __init__(self, runs: Runs, recovery: Recovery, keys: Keys, send: Send, *, stall_s: float,
-                 wallet: Wallet | None = None, interval_s: float = 30.0, chunk_task: str = "irlive.process_chunk",
-                 finalize_task: str = "irlive.finalize_run") -> None:
-        super().__init__("irlive-watchdog", runs.redis, keys.prefix + ":watchdog-lock", interval_s)
-        self._runs = runs
-        self._recovery = recovery
+    def __init__(self, store: Store, keys: Keys, runs: Runs, broker: Broker, recovery: Recovery, send: Send, *,
+                 ledger: Ledger | None = None, interval_s: float = INTERVAL_S, stall_s: float = STALL_S) -> None:
+        super().__init__("watchdog", store, keys, interval_s=interval_s, lease_s=max(15.0, 4 * interval_s))
+        self._store = store
         self._keys = keys
+        self._runs = runs
+        self._broker = broker
+        self._recovery = recovery
         self._send = send
+        self._ledger = ledger
         self._stall_ms = stall_s * 1000
-        self._chunk_task = chunk_task
-        self._finalize_task = finalize_task
-        self._wallet = wallet
 
     def tick(self) -> int:
         """One pass; returns how many actions it took."""
-        redis = self._runs.redis
-        # Tokens whose holder died: reservations go back to the pool, sent ones are reconciled with the seller.
-        actions = self._wallet.sweep() if self._wallet is not None else 0
+        actions = self.restore_orphans()
+        if self._ledger is not None and self.still_leader():
+            # Tokens whose holder died: reservations go back to the pool, sent ones are reconciled.
+            actions += self._ledger.sweep()
+        if self.still_leader():
+            actions += self._runs_pass()
+        return actions
+
+    def restore_orphans(self, now: float | None = None) -> int:
+        """Deliveries whose worker is gone (no lease, past their grace and their ETA) go back to their queue."""
+        now = time.time() if now is None else now
+        restored = 0
+        for d in self._broker.deliveries():
+            if d.eta is not None and d.eta + DELIVERY_GRACE_S > now:
+                continue  # a deferred task its worker is holding until it is due
+            chunk = d.chunk
+            if chunk is not None:
+                if now - d.delivered_at < DELIVERY_GRACE_S:
+                    continue
+                try:
+                    run_id, seq = str(chunk["run_id"]), int(chunk["seq"])
+                except (KeyError, TypeError, ValueError):
+                    continue
+                if self._store.exists(self._keys.chunk_lease(run_id, seq)):
+                    continue
+                what = f"chunk {run_id}/{seq}"
+            elif d.task == FINALIZE_RUN and now - d.delivered_at >= FINALIZE_GRACE_S:
+                what = f"finalisation of {d.args[0] if d.args else '?'}"
+            else:
+                continue
+            try:
+                self._broker.restore(d.tag)
+            except Exception as exc:  # kombu's errors: the next pass tries again
+                log.warning("could not restore %s: %s", what, type(exc).__name__)
+                continue
+            log.warning("%s: its worker is gone (no lease for %.0fs since delivery); handed back to the queue",
+                        what, now - d.delivered_at)
+            restored += 1
+        return restored
+
+    def _runs_pass(self) -> int:
+        actions = 0
         now_ms = time.time() * 1000
         week_ago = time.time() - 7 * 24 * 3600
-        for run_id in redis.zrangebyscore(self._keys.runs(), week_ago, "+inf"):
+        for run_id in self._store.zrangebyscore(self._keys.runs(), week_ago, "+inf"):
             run = self._runs.get(run_id)
-            if run is None or run["state"] != "running":
+            if run is None or run["state"] != RunState.RUNNING:
                 continue
             if int(run["pending"]) <= 0:
                 log.warning("run %s: all chunks complete but not finalised; finalising", run_id)
-                self._send(self._finalize_task, [run_id])
+                self._send(FINALIZE_RUN, [run_id])
                 actions += 1
                 continue
-            last = float(run.get("progress_ms") or 0)
+            last = float(run.get("progress_ms") or run.get("created_ms") or 0)
             if last and now_ms - last < self._stall_ms:
                 continue
-            lost = self._recovery.orphans(run_id)
+            try:
+                lost = self._recovery.orphans(run_id)
+            except IrliveError as exc:
+                log.info("run %s: cannot look for lost chunks now: %s", run_id, exc)
+                continue
             for chunk in lost:
-                self._send(self._chunk_task, [chunk.to_message()])
+                self._send(PROCESS_CHUNK, [chunk.to_message()])
             if lost:
-                log.warning("run %s stalled: re-enqueued %d chunks nobody held", run_id, len(lost))
-                redis.hset(self._keys.run(run_id), "progress_ms", int(now_ms))
+                log.warning("run %s stalled: re-enqueued %d chunks the broker had lost", run_id, len(lost))
+                self._store.hset(self._keys.run(run_id), "progress_ms", int(now_ms))
                 actions += len(lost)
         return actions

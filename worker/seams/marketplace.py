@@ -8,7 +8,9 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
+from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import parse_qsl, quote, urlsplit
 
@@ -22,6 +24,7 @@ from worker.errors import (
     PermanentInputError,
     RateLimited,
     TransientError,
+    UnreadableAnswer,
 )
 from worker.ops.redact import redact
 
@@ -56,10 +59,11 @@ class Payment:
 
 @dataclass(frozen=True)
 class CallAnswer:
-    """A successful call: the request id and the raw `data.Result` (object or JSON string)."""
+    """A successful call: the request id, the raw `data.Result` (object or JSON string), the body's bytes."""
 
     request_id: str | None
     result: Any
+    raw: bytes = field(default=b"", repr=False)
 
 
 class Marketplace:
@@ -133,8 +137,8 @@ class Marketplace:
                 raw = _read_capped(response)
             finally:
                 response.close()
-        body = _json_bytes_or_none(raw)
         try:
+            body = _json_bytes_or_none(raw)
             if response.status_code >= 300:
                 _raise_for(response, body)
             return parse_answer(body, raw)
@@ -142,6 +146,12 @@ class Marketplace:
             # The seller may echo the token or a URL in free text (or percent-encoded) that redact() misses.
             _scrub(exc, _secrets_of(token, urls))
             raise
+        except Exception as exc:
+            # Our reading of the answer failed (a library raised on hostile content): after a 2xx the call is
+            # paid for, so it must end recorded, never retried as if nothing had been bought.
+            if response.status_code < 300:
+                raise UnreadableAnswer(f"the answer could not be read ({type(exc).__name__})", raw) from None
+            raise TransientError(f"marketplace answered {response.status_code} with an unreadable body") from None
 
     @contextmanager
     def _translate(self, *, sent_means_unknown: bool) -> Iterator[None]:
@@ -237,7 +247,7 @@ def parse_answer(body: Any, raw: bytes) -> CallAnswer:
     if isinstance(inner, dict) and isinstance(inner.get("Code"), str):
         _raise_code(inner["Code"], str(inner.get("Message", "")), None)
     request_id = body.get("requestId")
-    return CallAnswer(request_id=str(request_id) if request_id is not None else None, result=result)
+    return CallAnswer(request_id=str(request_id) if request_id is not None else None, result=result, raw=raw)
 
 
 def _raise_for(response: httpx.Response, body: Any) -> None:
@@ -303,11 +313,23 @@ def _scrub(exc: IrliveError, secrets: list[str]) -> None:
 
 
 def _retry_after(response: httpx.Response) -> float | None:
+    """Retry-After as seconds: a number, or an HTTP date (RFC 9110); None if absent or unreadable.
+
+    Huge or infinite values come back as they are (capped by the limiter, IRLIVE_MAX_RETRY_AFTER_S).
+    """
     value = response.headers.get("Retry-After")
     if value is None:
         return None
     number = _decimal(value.strip())
-    return float(number) if number is not None and number >= 0 else None
+    if number is not None:
+        return float(min(number, Decimal(10) ** 12)) if number >= 0 else None
+    try:
+        when = parsedate_to_datetime(value.strip())
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
 def _read_capped(response: httpx.Response) -> bytes:

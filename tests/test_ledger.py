@@ -11,11 +11,13 @@ import redis
 
 from sandbox.stack import Stack
 from worker.errors import BudgetExhausted, OutcomeUnknown, TransientError
+from worker.flow.leases import Lease
 from worker.flow.runs import Runs
 from worker.keys import Keys
-from worker.money.budgets import Budget
-from worker.money.ledger import Wallet
+from worker.money.budgets import Budgets
+from worker.money.ledger import Ledger, Token
 from worker.seams.marketplace import Marketplace
+from worker.seams.store import Store
 
 pytestmark = pytest.mark.integration
 Handler = Callable[[httpx.Request], httpx.Response]
@@ -48,88 +50,107 @@ class Seller:
         return httpx.Response(200, json=doc)
 
 
+Env = tuple[Ledger, Seller, redis.Redis, Runs]
+HOLDER = "test/1/holder"
+
+
 @pytest.fixture
-def env(clean_stack: Stack) -> Iterator[tuple[Wallet, Seller, redis.Redis, Runs]]:
+def env(clean_stack: Stack) -> Iterator[Env]:
     client = redis.Redis.from_url(clean_stack.redis_url, decode_responses=True)
+    store = Store(client)
     seller = Seller()
     market = Marketplace("http://seller", "svc", transport=httpx.MockTransport(seller.handle))
     keys = Keys()
-    wallet = Wallet(client, market, keys, Budget(client, keys, daily_cap_cents=100), max_price_cents=20,
+    ledger = Ledger(store, keys, market, Budgets(store, keys, daily_cap_cents=100), max_price_cents=20,
                     lease_s=0.2)
-    runs = Runs(client, keys)
+    runs = Runs(store, keys)
     runs.create("r", source="s3://in/x", output="s3://out/y", settings={}, budget_cents=60)
-    yield wallet, seller, client, runs
+    yield ledger, seller, client, runs
     market.close()
 
 
-def test_a_pending_payment_is_polled_until_paid_never_bought_twice(env: tuple[Wallet, Seller, redis.Redis, Runs],
+def chunk_lease(client: redis.Redis, holder: str = HOLDER) -> str:
+    """Take the chunk lease a token is sent under; returns its key."""
+    lease = Lease(Store(client), Keys().chunk_lease("r", 0), 60, token=holder)
+    assert lease.take()
+    return lease.key
+
+
+def send(ledger: Ledger, client: redis.Redis, token: Token, images: list[str]) -> None:
+    """Mark the token sent and leave it so, as a worker killed mid-call would."""
+    with ledger.spend(token, images, chunk_lease(client, token.holder), "r 0"):
+        pass
+
+
+def test_a_pending_payment_is_polled_until_paid_never_bought_twice(env: Env,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    wallet, seller, _, _ = env
-    monkeypatch.setattr("worker.money.ledger.PENDING_POLL_S", 0.0)
+    ledger, seller, _, _ = env
+    monkeypatch.setattr("worker.money.purchaser.PENDING_POLL_S", 0.0)
     seller.statuses = ["pending", "pending", "paid"]
-    token = wallet.take("r")
+    token = ledger.take("r", HOLDER)
     assert token.payment_id == "p1" and len(seller.payments) == 1
 
 
-def test_a_payment_that_expires_while_pending_is_void(env: tuple[Wallet, Seller, redis.Redis, Runs],
+def test_a_payment_that_expires_while_pending_is_void(env: Env,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    wallet, seller, client, _ = env
-    monkeypatch.setattr("worker.money.ledger.PENDING_POLL_S", 0.0)
+    ledger, seller, client, _ = env
+    monkeypatch.setattr("worker.money.purchaser.PENDING_POLL_S", 0.0)
     seller.statuses = ["pending", "expired"]
     with pytest.raises(TransientError):
-        wallet.take("r")
+        ledger.take("r", HOLDER)
     assert client.hget("irlive:pay:p1", "state") == "void"
 
 
 def test_a_purchase_whose_answer_was_lost_is_counted_and_not_repeated(
-        env: tuple[Wallet, Seller, redis.Redis, Runs]) -> None:
-    wallet, seller, client, _runs = env
+        env: Env) -> None:
+    ledger, seller, client, _runs = env
     seller.create_fails = httpx.ReadTimeout("lost")
     with pytest.raises(OutcomeUnknown):
-        wallet.take("r")
-    assert wallet.totals()["unknown_purchases"] == 1
-    assert wallet.totals()["spent_today_cents"] == 20, "it may have been paid: the day cap counts it"
+        ledger.take("r", HOLDER)
+    assert ledger.totals()["unknown_purchases"] == 1
+    assert ledger.totals()["spent_today_cents"] == 20, "it may have been paid: the day cap counts it"
     assert client.hget("irlive:run:r", "committed_cents") == "0", "the run got no call from it"
 
 
 def test_the_run_budget_stops_the_fourth_call_of_a_60_cent_budget(
-        env: tuple[Wallet, Seller, redis.Redis, Runs]) -> None:
-    wallet, _, _, _ = env
-    tokens = [wallet.take("r") for _ in range(3)]
+        env: Env) -> None:
+    ledger, _, _, _ = env
+    tokens = [ledger.take("r", HOLDER) for _ in range(3)]
     with pytest.raises(BudgetExhausted, match=r"run budget of \$0\.60"):
-        wallet.take("r")
-    wallet.release(tokens[0])
-    assert wallet.take("r").payment_id == tokens[0].payment_id, "a returned token gives its budget back"
+        ledger.take("r", HOLDER)
+    ledger.give_back(tokens[0])
+    assert ledger.take("r", HOLDER).payment_id == tokens[0].payment_id, "a returned token gives its budget back"
 
 
-def test_the_daily_cap_counts_purchases_for_the_pool_too(env: tuple[Wallet, Seller, redis.Redis, Runs]) -> None:
-    wallet, _, _, _ = env
-    assert wallet.refill(5) == 5
+def test_the_daily_cap_counts_purchases_for_the_pool_too(env: Env) -> None:
+    ledger, _, _, _ = env
+    assert ledger.refill(5) == 5
     with pytest.raises(BudgetExhausted, match="daily budget"):
-        wallet.refill(6)
+        ledger.refill(6)
 
 
-def test_settling_twice_charges_once(env: tuple[Wallet, Seller, redis.Redis, Runs]) -> None:
-    wallet, _, client, runs = env
-    token = wallet.take("r")
-    wallet.sent(token, ["in/x/a.png@e"])
-    runs.record("r", 0, [], paid_by=(token.payment_id, 20, "req-1"))
-    runs.record("r", 0, [], paid_by=(token.payment_id, 20, "req-1"))
+def test_settling_twice_charges_once(env: Env) -> None:
+    ledger, _, client, runs = env
+    token = ledger.take("r", HOLDER)
+    with ledger.spend(token, ["in/x/a.png@e"], chunk_lease(client), "r 0") as spend:
+        spend.answered("req-1", b"{}")
+    assert not ledger.settle(token.payment_id, "spent", lost=True), "a late reconciliation changes nothing"
     assert (client.hget("irlive:run:r", "calls"), client.hget("irlive:run:r", "spend_cents")) == ("1", "20")
+    assert client.hget("irlive:run:r", "answers_lost") is None
 
 
-def test_a_dead_workers_tokens_come_back_after_the_lease(env: tuple[Wallet, Seller, redis.Redis, Runs]) -> None:
-    wallet, _seller, client, _ = env
-    reserved = wallet.take("r")
-    sent = wallet.take("r")
-    wallet.sent(sent, ["in/x/b.png@e"])  # then the worker dies; the seller never saw the call
+def test_a_dead_workers_tokens_come_back_after_the_lease(env: Env) -> None:
+    ledger, _seller, client, _ = env
+    reserved = ledger.take("r", HOLDER)
+    sent = ledger.take("r", HOLDER)
+    send(ledger, client, sent, ["in/x/b.png@e"])  # then the worker dies; the seller never saw the call
     assert client.hget("irlive:run:r", "committed_cents") == "40"
 
-    assert wallet.sweep() == 0, "live leases are left alone"
+    assert ledger.sweep() == 0, "live leases are left alone"
     swept = 0
     deadline = time.monotonic() + 5
     while swept < 2 and time.monotonic() < deadline:  # until the 0.2 s leases run out
-        swept += wallet.sweep()
+        swept += ledger.sweep()
     assert swept == 2
     assert client.hget(f"irlive:pay:{reserved.payment_id}", "state") == "paid"
     assert client.hget(f"irlive:pay:{sent.payment_id}", "state") == "paid", "reconciled: remainingCalls was 1"

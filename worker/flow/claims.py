@@ -1,0 +1,121 @@
+"""Image claims across runs and the done-set: an identity is paid for by one delivery, judged once, reused after.
+
+Before an image is packed into a paid call, its identity (`bucket/key@etag`) is claimed for the chunk delivery
+that holds the chunk's lease (the claim carries the lease's token and expires with it). Another run's delivery
+that meets a claimed identity waits for its judgment and records it as a duplicate, at no cost; one that meets
+a judged identity records it straight away. The done-set keeps one short entry per judged identity.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from worker.errors import ChunkBusy
+from worker.flow.leases import ChunkLease
+from worker.keys import Keys
+from worker.seams.store import Store
+
+_VERDICT_CODES = {"live": "L", "spoof": "S", "no_face": "N"}
+_CODE_VERDICTS = {v: k for k, v in _VERDICT_CODES.items()}
+MINE, JUDGED, BUSY = 1, 2, 3
+
+
+@dataclass(frozen=True)
+class DoneEntry:
+    """One judged identity: its verdict, when it was judged, and the run and chunk whose record holds it."""
+
+    verdict: str
+    judged_ms: int
+    run_id: str
+    seq: int
+
+    def encode(self) -> str:
+        return f"{_VERDICT_CODES[self.verdict]}|{self.judged_ms}|{self.run_id}|{self.seq}"
+
+    @classmethod
+    def decode(cls, raw: str) -> DoneEntry | None:
+        parts = raw.split("|")
+        if len(parts) != 4 or parts[0] not in _CODE_VERDICTS:
+            return None
+        try:
+            return cls(_CODE_VERDICTS[parts[0]], int(parts[1]), parts[2], int(parts[3]))
+        except ValueError:
+            return None
+
+
+@dataclass
+class ClaimResult:
+    """Per position of the identities asked about: claimed for the caller, judged already, or held elsewhere."""
+
+    mine: list[int] = field(default_factory=list)
+    judged: dict[int, DoneEntry] = field(default_factory=dict)
+    busy: dict[int, tuple[str, int]] = field(default_factory=dict)
+
+
+class Claims:
+    """The claim and done-set operations; every write is one script (see flow/scripts/claim.lua)."""
+
+    def __init__(self, store: Store, keys: Keys) -> None:
+        self._store = store
+        self._keys = keys
+        self._claim = store.script("flow", "claim")
+
+    def claim_keys(self, identities: Sequence[str]) -> list[str]:
+        return [self._keys.claim(i) for i in identities]
+
+    def claim(self, lease: ChunkLease, run_id: str, seq: int, identities: Sequence[str],
+              not_before_ms: int = 0) -> ClaimResult:
+        """Claim every identity not judged and not held elsewhere; ChunkBusy if the caller's lease is lost.
+
+        not_before_ms > 0 ignores judgments older than that (a --force run judges those again).
+        """
+        result = ClaimResult()
+        if not identities:
+            return result
+        keys = [lease.key]
+        fields: list[str] = []
+        for identity in identities:
+            ref = self._keys.done(identity)
+            keys += [ref.shard, self._keys.claim(identity)]
+            fields.append(ref.field)
+        answer = self._claim(keys, [lease.token, lease.ttl_ms, f"{run_id} {seq}", not_before_ms, *fields])
+        if answer and int(answer[0]) == -1:
+            raise ChunkBusy(f"chunk {run_id}/{seq}: lease lost before its images could be claimed")
+        mine_keys: list[str] = []
+        for pos in range(len(identities)):
+            status, detail = int(answer[2 * pos]), str(answer[2 * pos + 1])
+            entry = DoneEntry.decode(detail) if status == JUDGED else None
+            if status == MINE:
+                result.mine.append(pos)
+                mine_keys.append(keys[2 + 2 * pos])
+            elif entry is not None:
+                result.judged[pos] = entry
+            else:
+                result.busy[pos] = _holder(detail)
+        lease.hold_claims(mine_keys)
+        return result
+
+    def judged(self, identities: Sequence[str]) -> list[DoneEntry | None]:
+        """The done-set entries of these identities (None where not judged), in one round trip."""
+        if not identities:
+            return []
+        pipe = self._store.pipeline(transaction=False)
+        for identity in identities:
+            ref = self._keys.done(identity)
+            pipe.hget(ref.shard, ref.field)
+        return [DoneEntry.decode(raw) if raw else None for raw in pipe.execute()]
+
+    def done_ref_args(self, identity: str, entry: DoneEntry | None) -> tuple[list[str], list[str]]:
+        """KEYS and ARGV pieces the record script takes for one image: (shard, claim), (field, entry)."""
+        ref = self._keys.done(identity)
+        return [ref.shard, self._keys.claim(identity)], [ref.field if entry else "", entry.encode() if entry else ""]
+
+
+def _holder(claim_value: str) -> tuple[str, int]:
+    """A claim's "token run seq" -> (run, seq) of the delivery holding it."""
+    parts = claim_value.split(" ")
+    try:
+        return parts[1], int(parts[2])
+    except (IndexError, ValueError):
+        return "?", -1

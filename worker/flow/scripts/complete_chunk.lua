@@ -1,0 +1,9 @@
+-- complete_chunk.lua: a chunk's manifest is written; count it once, however many deliveries complete it.
+-- KEYS[1]  the run's set of completed chunk numbers
+-- KEYS[2]  the run's hash (pending)
+-- ARGV[1]  the chunk's sequence number
+-- Returns  the run's chunks still pending after this one (0: the run can be finalised).
+if redis.call('SADD', KEYS[1], ARGV[1]) == 1 then
+  return redis.call('HINCRBY', KEYS[2], 'pending', -1)
+end
+return tonumber(redis.call('HGET', KEYS[2], 'pending') or '0')

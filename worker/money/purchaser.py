@@ -1,0 +1,216 @@
+"""Buying tokens: the price guard, then each purchase written down before it leaves and settled after.
+
+A purchase is committed against the day's cap (and the run's, for a run's own purchase) at the quoted price
+before the request is sent (buy_begin.lua); its answer re-charges both at what the payment really cost
+(buy_end.lua). A purchase whose request timed out cannot be looked up (no id, no idempotency key): it is
+counted `unknown`, charged to the day, and never repeated blindly.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Protocol
+
+from worker.errors import BudgetExhausted, ConfigError, IrliveError, OutcomeUnknown, TransientError
+from worker.keys import Keys
+from worker.money.budgets import Budgets, today
+from worker.seams.marketplace import Payment, Quote
+from worker.seams.store import Store
+
+log = logging.getLogger("irlive.money")
+QUOTE_TTL_S = 300.0
+PENDING_WAIT_S = 20.0
+PENDING_POLL_S = 0.5
+# A purchase's answer that Redis refuses to write down is held and retried this long.
+PURCHASE_HOLD_S = 600.0
+
+
+class Seller(Protocol):
+    """What money needs of the marketplace (worker.seams.marketplace.Marketplace is one)."""
+
+    service_id: str
+
+    def quote(self) -> Quote: ...
+
+    def create_payment(self) -> Payment: ...
+
+    def get_payment(self, payment_id: str) -> Payment: ...
+
+
+@dataclass(frozen=True)
+class Token:
+    """A token lent to one chunk delivery (`holder`) of one run for one call; the secret never prints."""
+
+    payment_id: str
+    amount_cents: int
+    run_id: str
+    holder: str
+    secret: str = field(repr=False)
+
+
+class Purchaser:
+    """Buys one token at a time, for a run (lent to its holder at once) or for the shared pool."""
+
+    def __init__(self, store: Store, keys: Keys, seller: Seller, budgets: Budgets, *, max_price_cents: int,
+                 lease_ms: int) -> None:
+        self._store = store
+        self._keys = keys
+        self._seller = seller
+        self._budgets = budgets
+        self._max_price = max_price_cents
+        self._lease_ms = lease_ms
+        self._begin = store.script("money", "buy_begin")
+        self._end = store.script("money", "buy_end")
+        self._failed = store.script("money", "buy_failed")
+        self._quote_lock = threading.Lock()
+        self._quote_checked_at = -QUOTE_TTL_S
+        self._price = max_price_cents
+        self._broken = ""
+
+    def price(self) -> int:
+        """The seller's price per call from its 402 answer (cached); ConfigError above IRLIVE_MAX_PRICE_CENTS."""
+        with self._quote_lock:
+            if time.monotonic() - self._quote_checked_at < QUOTE_TTL_S:
+                return self._price
+            quote = self._seller.quote()
+            if quote.price_cents > self._max_price:
+                raise ConfigError(
+                    f"the seller asks {quote.price_cents} cents per call; IRLIVE_MAX_PRICE_CENTS allows "
+                    f"{self._max_price}: raise it if that price is acceptable"
+                )
+            self._price = quote.price_cents
+            self._quote_checked_at = time.monotonic()
+            return self._price
+
+    def forget_quote(self) -> None:
+        """The seller charged something else than it quoted: ask again before the next purchase."""
+        with self._quote_lock:
+            self._quote_checked_at = -QUOTE_TTL_S
+
+    def buy(self, run_id: str = "", holder: str = "") -> Token | None:
+        """Buy one token: for `run_id` (lent to `holder`, returned) or, with no run, into the pool (None)."""
+        if self._broken:
+            raise ConfigError(f"{self._broken}; this process buys nothing more until it is restarted")
+        price = self.price()
+        request_id = f"req-{uuid.uuid4().hex}"
+        request_key = self._keys.payment(request_id)
+        day = today()
+        run_key = self._keys.run(run_id) if run_id else self._keys.no_run()
+        begun = int(self._begin(
+            [request_key, self._keys.requests(), self._keys.day(day), run_key],
+            [request_id, price, self._budgets.day_cap_arg, day, run_id]))
+        if begun == -1:
+            raise self._budgets.day_exhausted(day)
+        if begun == -2:
+            raise self._budgets.run_exhausted(run_id)
+        try:
+            payment = self._seller.create_payment()
+        except OutcomeUnknown:
+            self._settle_request(request_id, "unknown")
+            raise
+        except BaseException:
+            self._settle_request(request_id, "failed")
+            raise
+        if payment.token is None:
+            # Paid for, but unusable: keep it written down as bought and void.
+            self._end_purchase(request_id, run_id, holder, payment, price)
+            self._store.hset(self._keys.payment(payment.payment_id), mapping={
+                "state": "void", "void_reason": "answered without a token"})
+            raise TransientError(f"payment {payment.payment_id} answered without a token")
+        amount = self._end_purchase(request_id, run_id, holder, payment, price)
+        if not run_id:
+            return None
+        token = Token(payment.payment_id, amount, run_id, holder, payment.token)
+        if payment.status == "pending":
+            self._await_paid(token)
+        return token
+
+    def _end_purchase(self, request_id: str, run_id: str, holder: str, payment: Payment, price: int) -> int:
+        amount = payment.amount_cents if payment.amount_cents is not None else price
+        request = self._store.hgetall(self._keys.payment(request_id))
+        day = request.get("day") or today()
+        run_key = self._keys.run(run_id) if run_id else self._keys.no_run()
+        keys = [self._keys.payment(request_id), self._keys.requests(), self._keys.payment(payment.payment_id),
+                self._keys.leases(), self._keys.wallet_totals(), self._keys.day(day), run_key, self._keys.pool()]
+        args = [request_id, payment.payment_id, payment.token or "", amount, run_id, holder, self._lease_ms,
+                _parse_ms(payment.expires_at), self._seller.service_id, payment.status, self._max_price]
+        try:
+            ended = int(self._store.persist(lambda: self._end(keys, args), PURCHASE_HOLD_S,
+                                            f"purchase {payment.payment_id}"))
+        except IrliveError as exc:
+            # Paid for, and not written down: buying more from this process could repeat it without end.
+            self._broken = f"purchase {payment.payment_id} could not be written to the ledger ({exc})"
+            raise ConfigError(f"{self._broken}; this process buys nothing more until it is restarted") from None
+        if amount != price:
+            log.warning("the seller charged %d cents for a call quoted at %d; budgets are charged what was paid",
+                        amount, price)
+            self.forget_quote()
+        if ended == -3:
+            raise ConfigError(f"the seller charged {amount} cents per call; IRLIVE_MAX_PRICE_CENTS allows "
+                              f"{self._max_price} (the token bought went to the pool)")
+        if ended == -2:
+            raise BudgetExhausted(f"{self._budgets.run_exhausted(run_id)} (the seller charged {amount} cents, not "
+                                  f"the {price} it quoted; the token bought went to the pool)")
+        return amount
+
+    def _settle_request(self, request_id: str, to: str) -> None:
+        """A purchase that certainly failed (`failed`) or may have happened (`unknown`)."""
+        request = self._store.hgetall(self._keys.payment(request_id))
+        run_id = request.get("run_id") or ""
+        self._failed(
+            [self._keys.payment(request_id), self._keys.requests(), self._keys.day(request.get("day") or today()),
+             self._keys.run(run_id) if run_id else self._keys.no_run(), self._keys.wallet_totals()],
+            [request_id, to])
+
+    def expire_requests(self, older_than_ms: int) -> int:
+        """Purchase requests with no answer written down (their worker died mid-request): `unknown`."""
+        expired = 0
+        for request_id in self._store.zrangebyscore(self._keys.requests(), "-inf", older_than_ms):
+            self._settle_request(request_id, "unknown")
+            expired += 1
+        return expired
+
+    def _await_paid(self, token: Token) -> None:
+        """A payment not settled yet: poll it (never buy another) until it is paid or has expired."""
+        deadline = time.monotonic() + PENDING_WAIT_S
+        while time.monotonic() < deadline:
+            time.sleep(PENDING_POLL_S)
+            try:
+                status = self._seller.get_payment(token.payment_id).status
+            except IrliveError:
+                continue
+            if status == "paid":
+                return
+            if status in ("expired", "exhausted"):
+                raise PaymentNeverPaid(token, f"payment {token.payment_id} ended {status} before it was paid")
+        raise PaymentStillPending(token, f"payment {token.payment_id} still pending after {PENDING_WAIT_S:.0f}s")
+
+
+class PaymentNeverPaid(TransientError):
+    """A pending payment expired unpaid: the caller voids the token it was lent."""
+
+    def __init__(self, token: Token, message: str) -> None:
+        super().__init__(message)
+        self.token = token
+
+
+class PaymentStillPending(TransientError):
+    """A payment still pending after the wait: the caller gives the token back to the pool for later."""
+
+    def __init__(self, token: Token, message: str) -> None:
+        super().__init__(message)
+        self.token = token
+
+
+def _parse_ms(iso: str | None) -> int:
+    if not iso:
+        return 0
+    try:
+        return int(datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp() * 1000)
+    except ValueError:
+        return 0

@@ -1,0 +1,32 @@
+-- buy_begin.lua: before a purchase leaves, write it down and commit its quoted price against the day's cap
+-- and (for a purchase made for a run) the run's cap, in one step; nothing is written if a cap would be crossed.
+-- KEYS[1]  the purchase request's hash (becomes {state=requested, ...})
+-- KEYS[2]  the zset of open purchase requests (request id -> created ms)
+-- KEYS[3]  the UTC day's hash (field bought_cents)
+-- KEYS[4]  the run's hash (fields committed_cents, budget_cents); unused when ARGV[5] is ''
+-- ARGV[1]  request id
+-- ARGV[2]  quoted price, cents
+-- ARGV[3]  the day's cap in cents, -1 for none
+-- ARGV[4]  the UTC day (YYYY-MM-DD) the price is charged to, kept so a release finds the same day
+-- ARGV[5]  run id, '' for a purchase into the shared pool
+-- Returns  1 committed and written down; -1 the day's cap would be crossed; -2 the run's cap would be.
+local price = tonumber(ARGV[2])
+local day_cap = tonumber(ARGV[3])
+local bought = tonumber(redis.call('HGET', KEYS[3], 'bought_cents') or '0')
+if day_cap >= 0 and bought + price > day_cap then return -1 end
+if ARGV[5] ~= '' then
+  local cap = redis.call('HGET', KEYS[4], 'budget_cents')
+  local committed = tonumber(redis.call('HGET', KEYS[4], 'committed_cents') or '0')
+  if cap and cap ~= '' and committed + price > tonumber(cap) then
+    redis.call('HSET', KEYS[4], 'price_cents', price)
+    return -2
+  end
+  redis.call('HINCRBY', KEYS[4], 'committed_cents', price)
+end
+redis.call('HINCRBY', KEYS[3], 'bought_cents', price)
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('HSET', KEYS[1], 'state', 'requested', 'price_cents', price, 'day', ARGV[4], 'run_id', ARGV[5],
+           'created_ms', now, 'updated_ms', now)
+redis.call('ZADD', KEYS[2], now, ARGV[1])
+return 1

@@ -1,0 +1,56 @@
+-- settle.lua: a lent token ends: spent (the seller consumed it) or void (the seller refused it). Only the first
+-- settlement counts, so a reconciliation racing an answer can never charge twice; an answer arriving after a
+-- reconciliation that counted it lost is still kept, and the loss uncounted.
+-- KEYS[1]  the payment's hash            KEYS[4]  the run's hash (calls, spend_cents, answers_lost, ...)
+-- KEYS[2]  the zset of token leases      KEYS[5]  the hash of answers not yet recorded (payment id -> "run seq")
+-- KEYS[3]  wallet totals hash
+-- ARGV[1]  payment id
+-- ARGV[2]  'spent' or 'void'
+-- ARGV[3]  the seller's request id, '' if there was no answer
+-- ARGV[4]  the raw answer (size-capped), '' if none: kept until its verdicts are recorded
+-- ARGV[5]  '1' if the seller consumed the token and its answer never reached us (an answer lost), else '0'
+-- ARGV[6]  "<run_id> <seq>" of the chunk that must record the answer, '' if none
+-- ARGV[7]  why (for void), '' if nothing to say
+-- Returns  1 if this call settled the token, 0 if it was settled before.
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local state = redis.call('HGET', KEYS[1], 'state')
+local images = redis.call('HGET', KEYS[1], 'images') or ''
+local n_images = 0
+if images ~= '' then n_images = select(2, string.gsub(images, ',', ',')) + 1 end
+if state == 'spent' or state == 'void' then
+  if ARGV[4] ~= '' and state == 'spent' and not redis.call('HGET', KEYS[1], 'request_id') then
+    redis.call('HSET', KEYS[1], 'request_id', ARGV[3], 'answer', ARGV[4], 'updated_ms', now)
+    if ARGV[6] ~= '' then redis.call('HSET', KEYS[5], ARGV[1], ARGV[6]) end
+    if redis.call('HGET', KEYS[1], 'lost') == '1' then
+      redis.call('HSET', KEYS[1], 'lost', '0')
+      redis.call('HINCRBY', KEYS[4], 'answers_lost', -1)
+      redis.call('HINCRBY', KEYS[4], 'answers_lost_images', -n_images)
+      redis.call('HINCRBY', KEYS[3], 'answers_lost', -1)
+    end
+  end
+  return 0
+end
+local amount = tonumber(redis.call('HGET', KEYS[1], 'amount_cents') or '0')
+redis.call('HSET', KEYS[1], 'state', ARGV[2], 'committed', '0', 'updated_ms', now, 'lost', ARGV[5])
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('HINCRBY', KEYS[3], ARGV[2], 1)
+redis.call('HINCRBY', KEYS[3], ARGV[2] .. '_cents', amount)
+if ARGV[7] ~= '' then redis.call('HSET', KEYS[1], 'void_reason', ARGV[7]) end
+if ARGV[2] == 'spent' then
+  if redis.call('HGET', KEYS[1], 'run_id') ~= '' then
+    redis.call('HINCRBY', KEYS[4], 'calls', 1)
+    redis.call('HINCRBY', KEYS[4], 'spend_cents', amount)
+  end
+  if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'request_id', ARGV[3]) end
+  if ARGV[4] ~= '' then
+    redis.call('HSET', KEYS[1], 'answer', ARGV[4])
+    if ARGV[6] ~= '' then redis.call('HSET', KEYS[5], ARGV[1], ARGV[6]) end
+  end
+  if ARGV[5] == '1' then
+    redis.call('HINCRBY', KEYS[4], 'answers_lost', 1)
+    redis.call('HINCRBY', KEYS[4], 'answers_lost_images', n_images)
+    redis.call('HINCRBY', KEYS[3], 'answers_lost', 1)
+  end
+end
+return 1

@@ -1,0 +1,106 @@
+"""One worker process's clients and background threads: built when the process starts, closed when it stops."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from worker.config import Settings
+from worker.flow.claims import Claims
+from worker.flow.limiter import RateLimiter, RateSpec
+from worker.flow.pipeline import Deps
+from worker.flow.runs import Runs
+from worker.keys import Keys
+from worker.money.budgets import Budgets
+from worker.money.ledger import Ledger
+from worker.money.pool import PoolKeeper
+from worker.ops.broker import Broker, Restore
+from worker.ops.periodic import Periodic
+from worker.ops.recovery import Recovery
+from worker.ops.watchdog import Watchdog
+from worker.seams.marketplace import Marketplace
+from worker.seams.storage import Storage
+from worker.seams.store import Store
+
+log = logging.getLogger("irlive.runtime")
+Send = Callable[[str, list[Any]], None]
+
+
+def build_deps(settings: Settings) -> Deps:
+    """Every long-lived client one worker process needs (also what `irlive wallet` and `smoke` use)."""
+    keys = Keys(settings.key_prefix)
+    store = Store.from_url(settings.redis_url)
+    market = Marketplace(settings.marketplace_url, settings.service_id, api_key=settings.api_key,
+                         api_key_header=settings.api_key_header, timeout_s=settings.call_timeout_s)
+    budgets = Budgets(store, keys, settings.daily_budget_cents)
+    ledger = Ledger(store, keys, market, budgets, max_price_cents=settings.max_price_cents,
+                    lease_s=token_lease_s(settings))
+    return Deps(
+        settings=settings,
+        store=store,
+        storage=Storage(settings.s3_endpoint_url, settings.s3_region, max_connections=64),
+        market=market,
+        ledger=ledger,
+        limiter=RateLimiter(store, keys, RateSpec(
+            settings.rate_limit_per_s, settings.rate_burst, max_in_flight=settings.max_in_flight,
+            adaptive=settings.rate_adaptive, max_retry_after_s=settings.max_retry_after_s)),
+        runs=Runs(store, keys),
+        claims=Claims(store, keys),
+    )
+
+
+def token_lease_s(settings: Settings) -> float:
+    """How long a lent token may stay reserved or sent before the sweep asks the seller about it."""
+    return 2 * settings.call_timeout_s + 30
+
+
+class Runtime:
+    """Built once per worker process (Celery's worker_init for the threads pool, worker_process_init for
+    prefork children); `deps()` builds it on first use where neither signal fires (solo, eager tests)."""
+
+    def __init__(self, settings: Settings, send: Send, restore: Restore) -> None:
+        self.settings = settings
+        self._send = send
+        self._restore = restore
+        self._lock = threading.Lock()
+        self._deps: Deps | None = None
+        self._threads: list[Periodic] = []
+
+    def start(self) -> Deps:
+        with self._lock:
+            if self._deps is not None:
+                return self._deps
+            deps = build_deps(self.settings)
+            keys = Keys(self.settings.key_prefix)
+            deps.ledger.sweep()
+            if self.settings.token_pool_size > 0:
+                self._threads.append(PoolKeeper(deps.ledger, deps.store, keys, size=self.settings.token_pool_size,
+                                                low=self.settings.token_pool_low,
+                                                lease_s=token_lease_s(self.settings)))
+            self._threads.append(Watchdog(deps.store, keys, deps.runs, Broker(deps.store, restore=self._restore),
+                                          self.recovery(deps), self._send, ledger=deps.ledger))
+            for thread in self._threads:
+                thread.start()
+            self._deps = deps
+            return deps
+
+    def deps(self) -> Deps:
+        return self._deps if self._deps is not None else self.start()
+
+    def recovery(self, deps: Deps | None = None) -> Recovery:
+        d = deps or self.deps()
+        return Recovery(d.store, Keys(self.settings.key_prefix), d.runs, Broker(d.store, restore=self._restore))
+
+    def stop(self) -> None:
+        with self._lock:
+            for thread in self._threads:
+                thread.stop()
+            for thread in self._threads:
+                thread.join(timeout=5)
+            self._threads.clear()
+            if self._deps is not None:
+                self._deps.market.close()
+                self._deps.store.close()
+                self._deps = None
