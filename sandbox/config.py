@@ -8,6 +8,9 @@ from dataclasses import dataclass
 from typing import Any, get_args, get_type_hints
 
 SERVICE_ID = "infrared-face-liveness-detection"
+# The legacy listing of the same tool: its own service id, so its own payments and tokens.
+LEGACY_SERVICE_ID = "aliyun-facebody-detect-infrared-living-face"
+SERVICE_IDS = (SERVICE_ID, LEGACY_SERVICE_ID)
 # How a judged call's 200 answer is shaped: "normal", or one way a seller can answer badly (the token is
 # settled before the upstream runs, so every one of them is billed like a real answer).
 ANSWER_MODES = (
@@ -26,7 +29,6 @@ ANSWER_MODES = (
 class SandboxConfig:
     """Every behaviour of the sandbox that tests and benchmarks turn; each is also a CLI flag."""
 
-    service_id: str = SERVICE_ID
     price_cents: int = 20
     rate_limit_per_s: float = 0.0
     rate_burst: int = 1
@@ -43,6 +45,9 @@ class SandboxConfig:
     api_key: str | None = None
     api_key_header: str = "X-API-Key"
     max_image_bytes: int = 10 * 1024 * 1024
+    # The sandbox's own guard against decompression bombs (a small file of huge dimensions), checked from the
+    # header before any pixel is decoded; not a documented upstream limit.
+    max_image_pixels: int = 4096 * 4096
     fetch_timeout_s: float = 5.0
     answer_mode: str = "normal"
 
@@ -81,6 +86,8 @@ def updated(config: SandboxConfig, changes: dict[str, Any]) -> SandboxConfig:
         raise ValueError(f"answer_mode must be one of {', '.join(ANSWER_MODES)}")
     if new.rate_burst < 1:
         raise ValueError("rate_burst must be at least 1")
+    if new.max_image_pixels < 1:
+        raise ValueError("max_image_pixels must be at least 1")
     return new
 
 

@@ -140,15 +140,15 @@ class Ledger:
             payment = self.payments.get(payment_id)
             return None if payment is None else payment.public(time.time(), with_token=False)
 
-    def check(self, token: str) -> None:
-        """Refuse a token that could not pay now; consume() checks again under the same lock."""
+    def check(self, token: str, service_id: str) -> None:
+        """Refuse a token that could not pay for a call to `service_id` now; consume() checks again under the lock."""
         with self.lock:
-            self._usable(token)
+            self._usable(token, service_id)
 
-    def consume(self, token: str, image_paths: list[str]) -> Payment:
+    def consume(self, token: str, service_id: str, image_paths: list[str]) -> Payment:
         """Settle first: spend the token and bill the call before the upstream runs."""
         with self.lock:
-            payment = self._usable(token)
+            payment = self._usable(token, service_id)
             payment.remaining_calls -= 1
             payment.billed_uses += 1
             self.counts["tokens_consumed"] += 1
@@ -184,10 +184,15 @@ class Ledger:
             self.payments.clear()
             self.by_token.clear()
 
-    def _usable(self, token: str) -> Payment:
+    def _usable(self, token: str, service_id: str) -> Payment:
         payment = self.by_token.get(token)
         if payment is None:
             raise TokenRefused("payment token unknown")
+        # A strict seller binds a token to the listing it was bought for; refusing it here spends nothing.
+        if payment.service_id != service_id:
+            raise TokenRefused(
+                f"payment token was bought for another service ({payment.service_id!r}), not {service_id!r}"
+            )
         if payment.remaining_calls <= 0:
             raise TokenRefused("payment token already used")
         if time.time() >= payment.expires_at:

@@ -19,14 +19,14 @@ from typing import Any
 import httpx
 
 from sandbox import upstream
-from sandbox.config import SandboxConfig, add_flags, from_args, public_config, updated
+from sandbox.config import SERVICE_IDS, SandboxConfig, add_flags, from_args, public_config, updated
 from sandbox.ledger import Ledger, TokenRefused, x402_offer
 
 __all__ = ["TOOL_PATHS", "SandboxConfig", "SandboxServer", "main"]
 
-TOOL_PATHS = frozenset(
-    {"/api/tools/infrared-face-liveness-detection", "/api/tools/aliyun-facebody-detect-infrared-living-face"}
-)
+# Each tool path is its own listing, named by the service id its payments are created for.
+LISTINGS = {f"/api/tools/{service_id}": service_id for service_id in SERVICE_IDS}
+TOOL_PATHS = frozenset(LISTINGS)
 _MAX_BODY = 1024 * 1024
 
 
@@ -108,8 +108,8 @@ class _Handler(BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0]
         try:
             body = self._read_body() if method == "POST" else b""
-            if method == "POST" and path in TOOL_PATHS:
-                self._tool_call(state, body)
+            if method == "POST" and path in LISTINGS:
+                self._tool_call(state, LISTINGS[path], body)
             elif method == "POST" and path == "/api/payments":
                 self._create_payment(state, body)
             elif method == "GET" and path.startswith("/api/payments/"):
@@ -174,15 +174,14 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(401, {"error": "API key missing or invalid"})
         return False
 
-    def _payment_required(self, state: _State, error: str) -> None:
+    def _payment_required(self, state: _State, service_id: str, error: str) -> None:
         state.ledger.count("rejected_402")
-        config = state.config
         resource = f"http://{self.headers.get('Host', '')}{self.path}"
-        doc = x402_offer(config.service_id, config.price_cents, resource, error)
+        doc = x402_offer(service_id, state.config.price_cents, resource, error)
         header = base64.b64encode(json.dumps(doc).encode()).decode()
         self._send(402, doc, {"PAYMENT-REQUIRED": header})
 
-    def _tool_call(self, state: _State, raw: bytes) -> None:
+    def _tool_call(self, state: _State, service_id: str, raw: bytes) -> None:
         config = state.config
         ledger = state.ledger
         ledger.count("calls_total")
@@ -190,13 +189,13 @@ class _Handler(BaseHTTPRequestHandler):
             return
         token = self.headers.get("X-Payment-Token")
         if not token:
-            self._payment_required(state, "payment required")
+            self._payment_required(state, service_id, "payment required")
             return
         try:
-            ledger.check(token)
+            ledger.check(token, service_id)
             urls = upstream.parse_tasks(_json(raw))
         except TokenRefused as refused:
-            self._payment_required(state, str(refused))
+            self._payment_required(state, service_id, str(refused))
             return
         except ValueError as invalid:
             ledger.count("rejected_400")
@@ -209,10 +208,10 @@ class _Handler(BaseHTTPRequestHandler):
             return
         paths = [upstream.url_path(url) for url in urls]
         try:
-            payment = ledger.consume(token, paths)
+            payment = ledger.consume(token, service_id, paths)
         except TokenRefused as refused:
             # Another call spent the same token between the check and here.
-            self._payment_required(state, str(refused))
+            self._payment_required(state, service_id, str(refused))
             return
         status, body = self._run_upstream(state, config, urls)
         if status != 200 and not config.failed_calls_consume_token:
@@ -253,7 +252,7 @@ class _Handler(BaseHTTPRequestHandler):
             try:
                 upstream.check_url(url, time.time())
                 data = upstream.fetch(state.client, url, config.max_image_bytes, config.fetch_timeout_s)
-                elements.append(upstream.judge(url, data, upstream.inspect(data)))
+                elements.append(upstream.judge(url, data, upstream.inspect(data, config.max_image_pixels)))
             except upstream.UpstreamError as error:
                 if config.bad_image_fails_call:
                     ledger.count("upstream_errors")
@@ -279,7 +278,7 @@ class _Handler(BaseHTTPRequestHandler):
         service = body.get("serviceId") if isinstance(body, dict) else None
         if not isinstance(service, str):
             self._send(400, {"error": "serviceId is required"})
-        elif service != config.service_id:
+        elif service not in SERVICE_IDS:
             self._send(404, {"error": f"service {service!r} not found"})
         else:
             self._send(201, state.ledger.create_payment(service, config.price_cents, config.token_ttl_s))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import time
 import uuid
@@ -13,16 +14,16 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
+from PIL import Image
 
-from sandbox.truth import UNDECODABLE, fallback_truth, read_truth, truth_text
-from worker.imageinfo import HEAD_BYTES, TAIL_BYTES, complete, sniff
+from sandbox.truth import UNDECODABLE, fallback_truth, image_truth_text, parse_truth
 
 HOST_ID = "facebody.cn-shanghai.aliyuncs.com"
 ACTION = "DetectInfraredLivingFace"
 MAX_TASKS = 10
 NO_FACE_TIP = "no face detected, try again please."
-# Used for face boxes when the header does not give the image size.
-_DEFAULT_SIZE = (640, 480)
+# The formats the upstream documents, by Pillow's names for them.
+FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP")
 # answer_mode "huge_body": the whole answer's size, and the piece size it is written in.
 HUGE_BODY_BYTES = 50 * 1024 * 1024
 _PIECE_BYTES = 1024 * 1024
@@ -140,33 +141,59 @@ def _too_big(max_bytes: int) -> UpstreamError:
     return UpstreamError("InvalidImage.Size", f"The image is larger than {max_bytes} bytes.")
 
 
-def inspect(data: bytes) -> tuple[int, int]:
-    """Check format by magic bytes and that the file is whole; the image's size in pixels."""
-    info = sniff(data[:HEAD_BYTES])
-    if info is None:
-        raise UpstreamError("InvalidImage.Format", "The image format is not supported.")
-    if not complete(info.format, data[-TAIL_BYTES:]) or not _declared_length_ok(info.format, data):
-        raise UpstreamError("InvalidImage.Decode", "The image cannot be decoded: the file is incomplete.")
-    if truth_text(data) == UNDECODABLE:
+@dataclass(frozen=True)
+class Decoded:
+    """What decoding an image told: its size in pixels and the truth stored in it (None if there is none)."""
+
+    width: int
+    height: int
+    truth: str | None
+
+
+def inspect(data: bytes, max_pixels: int) -> Decoded:
+    """Decode the whole image like a real upstream would; UpstreamError says why it cannot be judged."""
+    try:
+        image = Image.open(io.BytesIO(data), formats=FORMATS)
+    except Image.DecompressionBombError:
+        # Pillow's own limit, checked from the header when it is far above ours (or ours is set higher).
+        raise UpstreamError("InvalidImage.Size", "The image has too many pixels to decode safely.") from None
+    except Exception:
+        # Pillow raises many kinds of errors for a bad header (and WEBP decodes the whole file while opening);
+        # what tells the two refusals apart is whether the data claims to be one of the accepted formats.
+        if _looks_like_an_image(data):
+            raise _undecodable() from None
+        raise UpstreamError("InvalidImage.Format", "The image format is not supported.") from None
+    with image:
+        width, height = image.size
+        # Checked before load(): the header alone says how much memory the pixels would take.
+        if width * height > max_pixels:
+            raise UpstreamError("InvalidImage.Size", f"The image has {width}x{height} pixels, more than {max_pixels}.")
+        try:
+            image.load()
+        except Exception:
+            # Truncated or corrupt data fails inside the codecs as OSError, SyntaxError, ValueError, EOFError,
+            # zlib or struct errors, and more: every one of them is an image the upstream cannot decode.
+            raise _undecodable() from None
+        truth = image_truth_text(image)
+    if truth == UNDECODABLE:
         raise UpstreamError("InvalidImage.Decode", "The image content cannot be decoded.")
-    if info.width is None or info.height is None:
-        return _DEFAULT_SIZE
-    return info.width, info.height
+    return Decoded(width, height, truth)
 
 
-def _declared_length_ok(fmt: str, data: bytes) -> bool:
-    # BMP and WEBP state their length in the header, which is how a cut-off file shows.
-    if fmt == "bmp" and len(data) >= 6:
-        declared = int.from_bytes(data[2:6], "little")
-        return declared == 0 or declared <= len(data)
-    if fmt == "webp" and len(data) >= 8:
-        return int.from_bytes(data[4:8], "little") + 8 <= len(data)
-    return True
+def _looks_like_an_image(data: bytes) -> bool:
+    """Whether the first bytes claim one of the accepted formats, by Pillow's own signature checks."""
+    Image.init()
+    head = data[:16]
+    return any((accept := Image.OPEN[name][1]) is not None and bool(accept(head)) for name in FORMATS)
 
 
-def judge(url: str, data: bytes, size: tuple[int, int]) -> dict[str, Any]:
+def _undecodable() -> UpstreamError:
+    return UpstreamError("InvalidImage.Decode", "The image cannot be decoded: the file is incomplete or corrupt.")
+
+
+def judge(url: str, data: bytes, image: Decoded) -> dict[str, Any]:
     """One answer element, from the truth stored in the image (or a stable hash-based stand-in)."""
-    faces = read_truth(data)
+    faces = None if image.truth is None else parse_truth(image.truth)
     if faces is None:
         faces = fallback_truth(data)
     if not faces:
@@ -184,7 +211,7 @@ def judge(url: str, data: bytes, size: tuple[int, int]) -> dict[str, Any]:
             ],
         }
     digest = hashlib.sha256(data).digest()
-    width, height = size
+    width, height = image.width, image.height
     results: list[dict[str, Any]] = []
     for i, face in enumerate(faces):
         # Stable per image and face, so a repeated call answers the same.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import random
 import struct
 import zlib
@@ -9,10 +10,10 @@ from collections import Counter
 from collections.abc import Callable
 
 import pytest
+from PIL import Image
 
 from sandbox.images import OVERSIZED_BYTES, Sample, demo_corpus, jpeg, png
-from sandbox.truth import TRUTH_KEYWORD, fallback_truth, read_truth, truth_verdict
-from worker.imageinfo import TAIL_BYTES, ImageInfo, complete, sniff
+from sandbox.truth import TRUTH_KEYWORD, fallback_truth, image_truth_text, read_truth, truth_text, truth_verdict
 
 TEN_MIB = 10 * 1024 * 1024
 
@@ -23,6 +24,7 @@ def corpus() -> list[Sample]:
 
 
 def _png_chunks(data: bytes) -> list[tuple[bytes, bytes]]:
+    """Every chunk of a PNG, with its CRC checked and nothing after IEND."""
     assert data.startswith(b"\x89PNG\r\n\x1a\n")
     chunks = []
     pos = 8
@@ -37,105 +39,68 @@ def _png_chunks(data: bytes) -> list[tuple[bytes, bytes]]:
     return chunks
 
 
-def _huffman_decoder(bits: bytes, values: bytes) -> dict[tuple[int, int], int]:
-    table: dict[tuple[int, int], int] = {}
-    code = k = 0
-    for length in range(1, 17):
-        for _ in range(bits[length - 1]):
-            table[(length, code)] = values[k]
-            code += 1
-            k += 1
-        code <<= 1
-    return table
+def _chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
 
-def _jpeg_block_means(data: bytes) -> tuple[int, int, list[float]]:
-    """Width, height and every block's mean decoded from the DC terms: proves the scan decodes to the end."""
-    pos = 2
-    quant: bytes = b""
-    tables: dict[int, dict[tuple[int, int], int]] = {}
-    width = height = 0
-    while True:
-        marker = data[pos + 1]
-        (length,) = struct.unpack(">H", data[pos + 2 : pos + 4])
-        body = data[pos + 4 : pos + 2 + length]
-        pos += 2 + length
-        if marker == 0xDB:
-            quant = body[1:65]
-        elif marker == 0xC4:
-            tables[body[0] >> 4] = _huffman_decoder(body[1:17], body[17:])
-        elif marker == 0xC0:
-            height, width = struct.unpack(">HH", body[1:5])
-        elif marker == 0xDA:
-            break
-    assert data.endswith(b"\xff\xd9")
-    scan = data[pos:-2]
-    assert b"\xff" not in scan.replace(b"\xff\x00", b""), "unstuffed 0xFF in the scan"
-    stream = scan.replace(b"\xff\x00", b"\xff")
-    bitstring = "".join(f"{byte:08b}" for byte in stream)
-    cursor = 0
+def _decoded(data: bytes) -> Image.Image:
+    """The image fully decoded by Pillow, as the sandbox's upstream does; raises if it cannot be."""
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image
 
-    def symbol(table: dict[tuple[int, int], int]) -> int:
-        nonlocal cursor
-        code = 0
-        for length in range(1, 17):
-            code = (code << 1) | (bitstring[cursor] == "1")
-            cursor += 1
-            if (length, code) in table:
-                return table[(length, code)]
-        raise AssertionError("no Huffman code matched")
 
-    def receive(size: int) -> int:
-        nonlocal cursor
-        if size == 0:
-            return 0
-        raw = int(bitstring[cursor : cursor + size], 2)
-        cursor += size
-        return raw if raw >= 1 << (size - 1) else raw - (1 << size) + 1
-
-    blocks = ((width + 7) // 8) * ((height + 7) // 8)
-    means = []
-    dc = 0
-    for _ in range(blocks):
-        dc += receive(symbol(tables[0]))
-        means.append(dc * quant[0] / 8 + 128)
-        k = 1
-        while k < 64:
-            rs = symbol(tables[1])
-            if rs == 0x00:
-                break
-            k += (rs >> 4) + 1
-            receive(rs & 0x0F)
-        assert k <= 64
-    assert len(bitstring) - cursor < 8 and set(bitstring[cursor:]) <= {"1"}, "data left after the last block"
-    return width, height, means
+def _kinds(data: bytes) -> list[bytes]:
+    # Pillow may split the pixel data over several IDAT chunks; the order of the kinds is what matters.
+    kinds = [kind for kind, _ in _png_chunks(data)]
+    return [kind for i, kind in enumerate(kinds) if kind != b"IDAT" or kinds[i - 1] != b"IDAT"]
 
 
 @pytest.mark.parametrize(("width", "height"), [(256, 256), (320, 240), (17, 9), (1, 1)])
-def test_png_is_valid_and_sniffed(width: int, height: int) -> None:
+def test_png_decodes_at_its_size_and_carries_its_truth(width: int, height: int) -> None:
     data = png(width, height, "live", seed=3)
-    chunks = _png_chunks(data)
-    assert [kind for kind, _ in chunks] == [b"IHDR", b"tEXt", b"IDAT", b"IEND"]
-    assert len(zlib.decompress(chunks[2][1])) == height * (width + 1)
-    assert sniff(data) == ImageInfo("png", width, height)
-    assert complete("png", data[-TAIL_BYTES:])
+    assert _kinds(data) == [b"IHDR", b"tEXt", b"IDAT", b"IEND"]
+    image = _decoded(data)
+    assert (image.format, image.mode, image.size) == ("PNG", "L", (width, height))
+    assert image.info[TRUTH_KEYWORD] == "live"
+    assert read_truth(data) == ["live"]
 
 
 def test_png_without_truth_has_no_text_chunk() -> None:
     data = png(64, 64, None)
     assert b"tEXt" not in data
+    assert _kinds(data) == [b"IHDR", b"IDAT", b"IEND"]
     assert read_truth(data) is None
 
 
-def test_png_is_deterministic_per_seed() -> None:
-    assert png(64, 48, "spoof", seed=1) == png(64, 48, "spoof", seed=1)
-    assert png(64, 48, "spoof", seed=1) != png(64, 48, "spoof", seed=2)
+@pytest.mark.parametrize("maker", [png, jpeg])
+def test_images_are_deterministic_per_seed(maker: Callable[..., bytes]) -> None:
+    assert maker(64, 48, "spoof", seed=1) == maker(64, 48, "spoof", seed=1)
+    assert maker(64, 48, "spoof", seed=1) != maker(64, 48, "spoof", seed=2)
+    assert maker(64, 48, "spoof", seed=1) != maker(64, 48, "live", seed=1)
 
 
 def test_png_padding_keeps_it_valid() -> None:
     data = png(32, 32, "live", pad_to=100_000)
     assert len(data) == 100_000
-    assert [kind for kind, _ in _png_chunks(data)] == [b"IHDR", b"tEXt", b"IDAT", b"irPd", b"IEND"]
+    assert _kinds(data) == [b"IHDR", b"tEXt", b"IDAT", b"irPd", b"IEND"]
+    assert _decoded(data).size == (32, 32)
+    assert read_truth(data) == ["live"]
+    # The pixels are those of the unpadded image.
+    assert _decoded(data).tobytes() == _decoded(png(32, 32, "live")).tobytes()
+    # Asking for less than the image already takes changes nothing; a few bytes more still gives at least that.
+    plain = png(32, 32, "live")
+    assert png(32, 32, "live", pad_to=len(plain)) == plain
+    assert len(png(32, 32, "live", pad_to=len(plain) + 5)) >= len(plain) + 5
+
+
+def test_oversized_png_is_valid_and_its_truth_is_read_without_decoding_it() -> None:
+    data = png(256, 256, "spoof", seed=3, pad_to=OVERSIZED_BYTES)
+    assert len(data) == OVERSIZED_BYTES
+    assert _decoded(data).size == (256, 256)
+    # The padding sits after the pixel data, so reading the truth only touches the first chunks.
+    assert truth_text(data) == "spoof"
+    assert truth_text(data[:4096]) == "spoof"
 
 
 @pytest.mark.parametrize("maker", [png, jpeg])
@@ -147,20 +112,39 @@ def test_size_must_be_positive(maker: Callable[[int, int, str | None], bytes]) -
 
 
 @pytest.mark.parametrize(("width", "height"), [(256, 256), (100, 37), (8, 8), (3, 1)])
-def test_jpeg_is_valid_and_sniffed(width: int, height: int) -> None:
+def test_jpeg_decodes_at_its_size_and_carries_its_truth(width: int, height: int) -> None:
     data = jpeg(width, height, "live", seed=4)
-    assert sniff(data) == ImageInfo("jpeg", width, height)
-    assert complete("jpeg", data[-TAIL_BYTES:])
-    assert _jpeg_block_means(data)[:2] == (width, height)
+    assert data.startswith(b"\xff\xd8\xff") and data.endswith(b"\xff\xd9")
+    image = _decoded(data)
+    assert (image.format, image.mode, image.size) == ("JPEG", "L", (width, height))
+    assert image.info["comment"] == f"{TRUTH_KEYWORD}=live".encode()
+    assert read_truth(data) == ["live"]
 
 
-def test_jpeg_pixels_follow_the_picture() -> None:
-    # Background blocks are dark, and the face in the middle is bright: the DCT and quantizer are right.
-    data = jpeg(256, 256, "live", seed=5)
-    means = _jpeg_block_means(data)[2]
-    corner, centre = means[0], means[16 * 32 + 16]
-    assert 10 < corner < 45
-    assert centre > 120
+def _extrema(image: Image.Image, box: tuple[int, int, int, int] | None = None) -> tuple[int, int]:
+    low, high = (image if box is None else image.crop(box)).getextrema()
+    assert isinstance(low, int) and isinstance(high, int)
+    return low, high
+
+
+@pytest.mark.parametrize("maker", [png, jpeg])
+def test_pixels_look_like_an_infrared_face(maker: Callable[..., bytes]) -> None:
+    # A dark background, a bright face in the middle with dark eyes, and for a spoof a flat screen frame.
+    live = _decoded(maker(256, 256, "live", seed=5))
+    assert 10 < _extrema(live, (0, 0, 8, 8))[1] < 50
+    assert _extrema(live, (120, 120, 136, 136))[0] > 110
+    assert _extrema(live, (60, 80, 196, 130))[0] < 70
+    spoof = _decoded(maker(256, 256, "spoof", seed=5))
+
+    def screen_pixels(image: Image.Image) -> int:
+        # The screen's level (70 plus noise) is used by nothing else in the picture.
+        return sum(image.histogram()[66:80])
+
+    assert screen_pixels(spoof) > 2000
+    assert screen_pixels(live) < 200
+    empty = _decoded(maker(256, 256, "no_face", seed=5))
+    assert _extrema(empty)[1] < 60
+    assert read_truth(maker(256, 256, "no_face", seed=5)) == []
 
 
 def test_png_and_jpeg_truth_round_trip() -> None:
@@ -172,20 +156,25 @@ def test_png_and_jpeg_truth_round_trip() -> None:
 def test_jpeg_without_truth_has_no_comment() -> None:
     data = jpeg(16, 16, None)
     assert b"\xff\xfe" not in data.split(b"\xff\xda")[0]
+    assert "comment" not in _decoded(data).info
     assert read_truth(data) is None
 
 
 def test_truth_in_a_later_comment_and_after_idat() -> None:
-    comment = TRUTH_KEYWORD.encode() + b"=spoof"
     other = b"\xff\xfe" + struct.pack(">H", 2 + 5) + b"hello"
-    mine = b"\xff\xfe" + struct.pack(">H", 2 + len(comment)) + comment
-    assert read_truth(b"\xff\xd8\xff\xff" + other + mine + b"\xff\xd9") == ["spoof"]
+    base = jpeg(16, 16, "spoof")
+    # A comment from another writer before ours: ours is still found, and the file still decodes.
+    with_two = base[:2] + other + base[2:]
+    assert _decoded(with_two).size == (16, 16)
+    assert read_truth(with_two) == ["spoof"]
 
-    base = png(8, 8, None)
-    text = TRUTH_KEYWORD.encode() + b"\x00live, live"
-    text_chunk = struct.pack(">I", len(text)) + b"tEXt" + text + struct.pack(">I", zlib.crc32(b"tEXt" + text))
-    with_late_text = base[:-12] + text_chunk + base[-12:]
-    assert read_truth(with_late_text) == ["live", "live"]
+    # A text chunk after the pixel data is not seen from the headers alone, but it is once the image is loaded
+    # (which the sandbox's upstream does anyway).
+    plain = png(8, 8, None)
+    late = plain[:-12] + _chunk(b"tEXt", TRUTH_KEYWORD.encode() + b"\x00live, live") + plain[-12:]
+    assert read_truth(late) is None
+    image = _decoded(late)
+    assert image_truth_text(image) == "live, live"
 
 
 @pytest.mark.parametrize("value", ["alive", "", "live,", "no_face,live", "LIVE", "live;spoof"])
@@ -195,7 +184,16 @@ def test_malformed_truth_is_none(value: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "data", [b"", b"plain text", b"GIF89a\x01\x00\x01\x00", b"\x89PNG\r\n\x1a\n\x00\x00", b"\xff\xd8\xff"]
+    "data",
+    [
+        b"",
+        b"plain text",
+        b"GIF89a\x01\x00\x01\x00",
+        b"\x89PNG\r\n\x1a\n\x00\x00",
+        b"\xff\xd8\xff",
+        b"BM" + bytes(60),
+        b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", 1 << 20, 1 << 20, 8, 0, 0, 0, 0)),
+    ],
 )
 def test_truth_of_other_or_broken_data_is_none(data: bytes) -> None:
     assert read_truth(data) is None
@@ -203,6 +201,8 @@ def test_truth_of_other_or_broken_data_is_none(data: bytes) -> None:
 
 def test_truth_survives_truncation() -> None:
     data = png(64, 64, "spoof")
+    assert read_truth(data[: len(data) * 6 // 10]) == ["spoof"]
+    data = jpeg(64, 64, "spoof")
     assert read_truth(data[: len(data) * 6 // 10]) == ["spoof"]
 
 
@@ -249,29 +249,39 @@ def test_corpus_valid_samples(corpus: list[Sample]) -> None:
     for sample in corpus:
         if sample.expected == "rejected":
             continue
-        info = sniff(sample.body)
-        assert info is not None and info.width == 256 and info.height == 256, sample.key
-        assert info.format == ("jpeg" if sample.key.endswith(".jpg") else "png")
-        assert complete(info.format, sample.body[-TAIL_BYTES:])
+        image = _decoded(sample.body)
+        assert image.size == (256, 256), sample.key
+        assert image.format == ("JPEG" if sample.key.endswith(".jpg") else "PNG")
         assert len(sample.body) < TEN_MIB
         faces = read_truth(sample.body)
         assert truth_verdict(fallback_truth(sample.body) if faces is None else faces) == sample.expected
 
 
+def _opens(data: bytes) -> Image.Image | None:
+    try:
+        return Image.open(io.BytesIO(data))
+    except OSError:
+        return None
+
+
 def test_corpus_rejected_samples(corpus: list[Sample]) -> None:
     bodies = [s.body for s in corpus if s.expected == "rejected"]
     assert len(bodies) == 5
-    text = next(b for b in bodies if sniff(b) is None and b)
-    assert text.isascii()
     assert b"" in bodies
     assert next(s for s in corpus if s.body == b"").key.endswith(".jpg")
+    text = [b for b in bodies if b and _opens(b) is None]
+    assert len(text) == 1 and text[0].isascii()
     big = [b for b in bodies if len(b) > TEN_MIB]
     assert len(big) == 1 and len(big[0]) == OVERSIZED_BYTES
-    assert sniff(big[0]) == ImageInfo("png", 256, 256) and complete("png", big[0][-TAIL_BYTES:])
-    small = [b for b in bodies if (info := sniff(b)) is not None and info.width == 16]
-    assert len(small) == 1 and complete("png", small[0][-TAIL_BYTES:])
-    truncated = [b for b in bodies if sniff(b) == ImageInfo("png", 256, 256) and len(b) < TEN_MIB]
-    assert len(truncated) == 1 and not complete("png", truncated[0][-TAIL_BYTES:])
+    assert _decoded(big[0]).size == (256, 256)
+    small = [b for b in bodies if (image := _opens(b)) is not None and image.size == (16, 16)]
+    assert len(small) == 1 and _decoded(small[0]).format == "PNG"
+    # The truncated PNG still opens (its header is whole) but its pixels cannot be decoded.
+    truncated = [b for b in bodies if (image := _opens(b)) is not None and image.size == (256, 256)]
+    truncated = [b for b in truncated if len(b) < TEN_MIB]
+    assert len(truncated) == 1 and not truncated[0].endswith(b"IEND\xaeB`\x82")
+    with pytest.raises(OSError, match="truncated"):
+        _decoded(truncated[0])
 
 
 def test_corpus_is_deterministic_and_seeded() -> None:

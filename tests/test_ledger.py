@@ -130,7 +130,7 @@ def test_the_daily_cap_counts_purchases_for_the_pool_too(env: Env) -> None:
 
 
 def test_settling_twice_charges_once(env: Env) -> None:
-    ledger, _, client, runs = env
+    ledger, _, client, _runs = env
     token = ledger.take("r", HOLDER)
     with ledger.spend(token, ["in/x/a.png@e"], chunk_lease(client), "r 0") as spend:
         spend.answered("req-1", b"{}")

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import base64
+import io
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import threading
 import time
+import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
@@ -19,13 +22,16 @@ from typing import Any
 
 import httpx
 import pytest
+from PIL import Image, ImageFile
 
 from sandbox import images
 from sandbox.server import TOOL_PATHS, SandboxConfig, SandboxServer
+from sandbox.truth import fallback_truth
 
 TOOL = "/api/tools/infrared-face-liveness-detection"
 LEGACY = "/api/tools/aliyun-facebody-detect-infrared-living-face"
 SERVICE = "infrared-face-liveness-detection"
+LEGACY_SERVICE = "aliyun-facebody-detect-infrared-living-face"
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -80,8 +86,8 @@ def client(sandbox: SandboxServer) -> Iterator[httpx.Client]:
         yield http
 
 
-def pay(client: httpx.Client) -> dict[str, Any]:
-    response = client.post("/api/payments", json={"serviceId": SERVICE})
+def pay(client: httpx.Client, service: str = SERVICE) -> dict[str, Any]:
+    response = client.post("/api/payments", json={"serviceId": service})
     assert response.status_code == 201, response.text
     doc: dict[str, Any] = response.json()
     return doc
@@ -126,7 +132,8 @@ def test_no_token_answers_402_with_x402_metadata_in_body_and_header(client: http
     response = client.post(path, json={"Tasks": [{"ImageURL": "http://example.invalid/a.png"}]})
     assert response.status_code == 402
     body = response.json()
-    assert body["x402Version"] == 1 and body["serviceId"] == SERVICE and body["priceCents"] == 20
+    # Each path is its own listing: the offer names the service id a payment for it must be created with.
+    assert body["x402Version"] == 1 and body["serviceId"] == path.rsplit("/", 1)[1] and body["priceCents"] == 20
     offer = body["accepts"][0]
     for key in ("scheme", "network", "maxAmountRequired", "amount", "payTo", "asset", "resource",
                 "description", "mimeType", "maxTimeoutSeconds", "extra"):  # fmt: skip
@@ -150,6 +157,7 @@ def test_payment_is_created_and_read_back_without_its_token(client: httpx.Client
 
 def test_unknown_service_and_unknown_payment_are_404(client: httpx.Client) -> None:
     assert client.post("/api/payments", json={"serviceId": "nope"}).status_code == 404
+    assert client.post("/api/payments", json={"serviceId": "/api/tools/" + SERVICE}).status_code == 404
     assert client.post("/api/payments", json={}).status_code == 400
     assert client.get("/api/payments/pay_missing").status_code == 404
     assert ledger(client)["payments_created"] == 0
@@ -167,6 +175,33 @@ def test_a_token_pays_for_exactly_one_call(client: httpx.Client, host: ImageHost
     assert unknown.status_code == 402 and unknown.json()["error"] == "payment token unknown"
     counts = ledger(client)
     assert counts["tokens_consumed"] == 1 and counts["calls_billed"] == 1 and counts["token_uses"] == 1
+
+
+@pytest.mark.parametrize(("bought", "used", "other"), [(SERVICE, LEGACY, TOOL), (LEGACY_SERVICE, TOOL, LEGACY)])
+def test_a_token_is_bound_to_the_service_it_was_bought_for(
+    client: httpx.Client, host: ImageHost, bought: str, used: str, other: str
+) -> None:
+    url = host.put("/bound.png", images.png(64, 64, "live"))
+    payment = pay(client, bought)
+    assert payment["serviceId"] == bought
+    refused = call(client, payment["token"], [url], path=used)
+    assert refused.status_code == 402
+    body = refused.json()
+    assert "bought for another service" in body["error"] and bought in body["error"]
+    # The offer is the one of the listing that was called, in the body and in the header.
+    assert body["serviceId"] == used.rsplit("/", 1)[1] and body["accepts"][0]["resource"].endswith(used)
+    assert json.loads(base64.b64decode(refused.headers["PAYMENT-REQUIRED"])) == body
+    # The refusal spent nothing: the token still pays for one call on its own listing.
+    state = payment_state(client, payment)
+    assert state["status"] == "paid" and state["remainingCalls"] == 1
+    counts = ledger(client)
+    assert counts["tokens_consumed"] == 0 and counts["calls_billed"] == 0 and counts["rejected_402"] == 1
+    assert len(elements(call(client, payment["token"], [url], path=other))) == 1
+    assert payment_state(client, payment)["status"] == "exhausted"
+    # Once spent, the token is refused on both listings.
+    assert call(client, payment["token"], [url], path=other).status_code == 402
+    assert call(client, payment["token"], [url], path=used).status_code == 402
+    assert ledger(client)["tokens_consumed"] == 1
 
 
 def test_expired_token_is_refused(sandbox: SandboxServer, client: httpx.Client, host: ImageHost) -> None:
@@ -193,7 +228,7 @@ def test_truth_in_the_image_gives_inverted_labels_in_input_order(client: httpx.C
     empty = host.put("/t/empty.jpg", images.jpeg(320, 240, "no_face"))
     signed = presigned(live, datetime.now(UTC), 900)
     urls = [spoof, live, pair, empty, signed]
-    found = elements(call(client, pay(client)["token"], urls, path=LEGACY))
+    found = elements(call(client, pay(client, LEGACY_SERVICE)["token"], urls, path=LEGACY))
     assert [e["ImageURL"] for e in found] == urls
     assert all("TaskId" not in e for e in found)
     by_label = [[(r["Label"], r["Suggestion"]) for r in e["Results"]] for e in found]
@@ -279,6 +314,137 @@ def test_image_failures_answer_upstream_codes(sandbox: SandboxServer, client: ht
     # Settle first: each of those calls reached the upstream, so each spent its token.
     counts = ledger(client)
     assert counts["calls_billed"] == len(cases) and counts["upstream_errors"] == len(cases)
+
+
+def _encoded(fmt: str, **params: Any) -> bytes:
+    """A synthetic capture re-encoded by Pillow in `fmt`: such files carry no truth, so the fallback judges them."""
+    picture = Image.open(io.BytesIO(images.png(96, 96, "spoof", seed=11)))
+    out = io.BytesIO()
+    picture.save(out, fmt, **params)
+    return out.getvalue()
+
+
+ACCEPTED = {
+    "png": ("PNG", {}),
+    "jpeg": ("JPEG", {"quality": 90}),
+    "bmp": ("BMP", {}),
+    "gif": ("GIF", {}),
+    "webp": ("WEBP", {"quality": 80}),
+    "webp-lossless": ("WEBP", {"lossless": True}),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(ACCEPTED))
+def test_every_documented_format_is_decoded_and_judged(client: httpx.Client, host: ImageHost, kind: str) -> None:
+    fmt, params = ACCEPTED[kind]
+    data = _encoded(fmt, **params)
+    url = host.put(f"/fmt/{kind}", data)
+    [found] = elements(call(client, pay(client)["token"], [url]))
+    assert found["FaceNumber"] == len(fallback_truth(data))
+    for result in found["Results"]:
+        rect = result["Rect"]
+        assert rect["Left"] + rect["Width"] <= 96 and rect["Top"] + rect["Height"] <= 96
+
+
+@pytest.mark.parametrize("kind", sorted(ACCEPTED))
+def test_every_truncated_format_is_undecodable(client: httpx.Client, host: ImageHost, kind: str) -> None:
+    fmt, params = ACCEPTED[kind]
+    data = _encoded(fmt, **params)
+    for cut in (len(data) * 6 // 10, 40):
+        url = host.put(f"/cut/{kind}-{cut}", data[:cut])
+        assert _error(call(client, pay(client)["token"], [url])) == (
+            "InvalidImage.Decode",
+            "The image cannot be decoded: the file is incomplete or corrupt.",
+        ), (kind, cut)
+
+
+def test_other_formats_and_non_images_are_refused_as_format(client: httpx.Client, host: ImageHost) -> None:
+    for name, data in {
+        "tiff": _encoded("TIFF"),
+        "ico": _encoded("ICO"),
+        "pdf": b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj\n",
+        "text": b"camera 3 heartbeat ok\n",
+        "empty": b"",
+        "html": b"<html><body>403 Forbidden</body></html>",
+    }.items():
+        url = host.put(f"/other/{name}", data)
+        assert _error(call(client, pay(client)["token"], [url]))[0] == "InvalidImage.Format", name
+
+
+def _with_chunk_replaced(data: bytes, kind: bytes, body: bytes) -> bytes:
+    """A PNG with the data of its first `kind` chunk replaced (and a correct CRC, so only the content is bad)."""
+    pos = 8
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        if data[pos + 4 : pos + 8] == kind:
+            chunk = struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+            return data[:pos] + chunk + data[pos + 12 + length :]
+        pos += 12 + length
+    raise AssertionError(f"no {kind!r} chunk")
+
+
+def test_corrupt_and_undecodable_images_are_refused_as_decode(client: httpx.Client, host: ImageHost) -> None:
+    good = images.png(64, 64, "live")
+    cases = {
+        # Whole files whose header and end are fine: only decoding the pixels shows what is wrong.
+        "zeroed-idat": _with_chunk_replaced(good, b"IDAT", bytes(400)),
+        "garbage-idat": _with_chunk_replaced(good, b"IDAT", zlib.compress(b"\x07" * 65 * 64)),
+        # The truth marker the sandbox keeps for batch-splitting tests: a perfect file the upstream refuses.
+        "marked": images.png(64, 64, "undecodable"),
+        "marked-jpeg": images.jpeg(64, 64, "undecodable"),
+    }
+    for name, data in cases.items():
+        url = host.put(f"/corrupt/{name}", data)
+        assert _error(call(client, pay(client)["token"], [url]))[0] == "InvalidImage.Decode", name
+
+
+def _with_size(data: bytes, width: int, height: int) -> bytes:
+    """A PNG whose header claims another size: the shape of a decompression bomb, without its memory."""
+    ihdr = b"IHDR" + struct.pack(">II", width, height) + data[24:29]
+    return data[:12] + ihdr + struct.pack(">I", zlib.crc32(ihdr)) + data[33:]
+
+
+def test_decompression_bombs_are_refused_by_size_before_decoding(
+    sandbox: SandboxServer, client: httpx.Client, host: ImageHost
+) -> None:
+    good = images.png(64, 64, "live")
+    above_ours = host.put("/bomb/ours.png", _with_size(good, 5000, 5000))
+    above_pillows = host.put("/bomb/pillow.png", _with_size(good, 60000, 60000))
+    code, message = _error(call(client, pay(client)["token"], [above_ours]))
+    assert code == "InvalidImage.Size" and "5000x5000" in message
+    assert _error(call(client, pay(client)["token"], [above_pillows]))[0] == "InvalidImage.Size"
+    # The limit is a setting; the server thread survived both and still judges.
+    small = host.put("/bomb/small.png", good)
+    assert len(elements(call(client, pay(client)["token"], [small]))) == 1
+    sandbox.configure(max_image_pixels=64 * 64 - 1)
+    assert _error(call(client, pay(client)["token"], [small]))[0] == "InvalidImage.Size"
+    assert client.post("/_sandbox/config", json={"max_image_pixels": 0}).status_code == 400
+
+
+def test_truth_after_the_pixel_data_is_judged(client: httpx.Client, host: ImageHost) -> None:
+    # Only a full decode reaches a text chunk placed between the pixel data and IEND.
+    plain = images.png(64, 64, None, seed=2)
+    text = b"irlive-truth\x00spoof"
+    chunk = struct.pack(">I", len(text)) + b"tEXt" + text + struct.pack(">I", zlib.crc32(b"tEXt" + text))
+    [found] = elements(call(client, pay(client)["token"], [host.put("/late.png", plain[:-12] + chunk + plain[-12:])]))
+    assert [r["Label"] for r in found["Results"]] == ["liveness"]
+
+
+def test_truncated_images_stay_refused_by_pillow() -> None:
+    # The sandbox relies on Pillow's default; a library that turned it on would make truncated files judgeable.
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False
+
+
+def test_the_sandbox_imports_nothing_from_the_worker() -> None:
+    code = (
+        "import sys, pkgutil, importlib, sandbox\n"
+        "for m in pkgutil.iter_modules(sandbox.__path__): importlib.import_module('sandbox.' + m.name)\n"
+        "leaked = sorted(n for n in sys.modules if n == 'worker' or n.startswith('worker.'))\n"
+        "assert not leaked, leaked\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)
+    assert done.returncode == 0, done.stderr
 
 
 def test_failed_calls_keep_the_token_when_configured(
