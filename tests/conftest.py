@@ -16,7 +16,6 @@ from sandbox.stack import Stack
 
 SETTINGS_ENV = {
     "IRLIVE_OUTPUT": "s3://irlive-out/results",
-    "IRLIVE_VISIBILITY_TIMEOUT_S": "30",
     "IRLIVE_RATE_LIMIT_PER_S": "50",
 }
 BUCKETS = ("irlive-in", "irlive-out")

@@ -116,8 +116,10 @@ def drive_to_completion(
     poll_s: float = 0.25,
     during: Callable[[float, dict[str, str]], None] | None = None,
     env: Mapping[str, str] | None = None,
+    reconcile_on_stall: bool = False,
 ) -> Drive:
-    """Poll until the run is `done`; on no progress for `stall_s`, `irlive reconcile` it; fail at the deadline.
+    """Poll until the run is `done`; fail at the deadline. Stalls (no progress for `stall_s`) are counted; with
+    reconcile_on_stall a stall also runs `irlive reconcile` (off by default: the workers must recover alone).
 
     `during(elapsed_s, snapshot)` runs on every poll (kills, Redis restarts, proxy switches...); the snapshot
     is empty while Redis cannot be reached.
@@ -158,7 +160,7 @@ def drive_to_completion(
         if time.monotonic() - last_change > stall_s and snap:
             drive.stalls += 1
             last_change = time.monotonic()
-            if not drive.reconcile_missing:
+            if reconcile_on_stall and not drive.reconcile_missing:
                 answer = reconcile(stack, run_id, env)
                 if answer is None:
                     drive.reconcile_missing = True
@@ -185,6 +187,7 @@ class Books:
     ledger: dict[str, Any] = field(default_factory=dict)
     payments: dict[str, dict[str, str]] = field(default_factory=dict)
     purchases: dict[str, dict[str, str]] = field(default_factory=dict)
+    manifests: list[dict[str, Any]] = field(default_factory=list)
     billed_twice: int = 0
     notes: list[str] = field(default_factory=list)
 
@@ -195,18 +198,21 @@ class Books:
 
 def check_invariants(
     stack: Stack,
-    run_id: str,
+    run_ids: str | list[str],
     samples: Iterable[Sample],
     *,
     strict_once: bool = False,
     env: Mapping[str, str] | None = None,
     books: Books | None = None,
 ) -> list[str]:
-    """Every violation of the run's guarantees (empty = all hold). Stops the workers first.
+    """Every violation of the runs' guarantees (empty = all hold). Stops the workers first.
 
-    With one run per sandbox reset. `strict_once` also demands that every judged image was billed exactly
-    once and every other image never: true only when no fault can lose an answer after the seller billed it.
+    For one run, or several over the same images (overlapping scans), per sandbox reset. Each run must hold
+    exactly one record per image; the seller may bill an image more than once only for calls the ledger
+    counts as lost answers or paid failures. `strict_once` also demands that every judged image was billed
+    exactly once and every other image never: true only when no fault can lose an answer after billing.
     """
+    runs = [run_ids] if isinstance(run_ids, str) else list(run_ids)
     books = books if books is not None else Books()
     problems: list[str] = []
     stack.stop_workers()
@@ -215,10 +221,16 @@ def check_invariants(
     if rec.returncode != 0:
         return [f"`irlive wallet --reconcile --all` failed ({rec.returncode}): {rec.stderr.strip()[-400:]}"]
     books.wallet = {k: int(v) for k, v in json.loads(rec.stdout)["totals"].items() if v is not None}
-    problems += _check_outputs(stack, run_id, list(samples), books)
+    sample_list = list(samples)
+    manifests = []
+    for run_id in runs:
+        problems += [f"run {run_id}: {p}" if len(runs) > 1 else p
+                     for p in _check_outputs(stack, run_id, sample_list, books)]
+        manifests.append(books.manifest)
+    books.manifests = manifests
     books.ledger = stack.sandbox_ledger()
     books.payments, books.purchases = _payments(stack.redis_client())
-    problems += _check_money(stack, run_id, books, strict_once)
+    problems += _check_money(stack, runs, books, strict_once)
     return problems
 
 
@@ -231,6 +243,7 @@ def _check_outputs(stack: Stack, run_id: str, samples: list[Sample], books: Book
     except Exception as exc:
         return [f"no run manifest for {run_id}: {type(exc).__name__}: {exc}"]
     books.manifest = manifest
+    run_records: list[dict[str, Any]] = []
     seqs = [c["seq"] for c in manifest["chunks"]]
     if sorted(seqs) != list(range(len(seqs))):
         problems.append(f"manifest chunk list is not 0..n-1: {sorted(seqs)}")
@@ -238,6 +251,7 @@ def _check_outputs(stack: Stack, run_id: str, samples: list[Sample], books: Book
     for entry in manifest["chunks"]:
         doc = json.loads(s3.get_object(Bucket=OUT_BUCKET, Key=entry["key"])["Body"].read())
         books.records.extend(doc["images"])
+        run_records.extend(doc["images"])
         own = Counter(r["verdict"] for r in doc["images"])
         if {v: own.get(v, 0) for v in VERDICTS} != {v: doc["counts"].get(v, 0) for v in VERDICTS}:
             problems.append(f"chunk {entry['seq']}: counts {doc['counts']} but records say {dict(own)}")
@@ -247,7 +261,7 @@ def _check_outputs(stack: Stack, run_id: str, samples: list[Sample], books: Book
         summed.update(doc["counts"])
     if {v: manifest["counts"].get(v, 0) for v in VERDICTS} != {v: summed.get(v, 0) for v in VERDICTS}:
         problems.append(f"run manifest counts {manifest['counts']} != sum of chunk counts {dict(summed)}")
-    per_key = Counter(r["key"] for r in books.records)
+    per_key = Counter(r["key"] for r in run_records)
     wanted = Counter(s.key for s in samples)
     missing = sorted(set(wanted) - set(per_key))
     extra = sorted(set(per_key) - set(wanted))
@@ -258,17 +272,17 @@ def _check_outputs(stack: Stack, run_id: str, samples: list[Sample], books: Book
         problems.append(f"{len(extra)} records of images never listed, e.g. {extra[:3]}")
     if doubled:
         problems.append(f"{len(doubled)} images with several records, e.g. {doubled[:3]}")
-    if manifest.get("images") != len(books.records):
-        problems.append(f"manifest says {manifest.get('images')} images, chunks hold {len(books.records)}")
+    if manifest.get("images") != len(run_records):
+        problems.append(f"manifest says {manifest.get('images')} images, chunks hold {len(run_records)}")
     expected = {s.key: s.expected for s in samples}
-    wrong = [(r["key"], r["verdict"]) for r in books.records
+    wrong = [(r["key"], r["verdict"]) for r in run_records
              if r["verdict"] in JUDGED and expected.get(r["key"], r["verdict"]) != r["verdict"]]
     if wrong:
         problems.append(f"{len(wrong)} judged images with the wrong verdict, e.g. {wrong[:3]}")
     return problems
 
 
-def _check_money(stack: Stack, run_id: str, books: Books, strict_once: bool) -> list[str]:
+def _check_money(stack: Stack, runs: list[str], books: Books, strict_once: bool) -> list[str]:
     problems: list[str] = []
     ledger, wallet, payments = books.ledger, books.wallet, books.payments
     if ledger["token_uses"] > 1:
@@ -293,12 +307,21 @@ def _check_money(stack: Stack, run_id: str, books: Books, strict_once: bool) -> 
                         f"- restored {ledger['tokens_restored']} = {consumed}")
     if consumed != ledger["calls_billed"]:
         problems.append(f"seller: {consumed} tokens consumed but {ledger['calls_billed']} calls billed")
-    run_calls = int(_s(stack.redis_client().hget(f"irlive:run:{run_id}", "calls") or b"0"))
+    client = stack.redis_client()
+    run_calls = sum(int(_s(client.hget(f"irlive:run:{r}", "calls") or b"0")) for r in runs)
     if run_calls != ledger["calls_billed"]:
-        problems.append(f"run {run_id} charged {run_calls} calls in Redis, seller billed {ledger['calls_billed']}")
-    if books.manifest and books.manifest.get("calls") != ledger["calls_billed"]:
-        problems.append(f"run manifest says {books.manifest.get('calls')} calls, seller billed "
+        problems.append(f"runs {runs} charged {run_calls} calls in Redis, seller billed {ledger['calls_billed']}")
+    manifest_calls = sum(int(m.get("calls") or 0) for m in books.manifests if m)
+    if len(books.manifests) == len(runs) and manifest_calls != ledger["calls_billed"]:
+        problems.append(f"run manifests say {manifest_calls} calls, seller billed "
                         f"{ledger['calls_billed']} (Redis after reconciliation: {run_calls})")
+    lost_tokens = sum(1 for p in payments.values() if p.get("state") == "spent" and p.get("lost") == "1")
+    lost_runs = sum(int(_s(client.hget(f"irlive:run:{r}", "answers_lost") or b"0")) for r in runs)
+    if lost_tokens != lost_runs:
+        problems.append(f"{lost_tokens} tokens spent with their answer lost, runs count {lost_runs} answers_lost")
+    lost_manifests = sum(int(m.get("answers_lost") or 0) for m in books.manifests if m)
+    if len(books.manifests) == len(runs) and lost_manifests > lost_runs:
+        problems.append(f"manifests report {lost_manifests} answers lost, the ledger {lost_runs}")
     in_pool = {_s(p) for p in stack.redis_client().lrange("irlive:wallet:pool", 0, -1)}
     stranded = [pid for pid, p in payments.items() if p.get("state") == "paid" and pid not in in_pool]
     if stranded:
@@ -336,6 +359,15 @@ def _check_per_image(books: Books, strict_once: bool) -> list[str]:
     twice = sorted(k for k, n in spent_answered.items() if n > 1)
     if twice:
         problems.append(f"{len(twice)} images billed twice with an answer received, e.g. {twice[:3]}")
+    # Every bill beyond the first must be a call the ledger counts as lost or as a paid failure.
+    explained: Counter[str] = Counter()
+    for p in books.payments.values():
+        if p.get("state") == "spent" and not p.get("request_id"):
+            explained.update(_path_of(i) for i in p.get("images", "").split(",") if i)
+    unexplained = sorted(k for k, n in billed.items() if n - 1 > explained.get(k, 0))
+    if unexplained:
+        problems.append(f"{len(unexplained)} images paid for again with no lost answer or paid failure to "
+                        f"explain it, e.g. {unexplained[:3]}")
     books.billed_twice = sum(1 for n in billed.values() if n > 1)
     if strict_once:
         judged = {f"/{r['bucket']}/{quote(r['key'], safe='/~')}" for r in books.records if r["verdict"] in JUDGED}
@@ -366,3 +398,59 @@ def _path_of(identity: str) -> str:
 
 def _s(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+# ---- how fast a killed worker's chunks resume ------------------------------------------------------------
+
+
+@dataclass
+class ResumeWatch:
+    """Times, for every chunk a killed worker held, how long until another delivery holds it or it completes.
+
+    A chunk lease's value is `host/pid/token`; a threads-pool worker runs its tasks in its main process, the
+    pid the stack knows it by. Read before the kill, polled after it.
+    """
+
+    stack: Stack
+    waiting: list[tuple[float, str, int, str]] = field(default_factory=list)  # (killed at, run, seq, pid)
+    resumed_s: list[float] = field(default_factory=list)
+
+    def before_kill(self, pid: int) -> None:
+        client = self.stack.redis_client()
+        mark = f"/{pid}/"
+        now = time.monotonic()
+        for key in client.scan_iter("irlive:lease:chunk:*", count=1000):
+            holder = client.get(key)
+            if holder is not None and mark in _s(holder):
+                run_id, seq = _s(key).removeprefix("irlive:lease:chunk:").rsplit(":", 1)
+                self.waiting.append((now, run_id, int(seq), mark))
+
+    def poll(self) -> None:
+        if not self.waiting:
+            return
+        client = redis.Redis.from_url(self.stack.redis_url, socket_timeout=2, socket_connect_timeout=1)
+        try:
+            still = []
+            for killed_at, run_id, seq, mark in self.waiting:
+                holder = client.get(f"irlive:lease:chunk:{run_id}:{seq}")
+                done = client.sismember(f"irlive:run:{run_id}:chunks-done", seq)
+                if done or (holder is not None and mark not in _s(holder)):
+                    self.resumed_s.append(time.monotonic() - killed_at)
+                else:
+                    still.append((killed_at, run_id, seq, mark))
+            self.waiting = still
+        except redis.RedisError:
+            pass
+        finally:
+            client.close()
+
+    @property
+    def worst_s(self) -> float:
+        return max(self.resumed_s, default=0.0)
+
+    def summary(self) -> str:
+        if not self.resumed_s:
+            return "no killed worker held a chunk lease"
+        ordered = sorted(self.resumed_s)
+        return (f"{len(ordered)} chunks held by killed workers resumed: median {ordered[len(ordered) // 2]:.1f}s, "
+                f"worst {ordered[-1]:.1f}s; {len(self.waiting)} never seen resuming")
