@@ -205,6 +205,7 @@ def test_redis_restart_mid_run_with_aof(clean_stack: Stack) -> None:
     books = Books()
     problems = check_invariants(clean_stack, run_id, samples, env=env, books=books)
     _report(f"redis restarts at {done_at_restart}", seed, drive, books, problems)
+    print(f"   progress (s, images recorded): {drive.progress}")
     assert not restarts, "the run finished before every Redis restart happened"
     assert problems == [], f"seed {seed}: {problems}"
 

@@ -25,6 +25,8 @@ from worker.ops.runtime import Runtime
 log = logging.getLogger("irlive.tasks")
 # A chunk that fails with an exception irlive does not know (a bug) is dead-lettered at its second such failure.
 BUGS_BEFORE_DEAD_LETTER = 2
+# A chunk that failed on transient trouble (S3, Redis, the seller) comes back after at most this long.
+RETRY_CAP_S = 60.0
 
 
 def register_tasks(app: Celery, runtime: Runtime) -> None:
@@ -95,7 +97,7 @@ def register_tasks(app: Celery, runtime: Runtime) -> None:
                     deliveries = runs.count_delivery(chunk.run_id, chunk.seq, 0)
                     return _dead_letter(task, deps, processor, chunk, deliveries)
             retries = int(task.request.retries or 0)
-            countdown = min(max_countdown, 2.0 * 2 ** min(retries, 8))
+            countdown = min(max_countdown, RETRY_CAP_S, 2.0 * 2 ** min(retries, 8))
             log.warning("chunk %s: %s; retrying in %.0fs", chunk.label(), what, countdown)
             raise task.retry(countdown=countdown) from None
 

@@ -32,8 +32,9 @@ INTERVAL_S = 5.0
 DELIVERY_GRACE_S = 10.0
 # A finalisation delivered this long ago and not acked lost its worker (finalising takes seconds).
 FINALIZE_GRACE_S = 120.0
-# A running run with no progress for this long has its lost chunks (nowhere in the broker) sent again.
-STALL_S = 120.0
+# A running run with no progress for this long is searched for lost chunks (nowhere in the broker: a Redis
+# restart that lost its last second of writes, kombu's fetch window), at most once per this interval.
+STALL_S = 30.0
 
 
 class Watchdog(Periodic):
@@ -50,6 +51,7 @@ class Watchdog(Periodic):
         self._send = send
         self._ledger = ledger
         self._stall_ms = stall_s * 1000
+        self._searched_ms: dict[str, float] = {}
 
     def tick(self) -> int:
         """One pass; returns how many actions it took."""
@@ -106,9 +108,11 @@ class Watchdog(Periodic):
                 self._send(FINALIZE_RUN, [run_id])
                 actions += 1
                 continue
-            last = float(run.get("progress_ms") or run.get("created_ms") or 0)
+            last = max(float(run.get("progress_ms") or run.get("created_ms") or 0), self._searched_ms.get(run_id, 0))
             if last and now_ms - last < self._stall_ms:
                 continue
+            # Reading the whole queue is not free: search a stalled run once per STALL_S, not on every pass.
+            self._searched_ms[run_id] = now_ms
             try:
                 lost = self._recovery.orphans(run_id)
             except IrliveError as exc:
