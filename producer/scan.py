@@ -96,7 +96,7 @@ def scan(settings: Settings, storage: Storage, runs: Runs, claims: Claims, app: 
     first = next(listing, None)  # checks the buckets before a run record exists
     run_id = new_run_id()
     runs.create(run_id, source=str(request.source), output=str(output), budget_cents=request.budget_cents,
-                settings={**settings.public_view(), "force": request.force, "suffixes": list(request.suffixes)})
+                settings={**settings.producer_view(), "force": request.force, "suffixes": list(request.suffixes)})
     result = ScanResult(run_id)
     if first is not None:
         for page, fresh in _chain(first, listing):

@@ -16,7 +16,8 @@ from worker.seams.storage import Storage
 def smoke(settings: Settings, image: S3Location) -> dict[str, Any]:
     """Answers the open questions of docs: price, token field, Result shape, verdict, whether the token is spent."""
     storage = Storage(settings.s3_endpoint_url, settings.s3_region)
-    info, fmt = validate(storage, image.bucket, image.prefix, Limits(settings.max_image_bytes, settings.min_image_side))
+    limits = Limits(settings.max_image_bytes, settings.min_image_side, settings.max_image_side)
+    info, fmt = validate(storage, image.bucket, image.prefix, limits)
     market = Marketplace(settings.marketplace_url, settings.service_id, api_key=settings.api_key,
                          api_key_header=settings.api_key_header, timeout_s=settings.call_timeout_s)
     report: dict[str, Any] = {"image": str(image), "size": info.size, "format": fmt.format}

@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from worker.errors import ConfigError
+from worker.ops.redact import mask_url
 
 T = TypeVar("T")
 
@@ -59,6 +60,7 @@ class Settings:
     call_timeout_s: float = 30.0
     max_image_bytes: int = 10 * 1024 * 1024
     min_image_side: int = 64
+    max_image_side: int = 4096
     visibility_timeout_s: int | None = None
     key_prefix: str = "irlive"
     daily_budget_usd: float | None = None
@@ -97,6 +99,7 @@ class Settings:
         _in_range("IRLIVE_CALL_TIMEOUT_S", self.call_timeout_s, 0.1, 600)
         _in_range("IRLIVE_MAX_IMAGE_BYTES", self.max_image_bytes, 1, 10 * 1024 * 1024)
         _in_range("IRLIVE_MIN_IMAGE_SIDE", self.min_image_side, 1, 10_000)
+        _in_range("IRLIVE_MAX_IMAGE_SIDE", self.max_image_side, self.min_image_side, 100_000)
         if self.visibility_timeout_s is not None:
             _in_range("IRLIVE_VISIBILITY_TIMEOUT_S", self.visibility_timeout_s, 5, 7 * 24 * 3600)
         if self.daily_budget_usd is not None:
@@ -143,7 +146,7 @@ class Settings:
         }
 
     def public_view(self) -> dict[str, Any]:
-        """The settings as a manifest may record them: no secrets."""
+        """The settings as a manifest or a run record may hold them: no secrets, no URL credentials."""
         view: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)
@@ -151,8 +154,15 @@ class Settings:
                 value = "***" if value else None
             elif isinstance(value, S3Location):
                 value = str(value)
+            elif isinstance(value, str) and "://" in value:
+                value = mask_url(value)
             view[f.name] = value
         return view
+
+    def producer_view(self) -> dict[str, Any]:
+        """What a scan records of its own settings: money settings are the workers' (see enforced_view)."""
+        enforced = self.enforced_view()
+        return {k: v for k, v in self.public_view().items() if k not in enforced and k != "daily_budget_usd"}
 
 
 def _in_range(var: str, value: float, low: float, high: float) -> None:
@@ -213,6 +223,7 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "call_timeout_s": _typed(float, "a number of seconds"),
     "max_image_bytes": _typed(int, "a whole number of bytes"),
     "min_image_side": _typed(int, "a whole number of pixels"),
+    "max_image_side": _typed(int, "a whole number of pixels"),
     "visibility_timeout_s": _typed(int, "a whole number of seconds"),
     "key_prefix": _text,
     "daily_budget_usd": _typed(float, "an amount in US dollars"),

@@ -99,7 +99,8 @@ class ChunkProcessor:
 
     def __init__(self, deps: Deps) -> None:
         self.deps = deps
-        self._limits = Limits(deps.settings.max_image_bytes, deps.settings.min_image_side)
+        self._limits = Limits(deps.settings.max_image_bytes, deps.settings.min_image_side,
+                             deps.settings.max_image_side)
         self._lease: ChunkLease | None = None
 
     @property

@@ -25,6 +25,7 @@ class Limits:
 
     max_bytes: int = 10 * 1024 * 1024
     min_side: int = 64
+    max_side: int = 4096
 
 
 def validate(storage: Storage, bucket: str, key: str, limits: Limits) -> tuple[ObjectInfo, imageinfo.ImageInfo]:
