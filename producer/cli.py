@@ -176,6 +176,10 @@ def _cmd_scan(ns: argparse.Namespace) -> int:
     if ns.dry_run or ns.confirm_above is not None:
         price, source = _price(settings)
         est = estimate(settings, clients.storage(), clients.claims, request, output, price, source)
+        if price > settings.max_price_cents:
+            est.warnings.append(f"the seller asks {price} cents per call but IRLIVE_MAX_PRICE_CENTS is "
+                                f"{settings.max_price_cents}: workers with that setting will refuse to pay and "
+                                "stop the run")
         if ns.dry_run:
             print(json.dumps(est.as_dict()) if ns.json else est.render())
             return EXIT_OK

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
@@ -20,6 +20,7 @@ class Estimate:
     price_cents: int
     price_source: str
     max_attempts: int
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def cost_cents(self) -> int:
@@ -45,6 +46,7 @@ class Estimate:
             f"price per call      ${usd(self.price_cents)} ({self.price_source})",
             f"estimated cost      ${usd(self.cost_cents)}",
             f"worst case          ${usd(self.worst_case_cents)} (every call retried {self.max_attempts}x after paying)",
+            *(f"WARNING             {w}" for w in self.warnings),
         ])
 
 

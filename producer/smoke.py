@@ -1,53 +1,86 @@
-"""`irlive smoke`: exactly one paid call on one image, printing what the marketplace really did."""
+"""`irlive smoke`: exactly one paid call on one image, through the ledger and its caps, printing what the seller did."""
 
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from typing import Any
 
 from worker.config import S3Location, Settings
-from worker.errors import IrliveError
+from worker.errors import IrliveError, OutcomeUnknown, PaymentRejected
+from worker.flow.leases import ChunkLease
+from worker.flow.states import RunState
 from worker.flow.validate import Limits, validate
+from worker.judge.manifest import Item
 from worker.judge.verdicts import judge_answer
-from worker.seams.marketplace import Marketplace
-from worker.seams.storage import Storage
+from worker.ops.runtime import build_deps
 
 
 def smoke(settings: Settings, image: S3Location) -> dict[str, Any]:
-    """Answers the open questions of docs: price, token field, Result shape, verdict, whether the token is spent."""
-    storage = Storage(settings.s3_endpoint_url, settings.s3_region)
+    """Answers the open questions of docs: price, token field, Result shape, verdict, whether the token is spent.
+
+    The purchase goes through the ledger like any other: it is written down, charged to the day's cap, and
+    recorded as a one-call run `smoke-<time>` whose budget is one call at the allowed price.
+    """
+    deps = build_deps(settings)
     limits = Limits(settings.max_image_bytes, settings.min_image_side, settings.max_image_side)
-    info, fmt = validate(storage, image.bucket, image.prefix, limits)
-    market = Marketplace(settings.marketplace_url, settings.service_id, api_key=settings.api_key,
-                         api_key_header=settings.api_key_header, timeout_s=settings.call_timeout_s)
+    info, fmt = validate(deps.storage, image.bucket, image.prefix, limits)
     report: dict[str, Any] = {"image": str(image), "size": info.size, "format": fmt.format}
     try:
-        quote = market.quote()
+        quote = deps.market.quote()
         report["quote_cents"] = quote.price_cents
         if quote.price_cents > settings.max_price_cents:
             report["stopped"] = f"price {quote.price_cents} above IRLIVE_MAX_PRICE_CENTS {settings.max_price_cents}"
             return report
-        payment = market.create_payment()
+        run_id = "smoke-" + datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+        deps.runs.create(run_id, source=str(image), output="", settings=settings.producer_view(),
+                         budget_cents=settings.max_price_cents)
+        report["run_id"] = run_id
+        try:
+            _call(deps, run_id, image, info.etag, report)
+        finally:
+            deps.runs.move(run_id, RunState.RUNNING)
+            deps.runs.move(run_id, RunState.DONE)
+    finally:
+        deps.market.close()
+    return report
+
+
+def _call(deps: Any, run_id: str, image: S3Location, etag: str, report: dict[str, Any]) -> None:
+    settings = deps.settings
+    identity = Item(image.bucket, image.prefix, etag).identity
+    with ChunkLease(deps.store, deps.runs.keys, run_id, 0) as lease:
+        token = deps.ledger.take(run_id, lease.token)
+        payment = deps.market.get_payment(token.payment_id)
+        record = deps.store.hgetall(deps.runs.keys.payment(token.payment_id))
         report["payment"] = {"id": payment.payment_id, "amount_cents": payment.amount_cents,
                              "status": payment.status, "remaining_calls": payment.remaining_calls,
-                             "expires_at": payment.expires_at, "token_present": payment.token is not None}
-        if payment.token is None:
-            report["stopped"] = "the payment answer carried no token under 'token' or 'paymentToken'"
-            return report
-        url = storage.presign_get(image.bucket, image.prefix, settings.presign_ttl)
-        try:
-            answer = market.call(payment.token, [url])
-            report["answer"] = {"request_id": answer.request_id,
-                                "result_type": "string" if isinstance(answer.result, str) else "object"}
-            (judgement,) = judge_answer([url], answer.result)
-            report["verdict"] = getattr(judgement, "verdict", None) or f"unusable: {judgement}"
-        except IrliveError as exc:
-            report["call_error"] = f"{type(exc).__name__}: {exc}"
-        after = market.get_payment(payment.payment_id)
-        report["payment_after"] = {"status": after.status, "remaining_calls": after.remaining_calls}
-    finally:
-        market.close()
-    return report
+                             "expires_at": payment.expires_at, "token_present": bool(token.secret),
+                             "token_field": record.get("token_field") or None}
+        url = deps.storage.presign_get(image.bucket, image.prefix, settings.presign_ttl)
+        with deps.ledger.spend(token, [identity], lease.key, f"{run_id} 0") as spend:
+            try:
+                answer = deps.market.call(token.secret, [url])
+            except PaymentRejected as exc:
+                spend.refused(str(exc)[:200])
+                report["call_error"] = f"{type(exc).__name__}: {exc}"
+                return
+            except OutcomeUnknown as exc:
+                spend.unknown()
+                report["call_error"] = f"{type(exc).__name__}: {exc}"
+                return
+            except IrliveError as exc:
+                spend.failed()
+                report["call_error"] = f"{type(exc).__name__}: {exc}"
+                return
+            spend.answered(answer.request_id, answer.raw)
+        deps.ledger.recorded(token.payment_id)
+        report["answer"] = {"request_id": answer.request_id,
+                            "result_type": "string" if isinstance(answer.result, str) else "object"}
+        (judgement,) = judge_answer([url], answer.result)
+        report["verdict"] = getattr(judgement, "verdict", None) or f"unusable: {judgement}"
+    after = deps.market.get_payment(token.payment_id)
+    report["payment_after"] = {"status": after.status, "remaining_calls": after.remaining_calls}
 
 
 def render(report: dict[str, Any]) -> str:

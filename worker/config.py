@@ -105,7 +105,8 @@ class Settings:
         if self.daily_budget_usd is not None:
             _in_range("IRLIVE_DAILY_BUDGET_USD", self.daily_budget_usd, 0, 10_000_000)
         _in_range("IRLIVE_TOKEN_POOL_SIZE", self.token_pool_size, 0, 1000)
-        _in_range("IRLIVE_TOKEN_POOL_LOW", self.token_pool_low, 0, self.token_pool_size)
+        if self.token_pool_size > 0:  # with no pool (0), LOW means nothing and its default must not get in the way
+            _in_range("IRLIVE_TOKEN_POOL_LOW", self.token_pool_low, 0, self.token_pool_size)
         _in_range("IRLIVE_MAX_DELIVERIES", self.max_deliveries, 1, 1000)
         _in_range("IRLIVE_MAX_IN_FLIGHT", self.max_in_flight, 0, 10_000)
         _in_range("IRLIVE_MAX_RETRY_AFTER_S", self.max_retry_after_s, 1, 24 * 3600)
@@ -187,6 +188,30 @@ def _url(var: str, raw: str) -> str:
     return raw.strip().rstrip("/")
 
 
+def _redis_url(var: str, raw: str) -> str:
+    """redis://[user:password@]host[:port][/db], rediss://..., or unix:///path[?db=N]."""
+    text = raw.strip()
+    parts = urlsplit(text)
+    shown = mask_url(text)
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError(f"{var}={shown!r} is not a Redis URL: expected redis://host:6379/0 (or rediss://, unix://)")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ConfigError(f"{var}={shown!r} has a port that is not a number") from None
+    if parts.scheme == "unix":
+        if not parts.path:
+            raise ConfigError(f"{var}={shown!r} names no socket path: expected unix:///path/to/redis.sock")
+        return text
+    if not parts.hostname:
+        raise ConfigError(f"{var}={shown!r} names no host: expected redis://host:6379/0")
+    db = parts.path.strip("/")
+    if db and not db.isdigit():
+        raise ConfigError(f"{var}={shown!r}: the database ({db!r}) must be a number, e.g. redis://host:6379/0")
+    del port
+    return text
+
+
 def _bool(var: str, raw: str) -> bool:
     value = raw.strip().lower()
     if value in ("1", "true", "yes", "on"):
@@ -205,7 +230,7 @@ def _output(var: str, raw: str) -> S3Location:
 
 
 _PARSERS: dict[str, Callable[[str, str], Any]] = {
-    "redis_url": _url,
+    "redis_url": _redis_url,
     "s3_endpoint_url": _url,
     "s3_region": _text,
     "output": _output,

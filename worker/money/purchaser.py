@@ -146,6 +146,8 @@ class Purchaser:
             # Paid for, and not written down: buying more from this process could repeat it without end.
             self._broken = f"purchase {payment.payment_id} could not be written to the ledger ({exc})"
             raise ConfigError(f"{self._broken}; this process buys nothing more until it is restarted") from None
+        if payment.token_field:
+            self._store.hset(self._keys.payment(payment.payment_id), "token_field", payment.token_field)
         if amount != price:
             log.warning("the seller charged %d cents for a call quoted at %d; budgets are charged what was paid",
                         amount, price)

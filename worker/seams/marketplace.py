@@ -55,6 +55,8 @@ class Payment:
     remaining_calls: int | None
     expires_at: str | None
     token: str | None = field(default=None, repr=False)
+    # Which field carried the token ("token" or "paymentToken": the docs leave it open).
+    token_field: str | None = None
 
 
 @dataclass(frozen=True)
@@ -217,7 +219,8 @@ def _price_cents(doc: dict[str, Any]) -> int | None:
 def parse_payment(body: Any) -> Payment:
     if not isinstance(body, dict) or not isinstance(body.get("paymentId"), str | int):
         raise TransientError("payment answer has no paymentId")
-    token = body.get("token", body.get("paymentToken"))
+    token_field = next((f for f in ("token", "paymentToken") if isinstance(body.get(f), str) and body[f]), None)
+    token = body[token_field] if token_field else None
     amount = body.get("amountCents")
     remaining = body.get("remainingCalls")
     return Payment(
@@ -227,6 +230,7 @@ def parse_payment(body: Any) -> Payment:
         remaining_calls=remaining if isinstance(remaining, int) else None,
         expires_at=body.get("expiresAt") if isinstance(body.get("expiresAt"), str) else None,
         token=token if isinstance(token, str) and token else None,
+        token_field=token_field,
     )
 
 
