@@ -229,3 +229,44 @@ def test_wallet_reconcile_says_which_redis_it_acts_on(clean_stack: Stack, irlive
     done = irlive("wallet", "--reconcile")
     assert done.returncode == 0, done.stderr
     assert f"127.0.0.1:{port} db 0 (IRLIVE_REDIS_URL)" in done.stderr + done.stdout
+
+
+# ---- hole 1: a paid answer survives Redis refusing writes (out of memory, a failover's read-only replica) --
+
+
+def _refuse_writes(client: redis.Redis, how: str) -> None:
+    if how == "oom":
+        client.config_set("maxmemory", 1)  # noeviction: every write that may add memory is refused
+    else:
+        from sandbox.procs import free_port
+
+        client.execute_command("REPLICAOF", "127.0.0.1", free_port())  # a master that is not there: read-only
+
+
+def _accept_writes(client: redis.Redis, how: str) -> None:
+    if how == "oom":
+        client.config_set("maxmemory", 0)
+    else:
+        client.execute_command("REPLICAOF", "NO", "ONE")
+
+
+@pytest.mark.parametrize("how", ["oom", "readonly"])
+def test_a_paid_answer_survives_redis_refusing_writes_and_is_never_paid_again(
+        clean_stack: Stack, irlive: IrliveRunner, how: str) -> None:
+    samples = live_samples(20, f"refuse-{how}", seed=9)
+    upload_samples(clean_stack, samples)
+    clean_stack.sandbox_config(latency_ms=2000)
+    worker = clean_stack.start_worker(concurrency=1)
+    run_id = _run_id(irlive("scan", f"s3://{IN_BUCKET}/refuse-{how}", "--json"))
+    # The seller bills a call when it arrives and answers 2 s later: refuse writes while the answer is on its way.
+    poll(lambda: clean_stack.sandbox_ledger()["calls_billed"] >= 1, 60, "the first paid call")
+    client = clean_stack.redis_client()
+    _refuse_writes(client, how)
+    try:
+        poll(lambda: "holding it and retrying" in worker.log.read_text(), 30, "the answer held in the worker")
+    finally:
+        _accept_writes(client, how)
+    drive_to_completion(clean_stack, run_id, deadline_s=120)
+    problems = check_invariants(clean_stack, run_id, samples, strict_once=True)
+    assert problems == []
+    assert clean_stack.sandbox_ledger()["calls_billed"] == 2
