@@ -20,7 +20,10 @@ setup() {
       && command -v apt-get >/dev/null 2>&1; then
     # The clock-skew test runs a worker under libfaketime; without it that one test is skipped.
     echo "== installing faketime (apt)"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq faketime >/dev/null || echo "   (faketime unavailable)"
+    { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq faketime >/dev/null 2>&1 \
+      || { DEBIAN_FRONTEND=noninteractive apt-get update -qq \
+           && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq faketime >/dev/null; }; } \
+      || echo "   (faketime unavailable: the clock-skew test will be skipped)"
   fi
   if [ ! -x "$VENV/bin/python" ]; then
     echo "== creating $VENV"
