@@ -8,7 +8,7 @@ from bench.common import NEUTRAL_RATE, RATE_ENV
 from worker.app import create_app
 from worker.config import Settings
 from worker.errors import ConfigError
-from worker.flow.tasks import PROCESS_CHUNK
+from worker.messages import PROCESS_CHUNK
 
 
 def _celery_rate() -> float:

@@ -28,6 +28,7 @@ from sandbox.procs import wait_until
 from sandbox.stack import AWS_ENV, Stack
 from worker.flow.runs import STOPPED_STATES, Runs, RunStatus
 from worker.keys import Keys
+from worker.seams.store import Store
 
 IN_BUCKET = "bench-in"
 OUT_BUCKET = "bench-out"
@@ -138,7 +139,7 @@ class Sampler:
         deadline = time.monotonic() + self._max_s
         while time.monotonic() < deadline:
             spent = self._client.hget(KEYS.wallet_totals(), "spent")
-            rate = self._client.hget(KEYS.ratelimit() + ":state", "rate")
+            rate = self._client.hget(KEYS.ratelimit_state(), "rate")
             self.samples.append(Sample(time.monotonic(), int(spent or 0), float(rate) if rate else None))
             if self._stop.wait(SAMPLE_INTERVAL_S):
                 return
@@ -169,7 +170,7 @@ class DrivenRun:
 def drive_run(stack: Stack, env: Mapping[str, str], src: str, timeout_s: float,
               scan_args: Sequence[str] = ()) -> DrivenRun:
     """Scan `src` with the `irlive` CLI, then poll the run's status (and sample the spend) until it stops."""
-    client = redis.Redis.from_url(stack.redis_url, decode_responses=True)
+    client = Store.from_url(stack.redis_url)
     runs = Runs(client, KEYS)
     try:
         with Sampler(stack.redis_url, timeout_s + 60) as sampler:

@@ -97,6 +97,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=_cmd_redrive)
 
+    p = sub.add_parser("reindex", help="rebuild the done-set from the run manifests under an output prefix")
+    p.add_argument("output", nargs="?", default=None,
+                   help="s3://bucket/prefix where manifests are (default IRLIVE_OUTPUT)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(handler=_cmd_reindex)
+
     p = sub.add_parser("wallet", help="token pool, ledger totals, today's spend")
     p.add_argument("--json", action="store_true")
     p.add_argument("--reconcile", action="store_true",
@@ -286,12 +292,26 @@ def _cmd_dlq(ns: argparse.Namespace) -> int:
 def _cmd_redrive(ns: argparse.Namespace) -> int:
     settings = Settings.from_env()
     clients = _Clients(settings)
-    chunks = _recovery(clients).reopen_failed(ns.run_id, include_rejected=ns.include_rejected)
+    chunks = _recovery(clients).reopen_failed(ns.run_id, include_rejected=ns.include_rejected,
+                                              storage=clients.storage())
     app = make_app(settings)
     for chunk in chunks:
         app.send_task(PROCESS_CHUNK, args=[chunk.to_message()])
     doc = {"run_id": ns.run_id, "chunks_redriven": [c.seq for c in chunks]}
     print(json.dumps(doc) if ns.json else f"run {ns.run_id}: {len(chunks)} chunks sent to be judged again")
+    return EXIT_OK
+
+
+def _cmd_reindex(ns: argparse.Namespace) -> int:
+    from producer.reindex import reindex
+
+    settings = Settings.from_env()
+    clients = _Clients(settings)
+    output = S3Location.parse(ns.output, "output") if ns.output else settings.require_output()
+    result = reindex(clients.storage(), clients.claims, output)
+    print(json.dumps(result.as_dict()) if ns.json else
+          f"{result.manifests} chunk manifests read under {output}: {result.judged} judged images, "
+          f"{result.restored} put back into the done-set (the rest were there)")
     return EXIT_OK
 
 

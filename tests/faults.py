@@ -233,7 +233,7 @@ def check_invariants(
     if never:
         problems.append(f"{len(never)} images without a record in any run, e.g. {never[:3]}")
     books.ledger = stack.sandbox_ledger()
-    books.payments, books.purchases = _payments(stack.redis_client())
+    books.payments, books.purchases = _payments(stack, books.manifests)
     problems += _check_money(stack, runs, books, strict_once)
     return problems
 
@@ -386,10 +386,23 @@ def _check_per_image(books: Books, strict_once: bool) -> list[str]:
     return problems
 
 
-def _payments(client: redis.Redis) -> tuple[dict[str, dict[str, str]], dict[str, dict[str, str]]]:
-    """(tokens by payment id, purchase requests by request id): both live under irlive:pay:."""
+def _payments(stack: Stack, manifests: list[dict[str, Any]]
+              ) -> tuple[dict[str, dict[str, str]], dict[str, dict[str, str]]]:
+    """(tokens by payment id, purchase requests by request id): what Redis still holds under irlive:pay:, and
+    the payments each finished run archived to its payments.jsonl."""
     tokens: dict[str, dict[str, str]] = {}
     requests: dict[str, dict[str, str]] = {}
+    s3 = stack.s3_client()
+    for manifest in manifests:
+        key = (manifest.get("payments") or {}).get("key")
+        if not key:
+            continue
+        body = s3.get_object(Bucket=OUT_BUCKET, Key=key)["Body"].read().decode()
+        for line in body.splitlines():
+            if line.strip():
+                doc = json.loads(line)
+                tokens[str(doc["payment_id"])] = {k: str(v) for k, v in doc.items()}
+    client = stack.redis_client()
     for key in client.scan_iter("irlive:pay:*", count=1000):
         pid = _s(key).removeprefix("irlive:pay:")
         record = {_s(k): _s(v) for k, v in client.hgetall(key).items()}

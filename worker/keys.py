@@ -5,10 +5,11 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-# The done-set is split over 16**DONE_SHARD_HEX hashes, small enough for Redis's compact (listpack) encoding.
-DONE_SHARD_HEX = 4
+# The done-set is split over 16**DONE_SHARD_HEX hashes: few enough that a key's own overhead is shared by many
+# entries (a small run costs little), each small enough for Redis's compact encoding up to ~30k images.
+DONE_SHARD_HEX = 2
 # Hex digits of an identity's digest kept as its field: with the shard's, 96 bits, so collisions never happen.
-DONE_FIELD_HEX = 20
+DONE_FIELD_HEX = 22
 
 
 @dataclass(frozen=True)
@@ -51,8 +52,11 @@ class Keys:
     def deliveries(self, run_id: str) -> str:
         return f"{self.prefix}:run:{run_id}:deliveries"
 
+    def run_payments(self, run_id: str) -> str:
+        return f"{self.prefix}:run:{run_id}:payments"
+
     def run_keys(self, run_id: str) -> list[str]:
-        """The per-run keys (besides each chunk's progress) that expire once the run is finalised."""
+        """The per-run keys (besides each chunk's progress) dropped once the run is finalised and archived."""
         return [self.chunks_done(run_id), self.chunk_items(run_id), self.parked(run_id), self.deliveries(run_id)]
 
     def dlq(self) -> str:
@@ -73,7 +77,8 @@ class Keys:
 
     def done(self, identity: str) -> DoneRef:
         digest = hashlib.blake2b(identity.encode(), digest_size=12).hexdigest()
-        return DoneRef(f"{self.prefix}:done:{digest[:DONE_SHARD_HEX]}", digest[DONE_SHARD_HEX:])
+        return DoneRef(f"{self.prefix}:done:{digest[:DONE_SHARD_HEX]}",
+                       digest[DONE_SHARD_HEX:DONE_SHARD_HEX + DONE_FIELD_HEX])
 
     def done_pattern(self) -> str:
         return f"{self.prefix}:done:*"

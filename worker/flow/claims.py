@@ -106,10 +106,16 @@ class Claims:
             pipe.hget(ref.shard, ref.field)
         return [DoneEntry.decode(raw) if raw else None for raw in pipe.execute()]
 
-    def done_ref_args(self, identity: str, entry: DoneEntry | None) -> tuple[list[str], list[str]]:
-        """KEYS and ARGV pieces the record script takes for one image: (shard, claim), (field, entry)."""
-        ref = self._keys.done(identity)
-        return [ref.shard, self._keys.claim(identity)], [ref.field if entry else "", entry.encode() if entry else ""]
+    def restore_judged(self, judged: Sequence[tuple[str, DoneEntry]]) -> int:
+        """Put judgments back into the done-set (from manifests, after Redis lost them); returns how many were
+        missing. An entry already there is left as it is."""
+        if not judged:
+            return 0
+        pipe = self._store.pipeline(transaction=False)
+        for identity, entry in judged:
+            ref = self._keys.done(identity)
+            pipe.hsetnx(ref.shard, ref.field, entry.encode())
+        return sum(int(n) for n in pipe.execute())
 
 
 def _holder(claim_value: str) -> tuple[str, int]:

@@ -235,6 +235,33 @@ class Runs:
         stored: str = self.store.hget(self._keys.run(run_id), name)
         return stored
 
+    def forget_chunks(self, run_id: str) -> None:
+        """Drop what only a running run needs (per-image progress, chunk keys, delivery counts): the chunk
+        manifests in S3 hold it from now on, and the done-set keeps one short entry per judged image."""
+        chunks = int(self.store.hget(self._keys.run(run_id), "chunks") or 0)
+        pipe = self.store.pipeline(transaction=False)
+        for seq in range(chunks):
+            pipe.delete(self._keys.chunk_progress(run_id, seq))
+        for key in self._keys.run_keys(run_id):
+            pipe.delete(key)
+        pipe.execute()
+
+    def restore_chunk(self, run_id: str, seq: int, records: list[dict[str, Any]], complete: bool) -> None:
+        """Put a finished chunk's records back from its manifest (before a redrive of an archived run)."""
+        pipe = self.store.pipeline(transaction=True)
+        pipe.delete(self._keys.chunk_progress(run_id, seq))
+        if records:
+            pipe.hset(self._keys.chunk_progress(run_id, seq),
+                      mapping={str(i): json.dumps(r, sort_keys=True) for i, r in enumerate(records)})
+        pipe.hset(self._keys.chunk_items(run_id), seq, json.dumps([[r["key"], r["etag"]] for r in records]))
+        if complete:
+            pipe.sadd(self._keys.chunks_done(run_id), seq)
+        pipe.execute()
+
+    def state(self, run_id: str) -> str | None:
+        state: str | None = self.store.hget(self._keys.run(run_id), "state")
+        return state
+
     def count(self, run_id: str, name: str, n: int = 1) -> None:
         """A plain counter of the run (duplicates, images validated again...)."""
         if n:

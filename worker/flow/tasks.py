@@ -18,6 +18,7 @@ from worker.errors import (
 )
 from worker.flow.finalize import finalize_run
 from worker.flow.pipeline import ChunkProcessor, Deps
+from worker.flow.states import RunState
 from worker.messages import FINALIZE_RUN, PROCESS_CHUNK, Chunk
 from worker.ops.redact import redact
 from worker.ops.runtime import Runtime
@@ -43,8 +44,11 @@ def register_tasks(app: Celery, runtime: Runtime) -> None:
             log.error("dropping message: %s", exc)
             return
         runs = deps.runs
-        if runs.chunk_complete(chunk.run_id, chunk.seq):
-            return  # a late duplicate (the broker's own redelivery after the watchdog restored it)
+        state = runs.state(chunk.run_id)
+        if state in (None, RunState.DONE) or runs.chunk_complete(chunk.run_id, chunk.seq):
+            # A late duplicate (the broker's own redelivery after the watchdog restored it), or a chunk of a
+            # run that is finished or unknown: nothing to do, nothing to count.
+            return
         processor = ChunkProcessor(deps)
         # Counted before the work, so a chunk that kills its worker every time is still caught.
         deliveries = runs.count_delivery(chunk.run_id, chunk.seq)

@@ -41,6 +41,15 @@ def failed_key(output: S3Location, run_id: str) -> str:
     return output.key("runs", run_id, "failed.jsonl")
 
 
+def payments_key(output: S3Location, run_id: str) -> str:
+    return output.key("runs", run_id, "payments.jsonl")
+
+
+def jsonl(docs: Iterable[dict[str, Any]]) -> bytes:
+    lines = [json.dumps(d, sort_keys=True, ensure_ascii=False) for d in docs]
+    return ("\n".join(lines) + "\n").encode() if lines else b""
+
+
 def judged_record(item: Item, size: int, judgement: Judgement, *, request_id: str | None,
                   attempts: int, judged_at: str, warning: str | None = None) -> dict[str, Any]:
     return {

@@ -197,7 +197,8 @@ class Ledger:
         """Spent or void, once; the run is charged on the first transition into spent only."""
         run_id = str(self._store.hget(self._keys.payment(payment_id), "run_id") or "")
         keys = [self._keys.payment(payment_id), self._keys.leases(), self._keys.wallet_totals(),
-                self._keys.run(run_id) if run_id else self._keys.no_run(), self._keys.unrecorded()]
+                self._keys.run(run_id) if run_id else self._keys.no_run(), self._keys.unrecorded(),
+                self._keys.run_payments(run_id or "-")]
         args = [payment_id, to, request_id, answer, "1" if lost else "0", chunk_ref, reason]
         return bool(int(self._store.persist(lambda: self._settle(keys, args), hold_s, f"token {payment_id}")))
 
@@ -307,6 +308,29 @@ class Ledger:
     def redis_now_ms(self) -> int:
         seconds, micros = self._store.time()
         return int(seconds) * 1000 + int(micros) // 1000
+
+    # ---- archiving a finished run's payments ----------------------------------------------------------------
+
+    def settled_payments(self, run_id: str) -> list[dict[str, str]]:
+        """The run's spent and void payments as the ledger holds them, without their secrets."""
+        found: list[dict[str, str]] = []
+        for pid in sorted(self._store.smembers(self._keys.run_payments(run_id))):
+            record: dict[str, str] = self._store.hgetall(self._keys.payment(pid))
+            if record.get("state") not in ("spent", "void"):
+                continue
+            record = {k: v for k, v in record.items() if k not in ("token", "holder")}
+            record["payment_id"] = pid
+            found.append(record)
+        return found
+
+    def forget_settled(self, run_id: str, payment_ids: list[str]) -> None:
+        """Drop archived payments from Redis (they are in the run's payments.jsonl in S3)."""
+        pipe = self._store.pipeline(transaction=False)
+        for pid in payment_ids:
+            pipe.delete(self._keys.payment(pid))
+            pipe.hdel(self._keys.unrecorded(), pid)
+        pipe.delete(self._keys.run_payments(run_id))
+        pipe.execute()
 
     # ---- reporting ----------------------------------------------------------------------------------------
 

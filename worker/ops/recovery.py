@@ -7,12 +7,14 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from worker.config import S3Location
-from worker.errors import UnknownRun
+from worker.errors import ConfigError, UnknownRun
 from worker.flow.runs import Runs, now_iso
 from worker.flow.states import RunState
+from worker.judge.manifest import chunk_key
 from worker.keys import Keys
 from worker.messages import Chunk
 from worker.ops.broker import Broker
+from worker.seams.storage import Storage
 from worker.seams.store import Store
 
 
@@ -62,13 +64,22 @@ class Recovery:
                 lost.append(Chunk(run_id, seq, bucket, items))
         return lost
 
-    def reopen_failed(self, run_id: str, *, include_rejected: bool = False) -> list[Chunk]:
-        """Drop the run's error (and dead-lettered) records so their images are judged again; returns chunks."""
+    def reopen_failed(self, run_id: str, *, include_rejected: bool = False,
+                      storage: Storage | None = None) -> list[Chunk]:
+        """Drop the run's error (and dead-lettered) records so their images are judged again; returns chunks.
+
+        A run finalised and archived keeps its records only in its chunk manifests: they are read back
+        from S3 (`storage`) into Redis first.
+        """
         run = self._runs.get(run_id)
         if run is None:
             raise UnknownRun(run_id)
         verdicts = ("error", "rejected") if include_rejected else ("error",)
         bucket = S3Location.parse(run["source"], "run source").bucket
+        if run.get("archived_at"):
+            if storage is None:
+                raise ConfigError(f"run {run_id} is archived: its records are read back from S3")
+            self._restore_from_manifests(run_id, run, storage, verdicts)
         reopened: list[Chunk] = []
         for seq in range(int(run["chunks"])):
             progress = self._runs.progress(run_id, seq)
@@ -81,6 +92,15 @@ class Recovery:
             reopened.append(Chunk(run_id, seq, bucket, items))
         self._drop_dead_letters(run_id)
         return reopened
+
+    def _restore_from_manifests(self, run_id: str, run: dict[str, Any], storage: Storage,
+                                verdicts: tuple[str, ...]) -> None:
+        output = S3Location.parse(run["output"], "run output")
+        for seq in range(int(run["chunks"])):
+            doc, _ = storage.get_json(output.bucket, chunk_key(output, run_id, seq))
+            records = list(doc["images"])
+            if any(r["verdict"] in verdicts for r in records):
+                self._runs.restore_chunk(run_id, seq, records, complete=True)
 
     def dead_letter(self, chunk: Chunk, deliveries: int, last_error: str) -> None:
         """List the chunk once, however many deliveries it takes to write its error records."""

@@ -101,6 +101,12 @@ class Watchdog(Periodic):
         week_ago = time.time() - 7 * 24 * 3600
         for run_id in self._store.zrangebyscore(self._keys.runs(), week_ago, "+inf"):
             run = self._runs.get(run_id)
+            if run is not None and run["state"] == RunState.DONE and not run.get("archived_at") \
+                    and run.get("output"):
+                # Finalised, but its worker died before the run's state left Redis: finish that.
+                self._send(FINALIZE_RUN, [run_id])
+                actions += 1
+                continue
             if run is None or run["state"] != RunState.RUNNING:
                 continue
             if int(run["pending"]) <= 0:

@@ -15,16 +15,18 @@ if redis.call('HGET', KEYS[1], 'state') ~= 'requested' then return 0 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local price = tonumber(redis.call('HGET', KEYS[1], 'price_cents') or '0')
+local day = redis.call('HGET', KEYS[1], 'day') or ''
 local amount = tonumber(ARGV[4])
 local run = ARGV[5]
-redis.call('HSET', KEYS[1], 'state', 'paid', 'payment_id', ARGV[2], 'amount_cents', amount, 'updated_ms', now)
+-- The request is settled: the payment's own hash (with its day) is the record from now on.
+redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
 -- The day is charged what was paid: the quote was committed, the difference follows it.
 redis.call('HINCRBY', KEYS[6], 'bought_cents', amount - price)
 redis.call('HINCRBY', KEYS[5], 'bought', 1)
 redis.call('HINCRBY', KEYS[5], 'bought_cents', amount)
 redis.call('HSET', KEYS[3], 'state', 'paid', 'token', ARGV[3], 'amount_cents', amount, 'expires_ms', ARGV[8],
-           'service', ARGV[9], 'day', redis.call('HGET', KEYS[1], 'day') or '', 'pay_status', ARGV[10],
+           'service', ARGV[9], 'day', day, 'pay_status', ARGV[10], 'purchase_id', ARGV[1],
            'created_ms', now, 'updated_ms', now, 'committed', '0', 'run_id', '')
 local result = 1
 if run ~= '' then

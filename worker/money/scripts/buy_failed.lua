@@ -16,6 +16,8 @@ local run = redis.call('HGET', KEYS[1], 'run_id') or ''
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('HSET', KEYS[1], 'state', ARGV[2], 'updated_ms', now)
+-- Kept a week for a person asking what happened to that money, then gone.
+redis.call('PEXPIRE', KEYS[1], 7 * 24 * 3600 * 1000)
 redis.call('ZREM', KEYS[2], ARGV[1])
 if ARGV[2] == 'failed' then
   redis.call('HINCRBY', KEYS[3], 'bought_cents', -price)

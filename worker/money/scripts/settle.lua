@@ -3,7 +3,7 @@
 -- reconciliation that counted it lost is still kept, and the loss uncounted.
 -- KEYS[1]  the payment's hash            KEYS[4]  the run's hash (calls, spend_cents, answers_lost, ...)
 -- KEYS[2]  the zset of token leases      KEYS[5]  the hash of answers not yet recorded (payment id -> "run seq")
--- KEYS[3]  wallet totals hash
+-- KEYS[3]  wallet totals hash          KEYS[6]  the run's set of settled payments (archived when it finishes)
 -- ARGV[1]  payment id
 -- ARGV[2]  'spent' or 'void'
 -- ARGV[3]  the seller's request id, '' if there was no answer
@@ -34,6 +34,7 @@ end
 local amount = tonumber(redis.call('HGET', KEYS[1], 'amount_cents') or '0')
 redis.call('HSET', KEYS[1], 'state', ARGV[2], 'committed', '0', 'updated_ms', now, 'lost', ARGV[5])
 redis.call('ZREM', KEYS[2], ARGV[1])
+if (redis.call('HGET', KEYS[1], 'run_id') or '') ~= '' then redis.call('SADD', KEYS[6], ARGV[1]) end
 redis.call('HINCRBY', KEYS[3], ARGV[2], 1)
 redis.call('HINCRBY', KEYS[3], ARGV[2] .. '_cents', amount)
 if ARGV[7] ~= '' then redis.call('HSET', KEYS[1], 'void_reason', ARGV[7]) end
