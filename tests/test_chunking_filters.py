@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import subprocess
-import sys
 from collections.abc import Iterator
 
 import pytest
@@ -95,10 +93,3 @@ def test_excluded_prefix_is_a_folder_not_a_name_prefix() -> None:
 def test_filtering_is_lazy() -> None:
     endless = (ObjectInfo(f"k{n}.png", 1, "e") for n in itertools.count())
     assert len(list(itertools.islice(image_objects(endless, DEFAULT_SUFFIXES), 3))) == 3
-
-
-def test_pure_modules_import_no_io_library() -> None:
-    code = ("import sys, producer.chunking, producer.filters, worker.judge.verdicts, worker.judge.manifest;"
-            "print(' '.join(m for m in ('boto3', 'botocore', 'httpx', 'redis', 'celery') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == ""
