@@ -1,0 +1,248 @@
+"""One chunk through the pipeline over in-process stand-ins (tests/stubs.py): every branch of the error tree, the
+ledger protocol and the claims, in milliseconds. The same paths run on real processes elsewhere."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import Any
+
+import pytest
+
+from sandbox.images import png
+from tests.stubs import Harness, harness
+from worker.config import Settings
+from worker.errors import BudgetExhausted, ChunkBusy, ConfigError
+from worker.flow import pipeline
+from worker.flow.leases import Lease
+from worker.flow.pipeline import ChunkProcessor, ClaimsHeld
+from worker.messages import Chunk
+
+BUCKET = "in-bucket"
+OUTPUT = "s3://out-bucket/results"
+
+
+def settings(**changes: Any) -> Settings:
+    base: dict[str, Any] = {"token_pool_size": 0, "rate_limit_per_s": 1000.0, "max_in_flight": 0, "max_attempts": 3}
+    return Settings(**{**base, **changes})
+
+
+def chunk_of(h: Harness, n: int, run_id: str = "run-a", prefix: str = "img", budget_cents: int | None = None,
+             force: bool = False, bad: tuple[int, ...] = ()) -> Chunk:
+    items = []
+    for i in range(n):
+        data = b"not an image at all" if i in bad else png(96, 96, "live", seed=i)
+        items.append((f"{prefix}/{i:03d}.png", h.storage.put(BUCKET, f"{prefix}/{i:03d}.png", data)))
+    if h.deps.runs.get(run_id) is None:
+        h.deps.runs.create(run_id, source=f"s3://{BUCKET}/{prefix}", output=OUTPUT,
+                           settings={"force": force}, budget_cents=budget_cents)
+        h.deps.runs.listing_finished(run_id)
+    seq = h.deps.runs.add_chunk(run_id, items)
+    return Chunk(run_id, seq, BUCKET, items)
+
+
+def records(h: Harness, chunk: Chunk) -> list[dict[str, Any]]:
+    doc, _ = h.storage.get_json("out-bucket", f"results/runs/{chunk.run_id}/chunks/{chunk.seq:06d}.json")
+    return list(doc["images"])
+
+
+def verdicts(h: Harness, chunk: Chunk) -> Counter[str]:
+    return Counter(r["verdict"] for r in records(h, chunk))
+
+
+def run_hash(h: Harness, run_id: str) -> dict[str, str]:
+    return dict(h.redis.hgetall(f"irlive:run:{run_id}"))
+
+
+def totals(h: Harness) -> dict[str, int]:
+    return {"spent": 0, "void": 0, "bought": 0, **h.deps.ledger.totals()}
+
+
+def test_a_clean_chunk_pays_one_call_per_ten_images_and_records_every_image() -> None:
+    h = harness(settings())
+    chunk = chunk_of(h, 25)
+    assert ChunkProcessor(h.deps).run(chunk) == 0
+    assert verdicts(h, chunk) == Counter({"live": 25})
+    assert [len(c) for c in h.seller.calls] == [10, 10, 5]
+    assert (totals(h)["spent"], run_hash(h, "run-a")["calls"], run_hash(h, "run-a")["spend_cents"]) == (3, "3", "60")
+    assert h.redis.keys("irlive:claim:*") == [], "every claim released with its record"
+    assert totals(h)["unrecorded_answers"] == 0 and totals(h)["in_flight"] == 0
+
+
+def test_images_that_fail_validation_are_rejected_and_never_paid_for() -> None:
+    h = harness(settings())
+    chunk = chunk_of(h, 12, bad=(0, 5))
+    ChunkProcessor(h.deps).run(chunk)
+    assert verdicts(h, chunk) == Counter({"live": 10, "rejected": 2})
+    assert sum(h.seller.billed.values()) == 10 and len(h.seller.calls) == 1
+
+
+def test_throttling_waits_without_using_an_attempt_and_gives_the_token_back() -> None:
+    h = harness(settings(max_attempts=1))
+    h.seller.script.extend(["429", "429"])
+    chunk = chunk_of(h, 10)
+    ChunkProcessor(h.deps).run(chunk)
+    assert verdicts(h, chunk) == Counter({"live": 10})
+    assert totals(h)["spent"] == 1 and totals(h)["bought"] == 1, "the throttled token was reused, not wasted"
+    assert all(r["attempts"] == 1 for r in records(h, chunk))
+
+
+def test_a_5xx_that_consumed_the_token_is_a_paid_attempt_and_is_retried() -> None:
+    h = harness(settings())
+    h.seller.script.append("503")
+    chunk = chunk_of(h, 10)
+    ChunkProcessor(h.deps).run(chunk)
+    assert verdicts(h, chunk) == Counter({"live": 10})
+    assert totals(h)["spent"] == 2 and run_hash(h, "run-a")["calls"] == "2"
+    assert all(r["attempts"] == 2 for r in records(h, chunk))
+    assert h.sleeps, "the retry backed off"
+
+
+def test_transient_failures_until_the_attempts_run_out_end_in_error_records() -> None:
+    h = harness(settings(max_attempts=3))
+    h.seller.script.extend(["503"] * 3)
+    chunk = chunk_of(h, 4)
+    ChunkProcessor(h.deps).run(chunk)
+    assert verdicts(h, chunk) == Counter({"error": 4})
+    assert all(r["attempts"] == 3 and r["error_code"] == "TransientError" for r in records(h, chunk))
+    assert totals(h)["spent"] == 3
+
+
+def test_a_batch_refused_for_one_image_is_halved_until_that_image_is_found() -> None:
+    h = harness(settings())
+    h.seller.bad_keys.add("img/003.png")
+    chunk = chunk_of(h, 8)
+    ChunkProcessor(h.deps).run(chunk)
+    got = {r["key"]: r for r in records(h, chunk)}
+    assert got["img/003.png"]["verdict"] == "error" and got["img/003.png"]["error_code"] == "InvalidImage.Download"
+    assert Counter(r["verdict"] for r in got.values()) == Counter({"live": 7, "error": 1})
+
+
+def test_a_refused_token_is_void_and_another_is_bought() -> None:
+    h = harness(settings())
+    h.seller.script.append("402")
+    chunk = chunk_of(h, 10)
+    ChunkProcessor(h.deps).run(chunk)
+    assert verdicts(h, chunk) == Counter({"live": 10})
+    assert (totals(h)["void"], totals(h)["spent"], totals(h)["bought"]) == (1, 1, 2)
+
+
+def test_a_timeout_after_the_seller_took_the_token_is_reconciled_as_an_answer_lost() -> None:
+    h = harness(settings())
+    h.seller.script.append("timeout")
+    chunk = chunk_of(h, 10)
+    ChunkProcessor(h.deps).run(chunk)
+    assert verdicts(h, chunk) == Counter({"live": 10})
+    run = run_hash(h, "run-a")
+    assert (run["calls"], run["answers_lost"], run["answers_lost_images"]) == ("2", "1", "10")
+    assert h.seller.billed == Counter({f"img/{i:03d}.png": 2 for i in range(10)})
+
+
+def test_wrong_credentials_stop_the_run_and_the_token_goes_back() -> None:
+    h = harness(settings())
+    h.seller.script.append("401")
+    chunk = chunk_of(h, 10)
+    with pytest.raises(ConfigError, match="IRLIVE_API_KEY"):
+        ChunkProcessor(h.deps).run(chunk)
+    assert totals(h)["spent"] == 0 and totals(h)["pool"] == 1, "unused by the seller: back to the pool"
+
+
+@pytest.mark.parametrize("behaviour", ["garbage", "nested"])
+def test_an_answer_that_cannot_be_read_is_recorded_as_error_and_never_paid_again(behaviour: str) -> None:
+    h = harness(settings())
+    h.seller.script.append(behaviour)
+    chunk = chunk_of(h, 10)
+    ChunkProcessor(h.deps).run(chunk)
+    if behaviour == "garbage":
+        # Not JSON at all: a seller fault, paid for and retried like a 5xx.
+        assert verdicts(h, chunk) == Counter({"live": 10}) and totals(h)["spent"] == 2
+    else:
+        assert verdicts(h, chunk) == Counter({"error": 10}) and totals(h)["spent"] == 1
+        assert {r["error_code"] for r in records(h, chunk)} == {"unreadable_answer"}
+        pid = next(iter(h.seller.payments))
+        assert h.redis.hget(f"irlive:pay:{pid}", "answer"), "the raw answer is kept for a person to read"
+
+
+def test_an_answer_missing_an_image_pays_again_for_that_image_only() -> None:
+    h = harness(settings())
+    h.seller.script.append("missing_last")
+    chunk = chunk_of(h, 10)
+    ChunkProcessor(h.deps).run(chunk)
+    assert verdicts(h, chunk) == Counter({"live": 10})
+    assert [len(c) for c in h.seller.calls] == [10, 1]
+
+
+def test_a_run_budget_stops_before_paying_past_it() -> None:
+    h = harness(settings())
+    chunk = chunk_of(h, 30, budget_cents=40)
+    with pytest.raises(BudgetExhausted, match=r"run budget of \$0\.40"):
+        ChunkProcessor(h.deps).run(chunk)
+    assert len(h.seller.calls) == 2 and totals(h)["bought"] == 2
+    assert h.redis.keys("irlive:claim:*") == [], "the paused delivery's claims went with its lease"
+
+
+def test_an_image_another_run_judged_is_recorded_from_that_judgment_for_free() -> None:
+    h = harness(settings())
+    first = chunk_of(h, 10, run_id="run-a")
+    ChunkProcessor(h.deps).run(first)
+    second = chunk_of(h, 10, run_id="run-b")
+    ChunkProcessor(h.deps).run(second)
+    assert len(h.seller.calls) == 1
+    got = records(h, second)
+    assert all(r["duplicate_of"] == {"run_id": "run-a", "seq": 0} and r["verdict"] == "live" for r in got)
+    assert all(r["request_id"] == "req-1" and r["attempts"] == 0 for r in got)
+    assert run_hash(h, "run-b").get("duplicates") == "10" and "calls" in run_hash(h, "run-b")
+
+
+def test_an_image_another_live_delivery_holds_is_waited_for_then_the_chunk_defers(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pipeline, "CLAIM_WAIT_S", 0.0)
+    h = harness(settings())
+    chunk = chunk_of(h, 3)
+    other = Lease(h.deps.store, "irlive:lease:chunk:run-z:0", 60, token="elsewhere/1/abc")
+    assert other.take()
+    h.redis.set("irlive:claim:in-bucket/img/001.png@" + chunk.items[1][1], "elsewhere/1/abc run-z 0", px=60_000)
+    with pytest.raises(ClaimsHeld, match="run-z/0"):
+        ChunkProcessor(h.deps).run(chunk)
+    assert sum(h.seller.billed.values()) == 2, "the other two were paid for; the held one was not"
+    progress = h.deps.runs.progress(chunk.run_id, chunk.seq)
+    assert sorted(progress) == [0, 2], "their records are kept for the next delivery"
+
+
+def test_a_paid_answer_left_unrecorded_by_a_crash_is_recorded_by_the_next_delivery_without_paying() -> None:
+    h = harness(settings())
+    chunk = chunk_of(h, 10)
+    processor = ChunkProcessor(h.deps)
+    original = processor._record_answer
+
+    def crash(*args: Any, **kwargs: Any) -> None:
+        raise KeyboardInterrupt("the worker dies after the ledger kept the answer")
+
+    processor._record_answer = crash  # type: ignore[method-assign]
+    with pytest.raises(KeyboardInterrupt):
+        processor.run(chunk)
+    assert totals(h)["unrecorded_answers"] == 1 and h.deps.runs.progress(chunk.run_id, chunk.seq) == {}
+    processor._record_answer = original  # type: ignore[method-assign]
+
+    ChunkProcessor(h.deps).run(chunk)
+    assert verdicts(h, chunk) == Counter({"live": 10})
+    assert len(h.seller.calls) == 1 and totals(h)["unrecorded_answers"] == 0
+
+
+def test_a_delivery_that_lost_its_lease_stops_before_paying() -> None:
+    h = harness(settings())
+    chunk = chunk_of(h, 10)
+    h.redis.set(f"irlive:lease:chunk:{chunk.run_id}:{chunk.seq}", "another/2/token", px=60_000)
+    with pytest.raises(ChunkBusy):
+        ChunkProcessor(h.deps).run(chunk)
+    assert h.seller.calls == []
+
+
+def test_a_redelivered_chunk_resumes_and_pays_nothing_again() -> None:
+    h = harness(settings())
+    chunk = chunk_of(h, 20)
+    ChunkProcessor(h.deps).run(chunk)
+    before = len(h.seller.calls)
+    assert ChunkProcessor(h.deps).run(chunk) == 0
+    assert len(h.seller.calls) == before
+    assert json.loads(json.dumps(records(h, chunk)))[0]["verdict"] == "live"
