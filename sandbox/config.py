@@ -22,7 +22,17 @@ ANSWER_MODES = (
     "unknown_url",  # every element names an ImageURL that was not in the call
     "missing_fields",  # every element keeps only its ImageURL: no FaceNumber, no Results
     "huge_body",  # a valid answer padded to about 50 MB
+    # Hostile values: a reader that raises on them must still record the paid call, never pay for it again.
+    "nested_json",  # data.Result is a JSON string nested 100000 levels deep: json.loads raises RecursionError
+    "nan_rect",  # every face's Rect holds bare NaN and Infinity tokens, as Python's json.dumps writes them
+    "huge_rect",  # every face's Rect Width and Height are the literal 1e999, which parses as inf
+    "bad_image_url",  # every element's ImageURL is "http://[::1", on which urllib.parse.urlsplit raises
+    "lone_surrogate",  # every face's MessageTips carries \udc80, the JSON escape of a lone surrogate
 )
+# Bounds of the millisecond sleeps: long enough for any test, short enough that a typo cannot hang a run.
+MAX_SLEEP_MS = 600_000
+# retry_after is sent verbatim as a header value: visible ASCII and spaces only (no CR/LF to split headers).
+MAX_RETRY_AFTER_CHARS = 200
 
 
 @dataclass
@@ -50,6 +60,25 @@ class SandboxConfig:
     max_image_pixels: int = 4096 * 4096
     fetch_timeout_s: float = 5.0
     answer_mode: str = "normal"
+    # When set, every 429 throttle answer carries exactly this Retry-After value (a huge number, an HTTP date,
+    # garbage) instead of the computed wait: what the worker does with a hostile Retry-After.
+    retry_after: str = ""
+    # POST /api/payments sleeps this long before creating the payment: a slow purchase.
+    payment_latency_ms: int = 0
+    # A tool call sleeps this long after its token is consumed and before it downloads the images, so a test
+    # can change an object between the worker's validation and the seller's fetch.
+    fetch_delay_ms: int = 0
+
+
+# Help text of the flags that need more than their default to be understood.
+_HELP = {
+    "answer_mode": f"shape of a judged call's 200 answer, one of {', '.join(ANSWER_MODES)}",
+    "retry_after": "Retry-After header value of every 429 throttle answer, sent verbatim (visible ASCII, "
+    f"at most {MAX_RETRY_AFTER_CHARS} characters, e.g. 1e400 or an HTTP date); empty: the computed wait",
+    "payment_latency_ms": f"POST /api/payments sleeps this long before creating the payment (0 to {MAX_SLEEP_MS})",
+    "fetch_delay_ms": "a tool call sleeps this long after consuming its token, before fetching the images "
+    f"(0 to {MAX_SLEEP_MS})",
+}
 
 
 def _allowed(name: str) -> set[Any]:
@@ -88,6 +117,11 @@ def updated(config: SandboxConfig, changes: dict[str, Any]) -> SandboxConfig:
         raise ValueError("rate_burst must be at least 1")
     if new.max_image_pixels < 1:
         raise ValueError("max_image_pixels must be at least 1")
+    for name in ("payment_latency_ms", "fetch_delay_ms"):
+        if not 0 <= getattr(new, name) <= MAX_SLEEP_MS:
+            raise ValueError(f"{name} must be 0 to {MAX_SLEEP_MS}")
+    if len(new.retry_after) > MAX_RETRY_AFTER_CHARS or not all(" " <= c <= "~" for c in new.retry_after):
+        raise ValueError(f"retry_after must be at most {MAX_RETRY_AFTER_CHARS} visible ASCII characters or spaces")
     return new
 
 
@@ -121,7 +155,8 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
             dest=field.name,
             type=kind,
             default=field.default,
-            help=f"default: {field.default}",
+            help=f"{_HELP[field.name]}; default: {field.default!r}" if field.name in _HELP
+            else f"default: {field.default}",
         )
 
 

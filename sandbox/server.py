@@ -225,7 +225,8 @@ class _Handler(BaseHTTPRequestHandler):
             return
         seconds = f"{math.ceil(wait * 1000) / 1000:.3f}".rstrip("0").rstrip(".")
         doc = {"error": "rate limit exceeded", "retryAfter": float(seconds)}
-        self._send(429, doc, {"Retry-After": seconds})
+        # The body keeps the real wait; only the header is replaced, since that is what clients obey.
+        self._send(429, doc, {"Retry-After": config.retry_after or seconds})
 
     def _run_upstream(self, state: _State, config: SandboxConfig, urls: list[str]) -> tuple[int, upstream.Body]:
         ledger = state.ledger
@@ -237,8 +238,7 @@ class _Handler(BaseHTTPRequestHandler):
             # Longer than any sane client timeout: the caller sees a read timeout on a spent token.
             state.stopping.wait(config.timeout_sleep_s)
         if state.stopping.is_set():
-            shutting = upstream.UpstreamError("ServiceUnavailable", "The sandbox is shutting down.", 503)
-            return shutting.status, upstream.json_body(shutting.body())
+            return _shutting_down()
         if fail_roll < config.p_5xx:
             ledger.count("errors_5xx")
             if kind_roll < 0.5:
@@ -246,6 +246,11 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 error = upstream.UpstreamError("InternalError", "The request processing has failed.", 500)
             return error.status, upstream.json_body(error.body())
+        if config.fetch_delay_ms > 0:
+            # The token is spent and nothing is downloaded yet: a test changes an object inside this window.
+            state.stopping.wait(config.fetch_delay_ms / 1000)
+            if state.stopping.is_set():
+                return _shutting_down()
         elements: list[dict[str, Any]] = []
         failures: list[upstream.UpstreamError] = []
         for url in urls:
@@ -281,6 +286,12 @@ class _Handler(BaseHTTPRequestHandler):
         elif service not in SERVICE_IDS:
             self._send(404, {"error": f"service {service!r} not found"})
         else:
+            if config.payment_latency_ms > 0:
+                # A slow purchase; woken by stop(), and then no payment is created at all.
+                state.stopping.wait(config.payment_latency_ms / 1000)
+                if state.stopping.is_set():
+                    self._send(503, {"error": "the sandbox is shutting down"})
+                    return
             self._send(201, state.ledger.create_payment(service, config.price_cents, config.token_ttl_s))
 
     def _read_payment(self, state: _State, payment_id: str) -> None:
@@ -304,6 +315,11 @@ class _Handler(BaseHTTPRequestHandler):
 
 class _BodyTooLarge(Exception):
     pass
+
+
+def _shutting_down() -> tuple[int, upstream.Body]:
+    shutting = upstream.UpstreamError("ServiceUnavailable", "The sandbox is shutting down.", 503)
+    return shutting.status, upstream.json_body(shutting.body())
 
 
 def _json(raw: bytes) -> Any:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -30,6 +31,16 @@ _PIECE_BYTES = 1024 * 1024
 # answer_mode "unknown_url": what every element names instead of the image it was asked about.
 FOREIGN_URL = "https://images.example.invalid/not-in-this-call/{n}.png"
 NOT_JSON_BODY = b"<html><body><h1>502 Bad Gateway</h1><p>upstream answered garbage</p></body></html>\n"
+# answer_mode "nested_json": how deep data.Result's arrays go (far past any recursive parser's limit).
+NESTED_DEPTH = 100_000
+# answer_mode "bad_image_url": an unclosed IPv6 host, on which urllib.parse.urlsplit raises ValueError.
+BAD_IMAGE_URL = "http://[::1"
+# answer_mode "lone_surrogate": MessageTips with an unpaired low surrogate (json.dumps writes it as \udc80).
+SURROGATE_TIPS = "blurred face \udc80 please check"
+# answer_mode "huge_rect": json.dumps writes inf as Infinity, so this marker is swapped for the token 1e999 in
+# the text. A NUL cannot appear unescaped in a URL, so no other string of the answer can hold it.
+_HUGE_MARKER = "\x00irlive-huge-number\x00"
+HUGE_NUMBER = "1e999"
 
 
 class UpstreamError(Exception):
@@ -244,8 +255,13 @@ def envelope(elements: list[dict[str, Any]], result_as_string: bool) -> dict[str
         "message": "success",
         "requestId": new_request_id(),
         "content": "",
-        "data": {"Action": ACTION, "Result": json.dumps(result) if result_as_string else result},
+        "data": {"Action": ACTION, "Result": _dumps(result) if result_as_string else result},
     }
+
+
+def _dumps(doc: Any) -> str:
+    """json.dumps, NaN and Infinity written bare as Python does, and each huge_rect marker as the token 1e999."""
+    return json.dumps(doc).replace(json.dumps(_HUGE_MARKER), HUGE_NUMBER)
 
 
 @dataclass(frozen=True)
@@ -258,7 +274,7 @@ class Body:
 
 
 def json_body(doc: Any) -> Body:
-    payload = json.dumps(doc).encode()
+    payload = _dumps(doc).encode()
     return Body(len(payload), (payload,))
 
 
@@ -270,6 +286,9 @@ def answer(mode: str, elements: list[dict[str, Any]], result_as_string: bool) ->
     if mode == "result_not_json":
         text = json.dumps({"RequestId": new_request_id(), "Data": {"Elements": elements}})
         doc["data"]["Result"] = text[: len(text) // 2]
+    if mode == "nested_json":
+        # Valid JSON, but only a parser without a recursion limit reads it; always a string, as the mode says.
+        doc["data"]["Result"] = "[" * NESTED_DEPTH + "]" * NESTED_DEPTH
     if mode == "huge_body":
         return _padded(doc, HUGE_BODY_BYTES)
     return json_body(doc)
@@ -284,7 +303,34 @@ def _reshape(mode: str, elements: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return [{**e, "ImageURL": FOREIGN_URL.format(n=i)} for i, e in enumerate(elements)]
     if mode == "missing_fields":
         return [{"ImageURL": e["ImageURL"]} for e in elements]
+    if mode == "bad_image_url":
+        return [{**e, "ImageURL": BAD_IMAGE_URL} for e in elements]
+    if mode in _FACE_CHANGES:
+        change = _FACE_CHANGES[mode]
+        return [{**e, "Results": [change(r) for r in e.get("Results") or []]} for e in elements]
     return elements
+
+
+def _nan_rect(face: dict[str, Any]) -> dict[str, Any]:
+    # Height stays finite: a reader should drop only the values it cannot use.
+    rect = {**face.get("Rect", {}), "Left": math.nan, "Top": math.inf, "Width": -math.inf}
+    return {**face, "Rect": rect}
+
+
+def _huge_rect(face: dict[str, Any]) -> dict[str, Any]:
+    return {**face, "Rect": {**face.get("Rect", {}), "Width": _HUGE_MARKER, "Height": _HUGE_MARKER}}
+
+
+def _lone_surrogate(face: dict[str, Any]) -> dict[str, Any]:
+    return {**face, "MessageTips": SURROGATE_TIPS}
+
+
+# The modes that change every face (every Results entry, the no-face one included) and keep the rest valid.
+_FACE_CHANGES: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    "nan_rect": _nan_rect,
+    "huge_rect": _huge_rect,
+    "lone_surrogate": _lone_surrogate,
+}
 
 
 def _contradiction(element: dict[str, Any]) -> dict[str, Any]:

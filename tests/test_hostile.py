@@ -19,7 +19,7 @@ from sandbox import procs
 from sandbox.images import OVERSIZED_BYTES, Sample, jpeg, png
 from sandbox.stack import Stack
 from tests.conftest import IRLIVE_BIN, IrliveRunner
-from tests.e2e import IN_BUCKET, RunOutput, read_run, upload
+from tests.e2e import IN_BUCKET, RunOutput, read_run, upload, validator
 from tests.test_e2e import scan_and_wait
 
 pytestmark = pytest.mark.integration
@@ -386,3 +386,66 @@ def test_cli_with_a_bad_setting_exits_2_naming_it(stack: Stack, irlive: IrliveRu
     result = irlive("scan", f"s3://{IN_BUCKET}/x", env={var: value})
     assert result.returncode == 2, result.stderr
     assert var in result.stderr and "Traceback" not in result.stderr
+
+
+# --- hostile values in a paid answer: never paid for again --------------------------------------------------
+
+SURROGATE_TIPS_READ = "blurred face \ufffd please check"
+
+
+def _rect_keys(got: Mapping[str, dict[str, Any]]) -> set[str]:
+    return {k for r in got.values() for f in r["face_results"] for k in (f["rect"] or {})}
+
+
+def _check_readable(mode: str, got: Mapping[str, dict[str, Any]], samples: list[Sample]) -> None:
+    """What each readable hostile mode must leave in the records, beyond the verdicts."""
+    faces = [f for s in samples for f in got[s.key]["face_results"]]
+    assert faces, "live and spoof images carry their faces"
+    if mode == "nan_rect":
+        # Left NaN, Top Infinity, Width -Infinity dropped; the finite Height kept.
+        assert _rect_keys(got) == {"Height"}
+    elif mode == "huge_rect":
+        assert _rect_keys(got) == {"Left", "Top"}
+    elif mode == "lone_surrogate":
+        assert all(got[s.key]["message_tips"] == SURROGATE_TIPS_READ for s in samples)
+        assert all(f["message_tips"] == SURROGATE_TIPS_READ for f in faces)
+    elif mode == "bad_image_url":
+        assert _rect_keys(got) == {"Left", "Top", "Width", "Height"}
+    assert all(isinstance(v, int) for f in faces for v in (f["rect"] or {}).values())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["nan_rect", "huge_rect", "lone_surrogate", "bad_image_url"])
+def test_hostile_values_in_a_paid_answer_are_read_and_never_paid_again(
+    clean_stack: Stack, irlive: IrliveRunner, mode: str
+) -> None:
+    samples, tiny, run = malformed_setup(clean_stack, irlive, mode)
+
+    got = check_run(clean_stack, run, {s.key: s.expected for s in samples} | {tiny.key: "rejected"})
+    assert all(got[s.key]["attempts"] == 1 and got[s.key]["request_id"] for s in samples)
+    _check_readable(mode, got, samples)
+    # One paid call per group (10 + 2 images), each image billed once: nothing was bought twice.
+    assert run.manifest["calls"] == clean_stack.sandbox_ledger()["calls_billed"] == 2
+    assert billed_keys(clean_stack) == Counter(s.key for s in samples)
+    # The manifests are strict JSON (no NaN), UTF-8, and valid against their schemas.
+    check = validator("chunk")
+    for chunk in run.chunks:
+        check.validate(chunk)
+        json.dumps(chunk, allow_nan=False, ensure_ascii=False).encode()
+    validator("run").validate(run.manifest)
+
+
+@pytest.mark.slow
+def test_an_answer_nested_too_deeply_ends_unreadable_and_is_never_paid_again(
+    clean_stack: Stack, irlive: IrliveRunner
+) -> None:
+    samples, tiny, run = malformed_setup(clean_stack, irlive, "nested_json")
+
+    got = check_run(clean_stack, run, {s.key: "error" for s in samples} | {tiny.key: "rejected"})
+    assert {got[s.key]["error_code"] for s in samples} == {"unreadable_answer"}
+    assert all(got[s.key]["attempts"] == 1 for s in samples)
+    # Paid once per group and recorded: unlike a missing element, a value we cannot read is not bought again.
+    assert run.manifest["calls"] == clean_stack.sandbox_ledger()["calls_billed"] == 2
+    assert billed_keys(clean_stack) == Counter(s.key for s in samples)
+    for chunk in run.chunks:
+        validator("chunk").validate(chunk)

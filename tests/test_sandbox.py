@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import math
 import os
 import signal
 import struct
@@ -19,6 +20,7 @@ from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -727,3 +729,184 @@ def test_answer_mode_is_validated_and_a_cli_flag(client: httpx.Client) -> None:
         capture_output=True, text=True, env=env, cwd=ROOT, timeout=30,
     )  # fmt: skip
     assert done.returncode == 2 and "answer_mode" in done.stderr
+
+
+# --- hostile answer values: each a valid-looking 200 that a careless reader raises on -------------------------
+
+
+def test_answer_mode_nested_json_is_a_result_string_no_recursive_parser_reads(
+    sandbox: SandboxServer, client: httpx.Client, judged_pair: list[str]
+) -> None:
+    sandbox.configure(answer_mode="nested_json", result_as_string=False)
+    payment = pay(client)
+    response = call(client, payment["token"], judged_pair)
+    assert response.status_code == 200 and response.json()["code"] == "200"
+    result = response.json()["data"]["Result"]
+    assert isinstance(result, str) and result == "[" * 100_000 + "]" * 100_000
+    with pytest.raises(RecursionError):
+        json.loads(result)
+    _spent_once(client, payment, 2)
+
+
+@pytest.mark.parametrize("as_string", [True, False])
+def test_answer_mode_nan_rect_writes_bare_nan_and_infinity_in_every_rect(
+    sandbox: SandboxServer, client: httpx.Client, judged_pair: list[str], as_string: bool
+) -> None:
+    sandbox.configure(answer_mode="nan_rect", result_as_string=as_string)
+    payment = pay(client)
+    response = call(client, payment["token"], judged_pair)
+    text = response.json()["data"]["Result"] if as_string else response.text
+    assert '"Left": NaN' in text and '"Top": Infinity' in text and '"Width": -Infinity' in text
+    found = elements(response)
+    assert [e["ImageURL"] for e in found] == judged_pair
+    assert [e["Results"][0]["Label"] for e in found] == ["normal", "liveness"]
+    for rect in (r["Rect"] for e in found for r in e["Results"]):
+        assert math.isnan(rect["Left"]) and rect["Top"] == math.inf and rect["Width"] == -math.inf
+        assert math.isfinite(rect["Height"])
+    _spent_once(client, payment, 2)
+
+
+@pytest.mark.parametrize("as_string", [True, False])
+def test_answer_mode_huge_rect_writes_1e999_which_parses_as_inf(
+    sandbox: SandboxServer, client: httpx.Client, judged_pair: list[str], as_string: bool
+) -> None:
+    sandbox.configure(answer_mode="huge_rect", result_as_string=as_string)
+    payment = pay(client)
+    response = call(client, payment["token"], judged_pair)
+    text = response.json()["data"]["Result"] if as_string else response.text
+    assert '"Width": 1e999, "Height": 1e999' in text and "Infinity" not in text
+    for rect in (r["Rect"] for e in elements(response) for r in e["Results"]):
+        assert rect["Width"] == rect["Height"] == math.inf
+        assert math.isfinite(rect["Left"]) and math.isfinite(rect["Top"])
+    _spent_once(client, payment, 2)
+
+
+def test_answer_mode_bad_image_url_names_a_url_urlsplit_raises_on(
+    sandbox: SandboxServer, client: httpx.Client, judged_pair: list[str]
+) -> None:
+    sandbox.configure(answer_mode="bad_image_url")
+    payment = pay(client)
+    found = elements(call(client, payment["token"], judged_pair))
+    assert [e["Results"][0]["Label"] for e in found] == ["normal", "liveness"], "in input order"
+    for element in found:
+        with pytest.raises(ValueError):
+            urlsplit(element["ImageURL"])
+    _spent_once(client, payment, 2)
+
+
+@pytest.mark.parametrize("as_string", [True, False])
+def test_answer_mode_lone_surrogate_escapes_one_in_every_message_tips(
+    sandbox: SandboxServer, client: httpx.Client, host: ImageHost, as_string: bool
+) -> None:
+    urls = [host.put("/ls/live.png", images.png(64, 64, "live")), host.put("/ls/none.png", images.png(64, 64, None))]
+    urls.append(host.put("/ls/empty.png", images.png(64, 64, "no_face")))
+    sandbox.configure(answer_mode="lone_surrogate", result_as_string=as_string)
+    payment = pay(client)
+    response = call(client, payment["token"], urls)
+    # The body itself is ASCII JSON: the surrogate travels as an escape and appears only once parsed.
+    assert response.content.isascii() and "udc80" in response.text
+    found = elements(response)
+    assert found[2]["FaceNumber"] == 0
+    for result in (r for e in found for r in e["Results"]):
+        assert result["MessageTips"] == "blurred face \udc80 please check"
+        with pytest.raises(UnicodeEncodeError):
+            result["MessageTips"].encode()
+    _spent_once(client, payment, 3)
+
+
+# --- knobs: a hostile Retry-After, a slow purchase, a window between settling and fetching --------------------
+
+
+@pytest.mark.parametrize("value", ["100000000", "1e400", "Wed, 21 Oct 2099 07:28:00 GMT", "soon, maybe"])
+def test_retry_after_is_sent_verbatim_on_every_429(
+    sandbox: SandboxServer, client: httpx.Client, host: ImageHost, value: str
+) -> None:
+    url = host.put("/ra/a.png", images.png(64, 64, "live"))
+    sandbox.configure(rate_limit_per_s=0.001, retry_after=value)
+    assert call(client, pay(client)["token"], [url]).status_code == 200
+    for _ in range(2):
+        response = call(client, pay(client)["token"], [url])
+        assert response.status_code == 429 and response.headers.get_list("Retry-After") == [value]
+        # The body keeps the real wait.
+        assert 0 < response.json()["retryAfter"] <= 1000
+    sandbox.configure(retry_after="")
+    assert 0 < float(call(client, pay(client)["token"], [url]).headers["Retry-After"]) <= 1000
+    assert ledger(client)["throttled"] == 3
+
+
+def test_retry_after_is_validated_as_a_header_value(client: httpx.Client) -> None:
+    for bad in ("1\r\nX-Injected: yes", "tab\there", "é", "9" * 201, 5):
+        refused = client.post("/_sandbox/config", json={"retry_after": bad})
+        assert refused.status_code == 400 and "retry_after" in refused.json()["error"], bad
+    assert client.post("/_sandbox/config", json={"retry_after": "9" * 200}).status_code == 200
+
+
+def test_payment_latency_delays_the_purchase(sandbox: SandboxServer, client: httpx.Client) -> None:
+    sandbox.configure(payment_latency_ms=400)
+    started = time.monotonic()
+    payment = pay(client)
+    assert time.monotonic() - started >= 0.4
+    assert payment_state(client, payment)["status"] == "paid"
+    # Only the purchase is slow: reading it back is not.
+    started = time.monotonic()
+    payment_state(client, payment)
+    assert time.monotonic() - started < 0.4
+
+
+def test_payment_latency_is_interrupted_by_stop_and_then_creates_nothing() -> None:
+    server = SandboxServer(SandboxConfig(payment_latency_ms=600_000)).start()
+    answers: list[httpx.Response] = []
+    http = httpx.Client(base_url=server.url, timeout=30)
+
+    def buy() -> None:
+        answers.append(http.post("/api/payments", json={"serviceId": SERVICE}))
+
+    buyer = threading.Thread(target=buy)
+    try:
+        buyer.start()
+        time.sleep(1.0)  # the purchase is asleep inside the sandbox by now
+    finally:
+        started = time.monotonic()
+        server.stop()
+    buyer.join(timeout=10)
+    http.close()
+    assert time.monotonic() - started < 5, "stop() waited out the purchase"
+    assert [a.status_code for a in answers] == [503]
+    assert server.ledger()["payments_created"] == 0
+
+
+def test_fetch_delay_opens_a_window_after_the_token_is_spent_and_before_the_fetch(
+    sandbox: SandboxServer, client: httpx.Client, host: ImageHost
+) -> None:
+    url = host.put("/fd/swapped.png", images.png(64, 64, "live"))
+    sandbox.configure(fetch_delay_ms=2000)
+    payment = pay(client)
+    answers: list[httpx.Response] = []
+    caller = threading.Thread(target=lambda: answers.append(call(client, payment["token"], [url])))
+    started = time.monotonic()
+    caller.start()
+    deadline = started + 1.5
+    while ledger(client)["tokens_consumed"] == 0:
+        assert time.monotonic() < deadline, "the token was not consumed before the delay"
+        time.sleep(0.02)
+    # Settled, not yet fetched: the object changes under the seller, which judges the new content.
+    host.put("/fd/swapped.png", images.png(64, 64, "spoof"))
+    caller.join(timeout=30)
+    assert time.monotonic() - started >= 2.0
+    [found] = elements(answers[0])
+    assert [r["Label"] for r in found["Results"]] == ["liveness"]
+    _spent_once(client, payment, 1)
+
+
+def test_new_knobs_are_cli_flags_with_their_ranges() -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    shown = subprocess.run([sys.executable, "-m", "sandbox", "--help"], capture_output=True, text=True, env=env,
+                           cwd=ROOT, timeout=30)  # fmt: skip
+    assert shown.returncode == 0
+    text = " ".join(shown.stdout.split())
+    assert "--retry-after" in text and "--payment-latency-ms" in text and "--fetch-delay-ms" in text
+    assert text.count("(0 to 600000)") == 2 and "at most 200 characters" in text
+    for flag, value in (("--fetch-delay-ms", "-1"), ("--payment-latency-ms", "600001"), ("--retry-after", "a\tb")):
+        done = subprocess.run([sys.executable, "-m", "sandbox", flag, value], capture_output=True, text=True,
+                              env=env, cwd=ROOT, timeout=30)  # fmt: skip
+        assert done.returncode == 2 and flag.removeprefix("--").replace("-", "_") in done.stderr, done.stderr

@@ -7,7 +7,16 @@ from typing import Any
 
 import pytest
 
-from worker.judge.verdicts import AnswerError, ElementError, Judgement, judge_answer, judge_element, parse_result
+from worker.judge.verdicts import (
+    AnswerError,
+    ElementError,
+    Judgement,
+    UnreadableResult,
+    judge_answer,
+    judge_element,
+    match_elements,
+    parse_result,
+)
 
 A = "https://s3.example.com/in/a.png?X-Amz-Signature=aaa"
 B = "https://s3.example.com/in/b.png?X-Amz-Signature=bbb"
@@ -196,3 +205,151 @@ def test_an_element_carrying_an_error_code_is_an_element_error() -> None:
     el = {"FaceNumber": 0, "ImageURL": A, "Results": [], "Code": "InvalidImage.Download", "Message": "no"}
     (out,) = judge_answer([A], result(el))
     assert isinstance(out, ElementError) and out.code == "InvalidImage.Download"
+
+
+# --- hostile values in a paid answer: read, never raised on (a raise would make the call's images unreadable) ---
+
+
+def _stored(j: Judgement) -> bytes:
+    """What the worker writes for a judgement: strict JSON (no NaN), encoded as UTF-8 (Redis and S3)."""
+    doc = {"rate": j.rate, "tips": j.message_tips, "suggestion": j.suggestion,
+           "faces": [f.as_dict() for f in j.face_results]}
+    return json.dumps(doc, allow_nan=False, ensure_ascii=False).encode()
+
+
+def _rect_face(**rect: Any) -> dict[str, Any]:
+    return {**face("normal"), "Rect": rect}
+
+
+@pytest.mark.parametrize("as_string", [False, True])
+def test_nan_and_infinite_rect_values_are_dropped_and_the_rest_kept(as_string: bool) -> None:
+    res = result(element(A, _rect_face(Left=float("nan"), Top=float("inf"), Width=float("-inf"), Height=120)))
+    # As a string it carries the bare NaN / Infinity tokens, exactly as Python's json.dumps writes them.
+    text = json.dumps(res)
+    assert "NaN" in text and "-Infinity" in text
+    (j,) = judged(judge_answer([A], text if as_string else res))
+    assert j.verdict == "live" and j.face_results[0].rect == {"Height": 120}
+    _stored(j)
+
+
+def test_a_1e999_rect_value_parses_as_inf_and_is_dropped() -> None:
+    text = json.dumps(result(element(A, _rect_face(Left=3, Top=4, Width=0, Height=0))))
+    text = text.replace('"Width": 0', '"Width": 1e999').replace('"Height": 0', '"Height": -1e999')
+    (j,) = judged(judge_answer([A], text))
+    assert j.face_results[0].rect == {"Left": 3, "Top": 4}
+    _stored(j)
+
+
+def test_rect_values_that_are_not_usable_numbers_are_dropped() -> None:
+    rect = {"Left": True, "Top": "12", "Width": None, "Height": [1], "X": 2**60, "Y": 1e300, "Z": 7.9}
+    (j,) = judged(judge_answer([A], result(element(A, _rect_face(**rect)))))
+    assert j.face_results[0].rect == {"Z": 7}
+
+
+def test_an_integer_literal_beyond_pythons_digit_limit_does_not_fail_the_answer() -> None:
+    # int() refuses more than 4300 digits; json would raise ValueError and the whole answer would read as
+    # "not JSON" (a seller fault, paid again), for one Rect value.
+    text = json.dumps(result(element(A, _rect_face(Left=1, Width=0))))
+    text = text.replace('"Width": 0', '"Width": ' + "9" * 5000)
+    (j,) = judged(judge_answer([A], text))
+    assert j.face_results[0].rect == {"Left": 1}
+
+
+@pytest.mark.parametrize(
+    "rate",
+    [float("nan"), float("inf"), float("-inf"), "nan", "Infinity", "1e999", pytest.param(10**400, id="10**400")],
+)
+def test_a_rate_that_is_not_a_finite_number_is_none(rate: Any) -> None:
+    j = judge_element(element(A, face("liveness", rate), face("liveness", 70)))
+    assert j.face_results[0].rate is None
+    assert (j.verdict, j.rate) == ("spoof", 70.0), "the deciding rate is the finite one"
+    _stored(j)
+    j = judge_element(element(A, face("normal", rate)))
+    assert (j.verdict, j.rate) == ("live", None)
+
+
+def test_a_nan_rate_in_answer_text_is_none() -> None:
+    (j,) = judged(judge_answer([A], json.dumps(result(element(A, face("normal", float("nan")))))))
+    assert j.rate is None and j.face_results[0].rate is None
+
+
+def test_an_image_url_urllib_cannot_split_is_matched_by_position() -> None:
+    bad = "http://[::1"
+    res = result(element(bad, face("normal")), element(bad, face("liveness")), element(bad, NO_FACE))
+    res["Data"]["Elements"][2]["FaceNumber"] = 0
+    assert [j.verdict for j in judged(judge_answer([A, B, C], res))] == ["live", "spoof", "no_face"]
+    # Malformed hosts of other kinds too (urlsplit raises ValueError on each).
+    for odd in ("https://[fe80::1%eth0/x.png", "http://\uff03@evil/x.png", "http://a\uff03b/x"):
+        (m,) = match_elements([A], [element(odd, face("normal"))])
+        assert m is not None
+
+
+def test_a_malformed_image_url_takes_only_its_own_position() -> None:
+    # Position 0 is claimed by the element naming A; the malformed one at position 1 is B's.
+    res = result(element(A, face("liveness")), element("http://[::1", face("normal")))
+    assert [j.verdict for j in judged(judge_answer([A, B], res))] == ["spoof", "live"]
+    # A malformed URL beyond the inputs names nothing and is ignored.
+    res = result(element(A, face("liveness")), element("http://[::1", face("normal")))
+    assert [j.verdict for j in judged(judge_answer([A], res))] == ["spoof"]
+
+
+def test_an_unparseable_url_is_still_not_guessed_over_a_parseable_foreign_one() -> None:
+    # The unknown_url rule stays: a URL naming no input is ignored, the image is unanswered (and retried).
+    res = result(element("https://proxy/1", face("liveness")), element("http://[::1", face("normal")))
+    out = judge_answer([A, B], res)
+    assert isinstance(out[0], AnswerError)
+    assert isinstance(out[1], Judgement) and out[1].verdict == "live"
+
+
+def test_lone_surrogates_in_text_fields_are_replaced_so_the_record_encodes() -> None:
+    tips = "blurred face \udc80 please check"
+    f = {**face("normal", suggestion="pa\ud800ss", tips=tips), "Rect": {"Le\udfffft": 1}}
+    # Written as the JSON escape, like a seller would send it.
+    text = json.dumps(result(element(A, f)))
+    assert "\\udc80" in text
+    (j,) = judged(judge_answer([A], text))
+    assert j.message_tips == "blurred face \ufffd please check"
+    assert j.face_results[0].message_tips == j.message_tips
+    assert j.suggestion is None and j.face_results[0].suggestion == "pa\ufffdss"
+    assert j.face_results[0].rect == {"Le\ufffdft": 1}
+    _stored(j)
+
+
+def test_lone_surrogate_in_no_face_tips_is_replaced() -> None:
+    el = {"FaceNumber": 0, "ImageURL": A, "Results": [{**NO_FACE, "MessageTips": "\udc80", "Suggestion": "\ud800"}]}
+    (j,) = judged(judge_answer([A], json.dumps(result(el))))
+    assert (j.verdict, j.message_tips, j.suggestion) == ("no_face", "\ufffd", "\ufffd")
+    _stored(j)
+
+
+def test_error_text_quoting_the_seller_is_safe_to_store() -> None:
+    (out,) = judge_answer([A], result(element(A, face("nor\udc80mal"))))
+    assert isinstance(out, AnswerError)
+    str(out).encode()
+    el = {"FaceNumber": 0, "ImageURL": A, "Results": [], "Code": "InvalidImage.\udc80", "Message": "x" * 10_000}
+    (err,) = judge_answer([A], result(el))
+    assert isinstance(err, ElementError) and err.code == "InvalidImage.\ufffd"
+    assert len(str(err)) < 500
+    str(err).encode()
+    # A Label or Message that is not a string is named by its type, never str()'d.
+    (out,) = judge_answer([A], result(element(A, {**face("normal"), "Label": {"deep": [[[1]]]}})))
+    assert isinstance(out, AnswerError) and "<dict>" in str(out)
+
+
+def test_a_result_nested_too_deeply_is_unreadable_not_an_answer_error() -> None:
+    # Not an AnswerError: that would retry the images with a new payment; the pipeline records them instead.
+    deep = "[" * 100_000 + "]" * 100_000
+    with pytest.raises(UnreadableResult) as raised:
+        parse_result(deep)
+    assert not isinstance(raised.value, AnswerError | RecursionError)
+    with pytest.raises(UnreadableResult):
+        judge_answer([A, B], deep)
+    with pytest.raises(UnreadableResult):
+        judge_answer([A], '{"RequestId": "r", "Data": {"Elements": ' + "[" * 50_000 + "]" * 50_000 + "}}")
+
+
+def test_a_result_cut_off_is_still_an_answer_error() -> None:
+    # The seller-fault path (retried with a new payment) is unchanged for text that is not JSON.
+    text = json.dumps(result(element(A, face("normal"))))
+    with pytest.raises(AnswerError, match="not JSON"):
+        parse_result(text[: len(text) // 2])
