@@ -1,9 +1,10 @@
-"""Scrubbing of secrets (tokens, API keys, presigned signatures) from any text that may be logged."""
+"""Scrubbing of secrets (tokens, API keys, passwords, presigned signatures) from any text that may be logged."""
 
 from __future__ import annotations
 
 import logging
 import re
+import sys
 
 # A URL's query string is where presigned credentials live; keep the path, drop the query.
 _URL_QUERY = re.compile(r"(https?://[^\s\"'?#]+)\?[^\s\"'#]*")
@@ -11,21 +12,31 @@ _SECRET_PARAM = re.compile(
     r"(?i)\b(X-Amz-Signature|X-Amz-Credential|X-Amz-Security-Token|Signature|AWSAccessKeyId)=[^&\s\"']+"
 )
 _SECRET_FIELD = re.compile(
-    r"(?i)([\"']?(?:token|paymentToken|X-Payment-Token|api[_-]?key|X-API-Key|authorization)[\"']?\s*[:=]\s*)"
+    r"(?i)([\"']?(?:token|paymentToken|X-Payment-Token|api[_-]?key|X-API-Key|authorization|password|passwd)"
+    r"[\"']?\s*[:=]\s*)"
     r"[\"']?(?:(?:Bearer|Basic)\s+)?[^\s\"',}]+[\"']?"
 )
-
-
-_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/@\s\"']*@")
+# Everything between `scheme://` and the last `@` of the authority: `user:pass@`, `:pass@`, and a password
+# holding an unencoded `@` (redis-py splits the authority at its last `@`, so `u:p@ss@host` means `p@ss`).
+# A `?` or `#` does not end the match: a password holding one unencoded must not leak, and masking too much
+# of an odd URL (`https://host?to=a@b`) costs only a less readable line.
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s\"'<>]*@")
+# Query parameters whose value is a credential, in URLs whose query is kept (settings, Redis URLs).
+_QUERY_SECRET = re.compile(r"(?i)([?&;][^=&#\s]*(?:token|key|secret|signature|credential|password|passwd|pwd)"
+                           r"[^=&#\s]*=)[^&#\s]*")
+# The formatter the filter renders tracebacks with: the stdlib's, which is what every handler's formatter
+# (Celery's ColorFormatter and TaskFormatter included) produces for exc_info.
+_TRACEBACKS = logging.Formatter()
 
 
 def mask_url(url: str) -> str:
-    """A URL with its user and password (if any) replaced by ***: `redis://***@host:6379/0`."""
-    return _USERINFO.sub(r"\1***@", url)
+    """A URL with its user and password (if any) and secret query values replaced by ***:
+    `redis://***@host:6379/0`, `unix:///run/redis.sock?db=0&password=***`."""
+    return _QUERY_SECRET.sub(r"\1***", _USERINFO.sub(r"\1***@", url))
 
 
 def redact(text: str) -> str:
-    """Return text with URL query strings, signatures and token-like fields replaced by ***."""
+    """Return text with URL credentials and query strings, signatures and token-like fields replaced by ***."""
     text = _USERINFO.sub(r"\1***@", text)
     text = _URL_QUERY.sub(r"\1?***", text)
     text = _SECRET_PARAM.sub(r"\1=***", text)
@@ -33,19 +44,61 @@ def redact(text: str) -> str:
 
 
 class RedactingFilter(logging.Filter):
-    """A logging filter that redacts every record's final message, whatever logged it."""
+    """A handler filter that redacts everything of a record a formatter prints: the final message, the
+    traceback (`exc_info`, `exc_text`) and the stack (`stack_info`), whatever logged it."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
+        message, formatted = _message(record)
         cleaned = redact(message)
-        if cleaned != message:
+        if cleaned != message or not formatted:
             record.msg, record.args = cleaned, None
+        if record.exc_info:
+            # The handler's formatter would render exc_info itself, after every filter has run; render it
+            # here instead and leave only the redacted text (formatters print exc_text when exc_info is unset).
+            exc_info = record.exc_info if isinstance(record.exc_info, tuple) else sys.exc_info()
+            if not record.exc_text and exc_info[0] is not None:
+                record.exc_text = _TRACEBACKS.formatException(exc_info)
+            record.exc_info = None
+        if record.exc_text:
+            record.exc_text = redact(record.exc_text)
+        if record.stack_info:
+            record.stack_info = redact(record.stack_info)
         return True
 
 
+class RedactingFormatter(logging.Formatter):
+    """Wraps a handler's formatter and redacts the whole line it makes, so fields the filter does not know
+    (a format string naming a custom attribute, such as the `data` Celery attaches to task failures) and
+    formatters that render exc_info their own way are covered too."""
+
+    def __init__(self, inner: logging.Formatter | None = None) -> None:
+        super().__init__()
+        self.inner = inner if inner is not None else logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(self.inner.format(record))
+
+
 def install(logger: logging.Logger | None = None) -> None:
-    """Attach the filter to every handler of the logger (root by default), once."""
+    """Attach the filter to every handler of the logger (root by default) and wrap its formatter, once."""
     target = logger or logging.getLogger()
     for handler in target.handlers:
         if not any(isinstance(f, RedactingFilter) for f in handler.filters):
             handler.addFilter(RedactingFilter())
+        if not isinstance(handler.formatter, RedactingFormatter):
+            handler.setFormatter(RedactingFormatter(handler.formatter))
+
+
+def _message(record: logging.LogRecord) -> tuple[str, bool]:
+    """The record's final message, and whether its arguments fitted its format.
+
+    A misfit would make the handler print the raw arguments to stderr (Handler.handleError), past every
+    filter; the filter prints them as text instead, redacted like the rest.
+    """
+    try:
+        return record.getMessage(), True
+    except Exception:
+        try:
+            return f"{record.msg!s} (log arguments did not fit the format: {record.args!r})", False
+        except Exception:
+            return "(a log message that could not be printed)", False
