@@ -46,7 +46,7 @@ def payments_key(output: S3Location, run_id: str) -> str:
 
 
 def jsonl(docs: Iterable[dict[str, Any]]) -> bytes:
-    lines = [json.dumps(d, sort_keys=True, ensure_ascii=False) for d in docs]
+    lines = [json.dumps(d, sort_keys=True, ensure_ascii=True) for d in docs]
     return ("\n".join(lines) + "\n").encode() if lines else b""
 
 
@@ -161,5 +161,5 @@ def run_document(run: dict[str, Any], chunks: list[dict[str, Any]], failed: dict
 def failed_lines(records: Iterable[dict[str, Any]]) -> bytes:
     """failed.jsonl: one line per image that ended rejected or error."""
     failed = (r for r in records if r["verdict"] in ("rejected", "error"))
-    lines = [json.dumps(r, sort_keys=True, ensure_ascii=False) for r in failed]
+    lines = [json.dumps(r, sort_keys=True, ensure_ascii=True) for r in failed]
     return ("\n".join(lines) + "\n").encode() if lines else b""

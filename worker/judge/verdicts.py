@@ -107,7 +107,7 @@ def parse_result(result: Any) -> dict[str, Any]:
     """`data.Result` arrives as an object or as a JSON-encoded string; return the object."""
     if isinstance(result, str):
         try:
-            result = json.loads(result, parse_int=_parse_int)
+            result = json.loads(result, parse_int=parse_json_int)
         except RecursionError:
             raise UnreadableResult("data.Result is nested too deeply to be read") from None
         except ValueError as exc:
@@ -241,7 +241,7 @@ def _rect(value: Any) -> dict[str, int] | None:
             continue  # int() raises on NaN (ValueError) and on inf (OverflowError)
         if abs(v) > _MAX_RECT:
             continue
-        rect[_safe(str(name))] = int(v)
+        rect[safe_text(str(name))] = int(v)
     return rect
 
 
@@ -258,25 +258,25 @@ def _number(value: Any) -> float | None:
 
 
 def _text(value: Any) -> str | None:
-    return _safe(value) if isinstance(value, str) and value else None
+    return safe_text(value) if isinstance(value, str) and value else None
 
 
 def _as_text(value: Any) -> str:
     """A field quoted as text; a non-string is named by its type (str() of a deep structure can raise)."""
-    return _safe(value) if isinstance(value, str) else f"<{type(value).__name__}>"
+    return safe_text(value) if isinstance(value, str) else f"<{type(value).__name__}>"
 
 
-def _safe(text: str) -> str:
+def safe_text(text: str) -> str:
     """`text` with lone surrogates replaced by U+FFFD: it must encode as UTF-8 when the record is written."""
     return _SURROGATE.sub("\ufffd", text)
 
 
 def _quote(text: str) -> str:
     """Seller text safe to put in an error message: no lone surrogates, at most _QUOTE_CHARS characters."""
-    text = _safe(text)
+    text = safe_text(text)
     return text if len(text) <= _QUOTE_CHARS else text[:_QUOTE_CHARS] + "..."
 
 
-def _parse_int(digits: str) -> int | float:
+def parse_json_int(digits: str) -> int | float:
     # Beyond the limit int() raises ValueError, which would fail the whole answer as "not JSON" (and pay again).
     return int(digits) if len(digits.lstrip("-")) <= _MAX_INT_DIGITS else float(digits)

@@ -26,6 +26,7 @@ from worker.errors import (
     TransientError,
     UnreadableAnswer,
 )
+from worker.judge.verdicts import parse_json_int, safe_text
 from worker.ops.redact import redact
 
 TOOL_PATH = "/api/tools/{service_id}"
@@ -247,11 +248,14 @@ def parse_answer(body: Any, raw: bytes) -> CallAnswer:
     if not isinstance(data, dict) or "Result" not in data:
         raise TransientError("marketplace answer has no data.Result")
     result = data["Result"]
-    inner = _json_bytes_or_none(result.encode()) if isinstance(result, str) else result
+    inner = _json_text_or_none(result) if isinstance(result, str) else result
     if isinstance(inner, dict) and isinstance(inner.get("Code"), str):
         _raise_code(inner["Code"], str(inner.get("Message", "")), None)
     request_id = body.get("requestId")
-    return CallAnswer(request_id=str(request_id) if request_id is not None else None, result=result, raw=raw)
+    # Copied into every record: it must be short and encodable whatever the seller sent.
+    rid = safe_text(request_id)[:200] if isinstance(request_id, str) else None if request_id is None else str(
+        request_id)[:200]
+    return CallAnswer(request_id=rid, result=result, raw=raw)
 
 
 def _raise_for(response: httpx.Response, body: Any) -> None:
@@ -356,7 +360,14 @@ def _json_or_none(response: httpx.Response) -> Any:
 
 def _json_bytes_or_none(raw: bytes) -> Any:
     try:
-        return json.loads(raw)
+        return json.loads(raw, parse_int=parse_json_int)
+    except ValueError:
+        return None
+
+
+def _json_text_or_none(text: str) -> Any:
+    try:
+        return json.loads(text, parse_int=parse_json_int)
     except ValueError:
         return None
 

@@ -99,7 +99,7 @@ class Storage:
         return url
 
     def put_json(self, bucket: str, key: str, doc: Any) -> str:
-        body = json.dumps(doc, indent=1, sort_keys=True, ensure_ascii=False).encode()
+        body = json.dumps(doc, indent=1, sort_keys=True, ensure_ascii=True).encode()
         return self.put_bytes(bucket, key, body, "application/json")
 
     def put_bytes(self, bucket: str, key: str, body: bytes, content_type: str) -> str:
