@@ -144,3 +144,24 @@ def test_s3_location_keys_join_without_empty_parts() -> None:
 
 def test_settings_repr_hides_the_api_key() -> None:
     assert "sk_live_abc" not in repr(Settings.from_env(ALL_VARS))
+
+
+def test_an_api_key_an_http_header_cannot_carry_is_refused_without_printing_it() -> None:
+    with pytest.raises(ConfigError, match="IRLIVE_API_KEY") as caught:
+        Settings.from_env({"IRLIVE_API_KEY": "sk-live-\u200bsecretvalue"})
+    assert "secretvalue" not in str(caught.value)
+
+
+@pytest.mark.parametrize("url", ["redis://localhost:notaport/0", "redis://host:6379/abc", "http://redis:6379",
+                                 "redis://", "unix://"])
+def test_a_bad_redis_url_names_the_setting(url: str) -> None:
+    with pytest.raises(ConfigError, match="IRLIVE_REDIS_URL"):
+        Settings.from_env({"IRLIVE_REDIS_URL": url})
+
+
+def test_a_redis_url_password_is_never_shown() -> None:
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({"IRLIVE_REDIS_URL": "redis://user:hunter2@host:6379/x"})
+    assert "hunter2" not in str(caught.value)
+    view = Settings.from_env({"IRLIVE_REDIS_URL": "redis://user:hunter2@host:6379/0"}).public_view()
+    assert "hunter2" not in str(view)

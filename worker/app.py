@@ -104,6 +104,10 @@ def _connect_lifecycle(app: Celery, settings: Settings, runtime: Any) -> None:
 
     def install_redaction(logger: logging.Logger, **_: Any) -> None:
         redact.install(logger)
+        # Prefork children log through billiard's multiprocessing logger, which Celery sets up on its own.
+        from celery.utils.log import get_multiprocessing_logger
+
+        redact.install(get_multiprocessing_logger())
 
     worker_init.connect(on_worker_init, weak=False)
     worker_shutdown.connect(on_worker_shutdown, weak=False)

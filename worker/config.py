@@ -89,6 +89,10 @@ class Settings:
 
     def check(self) -> None:
         """Cross-field and range checks; raise ConfigError naming the variable."""
+        if self.api_key is not None and not (self.api_key.isascii() and self.api_key.isprintable()):
+            # An HTTP header carries printable ASCII only; say so without printing the key.
+            raise ConfigError("IRLIVE_API_KEY holds characters an HTTP header cannot carry (non-ASCII or control "
+                              "characters): check for a stray space, quote or invisible character")
         _in_range("IRLIVE_IMAGES_PER_CALL", self.images_per_call, 1, 10)
         _in_range("IRLIVE_CHUNK_SIZE", self.chunk_size, 1, 10_000)
         _in_range("IRLIVE_PRESIGN_TTL", self.presign_ttl, 60, 7 * 24 * 3600)

@@ -131,9 +131,13 @@ class Marketplace:
     def call(self, token: str, urls: list[str]) -> CallAnswer:
         """One paid call judging up to 10 images; raises the error tree on anything but a verdict."""
         payload = {"Tasks": [{"ImageURL": u} for u in urls]}
-        request = self._client.build_request(
-            "POST", self._tool_path, json=payload, headers={"X-Payment-Token": token}
-        )
+        try:
+            request = self._client.build_request(
+                "POST", self._tool_path, json=payload, headers={"X-Payment-Token": token}
+            )
+        except (UnicodeError, ValueError):
+            # The error's text would carry the token: say what is wrong, never with what.
+            raise PaymentRejected("the payment token cannot be sent in an HTTP header") from None
         with self._translate(sent_means_unknown=True):
             response = self._client.send(request, stream=True)
             try:
