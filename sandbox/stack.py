@@ -282,6 +282,8 @@ class Stack:
         return [
             procs.find_redis_server(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
             "--appendonly", "yes" if self._redis_appendonly else "no", "--dir", str(data),
+            # As deploy/ runs it: a write acknowledged is a write that survives a SIGKILL.
+            "--appendfsync", "always",
             "--maxmemory-policy", "noeviction",
         ]  # fmt: skip
 
