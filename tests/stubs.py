@@ -59,8 +59,12 @@ class StubStorage:
         first, _, last = byte_range.removeprefix("bytes=").partition("-")
         return data[-int(last):] if not first else data[int(first):int(last) + 1]
 
-    def presign_get(self, bucket: str, key: str, ttl_s: int) -> str:
+    def presign_get(self, bucket: str, key: str, ttl_s: int, version_id: str | None = None) -> str:
         return f"https://s3.stub/{bucket}/{quote(key)}?X-Amz-Expires={ttl_s}&X-Amz-Signature=deadbeef"
+
+    def current_etags(self, bucket: str, keys: list[str]) -> dict[str, str]:
+        self.requests["list"] += 1
+        return {k: etag_of(self.objects[(bucket, k)]) for k in keys if (bucket, k) in self.objects}
 
     def put_json(self, bucket: str, key: str, doc: Any) -> str:
         return self.put_bytes(bucket, key, json.dumps(doc, sort_keys=True).encode(), "application/json")
@@ -98,6 +102,8 @@ class StubSeller:
     calls: list[list[str]] = field(default_factory=list)  # keys per call that reached the upstream
     billed: Counter[str] = field(default_factory=Counter)
     bad_keys: set[str] = field(default_factory=set)
+    # Called with the keys of each call once the token is consumed, before answering (to change the world).
+    on_call: Any = None
 
     def handle(self, request: httpx.Request) -> httpx.Response:
         path = request.url.path
@@ -132,6 +138,8 @@ class StubSeller:
         payment["remainingCalls"] = 0  # settle first: from here on the call is paid for
         self.calls.append(keys)
         self.billed.update(keys)
+        if self.on_call is not None:
+            self.on_call(keys)
         if behaviour == "503":
             return httpx.Response(503, json={"Code": "ServiceUnavailable", "Message": "try later"})
         if behaviour == "timeout":

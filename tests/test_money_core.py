@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import httpx
 import pytest
 import redis
 
+from sandbox.images import png
 from sandbox.stack import Stack
 from tests.conftest import IrliveRunner
 from tests.e2e import IN_BUCKET, read_run, upload
@@ -270,3 +272,40 @@ def test_a_paid_answer_survives_redis_refusing_writes_and_is_never_paid_again(
     problems = check_invariants(clean_stack, run_id, samples, strict_once=True)
     assert problems == []
     assert clean_stack.sandbox_ledger()["calls_billed"] == 2
+
+
+# ---- hole 10: an object overwritten between validation and the seller's fetch --------------------------
+
+
+@pytest.mark.parametrize("versioned", [False, True], ids=["unversioned", "versioned"])
+def test_an_object_overwritten_while_the_seller_fetches_is_never_recorded_with_the_wrong_etag(
+        clean_stack: Stack, irlive: IrliveRunner, versioned: bool) -> None:
+    s3 = clean_stack.s3_client()
+    if versioned:
+        s3.put_bucket_versioning(Bucket=IN_BUCKET, VersioningConfiguration={"Status": "Enabled"})
+    samples = clean_samples(10, "swap")
+    upload(clean_stack, samples)
+    swapped = samples[3].key
+    old_etag = s3.head_object(Bucket=IN_BUCKET, Key=swapped)["ETag"].strip('"')
+    # The seller takes the token, then waits 2 s before downloading: the object is replaced in between.
+    clean_stack.sandbox_config(fetch_delay_ms=2000)
+    clean_stack.start_worker()
+    run_id = _run_id(irlive("scan", f"s3://{IN_BUCKET}/swap", "--json"))
+    poll(lambda: clean_stack.sandbox_ledger()["calls_billed"] >= 1, 60, "the paid call")
+    new_body = png(96, 96, "spoof", seed=4242)
+    s3.put_object(Bucket=IN_BUCKET, Key=swapped, Body=new_body)
+    new_etag = s3.head_object(Bucket=IN_BUCKET, Key=swapped)["ETag"].strip('"')
+    drive_to_completion(clean_stack, run_id, deadline_s=120)
+
+    run = read_run(clean_stack, run_id)
+    record = next(r for r in run.records if r["key"] == swapped)
+    billed = clean_stack.sandbox_ledger()["billed_image_urls_path_counts"]
+    if versioned:
+        # The URL named the version validated: the seller judged exactly that, whatever was written since.
+        assert (record["etag"], record["verdict"]) == (old_etag, "live")
+        assert set(billed.values()) == {1} and run.manifest["changed_during_call"] == 0
+    else:
+        # Not pinnable: the change is seen after the answer, and the image is judged again in its new form.
+        assert (record["etag"], record["verdict"]) == (new_etag, "spoof")
+        assert billed[f"/{IN_BUCKET}/{swapped}"] == 2 and run.manifest["changed_during_call"] == 1
+    assert Counter(r["key"] for r in run.records) == Counter(s.key for s in samples)

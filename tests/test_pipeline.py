@@ -246,3 +246,21 @@ def test_a_redelivered_chunk_resumes_and_pays_nothing_again() -> None:
     assert ChunkProcessor(h.deps).run(chunk) == 0
     assert len(h.seller.calls) == before
     assert json.loads(json.dumps(records(h, chunk)))[0]["verdict"] == "live"
+
+
+def test_an_object_overwritten_during_its_call_is_judged_again_with_its_new_etag() -> None:
+    h = harness(settings())
+    chunk = chunk_of(h, 10)
+    new_bytes = png(96, 96, "spoof", seed=99)
+
+    def overwrite_once(keys: list[str]) -> None:
+        if len(h.seller.calls) == 1:
+            h.storage.put(BUCKET, "img/004.png", new_bytes)
+
+    h.seller.on_call = overwrite_once
+    ChunkProcessor(h.deps).run(chunk)
+    got = {r["key"]: r for r in records(h, chunk)}
+    assert got["img/004.png"]["etag"] != chunk.items[4][1], "recorded against the content the seller saw"
+    assert [len(c) for c in h.seller.calls] == [10, 1]
+    assert run_hash(h, "run-a")["changed_during_call"] == "1"
+    assert h.storage.requests["list"] == 2, "one listing per call to check nothing changed"

@@ -61,6 +61,8 @@ def finalize_run(runs: Runs, storage: Storage, ledger: Ledger, run_id: str,
     # took the token): their images were judged again, and this is the only way an image is paid twice.
     manifest["answers_lost"] = int(run.get("answers_lost") or 0)
     manifest["answers_lost_images"] = int(run.get("answers_lost_images") or 0)
+    # Objects overwritten while the seller judged them: judged again, so the record matches the ETag.
+    manifest["changed_during_call"] = int(run.get("changed_during_call") or 0)
     if enforced:
         manifest["enforced"] = enforced
     # Prepaid tokens still in the shared pool when the run ended (money paid, not yet used by any run).

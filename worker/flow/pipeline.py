@@ -16,6 +16,7 @@ from worker.errors import (
     BudgetExhausted,
     ChunkBusy,
     ConfigError,
+    IrliveError,
     OutcomeUnknown,
     PaymentRejected,
     PermanentInputError,
@@ -51,6 +52,8 @@ BACKOFF_CAP_S = 20.0
 MAX_THROTTLES_PER_CHUNK = 50
 # The limiter waits in-process at most this long for a slot; beyond it the task is deferred.
 MAX_SLOT_WAIT_S = 10.0
+# An object overwritten while its call was under way is judged again, up to this many times.
+MAX_REJUDGE = 2
 # Images another delivery holds are waited for this long in-process, then the chunk defers itself.
 CLAIM_WAIT_S = 20.0
 CLAIM_POLL_S = 0.5
@@ -86,6 +89,8 @@ class _Image:
     item: Item
     size: int | None
     warning: str | None = None
+    # The version validated, in a versioned bucket: the seller is given a URL to exactly that version.
+    version_id: str | None = None
 
 
 @dataclass
@@ -102,6 +107,8 @@ class ChunkProcessor:
         self._limits = Limits(deps.settings.max_image_bytes, deps.settings.min_image_side,
                              deps.settings.max_image_side)
         self._lease: ChunkLease | None = None
+        # Images whose object changed between validation and the seller's fetch (index -> times).
+        self._changed: dict[int, int] = {}
 
     @property
     def lease(self) -> ChunkLease:
@@ -150,9 +157,9 @@ class ChunkProcessor:
                                             [img.item.identity for img in todo], not_before)
             self._record_duplicates(chunk, {todo[p].index: (todo[p], e) for p, e in result.judged.items()})
             self._pay_for(chunk, [todo[p] for p in result.mine])
-            todo = [todo[p] for p in sorted(result.busy)]
-            if not todo:
-                break
+            todo = [todo[p] for p in sorted(result.busy)] + self._rejudge(chunk)
+            if not result.busy:
+                continue
             holders = sorted({f"{r}/{s}" for r, s in result.busy.values()})
             if time.monotonic() > deadline:
                 raise ClaimsHeld(f"chunk {chunk.label()}: {len(todo)} images are being judged by "
@@ -161,11 +168,28 @@ class ChunkProcessor:
             self.deps.sleep(CLAIM_POLL_S)
         return self._finish(chunk, output)
 
-    def _validate(self, chunk: Chunk, progress: dict[int, dict[str, Any]]) -> list[_Image]:
+    def _rejudge(self, chunk: Chunk) -> list[_Image]:
+        """Objects overwritten while their call was under way: validated again (their new ETag is a new
+        identity), or, once they changed MAX_REJUDGE times, recorded as errors."""
+        pending = [i for i, n in self._changed.items() if n > 0]
+        if not pending:
+            return []
+        for index in pending:
+            self._changed[index] = -self._changed[index]  # taken care of
+        progress = self.deps.runs.progress(chunk.run_id, chunk.seq)
+        todo = self._validate(chunk, progress, only=set(pending))
+        again = [img for img in todo if -self._changed[img.index] <= MAX_REJUDGE]
+        self._save(chunk, [Save(img.index, img.item, unjudged_record(
+            img.item, img.size, "error", reason="the object kept changing while it was being judged",
+            code="changed_during_call", attempts=0, judged_at=now_iso())) for img in todo if img not in again])
+        return again
+
+    def _validate(self, chunk: Chunk, progress: dict[int, dict[str, Any]],
+                  only: set[int] | None = None) -> list[_Image]:
         todo: list[_Image] = []
         rejected: list[Save] = []
         for index, item in enumerate(_items(chunk)):
-            if index in progress:
+            if index in progress or (only is not None and index not in only):
                 continue
             try:
                 info, image = validate(self.deps.storage, item.bucket, item.key, self._limits)
@@ -173,7 +197,8 @@ class ChunkProcessor:
                 rejected.append(Save(index, item, unjudged_record(
                     item, None, "rejected", reason=str(exc), code=exc.code, attempts=0, judged_at=now_iso())))
                 continue
-            todo.append(_Image(index, Item(item.bucket, item.key, info.etag), info.size, small_image_warning(image)))
+            todo.append(_Image(index, Item(item.bucket, item.key, info.etag), info.size, small_image_warning(image),
+                               info.version_id))
         self._save(chunk, rejected)
         return todo
 
@@ -229,8 +254,8 @@ class ChunkProcessor:
             self._retry_or_fail(chunk, group, queue, exc, "payment_failed")
             return 0
         try:
-            urls = [deps.storage.presign_get(img.item.bucket, img.item.key, deps.settings.presign_ttl)
-                    for img in group.images]
+            urls = [deps.storage.presign_get(img.item.bucket, img.item.key, deps.settings.presign_ttl,
+                                             img.version_id) for img in group.images]
         except TransientError as exc:
             deps.ledger.give_back(token)
             self._retry_or_fail(chunk, group, queue, exc, "presign_failed")
@@ -270,8 +295,33 @@ class ChunkProcessor:
                 return 0
             spend.answered(answer.request_id, answer.raw)
         deps.limiter.answered()
+        group, urls = self._unchanged(chunk, group, urls)
         self._record_answer(chunk, group, queue, urls, answer.result, answer.request_id, token.payment_id)
         return 0
+
+    def _unchanged(self, chunk: Chunk, group: _Group, urls: list[str]) -> tuple[_Group, list[str]]:
+        """The group's images whose object is still the one validated. A versioned object was fetched by its
+        version; the others are checked by listing (one request): an object overwritten meanwhile may have
+        been judged in its new form, so its verdict cannot be recorded against the old ETag."""
+        loose = [img for img in group.images if img.version_id is None]
+        if not loose:
+            return group, urls
+        try:
+            now = self.deps.storage.current_etags(loose[0].item.bucket, [img.item.key for img in loose])
+        except IrliveError as exc:
+            log.warning("chunk %s: could not check whether objects changed during the call (%s)", chunk.label(),
+                        exc)
+            return group, urls
+        changed = {img.index for img in loose if now.get(img.item.key) != img.item.etag}
+        if not changed:
+            return group, urls
+        log.warning("chunk %s: %d objects were overwritten while the seller judged them; judging them again",
+                    chunk.label(), len(changed))
+        self.deps.runs.count(chunk.run_id, "changed_during_call", len(changed))
+        for index in changed:
+            self._changed[index] = abs(self._changed.get(index, 0)) + 1
+        kept = [(img, url) for img, url in zip(group.images, urls, strict=True) if img.index not in changed]
+        return _Group([img for img, _ in kept], group.attempts), [url for _, url in kept]
 
     def _record_answer(self, chunk: Chunk, group: _Group, queue: deque[_Group] | None, urls: list[str],
                        result: Any, request_id: str | None, payment_id: str) -> None:

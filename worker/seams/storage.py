@@ -32,6 +32,8 @@ class ObjectInfo:
     key: str
     size: int
     etag: str
+    # Set when the bucket is versioned: the exact version read, so a presigned URL can pin it.
+    version_id: str | None = None
 
 
 class Storage:
@@ -81,7 +83,9 @@ class Storage:
             data: bytes = answer["Body"].read()
         total = str(answer.get("ContentRange", "")).rpartition("/")[2]
         size = int(total) if total.isdigit() else int(answer.get("ContentLength", len(data)))
-        return ObjectInfo(key, size, _etag(answer["ETag"])), data
+        version = answer.get("VersionId")
+        # "null" is what a bucket whose versioning was never enabled (or is suspended) reports.
+        return ObjectInfo(key, size, _etag(answer["ETag"]), version if version and version != "null" else None), data
 
     def read_range(self, bucket: str, key: str, byte_range: str, etag: str | None = None) -> bytes:
         """Read `bytes=a-b` or `bytes=-n`; with etag, fail as not_found if the object changed meanwhile."""
@@ -91,12 +95,34 @@ class Storage:
             data: bytes = answer["Body"].read()
         return data
 
-    def presign_get(self, bucket: str, key: str, ttl_s: int) -> str:
+    def presign_get(self, bucket: str, key: str, ttl_s: int, version_id: str | None = None) -> str:
+        """A GET URL the seller can fetch; with version_id it fetches that version, whatever is written since."""
+        params = {"Bucket": bucket, "Key": key, **({"VersionId": version_id} if version_id else {})}
         with _translate(f"s3://{bucket}/{key}"):
-            url: str = self._s3.generate_presigned_url(
-                "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=ttl_s
-            )
+            url: str = self._s3.generate_presigned_url("get_object", Params=params, ExpiresIn=ttl_s)
         return url
+
+    def current_etags(self, bucket: str, keys: list[str]) -> dict[str, str]:
+        """The ETags the objects have now, read by listing (one request for keys listed near each other);
+        a key that is gone is absent from the answer."""
+        wanted = set(keys)
+        first, last = min(keys), max(keys)
+        # The characters every key starts with (those of the smallest and the largest are those of all).
+        prefix = next((first[:i] for i, (a, b) in enumerate(zip(first, last, strict=False)) if a != b),
+                      first[:min(len(first), len(last))])
+        found: dict[str, str] = {}
+        paginator = self._s3.get_paginator("list_objects_v2")
+        # StartAfter is exclusive: a proper prefix of the first key sorts just before it.
+        pages = paginator.paginate(Bucket=bucket, Prefix=prefix, StartAfter=first[:-1],
+                                   PaginationConfig={"PageSize": 1000})
+        with _translate(f"s3://{bucket}/{prefix}"):
+            for page in pages:
+                for obj in page.get("Contents", ()):
+                    if obj["Key"] in wanted:
+                        found[obj["Key"]] = _etag(obj["ETag"])
+                    if obj["Key"] >= last:
+                        return found
+        return found
 
     def put_json(self, bucket: str, key: str, doc: Any) -> str:
         body = json.dumps(doc, indent=1, sort_keys=True, ensure_ascii=True).encode()
