@@ -32,6 +32,8 @@ def render(status: RunStatus) -> str:
         f"failed    rejected {c['rejected']}  error {c['error']}",
         f"calls     {status.calls}  spend ${status.spend_cents / 100:.2f}"
         + (f" of budget ${status.budget_cents / 100:.2f}" if status.budget_cents is not None else ""),
+        f"paid once {status.duplicates} images recorded from another run's judgment; "
+        f"{status.answers_lost} calls' answers lost ({status.answers_lost_images} images judged again)",
         f"chunks    {status.chunks} ({status.pending} pending)",
     ]
     return "\n".join(lines)
