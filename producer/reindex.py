@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from datetime import datetime
 from typing import Any
 
 from worker.config import S3Location
 from worker.flow.claims import Claims, DoneEntry
-from worker.judge.manifest import JUDGED, Item
+from worker.judge.manifest import JUDGED, Item, iso_ms
 from worker.seams.storage import Storage
 
 BATCH = 1000
@@ -39,7 +38,7 @@ def reindex(storage: Storage, claims: Claims, output: S3Location) -> Reindexed:
             if record.get("verdict") not in JUDGED or record.get("duplicate_of"):
                 continue
             identity = Item(record["bucket"], record["key"], record.get("etag") or "").identity
-            pending.append((identity, DoneEntry(record["verdict"], _ms(record.get("judged_at")), str(doc["run_id"]),
+            pending.append((identity, DoneEntry(record["verdict"], iso_ms(record.get("judged_at")), str(doc["run_id"]),
                                                 int(doc["seq"]))))
             result.judged += 1
         if len(pending) >= BATCH:
@@ -48,11 +47,3 @@ def reindex(storage: Storage, claims: Claims, output: S3Location) -> Reindexed:
     result.restored += claims.restore_judged(pending)
     return result
 
-
-def _ms(iso: str | None) -> int:
-    if not iso:
-        return 0
-    try:
-        return int(datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp() * 1000)
-    except ValueError:
-        return 0

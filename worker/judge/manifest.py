@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from worker.config import S3Location
@@ -27,6 +28,16 @@ class Item:
     def identity(self) -> str:
         """`bucket/key@etag`: a changed object is a new identity, an unchanged one never is."""
         return f"{self.bucket}/{self.key}@{self.etag}"
+
+
+def iso_ms(iso: str | None) -> int:
+    """An ISO 8601 time ('...Z' or with an offset) as epoch milliseconds; 0 when absent or unreadable."""
+    if not iso:
+        return 0
+    try:
+        return int(datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp() * 1000)
+    except ValueError:
+        return 0
 
 
 def chunk_key(output: S3Location, run_id: str, seq: int) -> str:

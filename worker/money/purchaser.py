@@ -13,10 +13,10 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Protocol
 
 from worker.errors import BudgetExhausted, ConfigError, IrliveError, OutcomeUnknown, TransientError
+from worker.judge.manifest import iso_ms
 from worker.keys import Keys
 from worker.money.budgets import Budgets, today
 from worker.seams.marketplace import Payment, Quote
@@ -138,7 +138,7 @@ class Purchaser:
         keys = [self._keys.payment(request_id), self._keys.requests(), self._keys.payment(payment.payment_id),
                 self._keys.leases(), self._keys.wallet_totals(), self._keys.day(day), run_key, self._keys.pool()]
         args = [request_id, payment.payment_id, payment.token or "", amount, run_id, holder, self._lease_ms,
-                _parse_ms(payment.expires_at), self._seller.service_id, payment.status, self._max_price]
+                iso_ms(payment.expires_at), self._seller.service_id, payment.status, self._max_price]
         try:
             ended = int(self._store.persist(lambda: self._end(keys, args), PURCHASE_HOLD_S,
                                             f"purchase {payment.payment_id}"))
@@ -208,11 +208,3 @@ class PaymentStillPending(TransientError):
         super().__init__(message)
         self.token = token
 
-
-def _parse_ms(iso: str | None) -> int:
-    if not iso:
-        return 0
-    try:
-        return int(datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp() * 1000)
-    except ValueError:
-        return 0
