@@ -104,6 +104,8 @@ class StubSeller:
     bad_keys: set[str] = field(default_factory=set)
     # Called with the keys of each call once the token is consumed, before answering (to change the world).
     on_call: Any = None
+    # The marketplace may send data.Result as a JSON-encoded string (the docs say either).
+    result_as_string: bool = False
 
     def handle(self, request: httpx.Request) -> httpx.Response:
         path = request.url.path
@@ -156,6 +158,8 @@ class StubSeller:
         result: Any = {"RequestId": "up-1", "Data": {"Elements": elements}}
         if behaviour == "nested":
             result = "[" * 100_000 + "]" * 100_000
+        if self.result_as_string and not isinstance(result, str):
+            result = json.dumps(result)
         body = {"code": "200", "message": "success", "requestId": f"req-{len(self.calls)}", "content": "",
                 "data": {"Action": "DetectInfraredLivingFace", "Result": result}}
         return httpx.Response(200, json=body)

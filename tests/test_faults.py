@@ -144,6 +144,10 @@ def _kill_trials(stack: Stack, plan: KillPlan, scans: int, name: str) -> None:
         watch.poll()
         books = Books()
         problems = check_invariants(stack, run_ids, samples, env=env, books=books)
+        unjudged = {v: n for v, n in books.verdicts.items() if v in ("error", "rejected")}
+        if unjudged:
+            # The seller never fails here: killed workers must cost time and lost answers, not verdicts.
+            problems.append(f"images left unjudged by the kills: {unjudged}")
         total_kills += killer.kills
         total_restarts += killer.redis_restarts
         line = _report(f"{name} trial {trial}: {killer.kills} kills, {scans} scans", seed, drives[0], books, problems)

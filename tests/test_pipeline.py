@@ -209,8 +209,11 @@ def test_an_image_another_live_delivery_holds_is_waited_for_then_the_chunk_defer
     assert sorted(progress) == [0, 2], "their records are kept for the next delivery"
 
 
-def test_a_paid_answer_left_unrecorded_by_a_crash_is_recorded_by_the_next_delivery_without_paying() -> None:
+@pytest.mark.parametrize("result_as_string", [False, True], ids=["object", "json-string"])
+def test_a_paid_answer_left_unrecorded_by_a_crash_is_recorded_by_the_next_delivery_without_paying(
+        result_as_string: bool) -> None:
     h = harness(settings())
+    h.seller.result_as_string = result_as_string
     chunk = chunk_of(h, 10)
     processor = ChunkProcessor(h.deps)
     original = processor._record_answer
@@ -224,8 +227,11 @@ def test_a_paid_answer_left_unrecorded_by_a_crash_is_recorded_by_the_next_delive
     assert totals(h)["unrecorded_answers"] == 1 and h.deps.runs.progress(chunk.run_id, chunk.seq) == {}
     processor._record_answer = original  # type: ignore[method-assign]
 
+    kept = h.redis.hget(f"irlive:pay:{next(iter(h.seller.payments))}", "answer") or ""
+    assert "deadbeef" not in kept, "the presigned URLs' signatures are not kept with the answer"
+
     ChunkProcessor(h.deps).run(chunk)
-    assert verdicts(h, chunk) == Counter({"live": 10})
+    assert verdicts(h, chunk) == Counter({"live": 10}), "the kept answer was read back, not given up on"
     assert len(h.seller.calls) == 1 and totals(h)["unrecorded_answers"] == 0
 
 

@@ -4,6 +4,7 @@ records (message, traceback, stack)."""
 from __future__ import annotations
 
 import io
+import json
 import logging
 import sys
 from collections.abc import Iterator
@@ -350,3 +351,16 @@ def test_install_wraps_the_formatter_once_and_keeps_its_format() -> None:
         assert stream.getvalue() == "<WARNING> chunk 3 done\n"
     finally:
         logger.removeHandler(handler)
+
+
+def test_a_kept_answer_loses_its_signatures_and_stays_readable_json() -> None:
+    from worker.ops.redact import scrub_answer
+
+    url = "https://s3.example/b/k%20x.png?X-Amz-Credential=AKIA%2Fx&X-Amz-Signature=feedface"
+    inner = json.dumps({"Data": {"Elements": [{"ImageURL": url, "FaceNumber": 0}]}})
+    raw = json.dumps({"code": "200", "requestId": "r1", "data": {"Result": inner}}).encode()
+    kept = scrub_answer(raw)
+    assert "feedface" not in kept and "AKIA" not in kept
+    result = json.loads(json.loads(kept)["data"]["Result"])
+    assert result["Data"]["Elements"][0]["ImageURL"] == "https://s3.example/b/k%20x.png?***"
+    assert "abc123" not in scrub_answer(b"<html>token=abc123</html>"), "not JSON: redacted as text"

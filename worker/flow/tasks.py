@@ -93,10 +93,17 @@ def register_tasks(app: Celery, runtime: Runtime) -> None:
         except Exception as exc:
             known = isinstance(exc, IrliveError)
             what = redact(f"{type(exc).__name__}: {exc}")
-            runs.note_error(chunk.run_id, chunk.seq, what)
+            bugs = 0
+            try:
+                runs.note_error(chunk.run_id, chunk.seq, what)
+                if not known:
+                    bugs = runs.count_bug(chunk.run_id, chunk.seq)
+            except IrliveError as unrecorded:
+                # Redis is down too: the retry below (or, failing that, the watchdog) brings the chunk back.
+                log.warning("chunk %s: could not note the failure: %s", chunk.label(), unrecorded)
             if not known:
                 log.exception("chunk %s: unexpected failure", chunk.label())
-                if runs.count_bug(chunk.run_id, chunk.seq) >= BUGS_BEFORE_DEAD_LETTER:
+                if bugs >= BUGS_BEFORE_DEAD_LETTER:
                     # The same bug will strike again: do not spend ten deliveries finding that out.
                     deliveries = runs.count_delivery(chunk.run_id, chunk.seq, 0)
                     return _dead_letter(task, deps, processor, chunk, deliveries)

@@ -36,7 +36,7 @@ from worker.money.purchaser import (
     Seller,
     Token,
 )
-from worker.ops.redact import redact
+from worker.ops.redact import redact, scrub_answer
 from worker.seams.marketplace import Payment
 from worker.seams.store import Store
 
@@ -73,7 +73,9 @@ class Spend:
 
     def answered(self, request_id: str | None, raw: bytes) -> None:
         """The seller answered with a body to judge: the token is spent and the answer kept until recorded."""
-        text = redact(raw[:MAX_ANSWER_KEPT].decode("utf-8", errors="replace"))
+        # Kept readable (the next delivery may have to record it), without the presigned URLs' signatures.
+        text = scrub_answer(raw[:MAX_ANSWER_KEPT]) if len(raw) <= MAX_ANSWER_KEPT else redact(
+            raw[:MAX_ANSWER_KEPT].decode("utf-8", errors="replace"))
         self._ledger.settle(self.token.payment_id, "spent", request_id=request_id or "-", answer=text,
                             chunk_ref=self._chunk_ref, hold_s=ANSWER_HOLD_S)
         self.settled = True

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import sys
+from typing import Any
 
 # A URL's query string is where presigned credentials live; keep the path, drop the query.
 _URL_QUERY = re.compile(r"(https?://[^\s\"'?#]+)\?[^\s\"'#]*")
@@ -102,3 +104,36 @@ def _message(record: logging.LogRecord) -> tuple[str, bool]:
             return f"{record.msg!s} (log arguments did not fit the format: {record.args!r})", False
         except Exception:
             return "(a log message that could not be printed)", False
+
+
+def scrub_answer(raw: bytes) -> str:
+    """A seller's answer as text safe to keep: presigned URLs lose their query (the signature), and the JSON
+    stays JSON, nested `Result` strings included, so the answer can still be read back. Text that is not JSON
+    is redacted as any other."""
+    text = raw.decode("utf-8", errors="replace")
+    try:
+        doc = json.loads(text)
+    except (ValueError, RecursionError):
+        return redact(text)
+    try:
+        return json.dumps(_scrub_value(doc, 0), ensure_ascii=True)
+    except (ValueError, RecursionError):
+        return redact(text)
+
+
+def _scrub_value(value: Any, depth: int) -> Any:
+    if depth > 64:
+        raise ValueError("too deep to scrub")
+    if isinstance(value, dict):
+        return {k: _scrub_value(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_scrub_value(v, depth + 1) for v in value]
+    if isinstance(value, str):
+        stripped = value.strip()
+        if stripped[:1] in ("{", "[") and len(stripped) > 1:
+            try:
+                return json.dumps(_scrub_value(json.loads(stripped), depth + 1), ensure_ascii=True)
+            except (ValueError, RecursionError):
+                return redact(value)
+        return _URL_QUERY.sub(r"\1?***", value) if "://" in value else redact(value)
+    return value
