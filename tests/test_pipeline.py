@@ -270,3 +270,26 @@ def test_an_object_overwritten_during_its_call_is_judged_again_with_its_new_etag
     assert [len(c) for c in h.seller.calls] == [10, 1]
     assert run_hash(h, "run-a")["changed_during_call"] == "1"
     assert h.storage.requests["list"] == 2, "one listing per call to check nothing changed"
+
+
+def test_redis_loading_for_a_moment_after_a_paid_answer_loses_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    import redis
+
+    h = harness(settings())
+    chunk = chunk_of(h, 10)
+    real_hget = h.redis.hget
+    failures = {"left": 3}
+
+    def flaky_hget(name: str, key: str) -> Any:
+        # Right after the seller answered: Redis restarting (loading its AOF) for three reads.
+        if h.seller.calls and name.startswith("irlive:pay:") and failures["left"] > 0:
+            failures["left"] -= 1
+            raise redis.exceptions.BusyLoadingError("Redis is loading the dataset in memory")
+        return real_hget(name, key)
+
+    monkeypatch.setattr(h.redis, "hget", flaky_hget)
+    monkeypatch.setattr("time.sleep", lambda s: None)
+    ChunkProcessor(h.deps).run(chunk)
+    assert failures["left"] == 0
+    assert verdicts(h, chunk) == Counter({"live": 10}) and len(h.seller.calls) == 1
+    assert run_hash(h, "run-a").get("answers_lost") is None

@@ -244,7 +244,8 @@ class ChunkProcessor:
             deps.limiter.acquire(MAX_SLOT_WAIT_S)
             return self._pay_and_call(chunk, group, queue)
         finally:
-            release_slot()
+            # A slot not given back lapses with its lease; it must not hide what happened to the call.
+            _best_effort(release_slot, "giving the in-flight slot back")
 
     def _pay_and_call(self, chunk: Chunk, group: _Group, queue: deque[_Group]) -> int:
         deps = self.deps
@@ -270,7 +271,8 @@ class ChunkProcessor:
                 return 0
             except RateLimited as exc:
                 # Not an attempt: everyone slows down and waits out Retry-After (the limiter's shared cool-down).
-                deps.limiter.throttled(exc.retry_after)
+                wait = exc.retry_after
+                _best_effort(lambda: deps.limiter.throttled(wait), "slowing the fleet down")
                 spend.failed()
                 queue.appendleft(group)
                 return 1
@@ -294,7 +296,7 @@ class ChunkProcessor:
                 self._unreadable(chunk, group, str(exc), token.payment_id, None)
                 return 0
             spend.answered(answer.request_id, answer.raw)
-        deps.limiter.answered()
+        _best_effort(deps.limiter.answered, "raising the shared rate")
         group, urls = self._unchanged(chunk, group, urls)
         self._record_answer(chunk, group, queue, urls, answer.result, answer.request_id, token.payment_id)
         return 0
@@ -436,6 +438,14 @@ class ChunkProcessor:
         self.deps.storage.put_json(output.bucket, chunk_key(output, chunk.run_id, chunk.seq),
                                    chunk_document(chunk.run_id, chunk.seq, records))
         return self.deps.runs.complete_chunk(chunk.run_id, chunk.seq)
+
+
+def _best_effort(step: Callable[[], object], what: str) -> None:
+    """A limiter step whose failure (Redis away for a moment) costs pace, never a paid answer."""
+    try:
+        step()
+    except IrliveError as exc:
+        log.warning("%s skipped: %s", what, exc)
 
 
 def _items(chunk: Chunk) -> list[Item]:

@@ -197,12 +197,17 @@ class Ledger:
     def settle(self, payment_id: str, to: str, *, request_id: str = "", answer: str = "", lost: bool = False,
                chunk_ref: str = "", reason: str = "", hold_s: float = 0.0) -> bool:
         """Spent or void, once; the run is charged on the first transition into spent only."""
-        run_id = str(self._store.hget(self._keys.payment(payment_id), "run_id") or "")
-        keys = [self._keys.payment(payment_id), self._keys.leases(), self._keys.wallet_totals(),
-                self._keys.run(run_id) if run_id else self._keys.no_run(), self._keys.unrecorded(),
-                self._keys.run_payments(run_id or "-")]
         args = [payment_id, to, request_id, answer, "1" if lost else "0", chunk_ref, reason]
-        return bool(int(self._store.persist(lambda: self._settle(keys, args), hold_s, f"token {payment_id}")))
+
+        def write() -> bool:
+            # Read and written under one hold: after a paid answer, no Redis step may give up early.
+            run_id = str(self._store.hget(self._keys.payment(payment_id), "run_id") or "")
+            keys = [self._keys.payment(payment_id), self._keys.leases(), self._keys.wallet_totals(),
+                    self._keys.run(run_id) if run_id else self._keys.no_run(), self._keys.unrecorded(),
+                    self._keys.run_payments(run_id or "-")]
+            return bool(int(self._settle(keys, args)))
+
+        return self._store.persist(write, hold_s, f"token {payment_id}")
 
     def reconcile_sent(self, payment_id: str, *, lost: bool, only_if_expired: bool = False) -> bool:
         """Ask the seller what became of a sent token: unused -> pool; consumed -> spent; refused -> void.
