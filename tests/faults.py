@@ -474,3 +474,24 @@ class ResumeWatch:
         ordered = sorted(self.resumed_s)
         return (f"{len(ordered)} chunks held by killed workers resumed: median {ordered[len(ordered) // 2]:.1f}s, "
                 f"worst {ordered[-1]:.1f}s; {len(self.waiting)} never seen resuming")
+
+
+# ---- a process supervisor, as deploy/ runs workers under one ------------------------------------------
+
+
+@dataclass
+class Supervisor:
+    """Starts a new worker for every one that exited on its own, as systemd (Restart=on-failure) and Kubernetes
+    do for the deploy/ files. Seen here: two Redis restarts a second apart can crash a worker's consumer inside
+    kombu (AttributeError in the Redis transport's _connparams, "Unrecoverable error") and the worker exits."""
+
+    stack: Stack
+    env: Mapping[str, str]
+    concurrency: int = 4
+    revived: int = 0
+
+    def __call__(self, elapsed: float = 0.0, snap: Mapping[str, str] | None = None) -> None:
+        for worker in [w for w in self.stack.workers if not w.alive()]:
+            self.stack.workers.remove(worker)
+            self.stack.start_worker(extra_env=self.env, concurrency=self.concurrency)
+            self.revived += 1

@@ -452,7 +452,7 @@ def test_systemd_units_structure() -> None:
     units = _units()
     worker = units["irlive-worker@.service"]["Service"]
     assert worker["EnvironmentFile"] and worker["KillSignal"] == ["SIGTERM"]
-    assert worker["Restart"] == ["on-failure"]
+    assert worker["Restart"] == ["always"], "a worker that exits for any reason is restarted"
     _check_timing(_env_file(ENV_EXAMPLE), float(worker["TimeoutStopSec"][-1]), "systemd worker")
     argv = worker["ExecStart"][-1].split()
     assert Path(argv[0]).name == "celery" and argv[1:6] == WORKER_ARGS[1:] and set(argv) >= WORKER_FLAGS

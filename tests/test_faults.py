@@ -30,6 +30,7 @@ from tests.faults import (
     Books,
     Drive,
     ResumeWatch,
+    Supervisor,
     check_invariants,
     drive_to_completion,
     live_samples,
@@ -90,6 +91,7 @@ class Killer:
     def __init__(self, stack: Stack, rng: random.Random, plan: KillPlan, env: dict[str, str],
                  watch: ResumeWatch) -> None:
         self.stack, self.rng, self.plan, self.env, self.watch = stack, rng, plan, env, watch
+        self.supervisor = Supervisor(stack, env, plan.concurrency)
         self.kills = 0
         self.redis_restarts = 0
         self.next_kill = rng.uniform(0.3, 1.5)
@@ -98,6 +100,7 @@ class Killer:
 
     def __call__(self, elapsed: float, snap: dict[str, str]) -> None:
         self.watch.poll()
+        self.supervisor(elapsed, snap)
         if self.restart_after and elapsed >= self.restart_after[0]:
             self.restart_after.pop(0)
             self.stack.restart_redis(appendonly=True)
@@ -152,7 +155,7 @@ def _kill_trials(stack: Stack, plan: KillPlan, scans: int, name: str) -> None:
         total_restarts += killer.redis_restarts
         line = _report(f"{name} trial {trial}: {killer.kills} kills, {scans} scans", seed, drives[0], books, problems)
         print("   " + "; ".join(killer.log))
-        print(f"   progress (s, images recorded): {drives[0].progress}")
+        print(f"   progress (s, images recorded): {drives[0].progress}; workers revived: {killer.supervisor.revived}")
         if scans > 1:
             dups = [int(m.get("duplicates") or 0) for m in books.manifests]
             print(f"   duplicates per run: {dups}")
@@ -197,7 +200,10 @@ def test_redis_restart_mid_run_with_aof(clean_stack: Stack) -> None:
     restarts: list[float] = sorted(rng.uniform(0.1, 0.7) for _ in range(2))
     done_at_restart: list[str] = []
 
+    supervisor = Supervisor(clean_stack, env)
+
     def restart(elapsed: float, snap: dict[str, str]) -> None:
+        supervisor(elapsed, snap)
         done, total = int(snap.get("done") or 0), int(snap.get("total") or 0)
         if restarts and total and done >= restarts[0] * total:
             restarts.pop(0)
@@ -209,7 +215,7 @@ def test_redis_restart_mid_run_with_aof(clean_stack: Stack) -> None:
     books = Books()
     problems = check_invariants(clean_stack, run_id, samples, env=env, books=books)
     _report(f"redis restarts at {done_at_restart}", seed, drive, books, problems)
-    print(f"   progress (s, images recorded): {drive.progress}")
+    print(f"   progress (s, images recorded): {drive.progress}; workers revived: {supervisor.revived}")
     assert not restarts, "the run finished before every Redis restart happened"
     assert problems == [], f"seed {seed}: {problems}"
 
