@@ -82,9 +82,20 @@ def test_quote_reads_x402_accepts_max_amount_required_with_decimals() -> None:
     assert client(answer(402, body)).quote().price_cents == 20
     body["accepts"][0].update(maxAmountRequired="35", extra={"decimals": 2})
     assert client(answer(402, body)).quote().price_cents == 35
-    # No decimals given: USDC's 6 are assumed; a fraction of a cent rounds up (never under-reads a price).
-    body["accepts"][0].update(maxAmountRequired="200001", extra={})
+    # No decimals given: known only for USDC's own contracts; a fraction of a cent rounds up (never under-reads).
+    body["accepts"][0].update(maxAmountRequired="200001", extra={},
+                              asset="0x833589fCD6eDb6E08f4c7C32D4f71b54bdA02913")
     assert client(answer(402, body)).quote().price_cents == 21
+    body["accepts"][0].update(asset="0xusdc")
+    with pytest.raises(ConfigError, match="decimals irlive cannot establish"):
+        client(answer(402, body)).quote()
+
+
+@pytest.mark.parametrize("body", [{"priceCents": -20}, {"price": "-0.20"}, {"priceCents": 20, "currency": "EUR"},
+                                  {"accepts": [{"amount": "-200000", "extra": {"decimals": 6}}]}])
+def test_quote_refuses_a_price_it_must_not_guess(body: dict[str, Any]) -> None:
+    with pytest.raises(ConfigError, match="refusing"):
+        client(answer(402, body)).quote()
 
 
 def test_quote_reads_the_base64_payment_required_header() -> None:

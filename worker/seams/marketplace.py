@@ -197,28 +197,63 @@ def parse_quote(response: httpx.Response) -> Quote:
     raise ConfigError("the marketplace's 402 answer carries no price irlive can read; refusing to pay")
 
 
+# USDC contracts whose decimals (6) irlive knows without the seller saying so, by x402 network name.
+_KNOWN_ASSETS = {
+    ("base", "0x833589fcd6edb6e08f4c7c32d4f71b54bda02913"): 6,
+    ("eip155:8453", "0x833589fcd6edb6e08f4c7c32d4f71b54bda02913"): 6,
+    ("base-sepolia", "0x036cbd53842c5426634e7929541ec2318f3dcf7e"): 6,
+    ("eip155:84532", "0x036cbd53842c5426634e7929541ec2318f3dcf7e"): 6,
+}
+
+
 def _price_cents(doc: dict[str, Any]) -> int | None:
+    """The price in US cents, or None if this document states none; ConfigError for a price irlive must not
+    guess at (negative, another currency, an asset whose decimals it cannot establish)."""
+    currency = doc.get("currency")
+    if isinstance(currency, str) and currency.strip().upper() not in ("USD", ""):
+        raise ConfigError(f"the seller quotes in {currency!r}, not USD; irlive budgets in US cents and will not "
+                          "convert: refusing to pay")
     for key in ("priceCents", "amountCents"):
         value = doc.get(key)
         if isinstance(value, int | float) and not isinstance(value, bool):
-            return math.ceil(value)
+            return _non_negative(math.ceil(value) if math.isfinite(value) else -1, key)
     price = doc.get("price")
     if isinstance(price, int | float | str) and not isinstance(price, bool):
         usd = _decimal(str(price).lstrip("$"))
         if usd is not None:
-            return math.ceil(usd * 100)
+            return _non_negative(math.ceil(usd * 100), "price")
     accepts = doc.get("accepts")
-    if isinstance(accepts, list):
-        for option in accepts:
-            if not isinstance(option, dict):
-                continue
-            amount = _decimal(str(option.get("maxAmountRequired", option.get("amount", ""))))
-            extra = option.get("extra") if isinstance(option.get("extra"), dict) else {}
-            decimals = extra.get("decimals", 6) if isinstance(extra, dict) else 6
-            if amount is not None and isinstance(decimals, int):
-                # x402 amounts are in the asset's smallest unit (USDC: 6 decimals).
-                return math.ceil(amount * 100 / (Decimal(10) ** decimals))
+    if not isinstance(accepts, list):
+        return None
+    unreadable = []
+    for option in accepts:
+        if not isinstance(option, dict):
+            continue
+        amount = _decimal(str(option.get("maxAmountRequired", option.get("amount", ""))))
+        decimals = _asset_decimals(option)
+        if amount is None or decimals is None:
+            unreadable.append(str(option.get("asset", "?"))[:60])
+            continue
+        # x402 amounts are in the asset's smallest unit.
+        return _non_negative(math.ceil(amount * 100 / (Decimal(10) ** decimals)), "accepts[].amount")
+    if unreadable:
+        raise ConfigError(f"the seller asks to be paid in assets whose decimals irlive cannot establish "
+                          f"({', '.join(unreadable)}): refusing to guess a price")
     return None
+
+
+def _asset_decimals(option: dict[str, Any]) -> int | None:
+    extra = option.get("extra")
+    if isinstance(extra, dict) and isinstance(extra.get("decimals"), int) and 0 <= extra["decimals"] <= 36:
+        return int(extra["decimals"])
+    key = (str(option.get("network", "")).lower(), str(option.get("asset", "")).lower())
+    return _KNOWN_ASSETS.get(key)
+
+
+def _non_negative(cents: int, field_name: str) -> int:
+    if cents < 0:
+        raise ConfigError(f"the seller quotes a negative or unreadable price ({field_name}): refusing to pay")
+    return cents
 
 
 def parse_payment(body: Any) -> Payment:
