@@ -395,7 +395,7 @@ def test_iam_policy_is_least_privilege() -> None:
                 grants.add((action, resource))
         if "s3:ListBucket" in actions:
             list_conditions.append(st.get("Condition", {}))
-    assert {a for a, _ in grants} == {"s3:ListBucket", "s3:GetObject", "s3:PutObject"}
+    assert {a for a, _ in grants} == {"s3:ListBucket", "s3:GetObject", "s3:GetObjectVersion", "s3:PutObject"}
 
     (source_bucket,) = {r for a, r in grants if a == "s3:ListBucket"}
     assert "/" not in source_bucket.removeprefix("arn:aws:s3:::")
@@ -409,8 +409,9 @@ def test_iam_policy_is_least_privilege() -> None:
     (output,) = {r for a, r in grants if a == "s3:PutObject"}
     assert output.endswith("/*") and not output.startswith(source_objects.rstrip("*"))
     assert {r for a, r in grants if a == "s3:GetObject"} == {source_objects, output}
+    # GetObjectVersion: in a versioned bucket the seller is given a URL to the exact version validated.
     assert grants == {("s3:ListBucket", source_bucket), ("s3:GetObject", source_objects),
-                      ("s3:GetObject", output), ("s3:PutObject", output)}
+                      ("s3:GetObjectVersion", source_objects), ("s3:GetObject", output), ("s3:PutObject", output)}
     # The output location in the samples matches the policy's output prefix.
     out_bucket, _, out_prefix = _env_file(ENV_EXAMPLE)["IRLIVE_OUTPUT"].removeprefix("s3://").partition("/")
     assert output == f"arn:aws:s3:::{out_bucket}/{out_prefix}/*"
