@@ -210,8 +210,6 @@ class ChunkProcessor:
         saves: list[Save] = []
         for index, (img, entry) in sorted(judged.items()):
             where = (entry.run_id, entry.seq)
-            if where == (chunk.run_id, chunk.seq):
-                continue  # our own record exists already
             if where not in firsts:
                 firsts[where] = self.deps.runs.progress(*where)
             first = next((r for r in firsts[where].values()
