@@ -15,13 +15,13 @@ from producer.estimate import Estimate, usd
 from producer.filters import parse_suffixes
 from producer.scan import ScanRequest, ScanResult, estimate, scan
 from producer.status import follow, render, status_dict
-from worker.app import make_app
+from worker.app import make_app, send_chunk, send_finalize
 from worker.config import S3Location, Settings
 from worker.errors import ConfigError, IrliveError, StoreUnavailable, UnknownRun
 from worker.flow.claims import Claims
 from worker.flow.runs import Runs
 from worker.keys import Keys
-from worker.messages import FINALIZE_RUN, PROCESS_CHUNK
+from worker.messages import PRIORITIES, Chunk
 from worker.ops.durability import require_durable
 from worker.ops.recovery import Reconciled, Recovery
 from worker.ops.redact import redact
@@ -68,6 +68,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=_positive_int, default=None, help="judge at most N images")
     p.add_argument("--output", default=None, help="s3://bucket/prefix for manifests (default IRLIVE_OUTPUT)")
     p.add_argument("--force", action="store_true", help="judge again images already judged")
+    p.add_argument("--priority", choices=PRIORITIES, default="nightly",
+                   help="which queue the run's chunks go to; workers take events first, backfill last "
+                        "(default nightly)")
     p.add_argument("--budget", type=_usd, default=None, metavar="USD", help="spend at most this on the run")
     p.add_argument("--dry-run", action="store_true", help="count and estimate the cost; enqueue and spend nothing")
     p.add_argument("--confirm-above", type=_usd, default=None, metavar="USD",
@@ -178,7 +181,7 @@ def _cmd_scan(ns: argparse.Namespace) -> int:
     clients = _Clients(settings)
     output = S3Location.parse(ns.output, "--output") if ns.output else settings.require_output()
     request = ScanRequest(S3Location.parse(ns.source, "source"), parse_suffixes(ns.suffix), ns.limit, ns.force,
-                          ns.budget)
+                          ns.budget, ns.priority)
     if ns.dry_run or ns.confirm_above is not None:
         price, source = _price(settings)
         est = estimate(settings, clients.storage(), clients.claims, request, output, price, source)
@@ -244,7 +247,7 @@ def _cmd_resume(ns: argparse.Namespace) -> int:
     parked = clients.runs.resume(ns.run_id, ns.budget)
     app = make_app(settings)
     for message in parked:
-        app.send_task(PROCESS_CHUNK, args=[message])
+        send_chunk(app, Chunk.from_message(message))
     clients.runs.unpark(ns.run_id, len(parked))
     status = clients.runs.status(ns.run_id)
     assert status is not None
@@ -264,12 +267,12 @@ def _cmd_reconcile(ns: argparse.Namespace) -> int:
     lost = _recovery(clients).orphans(ns.run_id)
     app = make_app(settings)
     for chunk in lost:
-        app.send_task(PROCESS_CHUNK, args=[chunk.to_message()])
+        send_chunk(app, chunk)
     status = clients.runs.status(ns.run_id)
     assert status is not None
     finalize = status.pending == 0 and status.state not in ("done", "failed")
     if finalize:
-        app.send_task(FINALIZE_RUN, args=[ns.run_id])
+        send_finalize(app, ns.run_id)
     result = Reconciled(ns.run_id, [c.seq for c in lost], finalize)
     print(json.dumps(result.as_dict()) if ns.json else
           f"run {ns.run_id}: {len(lost)} chunks enqueued again" + ("; finalisation enqueued" if finalize else ""))
@@ -296,7 +299,7 @@ def _cmd_redrive(ns: argparse.Namespace) -> int:
                                               storage=clients.storage())
     app = make_app(settings)
     for chunk in chunks:
-        app.send_task(PROCESS_CHUNK, args=[chunk.to_message()])
+        send_chunk(app, chunk)
     doc = {"run_id": ns.run_id, "chunks_redriven": [c.seq for c in chunks]}
     print(json.dumps(doc) if ns.json else f"run {ns.run_id}: {len(chunks)} chunks sent to be judged again")
     return EXIT_OK

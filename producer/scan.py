@@ -13,11 +13,12 @@ from celery import Celery
 from producer.chunking import chunked
 from producer.estimate import Estimate, calls_for
 from producer.filters import image_objects
+from worker.app import send_chunk, send_finalize
 from worker.config import S3Location, Settings
 from worker.flow.claims import Claims
 from worker.flow.runs import Runs
 from worker.judge.manifest import Item
-from worker.messages import FINALIZE_RUN, PROCESS_CHUNK, Chunk
+from worker.messages import DEFAULT_PRIORITY, Chunk
 from worker.seams.storage import ObjectInfo, Storage
 
 
@@ -30,6 +31,8 @@ class ScanRequest:
     limit: int | None = None
     force: bool = False
     budget_cents: int | None = None
+    # The queue the run's chunks go to: events, nightly (the default) or backfill.
+    priority: str = DEFAULT_PRIORITY
 
 
 @dataclass
@@ -96,7 +99,8 @@ def scan(settings: Settings, storage: Storage, runs: Runs, claims: Claims, app: 
     first = next(listing, None)  # checks the buckets before a run record exists
     run_id = new_run_id()
     runs.create(run_id, source=str(request.source), output=str(output), budget_cents=request.budget_cents,
-                settings={**settings.producer_view(), "force": request.force, "suffixes": list(request.suffixes)})
+                settings={**settings.producer_view(), "force": request.force, "suffixes": list(request.suffixes),
+                          "priority": request.priority})
     result = ScanResult(run_id)
     if first is not None:
         for page, fresh in _chain(first, listing):
@@ -106,15 +110,15 @@ def scan(settings: Settings, storage: Storage, runs: Runs, claims: Claims, app: 
             if fresh:
                 items = [(o.key, o.etag) for o in fresh]
                 seq = runs.add_chunk(run_id, items)
-                chunk = Chunk(run_id, seq, request.source.bucket, items)
-                app.send_task(PROCESS_CHUNK, args=[chunk.to_message()])
+                chunk = Chunk(run_id, seq, request.source.bucket, items, request.priority)
+                send_chunk(app, chunk)
                 result.enqueued += len(fresh)
                 result.chunks += 1
             if on_progress:
                 on_progress(result)
     if runs.listing_finished(run_id) == 0:
         # Nothing was enqueued (or everything finished already): finalise now so the run still ends.
-        app.send_task(FINALIZE_RUN, args=[run_id])
+        send_finalize(app, run_id)
     return result
 
 

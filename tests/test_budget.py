@@ -103,7 +103,7 @@ def test_dry_run_estimate_equals_actual_spend_and_cost_per_image(clean_stack: St
     assert estimate["price_source"] == "quoted by the marketplace"
     ledger = clean_stack.sandbox_ledger()
     assert ledger["payments_created"] == ledger["calls_billed"] == 0, "a dry run spends nothing (the 402 quote is free)"
-    assert clean_stack.redis_client().llen("irlive") == 0, "a dry run enqueues nothing"
+    assert clean_stack.redis_client().llen("irlive.nightly") == 0, "a dry run enqueues nothing"
 
     clean_stack.start_worker(concurrency=16)
     run = read_run(clean_stack, scan_and_wait(irlive, f"s3://{IN_BUCKET}/clean"))
@@ -120,7 +120,7 @@ def test_confirm_above_refuses_without_a_terminal(clean_stack: Stack, irlive: Ir
     result = irlive("scan", f"s3://{IN_BUCKET}/clean", "--confirm-above", "0.10")
     assert result.returncode == 2
     assert "above --confirm-above" in result.stderr
-    assert clean_stack.redis_client().llen("irlive") == 0
+    assert clean_stack.redis_client().llen("irlive.nightly") == 0
 
 
 def test_price_above_the_maximum_stops_the_run_before_paying(clean_stack: Stack, irlive: IrliveRunner) -> None:

@@ -128,7 +128,7 @@ def test_broker_messages_carry_keys_only(clean_stack: Stack, irlive: IrliveRunne
     scanned = irlive("scan", f"s3://{IN_BUCKET}/captures", "--json")
     assert scanned.returncode == 0, scanned.stderr
 
-    queued = clean_stack.redis_client().lrange("irlive", 0, -1)
+    queued = clean_stack.redis_client().lrange("irlive.nightly", 0, -1)
     assert queued, "chunks wait in the broker queue while no worker runs"
     for raw in queued:
         message = json.loads(raw)
@@ -136,7 +136,7 @@ def test_broker_messages_carry_keys_only(clean_stack: Stack, irlive: IrliveRunne
         if message["properties"].get("body_encoding") == "base64":
             body = base64.b64decode(body).decode()
         (chunk,) = json.loads(body)[0]
-        assert set(chunk) == {"run_id", "seq", "bucket", "items"}, "keys (and ETags) only"
+        assert set(chunk) == {"run_id", "seq", "bucket", "items", "priority"}, "keys (and ETags) only"
         text = json.dumps(message) + body
         assert "http" not in text and "Signature" not in text and "token" not in text.lower()
         assert message["headers"]["task"] == "irlive.process_chunk"

@@ -220,7 +220,7 @@ def test_missing_bucket_exits_2_naming_it_and_creates_no_run(clean_stack: Stack,
     assert "no-such-bucket-here" in result.stderr and "does not exist" in result.stderr
     assert "Traceback" not in result.stderr and result.stdout == ""
     r = clean_stack.redis_client()
-    assert r.zcard("irlive:runs") == 0 and r.llen("irlive") == 0
+    assert r.zcard("irlive:runs") == 0 and r.llen("irlive.nightly") == 0
 
 
 _CREDENTIAL_VARS = (

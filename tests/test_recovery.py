@@ -21,8 +21,8 @@ def test_reconcile_requeues_chunks_the_broker_lost(clean_stack: Stack, irlive: I
     scanned = irlive("scan", f"s3://{IN_BUCKET}/clean", "--json")
     run_id = json.loads(scanned.stdout)["run_id"]
     r = clean_stack.redis_client()
-    assert r.llen("irlive") == 3
-    r.delete("irlive")  # the broker lost every message
+    assert r.llen("irlive.nightly") == 3
+    r.delete("irlive.nightly")  # the broker lost every message
     clean_stack.start_worker()
 
     before = json.loads(irlive("reconcile", run_id, "--json").stdout)

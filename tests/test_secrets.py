@@ -39,7 +39,7 @@ pytestmark = pytest.mark.integration
 REDIS_USER = "irlive-app"
 REDIS_PASSWORD = "s3cretPassw0rd"
 API_KEY = "sk-live-irlive-7f3e9a1c5b"
-BROKER_KEYS = ("irlive", "unacked")
+BROKER_KEYS = ("irlive.nightly", "unacked")
 TRACEBACK_HEAD = "Traceback (most recent call last)"
 # A presigned URL's credential with its value still there (the workers' own signatures are not known here).
 UNMASKED_SIGNATURE = re.compile(
@@ -59,7 +59,7 @@ class BrokerTap:
     _thread: threading.Thread | None = None
 
     def take(self) -> None:
-        for raw in self.client.lrange("irlive", 0, -1):
+        for raw in self.client.lrange("irlive.nightly", 0, -1):
             self.seen.setdefault(_s(raw), "queue")
         for raw in self.client.hvals("unacked"):
             if _s(raw) not in self.seen:

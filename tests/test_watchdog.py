@@ -56,7 +56,7 @@ def test_a_stalled_run_gets_its_lost_chunks_back_and_only_those(clean_stack: Sta
     assert dog.holds_lock()
     assert dog.tick() == 1
     assert sent == [("irlive.process_chunk", [{"run_id": "r2", "seq": lost, "bucket": "irlive-in",
-                                               "items": [["x/a.png", "e1"]]}])]
+                                               "items": [["x/a.png", "e1"]], "priority": "nightly"}])]
 
 
 def test_only_one_watchdog_acts_at_a_time(clean_stack: Stack) -> None:

@@ -17,10 +17,11 @@ from celery.signals import (
     worker_process_shutdown,
     worker_shutdown,
 )
+from kombu.entity import Queue
 
 from worker.config import Settings
 from worker.errors import ConfigError, IrliveError
-from worker.messages import QUEUE
+from worker.messages import CONTROL_QUEUE, FINALIZE_RUN, PROCESS_CHUNK, QUEUES, Chunk
 from worker.ops import redact
 
 log = logging.getLogger("irlive.app")
@@ -37,6 +38,8 @@ def make_app(settings: Settings) -> Celery:
         # kombu scans for unacked messages every interval*throttle seconds; keep it well under vt.
         "unacked_restore_interval": max(1, min(10, vt // 10)),
         "unacked_restore_throttle": 1,
+        # Fetch from the queues in their listed order: events before nightly scans before backfills.
+        "queue_order_strategy": "priority",
     }
     app.conf.update(
         task_serializer="json",
@@ -46,7 +49,9 @@ def make_app(settings: Settings) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        task_default_queue=QUEUE,
+        task_queues=[Queue(name, routing_key=name) for name in QUEUES.values()],  # type: ignore[no-untyped-call]
+        task_default_queue=QUEUES["nightly"],
+        task_routes={FINALIZE_RUN: {"queue": CONTROL_QUEUE}},
         broker_transport_options=transport,
         visibility_timeout=vt,
         broker_connection_retry_on_startup=True,
@@ -56,6 +61,15 @@ def make_app(settings: Settings) -> Celery:
         worker_cancel_long_running_tasks_on_connection_loss=False,
     )
     return app
+
+
+def send_chunk(app: Celery, chunk: Chunk) -> None:
+    """Enqueue a chunk on its priority's queue (by task name: the producer needs no task code)."""
+    app.send_task(PROCESS_CHUNK, args=[chunk.to_message()], queue=chunk.queue)
+
+
+def send_finalize(app: Celery, run_id: str) -> None:
+    app.send_task(FINALIZE_RUN, args=[run_id], queue=CONTROL_QUEUE)
 
 
 def create_app(settings: Settings) -> Celery:
@@ -71,7 +85,10 @@ def create_app(settings: Settings) -> Celery:
                     settings.visibility_timeout, settings.worst_chunk_s)
 
     def send(name: str, args: list[Any]) -> None:
-        app.send_task(name, args=args)
+        if name == PROCESS_CHUNK:
+            send_chunk(app, Chunk.from_message(args[0]))
+        else:
+            app.send_task(name, args=args)
 
     def restore(tag: str) -> None:
         with app.connection_for_write() as conn:

@@ -19,7 +19,7 @@ from worker.errors import (
 from worker.flow.finalize import finalize_run
 from worker.flow.pipeline import ChunkProcessor, Deps
 from worker.flow.states import RunState
-from worker.messages import FINALIZE_RUN, PROCESS_CHUNK, Chunk
+from worker.messages import CONTROL_QUEUE, FINALIZE_RUN, PROCESS_CHUNK, Chunk
 from worker.ops.redact import redact
 from worker.ops.runtime import Runtime
 
@@ -57,7 +57,7 @@ def register_tasks(app: Celery, runtime: Runtime) -> None:
         else:
             pending = _process(self, deps, processor, chunk, message)
         if pending == 0:
-            app.send_task(FINALIZE_RUN, args=[chunk.run_id])
+            app.send_task(FINALIZE_RUN, args=[chunk.run_id], queue=CONTROL_QUEUE)
 
     def _dead_letter(task: Task, deps: Deps, processor: ChunkProcessor, chunk: Chunk, deliveries: int) -> int | None:
         reason = deps.runs.last_error(chunk.run_id, chunk.seq)
@@ -66,7 +66,7 @@ def register_tasks(app: Celery, runtime: Runtime) -> None:
         try:
             return processor.give_up(chunk, reason)
         except IrliveError:
-            raise task.retry(countdown=max_countdown) from None
+            raise task.retry(countdown=max_countdown, queue=chunk.queue) from None
 
     def _process(task: Task, deps: Deps, processor: ChunkProcessor, chunk: Chunk,
                  message: dict[str, Any]) -> int | None:
@@ -77,14 +77,14 @@ def register_tasks(app: Celery, runtime: Runtime) -> None:
             # A deferral, not a failure: give the delivery back to the dead-letter count.
             runs.count_delivery(chunk.run_id, chunk.seq, -1)
             countdown = min(max_countdown, getattr(exc, "retry_after", None) or 5.0)
-            raise task.retry(countdown=countdown) from None
+            raise task.retry(countdown=countdown, queue=chunk.queue) from None
         except BudgetExhausted as exc:
             runs.count_delivery(chunk.run_id, chunk.seq, -1)
             if runs.pause(chunk.run_id, str(exc)):
                 log.warning("run %s paused: %s", chunk.run_id, exc)
             if not runs.park(chunk.run_id, message):
                 # Resumed between our failure and the park: go round again.
-                raise task.retry(countdown=1.0) from None
+                raise task.retry(countdown=1.0, queue=chunk.queue) from None
             return None
         except ConfigError as exc:
             log.error("run %s stopped: %s", chunk.run_id, exc)
@@ -110,7 +110,7 @@ def register_tasks(app: Celery, runtime: Runtime) -> None:
             retries = int(task.request.retries or 0)
             countdown = min(max_countdown, RETRY_CAP_S, 2.0 * 2 ** min(retries, 8))
             log.warning("chunk %s: %s; retrying in %.0fs", chunk.label(), what, countdown)
-            raise task.retry(countdown=countdown) from None
+            raise task.retry(countdown=countdown, queue=chunk.queue) from None
 
     @app.task(name=FINALIZE_RUN, bind=True, max_retries=10)  # type: ignore[untyped-decorator]
     def finalize(self: Task, run_id: str) -> None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from worker.messages import FINALIZE_RUN, PROCESS_CHUNK, QUEUE
+from worker.messages import FINALIZE_RUN, PROCESS_CHUNK, QUEUES
 from worker.seams.store import Store
 
 UNACKED = "unacked"
@@ -45,17 +45,24 @@ class Delivery:
 class Broker:
     """Reads the broker's Redis keys (never writes them: giving a message back goes through kombu)."""
 
-    def __init__(self, store: Store, queue: str = QUEUE, restore: Restore | None = None) -> None:
+    def __init__(self, store: Store, queues: tuple[str, ...] = tuple(QUEUES.values()),
+                 restore: Restore | None = None) -> None:
         self._store = store
-        self._queue = queue
+        self._queues = queues
         self._restore = restore
 
     def queued_chunks(self) -> Iterator[dict[str, Any]]:
-        """Chunk messages waiting in the queue."""
-        for raw in self._store.lrange(self._queue, 0, -1):
-            decoded = decode(raw)
-            if decoded is not None and decoded[0] == PROCESS_CHUNK and decoded[1] and isinstance(decoded[1][0], dict):
-                yield decoded[1][0]
+        """Chunk messages waiting in the queues."""
+        for queue in self._queues:
+            for raw in self._store.lrange(queue, 0, -1):
+                decoded = decode(raw)
+                if decoded is not None and decoded[0] == PROCESS_CHUNK and decoded[1] \
+                        and isinstance(decoded[1][0], dict):
+                    yield decoded[1][0]
+
+    def depths(self) -> dict[str, int]:
+        """Messages waiting per queue."""
+        return {queue: int(self._store.llen(queue)) for queue in self._queues}
 
     def deliveries(self) -> list[Delivery]:
         """irlive messages delivered to a worker and not acked yet."""

@@ -12,10 +12,16 @@ from worker.flow.runs import Runs, now_iso
 from worker.flow.states import RunState
 from worker.judge.manifest import chunk_key
 from worker.keys import Keys
-from worker.messages import Chunk
+from worker.messages import DEFAULT_PRIORITY, PRIORITIES, Chunk
 from worker.ops.broker import Broker
 from worker.seams.storage import Storage
 from worker.seams.store import Store
+
+
+def priority_of(run: dict[str, Any]) -> str:
+    """The priority a run's chunks were queued with (older runs: the default)."""
+    priority = str(run.get("settings", {}).get("priority") or DEFAULT_PRIORITY)
+    return priority if priority in PRIORITIES else DEFAULT_PRIORITY
 
 
 @dataclass(frozen=True)
@@ -61,7 +67,7 @@ class Recovery:
                 continue
             items = self._runs.chunk_items(run_id, seq)
             if items is not None:
-                lost.append(Chunk(run_id, seq, bucket, items))
+                lost.append(Chunk(run_id, seq, bucket, items, priority_of(run)))
         return lost
 
     def reopen_failed(self, run_id: str, *, include_rejected: bool = False,
@@ -89,7 +95,7 @@ class Recovery:
                 continue
             self._reopen([self._keys.chunk_progress(run_id, seq), self._keys.run(run_id),
                           self._keys.chunks_done(run_id), self._keys.deliveries(run_id)], [*indices, seq])
-            reopened.append(Chunk(run_id, seq, bucket, items))
+            reopened.append(Chunk(run_id, seq, bucket, items, priority_of(run)))
         self._drop_dead_letters(run_id)
         return reopened
 
