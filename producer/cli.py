@@ -79,6 +79,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(handler=_cmd_scan)
 
+    p = sub.add_parser("listen", help="judge images as S3 event notifications announce them (SQS)")
+    p.add_argument("queue", help="sqs://QUEUE-NAME, or the queue's URL (endpoint: IRLIVE_SQS_ENDPOINT_URL)")
+    p.add_argument("--suffix", default=None, help="comma list of suffixes (default .png,.jpg,.jpeg,.bmp,.gif,.webp)")
+    p.add_argument("--output", default=None, help="s3://bucket/prefix for manifests (default IRLIVE_OUTPUT)")
+    p.add_argument("--wait", type=int, default=5, metavar="S",
+                   help="long-poll wait in seconds (1-20; SIGTERM stops within about this long)")
+    p.add_argument("--json", action="store_true", help="one JSON line per batch of messages on stdout")
+    p.set_defaults(handler=_cmd_listen)
+
     p = sub.add_parser("resume", help="continue a run paused by its budget, optionally with a higher budget")
     p.add_argument("run_id")
     p.add_argument("--budget", type=_usd, default=None, metavar="USD", help="the run's new total budget")
@@ -302,6 +311,37 @@ def _cmd_redrive(ns: argparse.Namespace) -> int:
         send_chunk(app, chunk)
     doc = {"run_id": ns.run_id, "chunks_redriven": [c.seq for c in chunks]}
     print(json.dumps(doc) if ns.json else f"run {ns.run_id}: {len(chunks)} chunks sent to be judged again")
+    return EXIT_OK
+
+
+def _cmd_listen(ns: argparse.Namespace) -> int:
+    import threading
+
+    from producer.listen import Listener
+    from worker.flow.intake import Intake
+    from worker.seams.sqs import EventQueue
+
+    settings = Settings.from_env()
+    clients = _Clients(settings)
+    output = S3Location.parse(ns.output, "--output") if ns.output else settings.require_output()
+    if not 1 <= ns.wait <= 20:
+        raise ConfigError("--wait must be 1 to 20 seconds (SQS long polling)")
+    name = ns.queue.removeprefix("sqs://")
+    if not name:
+        raise ConfigError("give the queue: sqs://QUEUE-NAME or its URL")
+    clients.require_durable_redis()
+    queue = EventQueue(name, endpoint_url=settings.sqs_endpoint_url or settings.s3_endpoint_url,
+                       region=settings.s3_region)
+    stop = threading.Event()
+    # SIGTERM finishes the messages in hand (buffered, deleted), then stops.
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    listener = Listener(queue, Intake(clients.store, clients.keys, settings), make_app(settings),
+                        source=f"sqs://{name}", output=output, suffixes=parse_suffixes(ns.suffix),
+                        buckets=settings.event_buckets, json_lines=ns.json)
+    print(f"irlive listen: {queue.url} -> {output} (events queue; Ctrl-C or SIGTERM to stop)", file=sys.stderr)
+    stats = listener.run(stop, wait_s=ns.wait)
+    print(f"\nirlive listen: stopped; {stats.line()}", file=sys.stderr)
     return EXIT_OK
 
 

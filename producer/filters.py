@@ -19,15 +19,16 @@ def parse_suffixes(text: str | None) -> tuple[str, ...]:
     return tuple(p if p.startswith(".") else "." + p for p in parts) or DEFAULT_SUFFIXES
 
 
+def is_image_key(key: str, suffixes: tuple[str, ...], exclude_prefix: str | None = None) -> bool:
+    """An image suffix, not a folder marker, not under exclude_prefix (our own output)."""
+    # A folder, not a name prefix: excluding "runs" must not drop "runs-2024/a.png".
+    folder = exclude_prefix.rstrip("/") + "/" if exclude_prefix else None
+    if key.endswith("/") or (folder and key.startswith(folder)):
+        return False
+    return key.lower().endswith(suffixes)
+
+
 def image_objects(objects: Iterable[ObjectInfo], suffixes: tuple[str, ...],
                   exclude_prefix: str | None = None) -> Iterator[ObjectInfo]:
     """Keep keys with an image suffix; drop folder markers and anything under exclude_prefix (our output)."""
-    # A folder, not a name prefix: excluding "runs" must not drop "runs-2024/a.png".
-    folder = exclude_prefix.rstrip("/") + "/" if exclude_prefix else None
-    for obj in objects:
-        if obj.key.endswith("/"):
-            continue
-        if folder and obj.key.startswith(folder):
-            continue
-        if obj.key.lower().endswith(suffixes):
-            yield obj
+    return (obj for obj in objects if is_image_key(obj.key, suffixes, exclude_prefix))

@@ -39,6 +39,10 @@ ALL_VARS = {
     "IRLIVE_RATE_ADAPTIVE": "false",
     "IRLIVE_ALLOW_VOLATILE_REDIS": "yes",
     "IRLIVE_MAX_RETRY_AFTER_S": "60",
+    "IRLIVE_SQS_ENDPOINT_URL": "http://127.0.0.1:5001",
+    "IRLIVE_EVENT_MAX_WAIT_S": "2.5",
+    "IRLIVE_EVENT_RUN_WINDOW": "10m",
+    "IRLIVE_EVENT_BUCKETS": "cams-eu, cams-us",
 }
 
 
@@ -91,6 +95,10 @@ def test_every_irlive_variable_is_parsed() -> None:
         rate_adaptive=False,
         allow_volatile_redis=True,
         max_retry_after_s=60.0,
+        sqs_endpoint_url="http://127.0.0.1:5001",
+        event_max_wait_s=2.5,
+        event_run_window=600,
+        event_buckets=("cams-eu", "cams-us"),
     )
 
 

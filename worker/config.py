@@ -71,6 +71,10 @@ class Settings:
     rate_adaptive: bool = True
     allow_volatile_redis: bool = False
     max_retry_after_s: float = 300.0
+    sqs_endpoint_url: str | None = None
+    event_max_wait_s: float = 5.0
+    event_run_window: int = 3600
+    event_buckets: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -114,6 +118,11 @@ class Settings:
         _in_range("IRLIVE_MAX_DELIVERIES", self.max_deliveries, 1, 1000)
         _in_range("IRLIVE_MAX_IN_FLIGHT", self.max_in_flight, 0, 10_000)
         _in_range("IRLIVE_MAX_RETRY_AFTER_S", self.max_retry_after_s, 1, 24 * 3600)
+        _in_range("IRLIVE_EVENT_MAX_WAIT_S", self.event_max_wait_s, 0.1, 3600)
+        _in_range("IRLIVE_EVENT_RUN_WINDOW", self.event_run_window, 60, 7 * 24 * 3600)
+        if 86400 % self.event_run_window and self.event_run_window % 86400:
+            raise ConfigError(f"IRLIVE_EVENT_RUN_WINDOW={self.event_run_window} must divide a day (or be whole "
+                              "days), so windows start at the same times every day: e.g. 600, 3600, 86400")
 
     @property
     def daily_budget_cents(self) -> int | None:
@@ -216,6 +225,22 @@ def _redis_url(var: str, raw: str) -> str:
     return text
 
 
+def _duration(var: str, raw: str) -> int:
+    """Seconds, or a number with a unit: 90s, 10m, 1h, 1d."""
+    text = raw.strip().lower()
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    scale = units.get(text[-1:], 0)
+    number = text[:-1] if scale else text
+    try:
+        return round(float(number) * (scale or 1))
+    except ValueError:
+        raise ConfigError(f"{var}={raw!r} is not a duration (e.g. 3600, 10m, 1h, 1d)") from None
+
+
+def _names(var: str, raw: str) -> tuple[str, ...]:
+    return tuple(n.strip() for n in raw.split(",") if n.strip())
+
+
 def _bool(var: str, raw: str) -> bool:
     value = raw.strip().lower()
     if value in ("1", "true", "yes", "on"):
@@ -263,4 +288,8 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "rate_adaptive": _bool,
     "allow_volatile_redis": _bool,
     "max_retry_after_s": _typed(float, "a number of seconds"),
+    "sqs_endpoint_url": _url,
+    "event_max_wait_s": _typed(float, "a number of seconds"),
+    "event_run_window": _duration,
+    "event_buckets": _names,
 }

@@ -55,9 +55,22 @@ class Keys:
     def run_payments(self, run_id: str) -> str:
         return f"{self.prefix}:run:{run_id}:payments"
 
+    def run_seen(self, run_id: str) -> str:
+        """The identities an event run has taken (replayed events add nothing)."""
+        return f"{self.prefix}:run:{run_id}:seen"
+
     def run_keys(self, run_id: str) -> list[str]:
         """The per-run keys (besides each chunk's progress) dropped once the run is finalised and archived."""
-        return [self.chunks_done(run_id), self.chunk_items(run_id), self.parked(run_id), self.deliveries(run_id)]
+        return [self.chunks_done(run_id), self.chunk_items(run_id), self.parked(run_id), self.deliveries(run_id),
+                self.run_seen(run_id)]
+
+    # ---- event intake ----
+    def event_buffer(self, run_id: str, bucket: str) -> str:
+        return f"{self.prefix}:events:buf:{run_id}:{bucket}"
+
+    def event_buffers(self) -> str:
+        """The zset of non-empty buffers, member "run|bucket", score the oldest waiting arrival (ms)."""
+        return f"{self.prefix}:events:pending"
 
     def dlq(self) -> str:
         return f"{self.prefix}:dlq"

@@ -93,8 +93,19 @@ class Runs:
         return int(seq)
 
     def chunk_items(self, run_id: str, seq: int) -> list[tuple[str, str]] | None:
+        entry = self.chunk_entry(run_id, seq)
+        return entry[1] if entry else None
+
+    def chunk_entry(self, run_id: str, seq: int) -> tuple[str | None, list[tuple[str, str]]] | None:
+        """(bucket, [(key, etag)]) of a chunk; the bucket is None where it is the run's source bucket (scans:
+        a JSON list), and named where chunks of one run come from several buckets (events: an object)."""
         raw = self.store.hget(self._keys.chunk_items(run_id), seq)
-        return [(k, e) for k, e in json.loads(raw)] if raw else None
+        if not raw:
+            return None
+        doc = json.loads(raw)
+        if isinstance(doc, dict):
+            return str(doc["bucket"]), [(k, e) for k, e in doc["items"]]
+        return None, [(k, e) for k, e in doc]
 
     def add_skipped(self, run_id: str, n: int) -> None:
         if n:
@@ -253,7 +264,8 @@ class Runs:
         if records:
             pipe.hset(self._keys.chunk_progress(run_id, seq),
                       mapping={str(i): json.dumps(r, sort_keys=True) for i, r in enumerate(records)})
-        pipe.hset(self._keys.chunk_items(run_id), seq, json.dumps([[r["key"], r["etag"]] for r in records]))
+        pipe.hset(self._keys.chunk_items(run_id), seq, json.dumps(
+            {"bucket": records[0]["bucket"], "items": [[r["key"], r["etag"]] for r in records]} if records else []))
         if complete:
             pipe.sadd(self._keys.chunks_done(run_id), seq)
         pipe.execute()

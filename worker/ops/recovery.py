@@ -58,16 +58,15 @@ class Recovery:
         in_broker = [m for m in self._broker.queued_chunks()]
         in_broker += [d.chunk for d in self._broker.deliveries() if d.chunk is not None]
         queued = {int(m["seq"]) for m in in_broker if m.get("run_id") == run_id}
-        bucket = S3Location.parse(run["source"], "run source").bucket
         lost: list[Chunk] = []
         for seq in range(int(run["chunks"])):
             if seq in done or seq in parked or seq in queued:
                 continue
             if self._store.exists(self._keys.chunk_lease(run_id, seq)):
                 continue
-            items = self._runs.chunk_items(run_id, seq)
-            if items is not None:
-                lost.append(Chunk(run_id, seq, bucket, items, priority_of(run)))
+            chunk = self._chunk(run_id, run, seq)
+            if chunk is not None:
+                lost.append(chunk)
         return lost
 
     def reopen_failed(self, run_id: str, *, include_rejected: bool = False,
@@ -81,7 +80,6 @@ class Recovery:
         if run is None:
             raise UnknownRun(run_id)
         verdicts = ("error", "rejected") if include_rejected else ("error",)
-        bucket = S3Location.parse(run["source"], "run source").bucket
         if run.get("archived_at"):
             if storage is None:
                 raise ConfigError(f"run {run_id} is archived: its records are read back from S3")
@@ -90,14 +88,23 @@ class Recovery:
         for seq in range(int(run["chunks"])):
             progress = self._runs.progress(run_id, seq)
             indices = [i for i, rec in progress.items() if rec["verdict"] in verdicts]
-            items = self._runs.chunk_items(run_id, seq)
-            if not indices or items is None:
+            chunk = self._chunk(run_id, run, seq)
+            if not indices or chunk is None:
                 continue
             self._reopen([self._keys.chunk_progress(run_id, seq), self._keys.run(run_id),
                           self._keys.chunks_done(run_id), self._keys.deliveries(run_id)], [*indices, seq])
-            reopened.append(Chunk(run_id, seq, bucket, items, priority_of(run)))
+            reopened.append(chunk)
         self._drop_dead_letters(run_id)
         return reopened
+
+    def _chunk(self, run_id: str, run: dict[str, Any], seq: int) -> Chunk | None:
+        entry = self._runs.chunk_entry(run_id, seq)
+        if entry is None:
+            return None
+        bucket, items = entry
+        if bucket is None:
+            bucket = S3Location.parse(run["source"], "run source").bucket
+        return Chunk(run_id, seq, bucket, items, priority_of(run))
 
     def _restore_from_manifests(self, run_id: str, run: dict[str, Any], storage: Storage,
                                 verdicts: tuple[str, ...]) -> None:

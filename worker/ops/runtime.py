@@ -9,6 +9,7 @@ from typing import Any
 
 from worker.config import Settings
 from worker.flow.claims import Claims
+from worker.flow.intake import Intake
 from worker.flow.limiter import RateLimiter, RateSpec
 from worker.flow.pipeline import Deps
 from worker.flow.runs import Runs
@@ -80,7 +81,8 @@ class Runtime:
                                                 low=self.settings.token_pool_low,
                                                 lease_s=token_lease_s(self.settings)))
             self._threads.append(Watchdog(deps.store, keys, deps.runs, Broker(deps.store, restore=self._restore),
-                                          self.recovery(deps), self._send, ledger=deps.ledger))
+                                          self.recovery(deps), self._send, ledger=deps.ledger,
+                                          intake=Intake(deps.store, keys, self.settings)))
             for thread in self._threads:
                 thread.start()
             self._deps = deps

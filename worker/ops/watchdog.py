@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from worker.errors import IrliveError
+from worker.flow.intake import Intake
 from worker.flow.runs import Runs
 from worker.flow.states import RunState
 from worker.keys import Keys
@@ -41,7 +42,8 @@ class Watchdog(Periodic):
     """One leader in the fleet: restores orphaned deliveries, sweeps the ledger, finalises, re-sends lost chunks."""
 
     def __init__(self, store: Store, keys: Keys, runs: Runs, broker: Broker, recovery: Recovery, send: Send, *,
-                 ledger: Ledger | None = None, interval_s: float = INTERVAL_S, stall_s: float = STALL_S) -> None:
+                 ledger: Ledger | None = None, intake: Intake | None = None, interval_s: float = INTERVAL_S,
+                 stall_s: float = STALL_S) -> None:
         super().__init__("watchdog", store, keys, interval_s=interval_s, lease_s=max(15.0, 4 * interval_s))
         self._store = store
         self._keys = keys
@@ -50,6 +52,7 @@ class Watchdog(Periodic):
         self._recovery = recovery
         self._send = send
         self._ledger = ledger
+        self._intake = intake
         self._stall_ms = stall_s * 1000
         self._searched_ms: dict[str, float] = {}
 
@@ -59,9 +62,23 @@ class Watchdog(Periodic):
         if self._ledger is not None and self.still_leader():
             # Tokens whose holder died: reservations go back to the pool, sent ones are reconciled.
             actions += self._ledger.sweep()
+        if self._intake is not None and self.still_leader():
+            actions += self._events_pass()
         if self.still_leader():
             actions += self._runs_pass()
         return actions
+
+    def _events_pass(self) -> int:
+        """The listeners' backstop: buffered event images go out even if every listener died, and a window
+        that is over gets its run released (and finalised when nothing of it is pending)."""
+        assert self._intake is not None
+        chunks = self._intake.flush()
+        for chunk in chunks:
+            self._send(PROCESS_CHUNK, [chunk.to_message()])
+        closed = self._intake.close_windows()
+        for run_id in closed:
+            self._send(FINALIZE_RUN, [run_id])
+        return len(chunks) + len(closed)
 
     def restore_orphans(self, now: float | None = None) -> int:
         """Deliveries whose worker is gone (no lease, past their grace and their ETA) go back to their queue."""

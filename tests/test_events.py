@@ -1,0 +1,189 @@
+"""Queue-triggered jobs on real parts: S3 -> SQS notifications (moto_server), `irlive listen`, Redis, workers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+from botocore.config import Config
+
+from sandbox import procs
+from sandbox.images import Sample, png
+from sandbox.stack import AWS_ENV, Stack
+from tests.conftest import IRLIVE_BIN
+from tests.e2e import IN_BUCKET, OUT_BUCKET, OUT_PREFIX
+
+QUEUE = "irlive-events"
+DLQ = "irlive-events-dlq"
+
+
+@dataclass
+class Events:
+    """The stack's SQS queue wired to the input bucket's ObjectCreated notifications."""
+
+    stack: Stack
+    sqs: Any
+    url: str
+
+    def counts(self) -> tuple[int, int]:
+        attrs = self.sqs.get_queue_attributes(QueueUrl=self.url, AttributeNames=[
+            "ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"])["Attributes"]
+        return int(attrs["ApproximateNumberOfMessages"]), int(attrs["ApproximateNumberOfMessagesNotVisible"])
+
+
+@pytest.fixture
+def events(clean_stack: Stack) -> Events:
+    sqs = boto3.client("sqs", endpoint_url=clean_stack.s3_endpoint, region_name=AWS_ENV["AWS_DEFAULT_REGION"],
+                       aws_access_key_id=AWS_ENV["AWS_ACCESS_KEY_ID"],
+                       aws_secret_access_key=AWS_ENV["AWS_SECRET_ACCESS_KEY"],
+                       config=Config(retries={"max_attempts": 3}))
+    dlq = sqs.create_queue(QueueName=DLQ)["QueueUrl"]
+    dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    url = sqs.create_queue(QueueName=QUEUE, Attributes={
+        "VisibilityTimeout": "30",
+        "RedrivePolicy": json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": "5"})})["QueueUrl"]
+    arn = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    clean_stack.s3_client().put_bucket_notification_configuration(Bucket=IN_BUCKET, NotificationConfiguration={
+        "QueueConfigurations": [{"QueueArn": arn, "Events": ["s3:ObjectCreated:*"]}]})
+    return Events(clean_stack, sqs, url)
+
+
+@pytest.fixture
+def listener(events: Events, tmp_path: Path) -> Iterator[subprocess.Popen[str]]:
+    yield from start_listener(events.stack, tmp_path / "listener.log")
+
+
+def start_listener(stack: Stack, log: Path, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[str]]:
+    proc = subprocess.Popen(
+        [str(IRLIVE_BIN), "listen", f"sqs://{QUEUE}", "--json", "--wait", "1"],
+        env={**os.environ, **stack.env, **(env or {})}, stdout=log.open("w"), stderr=subprocess.STDOUT, text=True,
+        start_new_session=True)
+    try:
+        yield proc
+    finally:
+        procs.kill_group(proc, signal.SIGTERM, timeout=20)
+
+
+def event_records(stack: Stack) -> dict[str, list[dict[str, Any]]]:
+    """Every record of every event run's chunk manifests so far, by key."""
+    s3 = stack.s3_client()
+    found: dict[str, list[dict[str, Any]]] = {}
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=OUT_BUCKET, Prefix=f"{OUT_PREFIX}/runs/ev-")
+    for page in pages:
+        for obj in page.get("Contents", ()):
+            if "/chunks/" in obj["Key"]:
+                doc = json.loads(s3.get_object(Bucket=OUT_BUCKET, Key=obj["Key"])["Body"].read())
+                for record in doc["images"]:
+                    found.setdefault(record["key"], []).append(record)
+    return found
+
+
+def wait_for_records(stack: Stack, keys: set[str], deadline_s: float) -> dict[str, list[dict[str, Any]]]:
+    deadline = time.monotonic() + deadline_s
+    while True:
+        found = event_records(stack)
+        if keys <= set(found):
+            return found
+        assert time.monotonic() < deadline, f"{len(keys - set(found))} images without a record, e.g. " \
+                                            f"{sorted(keys - set(found))[:3]}"
+        time.sleep(0.5)
+
+
+def stream_samples() -> tuple[list[Sample], list[Sample]]:
+    """200 captures with awkward keys and 10 objects that are not images."""
+    images = []
+    for i in range(200):
+        name = ("scan day " if i % 3 == 0 else "a+b " if i % 3 == 1 else "caméra-ü ") + f"{i:03d}.png"
+        images.append(Sample(f"cam/{name}", png(96, 96, ("live", "spoof", "no_face")[i % 3], seed=500 + i),
+                             ("live", "spoof", "no_face")[i % 3]))
+    junk = [Sample(f"cam/not an image {i}.png", b"just text, named .png", "rejected") for i in range(10)]
+    return images, junk
+
+
+def test_a_stream_of_events_ends_in_one_record_each_at_the_call_floor(
+        events: Events, listener: subprocess.Popen[str]) -> None:
+    stack = events.stack
+    for _ in range(2):
+        stack.start_worker(concurrency=8)
+    images, junk = stream_samples()
+    again = images[:20]  # put a second time, same bytes: the same identity, announced twice
+    puts = [*images, *junk, *again]
+    assert len(puts) == 230
+    s3 = stack.s3_client()
+    events.sqs.send_message(QueueUrl=events.url, MessageBody="{not an S3 event at all")
+    started = time.monotonic()
+    for n, sample in enumerate(puts):
+        s3.put_object(Bucket=IN_BUCKET, Key=sample.key, Body=sample.body)
+        # Spread over ~20 s, as captures arrive (pacing the producer, not waiting on the system).
+        time.sleep(max(0.0, started + 20 * (n + 1) / len(puts) - time.monotonic()))
+
+    found = wait_for_records(stack, {s.key for s in [*images, *junk]}, deadline_s=120)
+    assert {k: len(v) for k, v in found.items() if len(v) != 1} == {}, "one record each"
+    assert all(found[s.key][0]["verdict"] == s.expected for s in images)
+    assert all(found[s.key][0]["verdict"] == "rejected" for s in junk)
+    ledger = stack.sandbox_ledger()
+    billed = ledger["billed_image_urls_path_counts"]
+    assert len(billed) == 200 and set(billed.values()) == {1}, "each valid image billed once"
+    print(f"{ledger['calls_billed']} calls for 200 images over {time.monotonic() - started:.1f}s")
+    assert ledger["calls_billed"] / 200 <= 0.11
+    visible, in_flight = events.counts()
+    assert visible + in_flight == 1, "the unreadable message stays on the queue for its dead-letter queue"
+
+
+def test_a_lone_event_is_judged_within_seconds_and_its_window_run_finalises(
+        events: Events, tmp_path: Path) -> None:
+    stack = events.stack
+    env = {"IRLIVE_EVENT_RUN_WINDOW": "60"}  # a one-minute window, so this test sees it close
+    stack.start_worker(extra_env=env)
+    gen = start_listener(stack, tmp_path / "listener.log", env)
+    next(gen)
+    try:
+        started = time.monotonic()
+        stack.s3_client().put_object(Bucket=IN_BUCKET, Key="cam/lone.png", Body=png(96, 96, "live", seed=9))
+        found = wait_for_records(stack, {"cam/lone.png"}, deadline_s=60)
+        latency = time.monotonic() - started
+        assert found["cam/lone.png"][0]["verdict"] == "live"
+        print(f"lone event judged {latency:.1f}s after its put")
+        client = stack.redis_client()
+        runs = [r.decode() for r in client.zrange("irlive:runs", 0, -1) if r.decode().startswith("ev-")]
+        assert len(runs) == 1
+        deadline = time.monotonic() + 150
+        while client.hget(f"irlive:run:{runs[0]}", "state") != b"done":
+            assert time.monotonic() < deadline, f"the window run never finished: {runs[0]}"
+            time.sleep(0.5)
+        manifest = json.loads(stack.s3_client().get_object(
+            Bucket=OUT_BUCKET, Key=f"{OUT_PREFIX}/runs/{runs[0]}/manifest.json")["Body"].read())
+        assert manifest["images"] == 1 and manifest["counts"]["live"] == 1 and manifest["calls"] == 1
+    finally:
+        gen.close()
+
+
+def test_replayed_and_duplicate_events_pay_once(events: Events, listener: subprocess.Popen[str]) -> None:
+    stack = events.stack
+    stack.start_worker()
+    s3 = stack.s3_client()
+    s3.put_object(Bucket=IN_BUCKET, Key="cam/x.png", Body=png(96, 96, "spoof", seed=3))
+    etag = s3.head_object(Bucket=IN_BUCKET, Key="cam/x.png")["ETag"].strip('"')
+    # The same event delivered again (at-least-once), once straight and once through SNS.
+    record = {"eventSource": "aws:s3", "eventName": "ObjectCreated:Put",
+              "s3": {"bucket": {"name": IN_BUCKET}, "object": {"key": "cam/x.png", "eTag": etag}}}
+    events.sqs.send_message(QueueUrl=events.url, MessageBody=json.dumps({"Records": [record]}))
+    events.sqs.send_message(QueueUrl=events.url, MessageBody=json.dumps(
+        {"Type": "Notification", "Message": json.dumps({"Records": [record]})}))
+    wait_for_records(stack, {"cam/x.png"}, deadline_s=60)
+    deadline = time.monotonic() + 30
+    while sum(events.counts()) > 0:
+        assert time.monotonic() < deadline, "every message was handled and deleted"
+        time.sleep(0.2)
+    assert [r["verdict"] for r in event_records(stack)["cam/x.png"]] == ["spoof"]
+    assert Counter(stack.sandbox_ledger()["billed_image_urls_path_counts"].values()) == Counter({1: 1})
