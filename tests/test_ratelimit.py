@@ -10,8 +10,9 @@ import redis
 
 from sandbox.stack import Stack
 from worker.errors import RateLimited
-from worker.flow.limiter import RateLimiter, RateSpec
+from worker.flow.limiter import RateLimiter, RateSpec, YieldToEvents
 from worker.keys import Keys
+from worker.messages import QUEUES
 from worker.seams.store import Store
 
 pytestmark = pytest.mark.integration
@@ -85,3 +86,26 @@ def test_in_flight_cap_and_dead_slots_come_back(clean_stack: Stack) -> None:
     got = limiter.slot(lease_s=60, max_wait_s=2.0)  # the dead slot's lease expires
     got()
     assert limiter.stats()["in_flight"] == 1
+
+
+def test_event_calls_go_first_and_other_calls_yield_to_them(clean_stack: Stack) -> None:
+    store = _client(clean_stack)
+    limiter = RateLimiter(store, Keys(), RateSpec(1.0, burst=1))
+    limiter.acquire(max_wait_s=1)  # the one call of this second: whoever asks next must wait
+    assert limiter.try_acquire(urgent=True, member="ev-1") > 0  # an event call now waits its turn ...
+    with pytest.raises(YieldToEvents):  # ... and while it waits, other work steps aside at once
+        limiter.try_acquire()
+    limiter.acquire(max_wait_s=3, urgent=True)  # the event caller is admitted when the next slot comes
+    store.zrem(Keys().ratelimit_urgent(), "ev-1")  # the first caller gave up (its registration also lapses)
+    assert limiter.try_acquire() > 0  # no urgent caller left: others wait, they are not told to yield
+
+
+def test_event_chunks_waiting_in_their_queue_make_other_calls_yield(clean_stack: Stack) -> None:
+    client = clean_stack.redis_client()
+    limiter = RateLimiter(_client(clean_stack), Keys(), RateSpec(100.0, burst=10))
+    client.rpush(QUEUES["events"], "an event chunk no worker has fetched yet")
+    with pytest.raises(YieldToEvents):
+        limiter.try_acquire()
+    assert limiter.try_acquire(urgent=True, member="ev") == 0.0  # the event chunk's own call is admitted
+    client.delete(QUEUES["events"])
+    assert limiter.try_acquire() == 0.0

@@ -130,3 +130,7 @@ class Keys:
 
     def ratelimit_slots(self) -> str:
         return f"{self.prefix}:ratelimit:in-flight"
+
+    def ratelimit_urgent(self) -> str:
+        """Event callers waiting for a slot: while any does, other calls yield."""
+        return f"{self.prefix}:ratelimit:urgent"

@@ -15,7 +15,15 @@ from dataclasses import dataclass
 
 from worker.errors import RateLimited
 from worker.keys import Keys
+from worker.messages import QUEUES
 from worker.seams.store import Store
+
+# A chunk that steps aside for event work comes back this soon (its progress is kept).
+YIELD_S = 1.0
+
+
+class YieldToEvents(RateLimited):
+    """Event work waits for a worker slot or a call: a nightly or backfill chunk steps aside (deferred)."""
 
 
 @dataclass(frozen=True)
@@ -44,6 +52,8 @@ class RateLimiter:
         self._tat = keys.ratelimit()
         self._state = keys.ratelimit_state()
         self._slots = keys.ratelimit_slots()
+        self._urgent = keys.ratelimit_urgent()
+        self._events_queue = QUEUES["events"]
         self.spec = spec
         self._acquire = store.script("flow", "limiter_acquire")
         self._penalize = store.script("flow", "limiter_penalize")
@@ -51,14 +61,28 @@ class RateLimiter:
         self._slot = store.script("flow", "limiter_slot")
         self._sleep = sleep
 
-    def try_acquire(self) -> float:
-        """0.0 when admitted, else the seconds to wait before asking again."""
-        allowed, wait_us = self._acquire([self._tat, self._state], [self.spec.per_second, self.spec.burst])
+    def try_acquire(self, urgent: bool = False, member: str = "") -> float:
+        """0.0 when admitted, else the seconds to wait before asking again; YieldToEvents for a call that is
+        not urgent while event work waits."""
+        allowed, wait_us = self._acquire(
+            [self._tat, self._state, self._urgent, self._events_queue],
+            [self.spec.per_second, self.spec.burst, "1" if urgent else "0", member])
+        if int(allowed) == 2:
+            raise YieldToEvents("event work is waiting: this chunk steps aside", retry_after=YIELD_S)
         return 0.0 if int(allowed) == 1 else int(wait_us) / 1_000_000
 
-    def acquire(self, max_wait_s: float = 10.0) -> None:
-        """Wait (briefly, in-process) for a slot; beyond max_wait_s raise RateLimited so the task is deferred."""
-        self._wait_for(self.try_acquire, max_wait_s, "global rate limit")
+    def acquire(self, max_wait_s: float = 10.0, *, urgent: bool = False) -> None:
+        """Wait (briefly, in-process) for a slot; beyond max_wait_s raise RateLimited so the task is deferred.
+
+        An urgent (event) call goes before every other: while it waits, and while event chunks wait in their
+        queue, other calls raise YieldToEvents at once, so their chunk frees its worker slot too.
+        """
+        member = uuid.uuid4().hex if urgent else ""
+        try:
+            self._wait_for(lambda: self.try_acquire(urgent, member), max_wait_s, "global rate limit")
+        finally:
+            if urgent:
+                self._store.zrem(self._urgent, member)
 
     def throttled(self, retry_after_s: float | None) -> float:
         """The seller said 'too fast': slow everyone down; returns the new effective rate."""

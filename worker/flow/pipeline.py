@@ -239,7 +239,7 @@ class ChunkProcessor:
             raise ChunkBusy(f"chunk {chunk.label()}: lease lost to another delivery")
         release_slot = deps.limiter.slot(lease_s=deps.settings.call_timeout_s + 30, max_wait_s=MAX_SLOT_WAIT_S)
         try:
-            deps.limiter.acquire(MAX_SLOT_WAIT_S)
+            deps.limiter.acquire(MAX_SLOT_WAIT_S, urgent=chunk.priority == "events")
             return self._pay_and_call(chunk, group, queue)
         finally:
             # A slot not given back lapses with its lease; it must not hide what happened to the call.
