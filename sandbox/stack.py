@@ -173,6 +173,31 @@ class Stack:
             config=Config(signature_version="s3v4", s3={"addressing_style": "path"}),
         )
 
+    def sqs_client(self) -> Any:
+        """SQS on the same moto_server (S3 notifications are delivered to it)."""
+        return boto3.client(
+            "sqs",
+            endpoint_url=self.s3_endpoint,
+            aws_access_key_id=AWS_ENV["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=AWS_ENV["AWS_SECRET_ACCESS_KEY"],
+            region_name=AWS_ENV["AWS_DEFAULT_REGION"],
+        )
+
+    def event_queue(self, bucket: str, name: str = "irlive-events", max_receives: int = 5) -> str:
+        """A queue (with a dead-letter queue after max_receives) that hears the bucket's ObjectCreated events;
+        returns its URL."""
+        sqs = self.sqs_client()
+        dlq = sqs.create_queue(QueueName=f"{name}-dlq")["QueueUrl"]
+        dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+        url: str = sqs.create_queue(QueueName=name, Attributes={
+            "VisibilityTimeout": "30",
+            "RedrivePolicy": f'{{"deadLetterTargetArn": "{dlq_arn}", "maxReceiveCount": "{max_receives}"}}',
+        })["QueueUrl"]
+        arn = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+        self.s3_client().put_bucket_notification_configuration(Bucket=bucket, NotificationConfiguration={
+            "QueueConfigurations": [{"QueueArn": arn, "Events": ["s3:ObjectCreated:*"]}]})
+        return url
+
     def reset_s3(self) -> None:
         httpx.post(f"{self.s3_endpoint}/moto-api/reset", timeout=10).raise_for_status()
 

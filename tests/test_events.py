@@ -13,18 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
-from botocore.config import Config
 
 from sandbox import procs
 from sandbox.images import Sample, png
-from sandbox.stack import AWS_ENV, Stack
+from sandbox.stack import Stack
 from tests.conftest import IRLIVE_BIN
 from tests.e2e import IN_BUCKET, OUT_BUCKET, OUT_PREFIX
 
 QUEUE = "irlive-events"
-DLQ = "irlive-events-dlq"
 
 
 @dataclass
@@ -43,19 +40,8 @@ class Events:
 
 @pytest.fixture
 def events(clean_stack: Stack) -> Events:
-    sqs = boto3.client("sqs", endpoint_url=clean_stack.s3_endpoint, region_name=AWS_ENV["AWS_DEFAULT_REGION"],
-                       aws_access_key_id=AWS_ENV["AWS_ACCESS_KEY_ID"],
-                       aws_secret_access_key=AWS_ENV["AWS_SECRET_ACCESS_KEY"],
-                       config=Config(retries={"max_attempts": 3}))
-    dlq = sqs.create_queue(QueueName=DLQ)["QueueUrl"]
-    dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
-    url = sqs.create_queue(QueueName=QUEUE, Attributes={
-        "VisibilityTimeout": "30",
-        "RedrivePolicy": json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": "5"})})["QueueUrl"]
-    arn = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
-    clean_stack.s3_client().put_bucket_notification_configuration(Bucket=IN_BUCKET, NotificationConfiguration={
-        "QueueConfigurations": [{"QueueArn": arn, "Events": ["s3:ObjectCreated:*"]}]})
-    return Events(clean_stack, sqs, url)
+    url = clean_stack.event_queue(IN_BUCKET, QUEUE)
+    return Events(clean_stack, clean_stack.sqs_client(), url)
 
 
 @pytest.fixture
@@ -187,3 +173,43 @@ def test_replayed_and_duplicate_events_pay_once(events: Events, listener: subpro
         time.sleep(0.2)
     assert [r["verdict"] for r in event_records(stack)["cam/x.png"]] == ["spoof"]
     assert Counter(stack.sandbox_ledger()["billed_image_urls_path_counts"].values()) == Counter({1: 1})
+
+
+@pytest.mark.slow
+def test_killing_the_listener_and_a_worker_mid_stream_loses_no_event_and_pays_nothing_twice(
+        events: Events, tmp_path: Path) -> None:
+    stack = events.stack
+    for _ in range(2):
+        stack.start_worker(concurrency=4)
+    stack.sandbox_config(latency_ms=300)
+    images = [Sample(f"kill/img {i:03d}.png", png(96, 96, "live", seed=900 + i), "live") for i in range(120)]
+    listeners = [start_listener(stack, tmp_path / "listener-1.log")]
+    first = next(listeners[0])
+    s3 = stack.s3_client()
+    started = time.monotonic()
+    for n, sample in enumerate(images):
+        s3.put_object(Bucket=IN_BUCKET, Key=sample.key, Body=sample.body)
+        if n == 40:
+            # The listener dies between receiving and deleting: whatever it had not buffered comes back from SQS.
+            procs.kill_group(first, signal.SIGKILL)
+            listeners.append(start_listener(stack, tmp_path / "listener-2.log"))
+            next(listeners[-1])
+        if n == 80:
+            stack.kill_worker(stack.workers[0])
+            stack.start_worker(concurrency=4)
+        time.sleep(max(0.0, started + 12 * (n + 1) / len(images) - time.monotonic()))
+    try:
+        found = wait_for_records(stack, {s.key for s in images}, deadline_s=180)
+    finally:
+        for gen in listeners:
+            gen.close()
+    assert {k: len(v) for k, v in found.items() if len(v) != 1} == {}
+    billed = stack.sandbox_ledger()["billed_image_urls_path_counts"]
+    client = stack.redis_client()
+    lost: Counter[str] = Counter()
+    for key in client.scan_iter("irlive:pay:pay_*"):
+        payment = {k.decode(): v.decode() for k, v in client.hgetall(key).items()}
+        if payment.get("lost") == "1":
+            lost.update("/" + i.rsplit("@", 1)[0].replace(" ", "%20") for i in payment.get("images", "").split(","))
+    twice = {k: n for k, n in billed.items() if n > 1 + lost.get(k, 0)}
+    assert len(billed) == 120 and twice == {}, f"paid again with no lost answer to explain it: {twice}"
