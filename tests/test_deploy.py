@@ -145,7 +145,9 @@ def test_every_yaml_parses() -> None:
     paths = [p for p in _deploy_files() if p.suffix in (".yaml", ".yml")]
     assert len(paths) >= 7
     for path in paths:
-        docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+        # CloudFormation's short forms (!Ref, !GetAtt, !Sub) are YAML tags of its own.
+        loader = _cfn_loader() if path.parent == CLOUDFORMATION else yaml.SafeLoader
+        docs = [d for d in yaml.load_all(path.read_text(), Loader=loader) if d is not None]
         assert docs and all(isinstance(d, dict) for d in docs), path
 
 
@@ -378,14 +380,26 @@ def test_compose_config_without_engine(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- IAM
 
 
+def _list(value: str | list[str]) -> list[str]:
+    return [value] if isinstance(value, str) else value
+
+
 def test_iam_policy_is_least_privilege() -> None:
     policy = json.loads((DEPLOY / "iam-policy.json").read_text())
     assert policy["Version"] == "2012-10-17"
     grants: set[tuple[str, str]] = set()
     list_conditions = []
+    sqs = [st for st in policy["Statement"] if any(a.startswith("sqs:") for a in _list(st["Action"]))]
+    # The listener's queue: receive, delete, look up; nothing that sends, purges or changes queues.
+    (queue,) = sqs
+    assert set(_list(queue["Action"])) == {"sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueUrl",
+                                           "sqs:GetQueueAttributes"}
+    assert all(r.startswith("arn:aws:sqs:") and "*" not in r for r in _list(queue["Resource"]))
     for st in policy["Statement"]:
         assert st["Effect"] == "Allow"
         assert not {"NotAction", "NotResource", "Principal", "NotPrincipal"} & set(st)
+        if st in sqs:
+            continue
         actions = [st["Action"]] if isinstance(st["Action"], str) else st["Action"]
         resources = [st["Resource"]] if isinstance(st["Resource"], str) else st["Resource"]
         for action in actions:
@@ -466,6 +480,12 @@ def test_systemd_units_structure() -> None:
     assert Path(scan_argv[0]).name == "irlive" and scan_argv[1] == "scan" and "--json" in scan_argv
     assert scan.get("UnsetEnvironment") == ["IRLIVE_API_KEY"]
 
+    listen = units["irlive-listen.service"]["Service"]
+    listen_argv = listen["ExecStart"][-1].split()
+    assert Path(listen_argv[0]).name == "irlive" and listen_argv[1] == "listen" and listen_argv[2].startswith("sqs://")
+    assert listen["Restart"] == ["always"] and listen.get("UnsetEnvironment") == ["IRLIVE_API_KEY"]
+    assert listen["KillSignal"] == ["SIGTERM"] and listen["User"] != ["root"]
+
     timer = units["irlive-scan.timer"]
     assert timer["Timer"]["OnCalendar"] and timer["Timer"]["Unit"] == ["irlive-scan.service"]
     assert timer["Install"]["WantedBy"] == ["timers.target"]
@@ -485,3 +505,56 @@ def test_systemd_analyze_verify(tmp_path: Path) -> None:
     # verify exits 0 on unknown keys and bad values, printing them: fail on any line about our units.
     ours = [ln for ln in (out.stdout + out.stderr).splitlines() if "irlive" in ln]
     assert out.returncode == 0 and not ours, out.stdout + out.stderr
+
+
+def test_k8s_listener_deployment() -> None:
+    docs = _k8s_docs()
+    dep = _one(docs, "Deployment", "irlive-listener")
+    spec = _pod_spec(dep)
+    (c,) = spec["containers"]
+    assert c["command"][:2] == ["irlive", "listen"] and c["command"][2].startswith("sqs://")
+    assert dep["spec"]["replicas"] >= 2, "a second listener keeps events moving while one restarts"
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert not any("secretRef" in src for src in c.get("envFrom", ())), "the listener never pays: no API key"
+
+
+CLOUDFORMATION = DEPLOY / "cloudformation"
+
+
+def _cfn_loader() -> type[yaml.SafeLoader]:
+    class Loader(yaml.SafeLoader):
+        pass
+
+    def intrinsic(loader: yaml.SafeLoader, suffix: str, node: yaml.Node) -> Any:
+        # !Ref, !GetAtt, !Sub: kept as {"Fn": value} for the structural checks below.
+        value = loader.construct_scalar(node) if isinstance(node, yaml.ScalarNode) else \
+            loader.construct_sequence(node) if isinstance(node, yaml.SequenceNode) else loader.construct_mapping(node)
+        return {suffix: value}
+
+    Loader.add_multi_constructor("!", intrinsic)
+    return Loader
+
+
+def test_cloudformation_event_queue_structure() -> None:
+    template = yaml.load((CLOUDFORMATION / "events.yaml").read_text(), Loader=_cfn_loader())
+    resources = template["Resources"]
+    kinds = {r["Type"] for r in resources.values()}
+    assert kinds == {"AWS::SQS::Queue", "AWS::SQS::QueuePolicy"}
+    queue = resources["EventQueue"]["Properties"]
+    assert queue["RedrivePolicy"]["deadLetterTargetArn"] == {"GetAtt": "DeadLetterQueue.Arn"}
+    assert int(queue["VisibilityTimeout"]) >= 30
+    statement = resources["EventQueuePolicy"]["Properties"]["PolicyDocument"]["Statement"][0]
+    assert statement["Principal"] == {"Service": "s3.amazonaws.com"} and statement["Action"] == "sqs:SendMessage"
+    assert "aws:SourceArn" in statement["Condition"]["ArnLike"], "only the capture bucket may send"
+    notification = json.loads((CLOUDFORMATION / "bucket-notification.json").read_text())
+    (config,) = notification["QueueConfigurations"]
+    assert config["Events"] == ["s3:ObjectCreated:*"]
+
+
+def test_cloudformation_lint_offline() -> None:
+    tool = shutil.which("cfn-lint") or (str(Path(sys.executable).parent / "cfn-lint")
+                                        if (Path(sys.executable).parent / "cfn-lint").exists() else None)
+    if not tool:
+        pytest.skip("cfn-lint not installed")
+    out = _run([tool, str(CLOUDFORMATION / "events.yaml")])
+    assert out.returncode == 0, out.stdout + out.stderr
