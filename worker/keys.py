@@ -55,6 +55,15 @@ class Keys:
     def run_payments(self, run_id: str) -> str:
         return f"{self.prefix}:run:{run_id}:payments"
 
+    def watermark(self, source: str) -> str:
+        """The LastModified up to which a source was fully judged (`scan --since last`); advanced only by a
+        run that ends done."""
+        return f"{self.prefix}:watermark:{_digest(source)}"
+
+    def source_run(self, source: str) -> str:
+        """The run a scheduled scan of a source started and may still be going (one at a time per source)."""
+        return f"{self.prefix}:source-run:{_digest(source)}"
+
     def run_seen(self, run_id: str) -> str:
         """The identities an event run has taken (replayed events add nothing)."""
         return f"{self.prefix}:run:{run_id}:seen"
@@ -134,3 +143,8 @@ class Keys:
     def ratelimit_urgent(self) -> str:
         """Event callers waiting for a slot: while any does, other calls yield."""
         return f"{self.prefix}:ratelimit:urgent"
+
+
+def _digest(text: str) -> str:
+    """A short, fixed-length name for text of any length (a source URI) inside a key."""
+    return hashlib.blake2b(text.encode(), digest_size=10).hexdigest()

@@ -6,6 +6,7 @@ import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import boto3
@@ -34,6 +35,8 @@ class ObjectInfo:
     etag: str
     # Set when the bucket is versioned: the exact version read, so a presigned URL can pin it.
     version_id: str | None = None
+    # From a listing (or an inventory row): when the object was written; None where the source does not say.
+    last_modified: datetime | None = None
 
 
 class Storage:
@@ -67,7 +70,8 @@ class Storage:
         with _translate(f"s3://{bucket}/{prefix}"):
             for page in pages:
                 for obj in page.get("Contents", ()):
-                    yield ObjectInfo(obj["Key"], int(obj["Size"]), _etag(obj["ETag"]))
+                    yield ObjectInfo(obj["Key"], int(obj["Size"]), _etag(obj["ETag"]),
+                                     last_modified=obj.get("LastModified"))
 
     def read_head(self, bucket: str, key: str, max_bytes: int) -> tuple[ObjectInfo, bytes]:
         """The first bytes with the object's size and ETag, in one request (no HEAD); empty objects too."""
