@@ -75,6 +75,19 @@ class Settings:
     event_max_wait_s: float = 5.0
     event_run_window: int = 3600
     event_buckets: tuple[str, ...] = ()
+    # `scan --since`: how far before the asked-for time (or the watermark) to list again, for clock skew and
+    # objects that land late with an older LastModified; the done-set keeps the overlap free of charge.
+    since_overlap_s: int = 900
+    # Parallel listing of one source (prefixes split on the delimiter); 1 lists with one paginator.
+    list_workers: int = 8
+    # Where a run's end (done, failed, cancelled, paused for budget) is POSTed unless `scan --notify` says.
+    notify_url: str | None = field(default=None, repr=False)
+    # HMAC-SHA256 key of the X-Irlive-Signature header on those POSTs.
+    notify_secret: str | None = field(default=None, repr=False)
+    # The failure threshold (S3 Batch Operations' model): a run whose ended paid calls fail above this share,
+    # once at least min_calls have ended, stops paying and ends failed; 1 turns it off.
+    max_error_rate: float = 0.5
+    min_calls: int = 20
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -120,6 +133,10 @@ class Settings:
         _in_range("IRLIVE_MAX_RETRY_AFTER_S", self.max_retry_after_s, 1, 24 * 3600)
         _in_range("IRLIVE_EVENT_MAX_WAIT_S", self.event_max_wait_s, 0.1, 3600)
         _in_range("IRLIVE_EVENT_RUN_WINDOW", self.event_run_window, 60, 7 * 24 * 3600)
+        _in_range("IRLIVE_SINCE_OVERLAP_S", self.since_overlap_s, 0, 30 * 86400)
+        _in_range("IRLIVE_LIST_WORKERS", self.list_workers, 1, 64)
+        _in_range("IRLIVE_MAX_ERROR_RATE", self.max_error_rate, 0, 1)
+        _in_range("IRLIVE_MIN_CALLS", self.min_calls, 1, 1_000_000)
         if 86400 % self.event_run_window and self.event_run_window % 86400:
             raise ConfigError(f"IRLIVE_EVENT_RUN_WINDOW={self.event_run_window} must divide a day (or be whole "
                               "days), so windows start at the same times every day: e.g. 600, 3600, 86400")
@@ -164,8 +181,12 @@ class Settings:
         view: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name == "api_key":
+            if f.name in ("api_key", "notify_secret"):
                 value = "***" if value else None
+            elif f.name == "notify_url" and value:
+                # A webhook's path is often its secret (Slack, Teams): keep only where it goes.
+                parts = urlsplit(value)
+                value = f"{parts.scheme}://{parts.hostname or ''}/***"
             elif isinstance(value, S3Location):
                 value = str(value)
             elif isinstance(value, str) and "://" in value:
@@ -292,4 +313,10 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "event_max_wait_s": _typed(float, "a number of seconds"),
     "event_run_window": _duration,
     "event_buckets": _names,
+    "since_overlap_s": _duration,
+    "list_workers": _typed(int, "a whole number of listing threads"),
+    "notify_url": _url,
+    "notify_secret": _text,
+    "max_error_rate": _typed(float, "a share between 0 and 1 (0.5 = 50 %)"),
+    "min_calls": _typed(int, "a whole number of calls"),
 }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -76,8 +77,10 @@ class Runs:
         return self._keys
 
     def create(self, run_id: str, *, source: str, output: str, settings: dict[str, Any],
-               budget_cents: int | None = None) -> None:
+               budget_cents: int | None = None, extra: Mapping[str, str | int] | None = None) -> None:
+        """A new run record; `extra` adds fields a source or a flag needs (a watermark, a notify URL)."""
         self.store.hset(self._keys.run(run_id), mapping={
+            **(extra or {}),
             "run_id": run_id, "state": RunState.LISTING, "source": source, "output": output,
             "created_at": now_iso(), "created_ms": now_ms(), "total": 0, "chunks": 0, "pending": LISTING_HOLD,
             "skipped": 0, "done": 0, "calls": 0, "spend_cents": 0, "committed_cents": 0, "tokens_bought": 0,
