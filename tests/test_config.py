@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 
@@ -43,6 +44,12 @@ ALL_VARS = {
     "IRLIVE_EVENT_MAX_WAIT_S": "2.5",
     "IRLIVE_EVENT_RUN_WINDOW": "10m",
     "IRLIVE_EVENT_BUCKETS": "cams-eu, cams-us",
+    "IRLIVE_SINCE_OVERLAP_S": "30m",
+    "IRLIVE_LIST_WORKERS": "4",
+    "IRLIVE_NOTIFY_URL": "https://hooks.example.com/services/T0/B0/secretpath",
+    "IRLIVE_NOTIFY_SECRET": "whsec-not-in-any-view",
+    "IRLIVE_MAX_ERROR_RATE": "0.25",
+    "IRLIVE_MIN_CALLS": "40",
 }
 
 
@@ -99,7 +106,19 @@ def test_every_irlive_variable_is_parsed() -> None:
         event_max_wait_s=2.5,
         event_run_window=600,
         event_buckets=("cams-eu", "cams-us"),
+        since_overlap_s=1800,
+        list_workers=4,
+        notify_url="https://hooks.example.com/services/T0/B0/secretpath",
+        notify_secret="whsec-not-in-any-view",
+        max_error_rate=0.25,
+        min_calls=40,
     )
+
+
+def test_views_hide_the_notify_secret_and_the_webhook_path() -> None:
+    view = json.dumps(Settings.from_env(ALL_VARS).public_view())
+    assert "whsec-not-in-any-view" not in view and "secretpath" not in view
+    assert "hooks.example.com" in view
 
 
 def test_the_variable_list_covers_every_settings_field() -> None:
