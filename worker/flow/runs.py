@@ -89,10 +89,12 @@ class Runs:
         })
         self.store.zadd(self._keys.runs(), {run_id: time.time()})
 
-    def add_chunk(self, run_id: str, items: list[tuple[str, str]]) -> int:
-        """Count and keep one more chunk (its keys, for reconcile and redrive) before it is enqueued."""
+    def add_chunk(self, run_id: str, items: list[tuple[str, str]], bucket: str | None = None) -> int:
+        """Count and keep one more chunk (its keys, for reconcile and redrive) before it is enqueued; `bucket`
+        names it where a run's chunks come from several buckets (an inventory, a list file)."""
+        doc: Any = items if bucket is None else {"bucket": bucket, "items": items}
         seq = self._add_chunk([self._keys.run(run_id), self._keys.chunk_items(run_id)],
-                              [len(items), json.dumps(items)])
+                              [len(items), json.dumps(doc)])
         return int(seq)
 
     def chunk_items(self, run_id: str, seq: int) -> list[tuple[str, str]] | None:
