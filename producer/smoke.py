@@ -74,11 +74,12 @@ def _call(deps: Any, run_id: str, image: S3Location, etag: str, report: dict[str
                 report["call_error"] = f"{type(exc).__name__}: {exc}"
                 return
             spend.answered(answer.request_id, answer.raw)
-        deps.ledger.recorded(token.payment_id)
         report["answer"] = {"request_id": answer.request_id,
                             "result_type": "string" if isinstance(answer.result, str) else "object"}
         (judgement,) = judge_answer([url], answer.result)
-        report["verdict"] = getattr(judgement, "verdict", None) or f"unusable: {judgement}"
+        verdict = getattr(judgement, "verdict", None)
+        deps.ledger.recorded(token.payment_id, failed=verdict is None)
+        report["verdict"] = verdict or f"unusable: {judgement}"
     after = deps.market.get_payment(token.payment_id)
     report["payment_after"] = {"status": after.status, "remaining_calls": after.remaining_calls}
 

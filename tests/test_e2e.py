@@ -20,6 +20,7 @@ from tests.e2e import (
     upload,
     validator,
 )
+from worker.judge.manifest import VERDICTS
 
 pytestmark = pytest.mark.integration
 
@@ -53,7 +54,7 @@ def test_every_image_gets_one_record_matching_the_truth(clean_stack: Stack, irli
             assert got[sample.key]["reason"], sample.key
             assert got[sample.key]["error_code"], sample.key
     counts = Counter(r["verdict"] for r in run.records)
-    assert run.manifest["counts"] == {v: counts.get(v, 0) for v in ("live", "spoof", "no_face", "rejected", "error")}
+    assert run.manifest["counts"] == {v: counts.get(v, 0) for v in VERDICTS}
     assert run.manifest["failed"]["count"] == counts["rejected"] + counts["error"]
     assert len(run.failed_jsonl.splitlines()) == run.manifest["failed"]["count"]
 

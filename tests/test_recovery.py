@@ -42,7 +42,9 @@ def test_reconcile_finalises_a_run_whose_finalisation_was_lost(clean_stack: Stac
     run_id = json.loads(irlive("scan", f"s3://{IN_BUCKET}/clean", "--json").stdout)["run_id"]
     poll(lambda: run_hash(clean_stack, run_id)["state"] == "done", 60, "the run to finish")
     r = clean_stack.redis_client()
-    r.hset(f"irlive:run:{run_id}", "state", "running")  # as if the finalize message was lost
+    # As if the finalize message was lost: never finalised.
+    r.hset(f"irlive:run:{run_id}", "state", "running")
+    r.hdel(f"irlive:run:{run_id}", "finalised_at")
 
     result = json.loads(irlive("reconcile", run_id, "--json").stdout)
 

@@ -23,12 +23,26 @@ class PaymentRejected(TransientError):
     """The seller refused a payment token (used, expired or unknown): drop it and use another."""
 
 
+class NotifyFailed(TransientError):
+    """A webhook receiver could not take a notification now (5xx, 408, 429, timeout, no connection): retry."""
+
+    def __init__(self, message: str, status: int | None = None, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retry_after = retry_after
+
+
 class RateLimited(IrliveError):
     """The seller or our own limiter said 'not now'; wait and retry without using up an attempt."""
 
     def __init__(self, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class CallsUndecided(RateLimited):
+    """The run's failure threshold holds the next call until calls in flight end (a seller failing every call
+    costs at most the threshold's minimum)."""
 
 
 class PermanentInputError(IrliveError):
@@ -43,6 +57,14 @@ class ConfigError(IrliveError):
     """Wrong settings, credentials or price: stop and say exactly what to fix."""
 
 
+class NotifyRefused(ConfigError):
+    """A webhook receiver refused a notification for good (4xx, a redirect): fix its URL or secret."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 class OutcomeUnknown(IrliveError):
     """The request may have reached the seller and spent its token; reconcile before paying again."""
 
@@ -55,8 +77,17 @@ class UnreadableAnswer(IrliveError):
         self.raw = raw
 
 
-class BudgetExhausted(IrliveError):
+class RunHeld(IrliveError):
+    """The run is paused (by its owner, or by a cap): the chunk is parked until `irlive resume`."""
+
+
+class BudgetExhausted(RunHeld):
     """The wallet cannot buy within the run's or the day's cap: pause until the cap is raised."""
+
+
+class RunStopped(IrliveError):
+    """The run was cancelled, or failed (its error rate, its settings): pay nothing more; what has no record
+    yet is recorded `not_judged` and the run finalises with what it has."""
 
 
 class NotFound(PermanentInputError):

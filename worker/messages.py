@@ -15,6 +15,7 @@ DEFAULT_PRIORITY = "nightly"
 CONTROL_QUEUE = QUEUES["events"]
 PROCESS_CHUNK = "irlive.process_chunk"
 FINALIZE_RUN = "irlive.finalize_run"
+NOTIFY_RUN = "irlive.notify_run"
 
 
 def queue_for(priority: str) -> str:

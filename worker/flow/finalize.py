@@ -4,13 +4,17 @@ run's per-image state leaves Redis (idempotent: running it twice writes the same
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Callable
 from typing import Any
 
 from worker.config import S3Location
 from worker.errors import NotFound, TransientError
 from worker.flow.runs import Runs, now_iso
-from worker.flow.states import RunState
+from worker.flow.states import ENDING, RunState
+from worker.flow.watermarks import Watermarks
 from worker.judge.manifest import (
+    UNJUDGED,
     chunk_key,
     failed_key,
     failed_lines,
@@ -22,19 +26,30 @@ from worker.judge.manifest import (
 from worker.money.ledger import Ledger
 from worker.seams.storage import Storage
 
+log = logging.getLogger("irlive.finalize")
+
 
 def finalize_run(runs: Runs, storage: Storage, ledger: Ledger, run_id: str,
-                 enforced: dict[str, Any] | None = None) -> dict[str, Any] | None:
-    """Write manifest.json, failed.jsonl and payments.jsonl, mark the run done, then archive its state.
+                 enforced: dict[str, Any] | None = None,
+                 on_end: Callable[[str], None] | None = None) -> dict[str, Any] | None:
+    """Write manifest.json, failed.jsonl and payments.jsonl, mark the run done (a cancelled or failed run keeps
+    its state), then archive its state.
 
     `enforced` are the money settings the workers applied (they, not the producer, decide what is paid).
+    `on_end(state)` runs once the manifest is written and before the run is marked finalised, so a crash
+    between them repeats it (notifications are at least once, with a stable event id).
     """
     run = runs.get(run_id)
     if run is None:
         return None
     output = S3Location.parse(run["output"], "run output")
-    if run["state"] == RunState.DONE:
+    if run["state"] == RunState.DONE or run.get("finalised_at"):
         archive_run(runs, storage, ledger, run_id, output)
+        return None
+    if run["state"] not in (RunState.RUNNING, *ENDING) or int(run["pending"]) > 0:
+        # Paused, listing, or chunks still to come (a cancel races its last chunks): their completion, the
+        # watchdog or `irlive reconcile` finalises it later.
+        log.info("run %s: not finalised now (%s, %s chunks pending)", run_id, run["state"], run["pending"])
         return None
     # A call whose answer was lost leaves its token 'sent'; the manifest's calls must include it.
     if ledger.settle_run(run_id):
@@ -47,7 +62,7 @@ def finalize_run(runs: Runs, storage: Storage, ledger: Ledger, run_id: str,
         key = chunk_key(output, run_id, seq)
         doc, etag = storage.get_json(output.bucket, key)
         chunks.append({"seq": seq, "key": key, "etag": etag, "images": len(doc["images"]), "counts": doc["counts"]})
-        failed.extend(r for r in doc["images"] if r["verdict"] in ("rejected", "error"))
+        failed.extend(r for r in doc["images"] if r["verdict"] in UNJUDGED)
     body = failed_lines(failed)
     fkey = failed_key(output, run_id)
     storage.put_bytes(output.bucket, fkey, body, "application/x-ndjson")
@@ -67,8 +82,24 @@ def finalize_run(runs: Runs, storage: Storage, ledger: Ledger, run_id: str,
         manifest["enforced"] = enforced
     # Prepaid tokens still in the shared pool when the run ended (money paid, not yet used by any run).
     manifest["tokens_unspent"] = int(runs.set_once(run_id, "tokens_unspent", str(ledger.totals()["pool"])))
+    final = RunState(run["state"]) if run["state"] in ENDING else RunState.DONE
+    manifest["state"] = str(final)
+    manifest["stop_reason"] = run.get("stop_reason") if final in ENDING else None
+    # Paid calls that bought no verdict, as the failure threshold counted them.
+    manifest["calls_failed"] = int(run.get("calls_failed") or 0)
     storage.put_json(output.bucket, run_manifest_key(output, run_id), manifest)
-    runs.set_state(run_id, RunState.DONE)
+    if on_end is not None:
+        on_end(str(final))
+    marks = Watermarks(runs.store, runs.keys)
+    if final == RunState.DONE:
+        runs.set_state(run_id, RunState.DONE)
+        if run.get("watermark_source") and run.get("watermark_to"):
+            # Only a run that judged everything it listed moves its source on: a failed or cancelled night is
+            # listed again by the next `scan --since last`.
+            marks.advance(run["watermark_source"], run["watermark_to"])
+    runs.set_once(run_id, "finalised_at", now_iso())
+    if run.get("watermark_source"):
+        marks.release(run["watermark_source"], run_id)
     archive_run(runs, storage, ledger, run_id, output)
     return manifest
 
@@ -76,7 +107,7 @@ def finalize_run(runs: Runs, storage: Storage, ledger: Ledger, run_id: str,
 def archive_run(runs: Runs, storage: Storage, ledger: Ledger, run_id: str, output: S3Location) -> None:
     """A done run keeps nothing per image in Redis but its done-set entries: payments and progress go."""
     run = runs.get(run_id)
-    if run is None or run.get("archived_at") or run["state"] != RunState.DONE:
+    if run is None or run.get("archived_at") or not (run["state"] == RunState.DONE or run.get("finalised_at")):
         return
     payments = _write_payments(storage, ledger, run_id, output)
     ledger.forget_settled(run_id, [p["payment_id"] for p in payments])

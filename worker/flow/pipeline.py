@@ -21,6 +21,8 @@ from worker.errors import (
     PaymentRejected,
     PermanentInputError,
     RateLimited,
+    RunHeld,
+    RunStopped,
     TransientError,
     UnreadableAnswer,
 )
@@ -28,9 +30,10 @@ from worker.flow.claims import Claims, DoneEntry
 from worker.flow.leases import ChunkLease
 from worker.flow.limiter import RateLimiter
 from worker.flow.runs import Runs, Save, now_iso
-from worker.flow.states import RunState
+from worker.flow.states import ENDING, HELD, RunState
 from worker.flow.validate import Limits, small_image_warning, validate
 from worker.judge.manifest import (
+    JUDGED,
     Item,
     chunk_document,
     chunk_key,
@@ -119,17 +122,27 @@ class ChunkProcessor:
         """Process the chunk; returns the run's pending chunk count after it, or None if the run is gone."""
         runs = self.deps.runs
         run = runs.get(chunk.run_id)
-        if run is None or run["state"] == RunState.FAILED:
-            log.warning("dropping chunk %s: run %s", chunk.label(), "unknown" if run is None else "failed")
+        if run is None:
+            log.warning("dropping chunk %s: run unknown", chunk.label())
             return None
         if runs.chunk_complete(chunk.run_id, chunk.seq):
             # A late duplicate delivery (the broker's redelivery after a watchdog restore): nothing to do.
             return int(run["pending"])
         if run["state"] == RunState.PAUSED_BUDGET:
             raise BudgetExhausted(run.get("pause_reason") or "run paused for budget")
+        if run["state"] in HELD:
+            raise RunHeld(f"run {chunk.run_id} is paused")
         with ChunkLease(self.deps.store, runs.keys, chunk.run_id, chunk.seq) as lease:
             self._lease = lease
-            return self._run(chunk, run)
+            if run["state"] in ENDING:
+                return self._wind_down(chunk, run)
+            try:
+                return self._run(chunk, run)
+            except RunStopped as exc:
+                # Cancelled or failed while this chunk was being judged: the calls already answered are
+                # recorded; no other is paid.
+                log.info("chunk %s: %s; recording the rest as not judged", chunk.label(), exc)
+                return self._wind_down(chunk, runs.get(chunk.run_id) or run)
 
     def give_up(self, chunk: Chunk, reason: str) -> int | None:
         """Dead-letter: every image of the chunk still without a record ends `error`, so the run can finish."""
@@ -141,6 +154,17 @@ class ChunkProcessor:
                                                    code="dead_letter", attempts=0, judged_at=now_iso()))
                  for index, item in enumerate(_items(chunk)) if index not in progress]
         self.deps.runs.record(chunk.run_id, chunk.seq, saves)
+        return self._finish(chunk, S3Location.parse(run["output"], "run output"))
+
+    def _wind_down(self, chunk: Chunk, run: dict[str, Any]) -> int:
+        """A cancelled or failed run's chunk: answers already paid for are recorded, every other image without a
+        record ends `not_judged` (nothing is paid), and the chunk completes so the run can finalise."""
+        self._replay(chunk)
+        progress = self.deps.runs.progress(chunk.run_id, chunk.seq)
+        reason = run.get("stop_reason") or f"the run was {run['state']}"
+        self._save(chunk, [Save(index, item, unjudged_record(
+            item, None, "not_judged", reason=reason, code=f"run_{run['state']}", attempts=0, judged_at=now_iso()))
+            for index, item in enumerate(_items(chunk)) if index not in progress])
         return self._finish(chunk, S3Location.parse(run["output"], "run output"))
 
     # ---- the chunk ----------------------------------------------------------------------------------------
@@ -350,7 +374,8 @@ class ChunkProcessor:
                     img.item, img.size or 0, judgement, request_id=request_id, attempts=group.attempts + 1,
                     judged_at=now_iso(), warning=img.warning)))
         self._save(chunk, saves)
-        self.deps.ledger.recorded(payment_id)
+        # A paid call that bought no verdict counts against the run's failure threshold.
+        self.deps.ledger.recorded(payment_id, failed=not any(s.record["verdict"] in JUDGED for s in saves))
         if unanswered and queue is not None:
             log.warning("call %s answered %d of %d images", request_id, len(group.images) - len(unanswered),
                         len(group.images))
@@ -364,7 +389,7 @@ class ChunkProcessor:
         self._save(chunk, [Save(img.index, img.item, unjudged_record(
             img.item, img.size, "error", reason=reason, code="unreadable_answer", attempts=group.attempts + 1,
             judged_at=now_iso(), request_id=request_id)) for img in group.images])
-        self.deps.ledger.recorded(payment_id, keep_answer=True)
+        self.deps.ledger.recorded(payment_id, failed=True, keep_answer=True)
 
     def _replay(self, chunk: Chunk) -> None:
         """Record answers this chunk paid for and the ledger holds, but a crash or Redis kept from its records."""

@@ -11,7 +11,7 @@ from typing import Any
 
 from worker.errors import ConfigError, StoreUnavailable, TransientError
 from worker.flow.claims import DoneEntry
-from worker.flow.states import STOPPED, TERMINAL, RunState, can_move
+from worker.flow.states import TERMINAL, RunState, can_move, stopped
 from worker.judge.manifest import JUDGED, VERDICTS, Item
 from worker.keys import Keys
 from worker.seams.store import Store
@@ -22,7 +22,6 @@ RECORD_RETRY_S = 120.0
 # The producer holds one extra 'pending' while it lists, so early chunks cannot finish the run.
 LISTING_HOLD = 1
 TERMINAL_STATES = tuple(TERMINAL)
-STOPPED_STATES = tuple(STOPPED)
 
 
 @dataclass(frozen=True)
@@ -56,6 +55,15 @@ class RunStatus:
     duplicates: int = 0
     answers_lost: int = 0
     answers_lost_images: int = 0
+    # The run manifest is written (a cancelled or failed run winds its chunks down first).
+    finalised: bool = False
+    created_ms: int = 0
+    progress_ms: int = 0
+
+    @property
+    def stopped(self) -> bool:
+        """Where `status --wait` stops following: paused, done, or cancelled/failed with its manifest written."""
+        return stopped(self.state, self.finalised)
 
 
 class Runs:
@@ -71,6 +79,7 @@ class Runs:
         self._park = store.script("flow", "park")
         self._pause = store.script("flow", "pause")
         self._resume = store.script("flow", "resume")
+        self._control = store.script("flow", "control")
 
     @property
     def keys(self) -> Keys:
@@ -121,11 +130,12 @@ class Runs:
         return int(self._listed([self._keys.run(run_id)], [LISTING_HOLD]))
 
     def pause(self, run_id: str, reason: str) -> bool:
-        """Running -> paused_budget; False if the run was not running (already paused, failed, done)."""
+        """Running -> paused_budget (a cap); False if the run was not running (already paused, failed, done)."""
         return bool(self._pause([self._keys.run(run_id)], [reason]))
 
     def park(self, run_id: str, message: dict[str, Any]) -> bool:
-        """Keep a chunk of a paused run until it resumes; False if it is not paused (send it on instead)."""
+        """Keep a chunk of a paused run (by its owner or a cap) until it resumes; False if it is not paused (send
+        it on instead)."""
         return bool(self._park([self._keys.run(run_id), self._keys.parked(run_id)],
                                [json.dumps(message, sort_keys=True)]))
 
@@ -190,6 +200,8 @@ class Runs:
             tokens_bought=int(run.get("tokens_bought") or 0), duplicates=int(run.get("duplicates") or 0),
             answers_lost=int(run.get("answers_lost") or 0),
             answers_lost_images=int(run.get("answers_lost_images") or 0),
+            finalised=bool(run.get("finalised_at")) or run["state"] == RunState.DONE,
+            created_ms=int(run.get("created_ms") or 0), progress_ms=int(run.get("progress_ms") or 0),
         )
 
     def set_state(self, run_id: str, state: RunState, error: str | None = None) -> None:
@@ -206,9 +218,23 @@ class Runs:
         self.set_state(run_id, to, error)
         return True
 
-    def fail(self, run_id: str, error: str) -> None:
-        """Stop the run for a reason a person must fix; later chunks of it are dropped on arrival."""
-        self.set_state(run_id, RunState.FAILED, error)
+    def fail(self, run_id: str, error: str) -> bool:
+        """Stop the run for a reason a person must fix: nothing more is paid, its chunks wind down (`not_judged`)
+        and it finalises; False if it had ended already."""
+        return self.control(run_id, "fail", error)[0]
+
+    def owner_pause(self, run_id: str) -> tuple[bool, str]:
+        """`irlive pause`: (paused now, the state); nothing is paid for the run once this returns."""
+        done, state, _ = self.control(run_id, "pause", "paused by its owner")
+        return done, state
+
+    def cancel(self, run_id: str) -> tuple[bool, str, list[dict[str, Any]]]:
+        """`irlive cancel`: (cancelled now, the state, parked chunk messages to send again so they wind down)."""
+        return self.control(run_id, "cancel", "cancelled by its owner")
+
+    def control(self, run_id: str, action: str, reason: str) -> tuple[bool, str, list[dict[str, Any]]]:
+        answer = self._control([self._keys.run(run_id), self._keys.parked(run_id)], [action, reason])
+        return int(answer[0]) == 1, str(answer[1]), [json.loads(m) for m in answer[2:]]
 
     def progress(self, run_id: str, seq: int) -> dict[int, dict[str, Any]]:
         raw: dict[str, str] = self.store.hgetall(self._keys.chunk_progress(run_id, seq))

@@ -7,6 +7,7 @@ from typing import Any
 
 from celery import Celery, Task
 
+from worker.config import S3Location
 from worker.errors import (
     BudgetExhausted,
     ChunkBusy,
@@ -14,20 +15,26 @@ from worker.errors import (
     IrliveError,
     PermanentInputError,
     RateLimited,
+    RunHeld,
     TransientError,
 )
 from worker.flow.finalize import finalize_run
 from worker.flow.pipeline import ChunkProcessor, Deps
 from worker.flow.states import RunState
-from worker.messages import CONTROL_QUEUE, FINALIZE_RUN, PROCESS_CHUNK, Chunk
+from worker.judge.manifest import run_manifest_key
+from worker.messages import CONTROL_QUEUE, FINALIZE_RUN, NOTIFY_RUN, PROCESS_CHUNK, Chunk
+from worker.ops.notify import deliver, run_end_event
 from worker.ops.redact import redact
 from worker.ops.runtime import Runtime
+from worker.seams.webhook import Notifier
 
 log = logging.getLogger("irlive.tasks")
 # A chunk that fails with an exception irlive does not know (a bug) is dead-lettered at its second such failure.
 BUGS_BEFORE_DEAD_LETTER = 2
 # A chunk that failed on transient trouble (S3, Redis, the seller) comes back after at most this long.
 RETRY_CAP_S = 60.0
+# Each attempt to POST a run's notification; five attempts with backoff hold one thread 80 s at worst.
+NOTIFY_TIMEOUT_S = 10.0
 
 
 def register_tasks(app: Celery, runtime: Runtime) -> None:
@@ -44,8 +51,9 @@ def register_tasks(app: Celery, runtime: Runtime) -> None:
             log.error("dropping message: %s", exc)
             return
         runs = deps.runs
-        state = runs.state(chunk.run_id)
-        if state in (None, RunState.DONE) or runs.chunk_complete(chunk.run_id, chunk.seq):
+        run = runs.get(chunk.run_id)
+        if run is None or run["state"] == RunState.DONE or run.get("finalised_at") \
+                or runs.chunk_complete(chunk.run_id, chunk.seq):
             # A late duplicate (the broker's own redelivery after the watchdog restored it), or a chunk of a
             # run that is finished or unknown: nothing to do, nothing to count.
             return
@@ -78,18 +86,20 @@ def register_tasks(app: Celery, runtime: Runtime) -> None:
             runs.count_delivery(chunk.run_id, chunk.seq, -1)
             countdown = min(max_countdown, getattr(exc, "retry_after", None) or 5.0)
             raise task.retry(countdown=countdown, queue=chunk.queue) from None
-        except BudgetExhausted as exc:
+        except RunHeld as exc:
             runs.count_delivery(chunk.run_id, chunk.seq, -1)
-            if runs.pause(chunk.run_id, str(exc)):
+            if isinstance(exc, BudgetExhausted) and runs.pause(chunk.run_id, str(exc)):
                 log.warning("run %s paused: %s", chunk.run_id, exc)
+                _announce(chunk.run_id, "paused_budget")
             if not runs.park(chunk.run_id, message):
-                # Resumed between our failure and the park: go round again.
+                # Resumed (or cancelled) between our failure and the park: go round again.
                 raise task.retry(countdown=1.0, queue=chunk.queue) from None
             return None
         except ConfigError as exc:
             log.error("run %s stopped: %s", chunk.run_id, exc)
             runs.fail(chunk.run_id, str(exc))
-            return None
+            # Failed now: the same chunk winds down (its images `not_judged`), so the run still finalises.
+            raise task.retry(countdown=1.0, queue=chunk.queue) from None
         except Exception as exc:
             known = isinstance(exc, IrliveError)
             what = redact(f"{type(exc).__name__}: {exc}")
@@ -112,10 +122,38 @@ def register_tasks(app: Celery, runtime: Runtime) -> None:
             log.warning("chunk %s: %s; retrying in %.0fs", chunk.label(), what, countdown)
             raise task.retry(countdown=countdown, queue=chunk.queue) from None
 
+    def _announce(run_id: str, state: str) -> None:
+        """Queue the run's end (or budget pause) notification, if anyone is to be told."""
+        run = runtime.deps().runs.get(run_id)
+        if run is not None and (run.get("notify_url") or settings.notify_url):
+            app.send_task(NOTIFY_RUN, args=[run_id, f"run.{state}"], queue=CONTROL_QUEUE)
+
     @app.task(name=FINALIZE_RUN, bind=True, max_retries=10)  # type: ignore[untyped-decorator]
     def finalize(self: Task, run_id: str) -> None:
         deps = runtime.deps()
         try:
-            finalize_run(deps.runs, deps.storage, deps.ledger, run_id, enforced=settings.enforced_view())
+            finalize_run(deps.runs, deps.storage, deps.ledger, run_id, enforced=settings.enforced_view(),
+                         on_end=lambda state: _announce(run_id, state))
         except TransientError:
             raise self.retry(countdown=5.0) from None
+
+    @app.task(name=NOTIFY_RUN)  # type: ignore[untyped-decorator]
+    def notify(run_id: str, event: str) -> None:
+        deps = runtime.deps()
+        run = deps.runs.get(run_id)
+        url = (run or {}).get("notify_url") or settings.notify_url
+        if run is None or not url:
+            return
+        manifest = None
+        if event != "run.paused_budget":
+            try:
+                output = S3Location.parse(run["output"], "run output")
+                manifest, _ = deps.storage.get_json(output.bucket, run_manifest_key(output, run_id))
+            except IrliveError as exc:
+                log.warning("run %s: notifying without its manifest (%s)", run_id, exc)
+        notifier = Notifier(timeout_s=NOTIFY_TIMEOUT_S)
+        try:
+            # Retries with backoff inside; never raises: a receiver's trouble never touches the run.
+            deliver(notifier, url, settings.notify_secret, run_end_event(run, manifest, event))
+        finally:
+            notifier.close()

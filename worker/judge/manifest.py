@@ -12,7 +12,9 @@ from worker.config import S3Location
 from worker.judge.verdicts import Judgement
 
 SCHEMA_VERSION = 1
-VERDICTS = ("live", "spoof", "no_face", "rejected", "error")
+VERDICTS = ("live", "spoof", "no_face", "rejected", "error", "not_judged")
+# Verdicts that say why an image has no judgment: failed.jsonl lists them, a redrive may judge them again.
+UNJUDGED = ("rejected", "error", "not_judged")
 JUDGED = ("live", "spoof", "no_face")
 
 
@@ -85,8 +87,9 @@ def judged_record(item: Item, size: int, judgement: Judgement, *, request_id: st
 
 def unjudged_record(item: Item, size: int | None, verdict: str, *, reason: str, code: str,
                     attempts: int, judged_at: str, request_id: str | None = None) -> dict[str, Any]:
-    """A `rejected` (never paid) or `error` (tried and failed) record, with why."""
-    assert verdict in ("rejected", "error")
+    """A `rejected` (never paid), `error` (tried and failed) or `not_judged` (its run was cancelled or failed
+    first) record, with why."""
+    assert verdict in UNJUDGED
     return {
         "bucket": item.bucket,
         "key": item.key,
@@ -170,7 +173,7 @@ def run_document(run: dict[str, Any], chunks: list[dict[str, Any]], failed: dict
 
 
 def failed_lines(records: Iterable[dict[str, Any]]) -> bytes:
-    """failed.jsonl: one line per image that ended rejected or error."""
-    failed = (r for r in records if r["verdict"] in ("rejected", "error"))
+    """failed.jsonl: one line per image that ended without a judgment (rejected, error, not_judged)."""
+    failed = (r for r in records if r["verdict"] in UNJUDGED)
     lines = [json.dumps(r, sort_keys=True, ensure_ascii=True) for r in failed]
     return ("\n".join(lines) + "\n").encode() if lines else b""

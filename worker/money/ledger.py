@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from worker.errors import ChunkBusy, OutcomeUnknown, TransientError
+from worker.errors import CallsUndecided, ChunkBusy, OutcomeUnknown, RunHeld, RunStopped, TransientError
 from worker.keys import Keys
 from worker.money.budgets import Budgets
 from worker.money.purchaser import (
@@ -48,6 +48,8 @@ ANSWER_HOLD_S = 600.0
 # The raw answer kept with a token until its verdicts are recorded (an answer for 10 images is ~4 KB).
 MAX_ANSWER_KEPT = 256 * 1024
 _POOL_PEEK = 8
+# A call held back by the run's failure threshold waits this long for the calls in flight to end.
+UNDECIDED_WAIT_S = 2.0
 
 __all__ = ["Ledger", "Spend", "Token", "Unrecorded"]
 
@@ -118,6 +120,7 @@ class Ledger:
         self._send = store.script("money", "send")
         self._settle = store.script("money", "settle")
         self._give_back = store.script("money", "give_back")
+        self._call_end = store.script("money", "call_end")
         self._rng = random.Random()
         self.last_take_at = 0.0
 
@@ -143,6 +146,8 @@ class Ledger:
                 return Token(pid, int(got[2]), run_id, holder, str(got[1]))
             if status == -1:
                 raise self.budgets.run_exhausted(run_id)
+            if status in (-4, -5):
+                raise _run_closed(run_id, status == -4)
             # 0: another worker took that one first; -3: it had expired in the pool. Look again.
 
     def _buy(self, run_id: str, holder: str) -> Token:
@@ -179,10 +184,16 @@ class Ledger:
         token goes back to the pool here). Leaving the block without settling leaves the token `sent`,
         for the sweep to reconcile with the seller.
         """
-        sent = int(self._send([self._keys.payment(token.payment_id), self._keys.leases(), chunk_lease_key],
+        sent = int(self._send([self._keys.payment(token.payment_id), self._keys.leases(), chunk_lease_key,
+                               self._keys.run(token.run_id)],
                               [token.payment_id, token.holder, ",".join(identities), self._lease_ms]))
         if sent != 1:
             self.give_back(token)
+            if sent in (-1, -2):
+                raise _run_closed(token.run_id, sent == -1)
+            if sent == -3:
+                raise CallsUndecided(f"run {token.run_id}: waiting for calls in flight to end before paying "
+                                     "another (its failure threshold)", retry_after=UNDECIDED_WAIT_S)
             raise ChunkBusy(f"token {token.payment_id} may not be sent: the chunk lease or the reservation "
                             "was lost")
         spend = Spend(self, token, chunk_ref)
@@ -256,13 +267,20 @@ class Ledger:
             found.append(Unrecorded(pid, identities, record.get("request_id", ""), record.get("answer", "")))
         return found
 
-    def recorded(self, payment_id: str, *, keep_answer: bool = False) -> None:
-        """The answer's records are saved; the raw answer is dropped, or kept for a person to read (unreadable)."""
-        pipe = self._store.pipeline(transaction=True)
-        pipe.hdel(self._keys.unrecorded(), payment_id)
-        if not keep_answer:
-            pipe.hdel(self._keys.payment(payment_id), "answer")
-        pipe.execute()
+    def recorded(self, payment_id: str, *, failed: bool, keep_answer: bool = False) -> bool:
+        """The answer's records are saved; the raw answer is dropped, or kept for a person to read (unreadable).
+
+        This ends the paid call, `failed` if it bought no verdict; True if that stopped the run (its failure
+        threshold was crossed).
+        """
+        run_id = str(self._store.hget(self._keys.payment(payment_id), "run_id") or "")
+        stopped = int(self._call_end(
+            [self._keys.payment(payment_id), self._keys.run(run_id) if run_id else self._keys.no_run(),
+             self._keys.unrecorded()],
+            [payment_id, "1" if failed else "0", "1" if keep_answer else "0"]))
+        if stopped:
+            log.warning("run %s failed: too many of its paid calls bought no verdict", run_id)
+        return bool(stopped)
 
     # ---- reconciliation -----------------------------------------------------------------------------------
 
@@ -350,3 +368,9 @@ class Ledger:
         totals["spent_today_cents"] = self.budgets.spent_today()
         return totals
 
+
+def _run_closed(run_id: str, held: bool) -> RunHeld | RunStopped:
+    """What a refusal to lend or send for a run means to the chunk: park (paused) or wind down (ended)."""
+    if held:
+        return RunHeld(f"run {run_id} is paused: nothing is paid for it until `irlive resume {run_id}`")
+    return RunStopped(f"run {run_id} is cancelled or failed: nothing more is paid for it")

@@ -15,7 +15,15 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from worker.errors import BudgetExhausted, ConfigError, IrliveError, OutcomeUnknown, TransientError
+from worker.errors import (
+    BudgetExhausted,
+    ConfigError,
+    IrliveError,
+    OutcomeUnknown,
+    RunHeld,
+    RunStopped,
+    TransientError,
+)
 from worker.judge.manifest import iso_ms
 from worker.keys import Keys
 from worker.money.budgets import Budgets, today
@@ -108,6 +116,9 @@ class Purchaser:
             raise self._budgets.day_exhausted(day)
         if begun == -2:
             raise self._budgets.run_exhausted(run_id)
+        if begun in (-3, -4):
+            raise (RunHeld(f"run {run_id} is paused: nothing is bought for it") if begun == -3
+                   else RunStopped(f"run {run_id} is cancelled or failed: nothing is bought for it"))
         try:
             payment = self._seller.create_payment()
         except OutcomeUnknown:

@@ -9,7 +9,7 @@ from typing import Any
 from worker.config import S3Location
 from worker.errors import ConfigError, UnknownRun
 from worker.flow.runs import Runs, now_iso
-from worker.flow.states import RunState
+from worker.flow.states import HELD
 from worker.judge.manifest import chunk_key
 from worker.keys import Keys
 from worker.messages import DEFAULT_PRIORITY, PRIORITIES, Chunk
@@ -51,7 +51,7 @@ class Recovery:
         run = self._runs.get(run_id)
         if run is None:
             raise UnknownRun(run_id)
-        if run["state"] in (RunState.FAILED, RunState.PAUSED_BUDGET):
+        if run["state"] in HELD or run.get("finalised_at"):
             return []
         done = {int(s) for s in self._store.smembers(self._keys.chunks_done(run_id))}
         parked = {int(json.loads(m)["seq"]) for m in self._store.lrange(self._keys.parked(run_id), 0, -1)}
@@ -79,7 +79,8 @@ class Recovery:
         run = self._runs.get(run_id)
         if run is None:
             raise UnknownRun(run_id)
-        verdicts = ("error", "rejected") if include_rejected else ("error",)
+        # not_judged: images a cancelled or failed run never paid for; a redrive judges them after all.
+        verdicts = ("error", "not_judged", "rejected") if include_rejected else ("error", "not_judged")
         if run.get("archived_at"):
             if storage is None:
                 raise ConfigError(f"run {run_id} is archived: its records are read back from S3")

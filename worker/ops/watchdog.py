@@ -16,7 +16,7 @@ from typing import Any
 from worker.errors import IrliveError
 from worker.flow.intake import Intake
 from worker.flow.runs import Runs
-from worker.flow.states import RunState
+from worker.flow.states import ENDING, RunState
 from worker.keys import Keys
 from worker.messages import FINALIZE_RUN, PROCESS_CHUNK
 from worker.money.ledger import Ledger
@@ -118,13 +118,14 @@ class Watchdog(Periodic):
         week_ago = time.time() - 7 * 24 * 3600
         for run_id in self._store.zrangebyscore(self._keys.runs(), week_ago, "+inf"):
             run = self._runs.get(run_id)
-            if run is not None and run["state"] == RunState.DONE and not run.get("archived_at") \
-                    and run.get("output"):
+            if run is not None and (run["state"] == RunState.DONE or run.get("finalised_at")) \
+                    and not run.get("archived_at") and run.get("output"):
                 # Finalised, but its worker died before the run's state left Redis: finish that.
                 self._send(FINALIZE_RUN, [run_id])
                 actions += 1
                 continue
-            if run is None or run["state"] != RunState.RUNNING:
+            # A cancelled or failed run winds its chunks down and finalises like a running one.
+            if run is None or run.get("finalised_at") or run["state"] not in (RunState.RUNNING, *ENDING):
                 continue
             if int(run["pending"]) <= 0:
                 log.warning("run %s: all chunks complete but not finalised; finalising", run_id)

@@ -135,7 +135,12 @@ class Store:
         """The script `worker/<package>/scripts/<name>.lua`, loaded once per Store."""
         key = f"{package}/{name}"
         if key not in self._scripts:
-            source = resources.files(f"worker.{package}").joinpath("scripts", f"{name}.lua").read_text()
+            scripts = resources.files(f"worker.{package}").joinpath("scripts")
+            lines = scripts.joinpath(f"{name}.lua").read_text().splitlines()
+            # `--#include NAME` inlines scripts/lib/NAME.lua: Redis runs one self-contained script, so a rule
+            # several scripts must apply alike (the end of a paid call) is written once and pasted in here.
+            source = "\n".join(scripts.joinpath("lib", line.split()[1] + ".lua").read_text()
+                               if line.startswith("--#include ") else line for line in lines)
             self._scripts[key] = Script(self.client, key, source)
         return self._scripts[key]
 

@@ -23,7 +23,7 @@ if removed > 0 and redis.call('SREM', KEYS[3], ARGV[#ARGV]) == 1 then
 end
 if removed > 0 then
   redis.call('HSET', KEYS[2], 'state', 'running')
-  redis.call('HDEL', KEYS[2], 'finished_at', 'tokens_unspent', 'archived_at')
+  redis.call('HDEL', KEYS[2], 'finished_at', 'tokens_unspent', 'archived_at', 'finalised_at', 'stop_reason')
   redis.call('HDEL', KEYS[4], ARGV[#ARGV], 'bug:' .. ARGV[#ARGV], 'error:' .. ARGV[#ARGV])
 end
 return removed

@@ -9,7 +9,13 @@
 -- ARGV[3]  the day's cap in cents, -1 for none
 -- ARGV[4]  the UTC day (YYYY-MM-DD) the price is charged to, kept so a release finds the same day
 -- ARGV[5]  run id, '' for a purchase into the shared pool
--- Returns  1 committed and written down; -1 the day's cap would be crossed; -2 the run's cap would be.
+-- Returns  1 committed and written down; -1 the day's cap would be crossed; -2 the run's cap would be;
+--          -3 the run is paused; -4 the run is cancelled, failed or done (nothing is bought for it).
+if ARGV[5] ~= '' then
+  local state = redis.call('HGET', KEYS[4], 'state')
+  if state == 'paused' or state == 'paused_budget' then return -3 end
+  if state ~= 'listing' and state ~= 'running' then return -4 end
+end
 local price = tonumber(ARGV[2])
 local day_cap = tonumber(ARGV[3])
 local bought = tonumber(redis.call('HGET', KEYS[3], 'bought_cents') or '0')

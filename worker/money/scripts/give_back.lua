@@ -10,6 +10,7 @@
 -- ARGV[4]  the holder token the caller expects, '' for any (a sweep)
 -- ARGV[5]  '1' to act only if the token's lease has expired on the Redis clock (a sweep), else '0'
 -- Returns  1 back in the pool; 0 not in the expected state, holder or expiry; -1 lent to another run.
+--#include calls
 if redis.call('HGET', KEYS[1], 'state') ~= ARGV[3] then return 0 end
 if ARGV[4] ~= '' and redis.call('HGET', KEYS[1], 'holder') ~= ARGV[4] then return 0 end
 if (redis.call('HGET', KEYS[1], 'run_id') or '') ~= ARGV[2] then return -1 end
@@ -22,6 +23,8 @@ end
 if redis.call('HGET', KEYS[1], 'committed') == '1' and ARGV[2] ~= '' then
   redis.call('HINCRBY', KEYS[4], 'committed_cents', -tonumber(redis.call('HGET', KEYS[1], 'amount_cents') or '0'))
 end
+-- A sent token the seller did not consume: its call ends, unpaid.
+end_call(KEYS[1], KEYS[4], false, false)
 redis.call('HSET', KEYS[1], 'state', 'paid', 'committed', '0', 'holder', '', 'run_id', '', 'images', '',
            'updated_ms', now)
 redis.call('ZREM', KEYS[2], ARGV[1])

@@ -1,18 +1,36 @@
 -- send.lua: written just before a paid call leaves. Fenced: only the delivery the token was lent to, while it
 -- still holds its chunk's lease, may send it; a reservation that expired (and went back to the pool) may not.
+-- Gated by the run: nothing is sent for a run paused or ended (so `irlive pause`/`cancel` stop payment the
+-- moment they return), nor a call whose failure could carry the run past its failure threshold while the
+-- calls in flight are undecided (so a seller failing every call costs at most min_calls calls).
 -- KEYS[1]  the payment's hash
 -- KEYS[2]  the zset of token leases
 -- KEYS[3]  the chunk's lease key
+-- KEYS[4]  the run's hash (state, calls_ended, calls_failed, calls_in_flight, max_error_rate, min_calls)
 -- ARGV[1]  payment id
 -- ARGV[2]  holder token (the chunk lease's value)
 -- ARGV[3]  the images the call carries (comma-separated identities)
 -- ARGV[4]  lease, ms: how long before the sweep may ask the seller what became of the token
--- Returns  1 marked sent; 0 fenced out (the caller must not send the token).
+-- Returns  1 marked sent; 0 fenced out (the caller must not send the token); -1 the run is paused; -2 the
+--          run is cancelled, failed or done; -3 wait for calls in flight to end (the failure threshold).
 if redis.call('HGET', KEYS[1], 'state') ~= 'reserved' then return 0 end
 if redis.call('HGET', KEYS[1], 'holder') ~= ARGV[2] then return 0 end
 if redis.call('GET', KEYS[3]) ~= ARGV[2] then return 0 end
+local run = redis.call('HGET', KEYS[4], 'state')
+if run == 'paused' or run == 'paused_budget' then return -1 end
+if run ~= 'listing' and run ~= 'running' then return -2 end
+local rate = tonumber(redis.call('HGET', KEYS[4], 'max_error_rate') or '1')
+local inflight = tonumber(redis.call('HGET', KEYS[4], 'calls_in_flight') or '0')
+if rate < 1 then
+  -- Allowed while, even if every undecided call fails, the run stays at or under its threshold.
+  local n = tonumber(redis.call('HGET', KEYS[4], 'calls_ended') or '0') + inflight + 1
+  local failed = tonumber(redis.call('HGET', KEYS[4], 'calls_failed') or '0') + inflight + 1
+  if n > tonumber(redis.call('HGET', KEYS[4], 'min_calls') or '0') and failed > rate * n then return -3 end
+end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('HSET', KEYS[1], 'state', 'sent', 'images', ARGV[3], 'sent_ms', now, 'updated_ms', now)
+redis.call('HSET', KEYS[1], 'state', 'sent', 'images', ARGV[3], 'sent_ms', now, 'updated_ms', now,
+           'call_open', '1')
+redis.call('HINCRBY', KEYS[4], 'calls_in_flight', 1)
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[4]), ARGV[1])
 return 1

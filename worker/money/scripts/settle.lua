@@ -12,6 +12,7 @@
 -- ARGV[6]  "<run_id> <seq>" of the chunk that must record the answer, '' if none
 -- ARGV[7]  why (for void), '' if nothing to say
 -- Returns  1 if this call settled the token, 0 if it was settled before.
+--#include calls
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local state = redis.call('HGET', KEYS[1], 'state')
@@ -38,6 +39,10 @@ if (redis.call('HGET', KEYS[1], 'run_id') or '') ~= '' then redis.call('SADD', K
 redis.call('HINCRBY', KEYS[3], ARGV[2], 1)
 redis.call('HINCRBY', KEYS[3], ARGV[2] .. '_cents', amount)
 if ARGV[7] ~= '' then redis.call('HSET', KEYS[1], 'void_reason', ARGV[7]) end
+-- A refused token ends its call unpaid; one consumed without an answer ends it failed; an answer kept here
+-- ends it when its verdicts are recorded (call_end.lua), where it is known whether it bought any.
+if ARGV[2] == 'void' then end_call(KEYS[1], KEYS[4], false, false)
+elseif ARGV[4] == '' then end_call(KEYS[1], KEYS[4], true, true) end
 if ARGV[2] == 'spent' then
   if redis.call('HGET', KEYS[1], 'run_id') ~= '' then
     redis.call('HINCRBY', KEYS[4], 'calls', 1)
