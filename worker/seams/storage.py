@@ -73,6 +73,24 @@ class Storage:
                     yield ObjectInfo(obj["Key"], int(obj["Size"]), _etag(obj["ETag"]),
                                      last_modified=obj.get("LastModified"))
 
+    def iter_level(self, bucket: str, prefix: str = "", delimiter: str = "/") -> Iterator[ObjectInfo | str]:
+        """One level under prefix: the objects directly in it, and each sub-prefix (a str) below it."""
+        paginator = self._s3.get_paginator("list_objects_v2")
+        pages = paginator.paginate(Bucket=bucket, Prefix=prefix, Delimiter=delimiter,
+                                   PaginationConfig={"PageSize": 1000})
+        with _translate(f"s3://{bucket}/{prefix}"):
+            for page in pages:
+                for common in page.get("CommonPrefixes", ()):
+                    yield str(common["Prefix"])
+                for obj in page.get("Contents", ()):
+                    yield ObjectInfo(obj["Key"], int(obj["Size"]), _etag(obj["ETag"]),
+                                     last_modified=obj.get("LastModified"))
+
+    def open_stream(self, bucket: str, key: str) -> Any:
+        """The object's body as a file-like stream (read in pieces: an inventory file is never held whole)."""
+        with _translate(f"s3://{bucket}/{key}", missing_is_object=True):
+            return self._s3.get_object(Bucket=bucket, Key=key)["Body"]
+
     def read_head(self, bucket: str, key: str, max_bytes: int) -> tuple[ObjectInfo, bytes]:
         """The first bytes with the object's size and ETag, in one request (no HEAD); empty objects too."""
         where = f"s3://{bucket}/{key}"

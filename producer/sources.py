@@ -1,0 +1,342 @@
+"""Where a scan's objects come from: an S3 prefix (in parallel), an S3 Inventory, or a CSV/JSONL/URL list file."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import importlib.util
+import io
+import json
+import queue
+import sys
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any
+from urllib.parse import unquote_plus, urlsplit
+
+from worker.config import S3Location
+from worker.errors import ConfigError, NotFound
+from worker.seams.storage import ObjectInfo, Storage
+
+# Levels of "/" folders explored to find enough sub-prefixes for the listing threads (date partitions
+# such as 2026/11/29/ are three deep).
+MAX_SPLIT_DEPTH = 4
+# Pages (of up to 1000 objects) waiting between the listing threads and the scan: the memory bound.
+PAGES_PER_WORKER = 2
+PAGE = 1000
+# Line numbers of bad rows kept to report (the count is always complete).
+BAD_LINES_KEPT = 10
+
+
+@dataclass(frozen=True)
+class Listed:
+    """One object a source names: its bucket and what is known of it (an empty ETag: not known)."""
+
+    bucket: str
+    info: ObjectInfo
+
+
+@dataclass
+class Source:
+    """A parsed scan source; `rows` streams its objects, `bad_rows` counts the rows it had to skip."""
+
+    kind: str
+    # The normalised source string: what the run records and what a watermark is kept under.
+    name: str
+    has_last_modified: bool = True
+    bad_rows: int = 0
+    bad_lines: list[int] = field(default_factory=list)
+
+    def rows(self, storage: Storage) -> Iterator[Listed]:
+        raise NotImplementedError
+
+    def check(self, storage: Storage) -> None:
+        """Fail clearly before a run exists when the source cannot be read at all."""
+
+    def bad(self, line: int) -> None:
+        self.bad_rows += 1
+        if len(self.bad_lines) < BAD_LINES_KEPT:
+            self.bad_lines.append(line)
+
+    def bad_summary(self) -> str | None:
+        if not self.bad_rows:
+            return None
+        more = ", …" if self.bad_rows > len(self.bad_lines) else ""
+        return (f"{self.bad_rows} rows of {self.name} skipped as unreadable (line "
+                f"{', '.join(map(str, self.bad_lines))}{more})")
+
+
+def parse_source(text: str, list_workers: int = 1) -> Source:
+    """s3://bucket/prefix, inventory://bucket/path/manifest.json, file:PATH (.csv, .jsonl, s3:// lines) or file:-."""
+    value = text.strip()
+    if value.startswith("s3://"):
+        return S3Source(S3Location.parse(value, "source"), list_workers)
+    if value.startswith("inventory://"):
+        parts = urlsplit(value)
+        key = parts.path.lstrip("/")
+        if not parts.netloc or not key.endswith(".json"):
+            raise ConfigError(f"source {text!r}: expected inventory://BUCKET/path/to/manifest.json")
+        return InventorySource(parts.netloc, key)
+    if value.startswith("file:"):
+        path = value.removeprefix("file:")
+        path = path.removeprefix("//") if path.startswith("///") else path
+        if not path:
+            raise ConfigError("source 'file:': give a path (file:keys.csv) or file:- for standard input")
+        return FileSource(path)
+    raise ConfigError(f"source {text!r}: expected s3://bucket/prefix, inventory://bucket/.../manifest.json, "
+                      "file:PATH (.csv, .jsonl or s3:// lines) or file:- (standard input)")
+
+
+class S3Source(Source):
+    """A prefix listed with ListObjectsV2; split on "/" folders across threads when list_workers > 1."""
+
+    def __init__(self, location: S3Location, list_workers: int = 1) -> None:
+        super().__init__("s3", str(location))
+        self.location = location
+        self.list_workers = list_workers
+
+    @property
+    def bucket(self) -> str:
+        return self.location.bucket
+
+    @property
+    def prefix(self) -> str:
+        return self.location.prefix + "/" if self.location.prefix else ""
+
+    def check(self, storage: Storage) -> None:
+        storage.check_bucket(self.bucket)
+
+    def rows(self, storage: Storage) -> Iterator[Listed]:
+        if self.list_workers <= 1:
+            return (Listed(self.bucket, o) for o in storage.iter_objects(self.bucket, self.prefix))
+        return self._parallel(storage)
+
+    def _parallel(self, storage: Storage) -> Iterator[Listed]:
+        """Objects directly in each explored level first, then whole sub-prefixes listed by a thread pool.
+
+        Unordered across sub-prefixes (ordered within one): neither the done-set nor chunking needs order, and
+        waiting for the slowest prefix would serialise the listing again. At most PAGES_PER_WORKER pages per
+        thread wait in the queue, so memory does not grow with the bucket."""
+        frontier = [self.prefix]
+        for _ in range(MAX_SPLIT_DEPTH):
+            if len(frontier) >= self.list_workers:
+                break
+            deeper: list[str] = []
+            for prefix in frontier:
+                for entry in storage.iter_level(self.bucket, prefix):
+                    if isinstance(entry, str):
+                        deeper.append(entry)
+                    else:
+                        yield Listed(self.bucket, entry)
+            frontier = deeper
+            if not frontier:
+                return
+        yield from self._pool(storage, frontier)
+
+    def _pool(self, storage: Storage, prefixes: list[str]) -> Iterator[Listed]:
+        pages: queue.Queue[list[ObjectInfo] | BaseException | None] = queue.Queue(
+            maxsize=self.list_workers * PAGES_PER_WORKER)
+        stop = threading.Event()
+
+        def put(item: list[ObjectInfo] | BaseException | None) -> bool:
+            # A consumer that stopped early (--limit) must not leave threads blocked on a full queue.
+            while not stop.is_set():
+                try:
+                    pages.put(item, timeout=0.2)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def list_one(prefix: str) -> None:
+            page: list[ObjectInfo] = []
+            try:
+                for obj in storage.iter_objects(self.bucket, prefix):
+                    page.append(obj)
+                    if len(page) >= PAGE:
+                        if not put(page):
+                            return
+                        page = []
+                if page and not put(page):
+                    return
+                put(None)
+            except BaseException as exc:  # handed to the consumer, which raises it in the scan's thread
+                put(exc)
+
+        pool = ThreadPoolExecutor(max_workers=self.list_workers, thread_name_prefix="irlive-list")
+        try:
+            for prefix in prefixes:
+                pool.submit(list_one, prefix)
+            remaining = len(prefixes)
+            while remaining:
+                item = pages.get()
+                if item is None:
+                    remaining -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    for obj in item:
+                        yield Listed(self.bucket, obj)
+        finally:
+            stop.set()
+            pool.shutdown(wait=False, cancel_futures=True)
+
+
+class InventorySource(Source):
+    """An S3 Inventory report: manifest.json naming gzip CSV files, streamed row by row."""
+
+    def __init__(self, bucket: str, manifest_key: str) -> None:
+        super().__init__("inventory", f"inventory://{bucket}/{manifest_key}")
+        self.bucket = bucket
+        self.manifest_key = manifest_key
+        self._manifest: dict[str, Any] | None = None
+
+    def manifest(self, storage: Storage) -> dict[str, Any]:
+        if self._manifest is None:
+            try:
+                doc, _ = storage.get_json(self.bucket, self.manifest_key)
+            except NotFound:
+                raise ConfigError(f"{self.name}: no inventory manifest there") from None
+            except ValueError:
+                raise ConfigError(f"{self.name}: the manifest is not JSON") from None
+            if not isinstance(doc, dict) or not isinstance(doc.get("files"), list):
+                raise ConfigError(f"{self.name}: not an S3 Inventory manifest (no 'files' list)")
+            self._manifest = doc
+        return self._manifest
+
+    def check(self, storage: Storage) -> None:
+        storage.check_bucket(self.bucket)
+        doc = self.manifest(storage)
+        fmt = str(doc.get("fileFormat", "CSV")).upper()
+        if fmt == "PARQUET":
+            if importlib.util.find_spec("pyarrow") is None:
+                raise ConfigError(f"{self.name}: Parquet inventories need pyarrow (pip install pyarrow), or "
+                                  "configure the inventory as CSV")
+            raise ConfigError(f"{self.name}: Parquet inventories are not read yet; configure the inventory as CSV")
+        if fmt != "CSV":
+            raise ConfigError(f"{self.name}: inventory format {fmt} is not supported; configure it as CSV")
+        if "Key" not in _schema(doc, self.name):
+            raise ConfigError(f"{self.name}: the inventory's fileSchema has no Key column")
+
+    def rows(self, storage: Storage) -> Iterator[Listed]:
+        doc = self.manifest(storage)
+        columns = _schema(doc, self.name)
+        default_bucket = str(doc.get("sourceBucket", ""))
+        self.has_last_modified = "LastModifiedDate" in columns
+        line = 0
+        for entry in doc["files"]:
+            body = storage.open_stream(self.bucket, str(entry["key"]))
+            try:
+                text = io.TextIOWrapper(gzip.GzipFile(fileobj=body), encoding="utf-8", newline="")
+                for row in csv.reader(text):
+                    line += 1
+                    listed = _inventory_row(dict(zip(columns, row, strict=False)), default_bucket)
+                    if listed is None:
+                        self.bad(line)
+                    elif listed.info.key:
+                        yield listed
+            except (OSError, EOFError, csv.Error, UnicodeDecodeError) as exc:
+                raise ConfigError(f"{self.name}: data file {entry['key']} is not a gzip CSV ({exc})") from None
+            finally:
+                body.close()
+
+
+def _schema(doc: dict[str, Any], name: str) -> list[str]:
+    schema = doc.get("fileSchema")
+    if not isinstance(schema, str) or not schema.strip():
+        raise ConfigError(f"{name}: the manifest has no fileSchema")
+    return [c.strip() for c in schema.split(",")]
+
+
+def _inventory_row(row: dict[str, str], default_bucket: str) -> Listed | None:
+    """One inventory row; None when unreadable; a Listed with an empty key for rows to pass over silently
+    (delete markers, older versions: they are not images to judge)."""
+    key = unquote_plus(row.get("Key", ""))
+    bucket = row.get("Bucket") or default_bucket
+    if not key or not bucket:
+        return None
+    if row.get("IsDeleteMarker", "").lower() == "true" or row.get("IsLatest", "true").lower() == "false":
+        return Listed(bucket, ObjectInfo("", 0, ""))
+    try:
+        size = int(row["Size"]) if row.get("Size") else 0
+        modified = _when(row["LastModifiedDate"]) if row.get("LastModifiedDate") else None
+    except ValueError:
+        return None
+    return Listed(bucket, ObjectInfo(key, size, row.get("ETag", "").strip('"'), row.get("VersionId") or None,
+                                     modified))
+
+
+def _when(text: str) -> datetime:
+    when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return when.replace(tzinfo=UTC) if when.tzinfo is None else when
+
+
+class FileSource(Source):
+    """A list file (or stdin): per line a CSV row bucket,key[,etag], a JSON object, or an s3://bucket/key URL."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__("file", "file:-" if path == "-" else f"file:{Path(path).resolve()}", has_last_modified=False)
+        self.path = path
+
+    def check(self, storage: Storage) -> None:
+        if self.path != "-" and not Path(self.path).is_file():
+            raise ConfigError(f"source file:{self.path}: no such file")
+
+    def rows(self, storage: Storage) -> Iterator[Listed]:
+        if self.path == "-":
+            yield from self._read(sys.stdin)
+            return
+        try:
+            with open(self.path, encoding="utf-8", newline="") as handle:
+                yield from self._read(handle)
+        except OSError as exc:
+            raise ConfigError(f"source file:{self.path}: cannot read it ({exc.strerror})") from None
+
+    def _read(self, handle: IO[str]) -> Iterator[Listed]:
+        columns = ["bucket", "key", "etag"]
+        for line, text in enumerate(handle, start=1):
+            text = text.strip()
+            if not text or text.startswith("#"):
+                continue
+            if text.startswith("{"):
+                listed = _json_row(text)
+            elif text.startswith("s3://"):
+                listed = _url_row(text)
+            else:
+                fields = next(csv.reader([text]), [])
+                lowered = [f.strip().lower() for f in fields]
+                if "key" in lowered and "bucket" in lowered:
+                    columns = lowered  # a header: names the columns of the rows below
+                    continue
+                listed = _csv_row(dict(zip(columns, (f.strip() for f in fields), strict=False)))
+            if listed is None:
+                self.bad(line)
+            else:
+                yield listed
+
+
+def _json_row(text: str) -> Listed | None:
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(doc, dict):
+        return None
+    return _csv_row({k: str(v) for k, v in doc.items() if v is not None})
+
+
+def _url_row(text: str) -> Listed | None:
+    parts = urlsplit(text)
+    key = parts.path.lstrip("/")
+    return Listed(parts.netloc, ObjectInfo(key, 0, "")) if parts.netloc and key else None
+
+
+def _csv_row(row: dict[str, str]) -> Listed | None:
+    bucket, key = row.get("bucket", ""), row.get("key", "")
+    if not bucket or not key:
+        return None
+    return Listed(bucket, ObjectInfo(key, 0, row.get("etag", "").strip('"')))
