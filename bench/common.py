@@ -26,7 +26,7 @@ from sandbox.config import SandboxConfig
 from sandbox.images import png
 from sandbox.procs import wait_until
 from sandbox.stack import AWS_ENV, Stack
-from worker.flow.runs import STOPPED_STATES, Runs, RunStatus
+from worker.flow.runs import Runs, RunStatus
 from worker.keys import Keys
 from worker.seams.store import Store
 
@@ -181,7 +181,7 @@ def drive_run(stack: Stack, env: Mapping[str, str], src: str, timeout_s: float,
 
             def stopped() -> bool:
                 status = runs.status(run_id)
-                if status is not None and status.state in STOPPED_STATES:
+                if status is not None and status.stopped:
                     final.append(status)
                     return True
                 return False

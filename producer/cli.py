@@ -10,16 +10,19 @@ import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 from producer.estimate import Estimate, usd
-from producer.filters import parse_suffixes
-from producer.scan import ScanRequest, ScanResult, estimate, scan
-from producer.status import follow, render, status_dict
+from producer.filters import parse_suffixes, parse_time
+from producer.scan import ScanRequest, ScanResult, estimate, new_run_id, scan, watermark_name
+from producer.sources import parse_source
+from producer.status import Samples, follow, pace, render, status_dict, status_samples
 from worker.app import make_app, send_chunk, send_finalize
 from worker.config import S3Location, Settings
 from worker.errors import ConfigError, IrliveError, StoreUnavailable, UnknownRun
 from worker.flow.claims import Claims
 from worker.flow.runs import Runs
+from worker.flow.watermarks import Watermarks
 from worker.keys import Keys
 from worker.messages import PRIORITIES, Chunk
 from worker.ops.durability import require_durable
@@ -28,8 +31,13 @@ from worker.ops.redact import redact
 from worker.seams.storage import Storage
 from worker.seams.store import Store
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PAUSED = 0, 1, 2, 3
-_STATE_EXIT = {"done": EXIT_OK, "failed": EXIT_FAILED, "paused_budget": EXIT_PAUSED}
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PAUSED, EXIT_HELD = 0, 1, 2, 3, 4
+# A source held by a run with no record yet is being created by a scan (claim, then create): not stale.
+_YOUNG_CLAIM_S = 120
+_ACTIVE_STATES = ("listing", "running", "paused", "paused_budget")
+EXIT_CANCELLED = 5
+_STATE_EXIT = {"done": EXIT_OK, "failed": EXIT_FAILED, "paused_budget": EXIT_PAUSED, "paused": EXIT_PAUSED,
+               "cancelled": EXIT_CANCELLED}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -62,8 +70,20 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="irlive", description="Judge infrared face captures in S3 for liveness.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("scan", help="list a bucket prefix and enqueue every image for judging")
-    p.add_argument("source", help="s3://bucket/prefix of the captures")
+    p = sub.add_parser(
+        "scan", help="list a bucket prefix (or an inventory, or a list file) and enqueue every image for judging",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="exit codes: 0 started (or done with --wait), 1 failed, 2 bad usage or configuration, 3 paused (by "
+               "its owner or its budget),\n  4 with --since last: another run of the same source is still active "
+               "(it is named; no run is created), 5 cancelled")
+    p.add_argument("source", help="s3://bucket/prefix; inventory://bucket/path/manifest.json (S3 Inventory, CSV); "
+                                  "file:PATH (.csv bucket,key[,etag] / .jsonl {\"bucket\",\"key\",\"etag\"} / "
+                                  "s3://bucket/key lines) or file:- for standard input")
+    p.add_argument("--since", default=None, metavar="TIME|last",
+                   help="only objects modified since TIME (2026-11-29, ISO-8601, or 24h/7d back from now), listed "
+                        "from IRLIVE_SINCE_OVERLAP_S earlier; 'last': since the source's last run that ended done "
+                        "(everything the first time), one such run per source at a time")
+    p.add_argument("--until", default=None, metavar="TIME", help="only objects modified before TIME")
     p.add_argument("--suffix", default=None, help="comma list of suffixes (default .png,.jpg,.jpeg,.bmp,.gif,.webp)")
     p.add_argument("--limit", type=_positive_int, default=None, help="judge at most N images")
     p.add_argument("--output", default=None, help="s3://bucket/prefix for manifests (default IRLIVE_OUTPUT)")
@@ -76,6 +96,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--confirm-above", type=_usd, default=None, metavar="USD",
                    help="ask before starting a run estimated above this (refused without a terminal)")
     p.add_argument("--wait", action="store_true", help="follow the run to its end")
+    p.add_argument("--notify", default=None, metavar="URL",
+                   help="POST the run's end (done, failed, cancelled, paused for budget) here, signed with "
+                        "IRLIVE_NOTIFY_SECRET (default IRLIVE_NOTIFY_URL)")
+    p.add_argument("--max-error-rate", type=_share, default=None, metavar="SHARE",
+                   help="stop paying and end the run failed when more than this share of its paid calls bought "
+                        "no verdict, once --min-calls have ended: 0.5 or 50%% (default IRLIVE_MAX_ERROR_RATE, "
+                        "0.5; 1 = never)")
+    p.add_argument("--min-calls", type=_positive_int, default=None, metavar="N",
+                   help="paid calls that must end before --max-error-rate applies (default IRLIVE_MIN_CALLS, 20)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(handler=_cmd_scan)
 
@@ -88,7 +117,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON line per batch of messages on stdout")
     p.set_defaults(handler=_cmd_listen)
 
-    p = sub.add_parser("resume", help="continue a run paused by its budget, optionally with a higher budget")
+    p = sub.add_parser("pause", help="pause a run: nothing is paid for it once this returns; calls in flight "
+                                     "finish and are recorded; `irlive resume` continues it")
+    p.add_argument("run_id")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_cmd_pause)
+
+    p = sub.add_parser("cancel", help="cancel a run: nothing is paid for it once this returns; calls in flight "
+                                      "finish and are recorded, the rest is recorded not_judged, and the run "
+                                      "finalises as cancelled")
+    p.add_argument("run_id")
+    p.add_argument("--wait", action="store_true", help="follow the run until its manifest is written")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_cmd_cancel)
+
+    p = sub.add_parser("resume", help="continue a paused run (by `irlive pause` or by its budget), optionally "
+                                      "with a higher budget")
     p.add_argument("run_id")
     p.add_argument("--budget", type=_usd, default=None, metavar="USD", help="the run's new total budget")
     p.add_argument("--json", action="store_true")
@@ -189,11 +233,30 @@ def _cmd_scan(ns: argparse.Namespace) -> int:
     settings = Settings.from_env()
     clients = _Clients(settings)
     output = S3Location.parse(ns.output, "--output") if ns.output else settings.require_output()
-    request = ScanRequest(S3Location.parse(ns.source, "source"), parse_suffixes(ns.suffix), ns.limit, ns.force,
-                          ns.budget, ns.priority)
+    source = parse_source(ns.source, settings.list_workers)
+    suffixes = parse_suffixes(ns.suffix)
+    now = datetime.now(UTC)
+    until = parse_time(ns.until, now, "--until") if ns.until else None
+    held_as = watermark_name(source, suffixes) if ns.since == "last" else None
+    since: datetime | None = None
+    if ns.since == "last":
+        if held_as is None:
+            raise ConfigError("--since last needs a source that says when objects were written "
+                              "(s3:// or inventory://); list files do not")
+        since = Watermarks(clients.store, clients.keys).get(held_as)
+        if since is None and not ns.json:
+            print(f"irlive: no earlier run of {held_as} ended done: listing everything", file=sys.stderr)
+    elif ns.since:
+        since = parse_time(ns.since, now)
+    if since is not None and until is not None and since >= until:
+        raise ConfigError(f"--since {since.isoformat()} is not before --until {until.isoformat()}")
+    request = ScanRequest(source, suffixes, ns.limit, ns.force, ns.budget, ns.priority, since=since, until=until,
+                          max_error_rate=settings.max_error_rate if ns.max_error_rate is None else ns.max_error_rate,
+                          min_calls=settings.min_calls if ns.min_calls is None else ns.min_calls,
+                          notify_url=_webhook(ns.notify) if ns.notify else None)
     if ns.dry_run or ns.confirm_above is not None:
-        price, source = _price(settings)
-        est = estimate(settings, clients.storage(), clients.claims, request, output, price, source)
+        price, quoted_by = _price(settings)
+        est = estimate(settings, clients.storage(), clients.claims, request, output, price, quoted_by)
         if price > settings.max_price_cents:
             est.warnings.append(f"the seller asks {price} cents per call but IRLIVE_MAX_PRICE_CENTS is "
                                 f"{settings.max_price_cents}: workers with that setting will refuse to pay and "
@@ -212,7 +275,23 @@ def _cmd_scan(ns: argparse.Namespace) -> int:
         if not ns.json and r.chunks and r.chunks % 100 == 0:
             print(f"listed {r.found} images, enqueued {r.enqueued} in {r.chunks} chunks", file=sys.stderr)
 
-    result = scan(settings, clients.storage(), clients.runs, clients.claims, app, request, output, progress)
+    run_id = new_run_id()
+    marks = Watermarks(clients.store, clients.keys)
+    if held_as is not None:
+        holder = marks.claim(held_as, run_id, lambda rid: _run_active(clients.runs, rid))
+        if holder is not None:
+            print(f"irlive: {held_as} is still being scanned by run {holder} (irlive status {holder}); "
+                  "not starting another", file=sys.stderr)
+            return EXIT_HELD
+    try:
+        result = scan(settings, clients.storage(), clients.runs, clients.claims, app, request, output, progress,
+                      run_id=run_id)
+    except BaseException:
+        if held_as is not None:
+            marks.release(held_as, run_id)
+        raise
+    for warning in result.warnings:
+        print(f"irlive: warning: {warning}", file=sys.stderr)
     doc = result.as_dict()
     if ns.json:
         print(json.dumps(doc))
@@ -224,6 +303,36 @@ def _cmd_scan(ns: argparse.Namespace) -> int:
         final = follow(clients.runs, result.run_id)
         return _STATE_EXIT.get(final.state, EXIT_OK)
     return EXIT_OK
+
+
+def _share(text: str) -> float:
+    """0.5, or 50%: a share between 0 and 1."""
+    raw = text.strip()
+    try:
+        value = float(raw[:-1]) / 100 if raw.endswith("%") else float(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a share (0.5 or 50%)") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not between 0 and 1 (0 % and 100 %)")
+    return value
+
+
+def _webhook(url: str) -> str:
+    parts = urlsplit(url.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError("--notify: expected an http(s):// URL")
+    return url.strip()
+
+
+def _run_active(runs: Runs, run_id: str) -> bool:
+    run = runs.get(run_id)
+    if run is None:
+        try:
+            created = datetime.strptime(run_id[:16], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
+        except ValueError:
+            return False
+        return (datetime.now(UTC) - created).total_seconds() < _YOUNG_CLAIM_S
+    return str(run.get("state")) in _ACTIVE_STATES
 
 
 def _price(settings: Settings) -> tuple[int, str]:
@@ -266,6 +375,39 @@ def _cmd_resume(ns: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_pause(ns: argparse.Namespace) -> int:
+    clients = _Clients(Settings.from_env())
+    if clients.runs.get(ns.run_id) is None:
+        raise UnknownRun(ns.run_id)
+    paused, state = clients.runs.owner_pause(ns.run_id)
+    doc = {"run_id": ns.run_id, "state": state, "changed": paused}
+    print(json.dumps(doc) if ns.json else f"run {ns.run_id}: {state}" + ("" if paused else " (nothing to pause)"))
+    return EXIT_OK if paused or state in ("paused", "paused_budget") else EXIT_USAGE
+
+
+def _cmd_cancel(ns: argparse.Namespace) -> int:
+    settings = Settings.from_env()
+    clients = _Clients(settings)
+    if clients.runs.get(ns.run_id) is None:
+        raise UnknownRun(ns.run_id)
+    cancelled, state, parked = clients.runs.cancel(ns.run_id)
+    app = make_app(settings)
+    # Parked chunks wind down like the others: sent again, recorded not_judged, then the run finalises.
+    for message in parked:
+        send_chunk(app, Chunk.from_message(message))
+    clients.runs.unpark(ns.run_id, len(parked))
+    status = clients.runs.status(ns.run_id)
+    assert status is not None
+    if cancelled and status.pending == 0:
+        send_finalize(app, ns.run_id)
+    doc = {"run_id": ns.run_id, "state": state, "changed": cancelled, "chunks_resent": len(parked)}
+    print(json.dumps(doc) if ns.json else f"run {ns.run_id}: {state}" + ("" if cancelled else " (already ended)"))
+    if ns.wait and cancelled:
+        final = follow(clients.runs, ns.run_id)
+        return _STATE_EXIT.get(final.state, EXIT_OK)
+    return EXIT_OK if cancelled or state == "cancelled" else EXIT_USAGE
+
+
 def _recovery(clients: _Clients) -> Recovery:
     return Recovery(clients.store, clients.keys, clients.runs)
 
@@ -279,7 +421,7 @@ def _cmd_reconcile(ns: argparse.Namespace) -> int:
         send_chunk(app, chunk)
     status = clients.runs.status(ns.run_id)
     assert status is not None
-    finalize = status.pending == 0 and status.state not in ("done", "failed")
+    finalize = status.pending == 0 and not status.finalised and status.state not in ("paused", "paused_budget")
     if finalize:
         send_finalize(app, ns.run_id)
     result = Reconciled(ns.run_id, [c.seq for c in lost], finalize)
@@ -400,11 +542,17 @@ def _cmd_wallet(ns: argparse.Namespace) -> int:
 
 def _cmd_status(ns: argparse.Namespace) -> int:
     clients = _Clients(Settings.from_env())
-    status = follow(clients.runs, ns.run_id, timeout_s=ns.timeout) if ns.wait else clients.runs.status(ns.run_id)
+    samples = Samples()
+    status = (follow(clients.runs, ns.run_id, timeout_s=ns.timeout, samples=samples) if ns.wait
+              else clients.runs.status(ns.run_id))
     if status is None:
         raise UnknownRun(ns.run_id)
-    doc: dict[str, Any] = status_dict(status)
-    print(json.dumps(doc) if ns.json else render(status))
+    how = pace(status, samples)
+    if how.rate_per_min is None:
+        # Not followed long enough for a recent rate: the average since the run was created.
+        how = pace(status, status_samples(status, datetime.now(UTC).timestamp()), window_s=None, basis="average")
+    doc: dict[str, Any] = status_dict(status, how)
+    print(json.dumps(doc) if ns.json else render(status, how))
     return _STATE_EXIT.get(status.state, EXIT_OK) if ns.wait or status.state == "failed" else EXIT_OK
 
 

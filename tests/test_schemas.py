@@ -1,0 +1,94 @@
+"""Every `--json` output and the notification payload have a JSON Schema in docs/schemas, and what the
+commands really print on the real stack matches it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+import jsonschema
+import pytest
+
+from producer.cli import _parser
+from sandbox.stack import Stack
+from tests.conftest import IrliveRunner
+from tests.e2e import IN_BUCKET, SCHEMAS, read_run, upload, validator
+from tests.test_budget import clean_samples
+from worker.flow.runs import Runs
+from worker.keys import Keys
+from worker.ops.notify import run_end_event
+from worker.seams.store import Store
+
+# Output schemas of commands whose name differs from the schema's (one command, two shapes).
+EXTRA_OUTPUTS = {"scan": ("scan-dry-run",)}
+MANIFESTS = ("chunk", "record", "run")
+
+
+def json_commands() -> list[str]:
+    """Subcommands of `irlive` that take --json."""
+    parser = _parser()
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sorted(name for name, sub in subs.choices.items()
+                  if any("--json" in a.option_strings for a in sub._actions))
+
+
+@pytest.mark.parametrize("path", sorted(SCHEMAS.glob("*.schema.json")), ids=lambda p: p.name)
+def test_every_schema_is_a_valid_draft_2020_12_schema(path: Any) -> None:
+    doc = json.loads(path.read_text())
+    assert doc["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+    assert doc["$id"].endswith("/" + path.name)
+    jsonschema.Draft202012Validator.check_schema(doc)
+
+
+def test_every_json_output_has_a_schema() -> None:
+    have = {p.name.removesuffix(".schema.json") for p in SCHEMAS.glob("*.schema.json")}
+    commands = json_commands()
+    assert "scan" in commands and "status" in commands
+    wanted = {n for c in commands for n in (c, *EXTRA_OUTPUTS.get(c, ()))} | {"notification"}
+    assert wanted - have == set(), "write docs/schemas/<command>.schema.json for these"
+    assert have - wanted - set(MANIFESTS) == set(), "schemas of outputs that no longer exist"
+
+
+def ok_json(irlive: IrliveRunner, *args: str) -> Any:
+    done = irlive(*args, "--json")
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_scan_status_and_operations_print_what_their_schemas_say(clean_stack: Stack, irlive: IrliveRunner) -> None:
+    # No workers: the run stays running, so status shows a run in progress and the ops commands act on it.
+    upload(clean_stack, clean_samples(25, prefix="schemas"))
+    source = f"s3://{IN_BUCKET}/schemas"
+
+    validator("scan-dry-run").validate(ok_json(irlive, "scan", source, "--dry-run"))
+    scanned = ok_json(irlive, "scan", source)
+    validator("scan").validate(scanned)
+    run_id = scanned["run_id"]
+    status = ok_json(irlive, "status", run_id)
+    validator("status").validate(status)
+    assert status["state"] in ("listing", "running") and status["total"] == 25
+    for args, schema in [(("dlq",), "dlq"), (("wallet",), "wallet"), (("reindex",), "reindex"),
+                         (("reconcile", run_id), "reconcile"), (("pause", run_id), "pause"),
+                         (("resume", run_id), "resume"), (("cancel", run_id), "cancel")]:
+        validator(schema).validate(ok_json(irlive, *args))
+
+
+def test_a_finished_run_status_and_its_notification_match_their_schemas(
+        clean_stack: Stack, irlive: IrliveRunner) -> None:
+    upload(clean_stack, clean_samples(12, prefix="notified"))
+    clean_stack.start_worker()
+    run_id = ok_json(irlive, "scan", f"s3://{IN_BUCKET}/notified")["run_id"]
+    status = ok_json(irlive, "status", run_id, "--wait", "--timeout", "120")
+    validator("status").validate(status)
+    assert status["state"] == "done" and status["eta_s"] is None
+    assert status["projected_spend_cents"] == status["spend_cents"]
+
+    runs = Runs(Store.from_url(clean_stack.env["IRLIVE_REDIS_URL"]), Keys("irlive"))
+    run = runs.get(run_id)
+    assert run is not None
+    manifest = read_run(clean_stack, run_id).manifest
+    payload = run_end_event(run, manifest, "run.done")
+    validator("notification").validate(payload)
+    assert payload["counts"]["live"] == 12
+    assert payload["manifest"] == f"s3://irlive-out/results/runs/{run_id}/manifest.json"
