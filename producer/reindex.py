@@ -38,8 +38,11 @@ def reindex(storage: Storage, claims: Claims, output: S3Location) -> Reindexed:
             if record.get("verdict") not in JUDGED or record.get("duplicate_of"):
                 continue
             identity = Item(record["bucket"], record["key"], record.get("etag") or "").identity
-            pending.append((identity, DoneEntry(record["verdict"], iso_ms(record.get("judged_at")), str(doc["run_id"]),
-                                                int(doc["seq"]))))
+            entry = DoneEntry(record["verdict"], iso_ms(record.get("judged_at")), str(doc["run_id"]), int(doc["seq"]))
+            pending.append((identity, entry))
+            if record.get("content_key"):
+                # Copies found later under other keys reuse this judgment (see worker.judge.manifest.content_key).
+                pending.append((str(record["content_key"]), entry))
             result.judged += 1
         if len(pending) >= BATCH:
             result.restored += claims.restore_judged(pending)

@@ -12,12 +12,15 @@ from worker.judge.manifest import (
     Item,
     chunk_document,
     chunk_key,
+    content_key,
     count_verdicts,
     failed_key,
     failed_lines,
     judged_record,
     run_document,
     run_manifest_key,
+    same_content_record,
+    sha256_content_key,
     unjudged_record,
 )
 from worker.judge.verdicts import Face, Judgement
@@ -80,7 +83,7 @@ def test_chunk_document_counts_its_images() -> None:
     records = [judged("a.png", LIVE), judged("b.png", SPOOF), judged("c.png", NO_FACE), unjudged("d.png", "error")]
     doc = chunk_document("r1", 4, records)
     assert (doc["schema_version"], doc["kind"], doc["seq"]) == (SCHEMA_VERSION, "chunk", 4)
-    assert doc["counts"] == {"live": 1, "spoof": 1, "no_face": 1, "rejected": 0, "error": 1}
+    assert doc["counts"] == {"live": 1, "spoof": 1, "no_face": 1, "rejected": 0, "error": 1, "not_judged": 0}
     assert sum(doc["counts"].values()) == len(doc["images"])
 
 
@@ -98,7 +101,7 @@ def test_run_document_counts_equal_the_sum_of_chunk_counts() -> None:
     doc = run_document(run, chunks, {"key": failed_key(OUT, "r1"), "lines": 3})
     for verdict in VERDICTS:
         assert doc["counts"][verdict] == sum(c["counts"][verdict] for c in chunks)
-    assert doc["counts"] == {"live": 3, "spoof": 1, "no_face": 1, "rejected": 1, "error": 2}
+    assert doc["counts"] == {"live": 3, "spoof": 1, "no_face": 1, "rejected": 1, "error": 2, "not_judged": 0}
     assert doc["images"] == 8 == sum(len(recs) for recs in chunk_records)
     assert (doc["kind"], doc["spend_cents"], doc["spend_usd"], doc["calls"], doc["skipped"]) == ("run", 60, "0.60",
                                                                                                 3, 4)
@@ -130,3 +133,21 @@ def test_failed_lines_hold_only_rejected_and_error() -> None:
 
 def test_failed_lines_empty_when_everything_was_judged() -> None:
     assert failed_lines([judged("a.png", LIVE), judged("b.png", NO_FACE)]) == b""
+
+
+def test_content_key_is_the_md5_etag_with_the_size_only_for_single_part_uploads() -> None:
+    assert content_key("9B2CF535F27731C974343645A3985328", 10) == "md5:9b2cf535f27731c974343645a3985328:10"
+    assert content_key("9b2cf535f27731c974343645a3985328-3", 10) is None, "a multipart ETag is no MD5"
+    assert content_key("9b2cf535f27731c974343645a3985328", None) is None
+    assert sha256_content_key(b"abc") == (
+        "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad:3")
+
+
+def test_a_copy_names_the_judged_object_and_pays_nothing() -> None:
+    first = judged("cam/a.png", LIVE)
+    copy = same_content_record(Item("other", "cam2/a.png", "e2"), 5, "live", first, run_id="r0", seq=3,
+                               judged_at="2026-11-30T00:00:00Z")
+    assert copy["same_content_as"] == {"run_id": "r0", "seq": 3, "bucket": first["bucket"], "key": "cam/a.png",
+                                       "etag": first["etag"]}
+    assert (copy["bucket"], copy["key"], copy["etag"], copy["attempts"]) == ("other", "cam2/a.png", "e2", 0)
+    assert "duplicate_of" not in copy and copy["verdict"] == "live"

@@ -102,6 +102,14 @@ class Keys:
         return DoneRef(f"{self.prefix}:done:{digest[:DONE_SHARD_HEX]}",
                        digest[DONE_SHARD_HEX:DONE_SHARD_HEX + DONE_FIELD_HEX])
 
+    def image(self, identity: str, content: str | None) -> tuple[list[str], str, str]:
+        """([done shard, claim key, content's done shard, content's claim key], identity field, content field):
+        what claim.lua and record.lua take per image (the identity's own keys again without a content key)."""
+        ref = self.done(identity)
+        cref = self.done(content) if content else ref
+        keys = [ref.shard, self.claim(identity), cref.shard, self.claim(content or identity)]
+        return keys, ref.field, cref.field if content else ""
+
     def done_pattern(self) -> str:
         return f"{self.prefix}:done:*"
 

@@ -18,7 +18,7 @@ from worker.seams.store import Store
 
 _VERDICT_CODES = {"live": "L", "spoof": "S", "no_face": "N"}
 _CODE_VERDICTS = {v: k for k, v in _VERDICT_CODES.items()}
-MINE, JUDGED, BUSY = 1, 2, 3
+MINE, JUDGED, BUSY, SAME = 1, 2, 3, 4
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,8 @@ class ClaimResult:
     mine: list[int] = field(default_factory=list)
     judged: dict[int, DoneEntry] = field(default_factory=dict)
     busy: dict[int, tuple[str, int]] = field(default_factory=dict)
+    # Another object with the same content was judged: that judgment, at no cost.
+    same: dict[int, DoneEntry] = field(default_factory=dict)
 
 
 class Claims:
@@ -61,36 +63,41 @@ class Claims:
         self._keys = keys
         self._claim = store.script("flow", "claim")
 
-    def claim_keys(self, identities: Sequence[str]) -> list[str]:
-        return [self._keys.claim(i) for i in identities]
+    def claim_keys(self, identities: Sequence[str], contents: Sequence[str | None] = ()) -> list[str]:
+        return [self._keys.claim(i) for i in (*identities, *(c for c in contents if c))]
 
     def claim(self, lease: ChunkLease, run_id: str, seq: int, identities: Sequence[str],
-              not_before_ms: int = 0) -> ClaimResult:
+              not_before_ms: int = 0, contents: Sequence[str | None] | None = None) -> ClaimResult:
         """Claim every identity not judged and not held elsewhere; ChunkBusy if the caller's lease is lost.
 
-        not_before_ms > 0 ignores judgments older than that (a --force run judges those again).
+        not_before_ms > 0 ignores judgments older than that (a --force run judges those again). `contents`
+        are the images' content keys (None where unknown): a copy of judged content is reported in `same`,
+        and copies of one content are judged one at a time.
         """
         result = ClaimResult()
         if not identities:
             return result
+        contents = list(contents) if contents is not None else [None] * len(identities)
         keys = [lease.key]
         fields: list[str] = []
-        for identity in identities:
-            ref = self._keys.done(identity)
-            keys += [ref.shard, self._keys.claim(identity)]
-            fields.append(ref.field)
+        for identity, content in zip(identities, contents, strict=True):
+            image_keys, field_, cfield = self._keys.image(identity, content)
+            keys += image_keys
+            fields += [field_, cfield]
         answer = self._claim(keys, [lease.token, lease.ttl_ms, f"{run_id} {seq}", not_before_ms, *fields])
         if answer and int(answer[0]) == -1:
             raise ChunkBusy(f"chunk {run_id}/{seq}: lease lost before its images could be claimed")
         mine_keys: list[str] = []
         for pos in range(len(identities)):
             status, detail = int(answer[2 * pos]), str(answer[2 * pos + 1])
-            entry = DoneEntry.decode(detail) if status == JUDGED else None
+            entry = DoneEntry.decode(detail) if status in (JUDGED, SAME) else None
             if status == MINE:
                 result.mine.append(pos)
-                mine_keys.append(keys[2 + 2 * pos])
+                mine_keys.append(keys[2 + 4 * pos])
+                if contents[pos]:
+                    mine_keys.append(keys[4 + 4 * pos])
             elif entry is not None:
-                result.judged[pos] = entry
+                (result.judged if status == JUDGED else result.same)[pos] = entry
             else:
                 result.busy[pos] = _holder(detail)
         lease.hold_claims(mine_keys)

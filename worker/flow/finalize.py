@@ -72,6 +72,8 @@ def finalize_run(runs: Runs, storage: Storage, ledger: Ledger, run_id: str,
     manifest["tokens_bought"] = int(run.get("tokens_bought") or 0)
     manifest["budget_cents"] = int(run["budget_cents"]) if run.get("budget_cents") else None
     manifest["duplicates"] = int(run.get("duplicates") or 0)
+    # Byte-identical copies of an image judged before (recorded `same_content_as`, paid nothing).
+    manifest["same_content"] = int(run.get("same_content") or 0)
     # Calls paid whose answer never reached the ledger (a worker killed mid-call, a timeout after the seller
     # took the token): their images were judged again, and this is the only way an image is paid twice.
     manifest["answers_lost"] = int(run.get("answers_lost") or 0)

@@ -8,7 +8,7 @@ import random
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from worker.config import S3Location, Settings
@@ -37,15 +37,18 @@ from worker.judge.manifest import (
     Item,
     chunk_document,
     chunk_key,
+    content_key,
     duplicate_record,
     judged_record,
+    same_content_record,
+    sha256_content_key,
     unjudged_record,
 )
 from worker.judge.verdicts import AnswerError, ElementError, Judgement, judge_answer
 from worker.messages import Chunk
 from worker.money.ledger import Ledger, Unrecorded
 from worker.seams.marketplace import Marketplace, is_permanent_code, parse_answer
-from worker.seams.storage import Storage
+from worker.seams.storage import ObjectInfo, Storage
 from worker.seams.store import Store
 
 log = logging.getLogger("irlive.pipeline")
@@ -112,6 +115,8 @@ class ChunkProcessor:
         self._lease: ChunkLease | None = None
         # Images whose object changed between validation and the seller's fetch (index -> times).
         self._changed: dict[int, int] = {}
+        # Content keys of the images validated (index -> key): byte-identical copies are judged once.
+        self._content: dict[int, str] = {}
 
     @property
     def lease(self) -> ChunkLease:
@@ -178,8 +183,10 @@ class ChunkProcessor:
         deadline = time.monotonic() + CLAIM_WAIT_S
         while todo:
             result = self.deps.claims.claim(self.lease, chunk.run_id, chunk.seq,
-                                            [img.item.identity for img in todo], not_before)
+                                            [img.item.identity for img in todo], not_before,
+                                            [self._content.get(img.index) for img in todo])
             self._record_duplicates(chunk, {todo[p].index: (todo[p], e) for p, e in result.judged.items()})
+            self._record_copies(chunk, {todo[p].index: (todo[p], e) for p, e in result.same.items()})
             self._pay_for(chunk, [todo[p] for p in result.mine])
             todo = [todo[p] for p in sorted(result.busy)] + self._rejudge(chunk)
             if not result.busy:
@@ -223,8 +230,26 @@ class ChunkProcessor:
                 continue
             todo.append(_Image(index, Item(item.bucket, item.key, info.etag), info.size, small_image_warning(image),
                                info.version_id))
+            content = self._content_of(item.bucket, item.key, info)
+            if content:
+                self._content[index] = content
+            else:
+                self._content.pop(index, None)
         self._save(chunk, rejected)
         return todo
+
+    def _content_of(self, bucket: str, key: str, info: ObjectInfo) -> str | None:
+        """The object's content key: its ETag where that is the MD5 of its bytes (a single-part upload), else
+        a hash of the whole object read once more (multipart uploads; a failed read only skips dedup)."""
+        content = content_key(info.etag, info.size)
+        if content or info.size > self.deps.settings.max_image_bytes:
+            return content
+        try:
+            whole, data = self.deps.storage.read_head(bucket, key, max(info.size, 1))
+        except IrliveError as exc:
+            log.info("s3://%s/%s: no content key (%s); judged without looking for copies", bucket, key, exc)
+            return None
+        return sha256_content_key(data) if whole.etag == info.etag and len(data) == info.size else None
 
     def _record_duplicates(self, chunk: Chunk, judged: dict[int, tuple[_Image, DoneEntry]]) -> None:
         """Images judged by another run (or by an earlier delivery of another chunk): their verdict, at no cost."""
@@ -243,6 +268,38 @@ class ChunkProcessor:
                                       judged_at=now_iso())
             saves.append(Save(index, img.item, record, duplicate=True))
         self._save(chunk, saves)
+
+    def _record_copies(self, chunk: Chunk, same: dict[int, tuple[_Image, DoneEntry]]) -> None:
+        """Images byte-identical to one judged before (a re-upload, a copy under another key or bucket): its
+        verdict, marked `same_content_as`, at no cost."""
+        if not same:
+            return
+        saves: list[Save] = []
+        records: dict[tuple[str, int], list[dict[str, Any]]] = {}
+        for index, (img, entry) in sorted(same.items()):
+            content = self._content[index]
+            where = (entry.run_id, entry.seq)
+            if where not in records:
+                records[where] = self._records_of(*where)
+            first = next((r for r in records[where] if r.get("content_key") == content), None)
+            record = same_content_record(img.item, img.size, entry.verdict, first, run_id=entry.run_id,
+                                         seq=entry.seq, judged_at=now_iso())
+            saves.append(Save(index, img.item, record, same_content=True))
+        self._save(chunk, saves)
+
+    def _records_of(self, run_id: str, seq: int) -> list[dict[str, Any]]:
+        """A chunk's records: its progress while its run is in Redis, else its manifest in S3 (best effort)."""
+        progress = self.deps.runs.progress(run_id, seq)
+        if progress:
+            return list(progress.values())
+        run = self.deps.runs.get(run_id)
+        try:
+            output = S3Location.parse(run["output"], "run output") if run else None
+            doc = self.deps.storage.get_json(output.bucket, chunk_key(output, run_id, seq))[0] if output else {}
+        except IrliveError as exc:
+            log.info("records of %s/%d unreadable (%s): copies name only the run and chunk", run_id, seq, exc)
+            return []
+        return list(doc.get("images", ()))
 
     # ---- paying -------------------------------------------------------------------------------------------
 
@@ -447,10 +504,15 @@ class ChunkProcessor:
     def _save(self, chunk: Chunk, saves: list[Save]) -> None:
         if not saves:
             return
+        # Every record of a validated image carries its content key: a judged one is found by later copies
+        # (and rebuilt from the manifests by reindex), and any one releases the content's claim.
+        saves = [replace(s, content=self._content[s.index], record={**s.record, "content_key": self._content[s.index]})
+                 if s.index in self._content and not s.duplicate else s for s in saves]
         holder = self._lease.token if self._lease is not None else ""
         self.deps.runs.record(chunk.run_id, chunk.seq, saves, holder=holder)
         if self._lease is not None:
-            self._lease.drop_claims(self.deps.claims.claim_keys([s.item.identity for s in saves]))
+            self._lease.drop_claims(self.deps.claims.claim_keys([s.item.identity for s in saves],
+                                                                [s.content for s in saves]))
 
     def _finish(self, chunk: Chunk, output: S3Location) -> int:
         progress = self.deps.runs.progress(chunk.run_id, chunk.seq)

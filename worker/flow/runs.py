@@ -33,6 +33,10 @@ class Save:
     record: dict[str, Any]
     # A record copied from another run's judgment (it is already in the done-set).
     duplicate: bool = False
+    # The image's content key (byte-identical objects share it), None where unknown.
+    content: str | None = None
+    # A record of a copy: another object with the same content was judged (its identity enters the done-set).
+    same_content: bool = False
 
 
 @dataclass(frozen=True)
@@ -254,12 +258,13 @@ class Runs:
         args: list[Any] = [now, holder]
         for save in saves:
             verdict = save.record["verdict"]
-            ref = self._keys.done(save.item.identity)
-            keys += [ref.shard, self._keys.claim(save.item.identity)]
+            image_keys, field, cfield = self._keys.image(save.item.identity, save.content)
+            keys += image_keys
             judged = not save.duplicate and verdict in JUDGED
             entry = DoneEntry(verdict, now, run_id, seq).encode() if judged else ""
-            args += [save.index, json.dumps(save.record, sort_keys=True), verdict, ref.field if judged else "",
-                     entry, "1" if save.duplicate else "0"]
+            kind = "1" if save.duplicate else "2" if save.same_content else "0"
+            args += [save.index, json.dumps(save.record, sort_keys=True), verdict, field if judged else "",
+                     entry, kind, cfield, field]
         try:
             return int(self.store.persist(lambda: self._record(keys, args), retry_s, f"records of {run_id}/{seq}"))
         except StoreUnavailable as exc:

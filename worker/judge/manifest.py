@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
@@ -12,6 +14,7 @@ from worker.config import S3Location
 from worker.judge.verdicts import Judgement
 
 SCHEMA_VERSION = 1
+_MD5 = re.compile(r"[0-9a-f]{32}")
 VERDICTS = ("live", "spoof", "no_face", "rejected", "error", "not_judged")
 # Verdicts that say why an image has no judgment: failed.jsonl lists them, a redrive may judge them again.
 UNJUDGED = ("rejected", "error", "not_judged")
@@ -125,6 +128,31 @@ def duplicate_record(item: Item, size: int | None, verdict: str, first: dict[str
                   error_code=None, attempts=0, duplicate_of={"run_id": run_id, "seq": seq})
     record.pop("reused_from_run", None)
     return record
+
+
+def same_content_record(item: Item, size: int | None, verdict: str, first: dict[str, Any] | None, *,
+                        run_id: str, seq: int, judged_at: str) -> dict[str, Any]:
+    """The record of a byte-identical copy of an image judged before: that judgment, marked `same_content_as`
+    (where the judged object is), paid nothing. Its own identity enters the done-set, so a rescan skips it."""
+    record = duplicate_record(item, size, verdict, first, run_id=run_id, seq=seq, judged_at=judged_at)
+    del record["duplicate_of"]
+    record["same_content_as"] = {"run_id": run_id, "seq": seq, **({k: first[k] for k in ("bucket", "key", "etag")}
+                                                                  if first else {})}
+    return record
+
+
+def content_key(etag: str, size: int | None) -> str | None:
+    """Byte-identical objects share this key. A single-part upload's ETag is the MD5 of its bytes (the size is
+    added, so a collision must match the length too); a multipart ETag ("...-N") is not: None."""
+    etag = etag.lower()
+    if size is None or not _MD5.fullmatch(etag):
+        return None
+    return f"md5:{etag}:{size}"
+
+
+def sha256_content_key(data: bytes) -> str:
+    """The content key of an object whose ETag says nothing of its bytes, from the bytes themselves."""
+    return f"sha256:{hashlib.sha256(data).hexdigest()}:{len(data)}"
 
 
 def count_verdicts(records: Iterable[dict[str, Any]]) -> dict[str, int]:

@@ -1,35 +1,58 @@
 -- claim.lua: before an image is packed into a paid call, claim its identity for the chunk delivery that holds
 -- the chunk's lease; an identity already judged, or claimed by another live delivery, is reported instead.
+-- With a content key (byte-identical objects share it), a copy of content already judged is reported as such,
+-- and only one identity at a time may hold the content's claim: the other copies wait for its verdict.
 -- KEYS[1]           the chunk's lease (the claim is refused unless its value is ARGV[1])
--- KEYS[2i], KEYS[2i+1]  for identity i (1-based): its done-set shard hash, its claim key
+-- KEYS[4i-2..4i+1]  for identity i (1-based): its done-set shard hash, its claim key, the content's done-set
+--                   shard hash, the content's claim key (the identity's own again when it has no content key)
 -- ARGV[1]           the holder's token (the chunk lease value)
 -- ARGV[2]           claim time to live, ms (the lease's: a claim expires with the lease that renews it)
 -- ARGV[3]           what the claim says after the token: "<run_id> <seq>"
 -- ARGV[4]           judgments recorded before this time (ms) are ignored (a --force run); 0 = all count
--- ARGV[4+i]         identity i's field in its done-set shard
+-- ARGV[3+2i]        identity i's field in its done-set shard
+-- ARGV[4+2i]        the content's field in its shard, '' when the identity has no content key
 -- Returns           {-1} if the caller does not hold the lease; else two entries per identity:
 --                   1, ''        claimed for the caller (newly, or it already held it)
 --                   2, entry     already judged: the done-set entry
---                   3, claim     held by another live delivery: its claim value
+--                   3, claim     held by another live delivery (or, for content, by another copy): its claim
+--                   4, entry     another object with the same content was judged: that done-set entry
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {-1} end
 local mine = ARGV[1] .. ' '
 local value = mine .. ARGV[3]
 local not_before = tonumber(ARGV[4])
+local function fresh(entry)
+  if not entry then return nil end
+  local judged_ms = tonumber(string.match(entry, '^[^|]*|(%d+)|') or '')
+  if not_before == 0 or (judged_ms and judged_ms >= not_before) then return entry end
+  return nil
+end
 local out = {}
-for i = 1, (#KEYS - 1) / 2 do
-  local shard, claim_key = KEYS[2 * i], KEYS[2 * i + 1]
-  local entry = redis.call('HGET', shard, ARGV[4 + i])
-  local judged_ms = entry and tonumber(string.match(entry, '^[^|]*|(%d+)|')) or nil
-  if entry and (not_before == 0 or (judged_ms and judged_ms >= not_before)) then
+for i = 1, (#KEYS - 1) / 4 do
+  local shard, claim_key, cshard, cclaim = KEYS[4 * i - 2], KEYS[4 * i - 1], KEYS[4 * i], KEYS[4 * i + 1]
+  local field, cfield = ARGV[3 + 2 * i], ARGV[4 + 2 * i]
+  local entry = fresh(redis.call('HGET', shard, field))
+  local centry = nil
+  if not entry and cfield ~= '' then centry = fresh(redis.call('HGET', cshard, cfield)) end
+  if entry then
     table.insert(out, 2)
     table.insert(out, entry)
+  elseif centry then
+    table.insert(out, 4)
+    table.insert(out, centry)
   else
     local claim = redis.call('GET', claim_key)
+    -- The content's claim names the identity that holds it, so two copies in one delivery are told apart.
+    local cvalue = value .. ' ' .. field
+    local cclaimed = cfield ~= '' and redis.call('GET', cclaim) or false
     if claim and string.sub(claim, 1, #mine) ~= mine then
       table.insert(out, 3)
       table.insert(out, claim)
+    elseif cclaimed and string.sub(cclaimed, -(#field + 1)) ~= ' ' .. field then
+      table.insert(out, 3)
+      table.insert(out, cclaimed)
     else
       redis.call('SET', claim_key, value, 'PX', ARGV[2])
+      if cfield ~= '' then redis.call('SET', cclaim, cvalue, 'PX', ARGV[2]) end
       table.insert(out, 1)
       table.insert(out, '')
     end
