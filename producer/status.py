@@ -167,6 +167,7 @@ def status_dict(status: RunStatus, pace: Pace | None = None) -> dict[str, Any]:
     doc["rejected"] = status.counts["rejected"]
     doc["error"] = status.error
     doc["errors"] = status.counts["error"]
+    doc["not_judged"] = status.counts.get("not_judged", 0)
     return doc
 
 
@@ -195,7 +196,8 @@ def render(status: RunStatus, pace: Pace | None = None) -> str:
         f"state     {status.state}" + (f": {status.error}" if status.error else ""),
         f"images    {status.done}/{status.total} recorded ({status.skipped} skipped as already judged)",
         f"verdicts  live {c['live']}  spoof {c['spoof']}  no_face {c['no_face']}",
-        f"failed    rejected {c['rejected']}  error {c['error']}",
+        f"failed    rejected {c['rejected']}  error {c['error']}"
+        + (f"  not judged {c['not_judged']}" if c.get("not_judged") else ""),
         f"calls     {status.calls}  spend ${status.spend_cents / 100:.2f}"
         + (f" of budget ${status.budget_cents / 100:.2f}" if status.budget_cents is not None else ""),
         f"paid once {status.duplicates} images recorded from another run's judgment; "
@@ -219,7 +221,8 @@ def bar(status: RunStatus, width: int = 30, pace: Pace | None = None) -> str:
         tail += f" ~${pace.projected_spend_cents / 100:.2f}"
     return (f"[{'#' * filled}{'.' * (width - filled)}] {status.done}/{status.total} "
             f"live {c['live']} spoof {c['spoof']} no_face {c['no_face']} rejected {c['rejected']} "
-            f"error {c['error']} | {status.calls} calls ${status.spend_cents / 100:.2f}{tail} | {status.state}")
+            f"error {c['error']}" + (f" not_judged {c['not_judged']}" if c.get("not_judged") else "")
+            + f" | {status.calls} calls ${status.spend_cents / 100:.2f}{tail} | {status.state}")
 
 
 def follow(runs: Runs, run_id: str, *, interval_s: float = 0.5, timeout_s: float | None = None,
