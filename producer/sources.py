@@ -8,7 +8,10 @@ import importlib.util
 import io
 import json
 import queue
+import re
+import shutil
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +33,14 @@ PAGES_PER_WORKER = 2
 PAGE = 1000
 # Line numbers of bad rows kept to report (the count is always complete).
 BAD_LINES_KEPT = 10
+# Parquet inventory rows decoded at a time (the data file itself waits in a temporary file, not in memory).
+PARQUET_BATCH = 1000
+# Bytes of a Parquet data file copied to its temporary file at a time.
+COPY_CHUNK = 256 * 1024
+# The Parquet columns read, each with the CSV fileSchema name it stands for (AWS writes them in snake case).
+PARQUET_COLUMNS = {"bucket": "Bucket", "key": "Key", "version_id": "VersionId", "is_latest": "IsLatest",
+                   "is_delete_marker": "IsDeleteMarker", "size": "Size", "last_modified_date": "LastModifiedDate",
+                   "e_tag": "ETag"}
 
 
 @dataclass(frozen=True)
@@ -187,7 +198,8 @@ class S3Source(Source):
 
 
 class InventorySource(Source):
-    """An S3 Inventory report: manifest.json naming gzip CSV files, streamed row by row."""
+    """An S3 Inventory report: manifest.json naming gzip CSV files (streamed row by row) or Parquet files (each
+    downloaded to a temporary file, then read in batches of PARQUET_BATCH rows; needs pyarrow)."""
 
     def __init__(self, bucket: str, manifest_key: str) -> None:
         super().__init__("inventory", f"inventory://{bucket}/{manifest_key}")
@@ -211,22 +223,26 @@ class InventorySource(Source):
     def check(self, storage: Storage) -> None:
         storage.check_bucket(self.bucket)
         doc = self.manifest(storage)
-        fmt = str(doc.get("fileFormat", "CSV")).upper()
+        fmt = self._format(doc)
         if fmt == "PARQUET":
-            if importlib.util.find_spec("pyarrow") is None:
-                raise ConfigError(f"{self.name}: Parquet inventories need pyarrow (pip install pyarrow), or "
-                                  "configure the inventory as CSV")
-            raise ConfigError(f"{self.name}: Parquet inventories are not read yet; configure the inventory as CSV")
-        if fmt != "CSV":
-            raise ConfigError(f"{self.name}: inventory format {fmt} is not supported; configure it as CSV")
+            _parquet(self.name)
         if "Key" not in _schema(doc, self.name):
             raise ConfigError(f"{self.name}: the inventory's fileSchema has no Key column")
+
+    def _format(self, doc: dict[str, Any]) -> str:
+        fmt = str(doc.get("fileFormat", "CSV")).upper()
+        if fmt not in ("CSV", "PARQUET"):
+            raise ConfigError(f"{self.name}: inventory format {fmt} is not supported; configure it as CSV or Parquet")
+        return fmt
 
     def rows(self, storage: Storage) -> Iterator[Listed]:
         doc = self.manifest(storage)
         columns = _schema(doc, self.name)
         default_bucket = str(doc.get("sourceBucket", ""))
         self.has_last_modified = "LastModifiedDate" in columns
+        if self._format(doc) == "PARQUET":
+            yield from self._parquet_rows(storage, doc, default_bucket)
+            return
         line = 0
         for entry in doc["files"]:
             body = storage.open_stream(self.bucket, str(entry["key"]))
@@ -244,11 +260,103 @@ class InventorySource(Source):
             finally:
                 body.close()
 
+    def _parquet_rows(self, storage: Storage, doc: dict[str, Any], default_bucket: str) -> Iterator[Listed]:
+        """pyarrow needs a seekable file: each data file is copied (in pieces) to a temporary file, which is
+        deleted once read. Keys are not URL-encoded in Parquet (only CSV encodes them)."""
+        pq = _parquet(self.name)
+        int64 = importlib.import_module("pyarrow").int64()
+        line = 0
+        for entry in doc["files"]:
+            with tempfile.TemporaryFile(prefix="irlive-inventory-", suffix=".parquet") as local:
+                body = storage.open_stream(self.bucket, str(entry["key"]))
+                try:
+                    shutil.copyfileobj(body, local, COPY_CHUNK)
+                finally:
+                    body.close()
+                local.seek(0)
+                try:
+                    data = pq.ParquetFile(local)
+                    present = set(data.schema_arrow.names)
+                    wanted = [c for c in PARQUET_COLUMNS if c in present]
+                    batches = data.iter_batches(batch_size=PARQUET_BATCH, columns=wanted)
+                    for batch in batches:
+                        columns = {name: _column(column, int64) for name, column in
+                                   zip(batch.schema.names, batch.columns, strict=True)}
+                        for i in range(batch.num_rows):
+                            line += 1
+                            listed = _parquet_row({name: values[i] for name, values in columns.items()},
+                                                  default_bucket)
+                            if listed is None:
+                                self.bad(line)
+                            elif listed.info.key:
+                                yield listed
+                except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid and ArrowIOError are these
+                    raise ConfigError(f"{self.name}: data file {entry['key']} is not a Parquet file ({exc})") from None
+
+
+def _parquet(name: str) -> Any:
+    """pyarrow.parquet, imported only when a Parquet inventory is read (pyarrow is optional: `.[parquet]`)."""
+    if importlib.util.find_spec("pyarrow") is None:
+        raise ConfigError(f"{name}: Parquet inventories need pyarrow (pip install 'irlive[parquet]' or "
+                          "pip install pyarrow), or configure the inventory as CSV")
+    try:
+        return importlib.import_module("pyarrow.parquet")
+    except ImportError as exc:
+        raise ConfigError(f"{name}: Parquet inventories need pyarrow, which does not import ({exc})") from None
+
+
+_PER_SECOND = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}
+
+
+def _column(column: Any, int64: Any) -> list[Any]:
+    """A batch's column as Python values; timestamps (stored as UTC instants) as aware datetimes, converted from
+    their integers: several times faster than pyarrow's own conversion of a time-zoned column."""
+    kind = column.type
+    if not str(kind).startswith("timestamp"):
+        return list(column.to_pylist())
+    per_second = _PER_SECOND[kind.unit]
+    return [None if n is None else _instant(n, per_second) for n in column.cast(int64).to_pylist()]
+
+
+def _instant(n: int, per_second: int) -> datetime | str:
+    try:
+        return datetime.fromtimestamp(n / per_second, UTC)
+    except (OverflowError, ValueError, OSError):
+        return "unreadable"  # out of datetime's range: the row is counted bad, as an unreadable CSV date is
+
+
+def _parquet_row(values: dict[str, Any], default_bucket: str) -> Listed | None:
+    """One Parquet inventory row (snake-case columns, typed values; the key as it is: Parquet does not URL-encode
+    it); None when unreadable; an empty key for delete markers and older versions, as for CSV rows."""
+    key, bucket = values.get("key") or "", values.get("bucket") or default_bucket
+    if not isinstance(key, str) or not key or not isinstance(bucket, str) or not bucket:
+        return None
+    if values.get("is_delete_marker") is True or values.get("is_latest") is False:
+        return Listed(bucket, ObjectInfo("", 0, ""))
+    modified = values.get("last_modified_date")
+    try:
+        size = int(values.get("size") or 0)
+        if isinstance(modified, int):  # an int64 column without its TIMESTAMP_MILLIS annotation
+            modified = datetime.fromtimestamp(modified / 1000, UTC)
+    except (TypeError, ValueError, OverflowError, OSError):
+        return None
+    if modified is not None and not isinstance(modified, datetime):
+        return None
+    if modified is not None and modified.tzinfo is None:
+        modified = modified.replace(tzinfo=UTC)
+    return Listed(bucket, ObjectInfo(key, size, str(values.get("e_tag") or "").strip('"'),
+                                     values.get("version_id") or None, modified))
+
 
 def _schema(doc: dict[str, Any], name: str) -> list[str]:
+    """The manifest's column names in CSV terms: a CSV list (Bucket, Key, ...) or, for Parquet, the message
+    schema AWS writes (message s3.inventory { required binary key (UTF8); ... }) with its snake names mapped."""
     schema = doc.get("fileSchema")
     if not isinstance(schema, str) or not schema.strip():
         raise ConfigError(f"{name}: the manifest has no fileSchema")
+    if schema.lstrip().startswith("message"):
+        fields = re.findall(r"(?:required|optional|repeated)\s+\w+\s+(\w+)", schema)
+        return [PARQUET_COLUMNS.get(f, f) for f in fields]
     return [c.strip() for c in schema.split(",")]
 
 

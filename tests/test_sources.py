@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -11,7 +13,7 @@ from typing import Any
 import fakeredis
 import pytest
 
-from bench.inventory_memory import write_inventory
+from bench.inventory_memory import PARQUET_SCHEMA, write_inventory
 from producer.filters import modified_between, parse_time
 from producer.scan import per_bucket, watermark_name
 from producer.sources import FileSource, InventorySource, Listed, S3Source, parse_source
@@ -20,6 +22,7 @@ from tests.conftest import IrliveRunner
 from tests.e2e import IN_BUCKET
 from worker.config import S3Location
 from worker.errors import ConfigError
+from worker.flow.claims import Claims, DoneEntry
 from worker.flow.runs import Runs
 from worker.flow.watermarks import Watermarks
 from worker.keys import Keys
@@ -154,11 +157,101 @@ def test_an_inventory_that_is_not_one_fails_clearly(clean_stack: Stack) -> None:
     s3 = clean_stack.s3_client()
     storage = _storage(clean_stack)
     s3.put_object(Bucket=IN_BUCKET, Key="inv/manifest.json",
-                  Body=json.dumps({"fileFormat": "Parquet", "fileSchema": "Bucket, Key", "files": []}).encode())
-    with pytest.raises(ConfigError, match="Parquet inventories need pyarrow"):
+                  Body=json.dumps({"fileFormat": "ORC", "fileSchema": "struct<bucket:string,key:string>",
+                                   "files": []}).encode())
+    with pytest.raises(ConfigError, match="format ORC is not supported; configure it as CSV or Parquet"):
         parse_source(f"inventory://{IN_BUCKET}/inv/manifest.json").check(storage)
     with pytest.raises(ConfigError, match="no inventory manifest"):
         parse_source(f"inventory://{IN_BUCKET}/nothing/manifest.json").check(storage)
+    s3.put_object(Bucket=IN_BUCKET, Key="inv/broken/data/x.parquet", Body=b"not parquet at all")
+    s3.put_object(Bucket=IN_BUCKET, Key="inv/broken/manifest.json",
+                  Body=json.dumps({"fileFormat": "Parquet", "fileSchema": PARQUET_SCHEMA,
+                                   "files": [{"key": "inv/broken/data/x.parquet"}]}).encode())
+    with pytest.raises(ConfigError, match=r"data file inv/broken/data/x.parquet is not a Parquet file"):
+        list(parse_source(f"inventory://{IN_BUCKET}/inv/broken/manifest.json").rows(storage))
+
+
+# Keys a Parquet inventory holds as they are (only CSV URL-encodes them): "%20" and "+" must survive literally.
+PARQUET_KEYS = [f"pq/day {i % 7}/ü+é {i}%20x.png" if i % 10 == 0 else f"pq/d{i % 7}/img_{i:05d}.png"
+                for i in range(2500)]
+
+
+def test_a_parquet_inventory_is_read_in_batches_with_its_keys_as_they_are(clean_stack: Stack) -> None:
+    import pyarrow as pa  # the `parquet` extra, in `dev`
+    import pyarrow.parquet as pq
+
+    s3 = clean_stack.s3_client()
+    s3.create_bucket(Bucket="inv-dest")
+    rows = [(IN_BUCKET, k, 10 + i, f"{i:032x}") for i, k in enumerate(PARQUET_KEYS)]
+    manifest = write_inventory(s3, "inv-dest", IN_BUCKET, rows, rows_per_file=1000, file_format="Parquet")
+    # One more data file as a versioned inventory writes it: a delete marker and an older version are passed
+    # over, a row without a size or date (optional columns) is kept, a naive timestamp is taken as UTC, a date out
+    # of range is a bad row (line 2505).
+    eight = int(datetime(2026, 11, 1, 8, tzinfo=UTC).timestamp() * 1000)
+    extra = pa.table({"bucket": [IN_BUCKET] * 5,
+                      "key": ["pq/gone.png", "pq/old.png", "pq/bare.png", "pq/n.png", "pq/far.png"],
+                      "version_id": ["v1", "v2", None, "v4", None], "is_latest": [True, False, True, None, True],
+                      "is_delete_marker": [True, False, False, None, False], "size": [None, 5, None, 7, 1],
+                      "last_modified_date": pa.array([None, None, None, eight, 10**17], pa.timestamp("ms")),
+                      "e_tag": [None, "x", "\"quoted\"", "n", "f"], "storage_class": ["STANDARD"] * 5})
+    out = io.BytesIO()
+    pq.write_table(extra, out)
+    s3.put_object(Bucket="inv-dest", Key="inv/extra.parquet", Body=out.getvalue())
+    doc = json.loads(s3.get_object(Bucket="inv-dest", Key=manifest)["Body"].read())
+    doc["files"].append({"key": "inv/extra.parquet", "size": len(out.getvalue()), "MD5checksum": "0" * 32})
+    s3.put_object(Bucket="inv-dest", Key=manifest, Body=json.dumps(doc).encode())
+
+    source = parse_source(f"inventory://inv-dest/{manifest}")
+    storage = _storage(clean_stack)
+    source.check(storage)
+    got = list(source.rows(storage))
+    assert [(r.bucket, r.info.key, r.info.size, r.info.etag) for r in got[:-2]] == rows
+    assert all(r.info.last_modified is not None for r in got[:-2]) and source.has_last_modified
+    bare, naive = got[-2:]
+    assert (bare.info.key, bare.info.size, bare.info.etag, bare.info.last_modified) == ("pq/bare.png", 0, "quoted",
+                                                                                         None)
+    assert (naive.info.key, naive.info.version_id, naive.info.last_modified) == (
+        "pq/n.png", "v4", datetime(2026, 11, 1, 8, tzinfo=UTC))
+    assert (source.bad_rows, source.bad_lines) == (1, [2505])
+
+
+def test_a_parquet_inventory_drives_a_dry_run_and_meets_the_done_set(clean_stack: Stack,
+                                                                    irlive: IrliveRunner) -> None:
+    s3 = clean_stack.s3_client()
+    s3.create_bucket(Bucket="inv-dest")
+    keys = PARQUET_KEYS[:300]
+    rows = [(IN_BUCKET, k, 1, f"{i:032x}") for i, k in enumerate(keys)]
+    rows += [(IN_BUCKET, f"pq/notes {i}.txt", 1, "t") for i in range(20)]  # filtered by suffix
+    manifest = write_inventory(s3, "inv-dest", IN_BUCKET, rows, rows_per_file=128, file_format="Parquet")
+    judged = [(f"{IN_BUCKET}/{k}@{i:032x}", DoneEntry("live", 1, "earlier-run", 0)) for i, k in enumerate(keys)
+              if i % 3 == 0]
+    assert any(" " in i and "%20" in i and "ü" in i for i, _ in judged), "the odd keys are among the judged"
+    Claims(Store.from_url(clean_stack.redis_url), Keys()).restore_judged(judged)
+
+    done = irlive("scan", f"inventory://inv-dest/{manifest}", "--dry-run", "--json")
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(done.stdout)
+    assert (doc["found"], doc["already_judged"], doc["to_judge"]) == (300, 100, 200), doc
+    assert not doc["warnings"], doc["warnings"]
+
+
+def test_without_pyarrow_a_parquet_inventory_is_refused_clearly(clean_stack: Stack,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    s3 = clean_stack.s3_client()
+    s3.create_bucket(Bucket="inv-dest")
+    manifest = write_inventory(s3, "inv-dest", IN_BUCKET, [(IN_BUCKET, "a.png", 1, "e")], file_format="Parquet")
+    source = parse_source(f"inventory://inv-dest/{manifest}")
+    storage = _storage(clean_stack)
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # what an environment without pyarrow imports
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    for attempt in (lambda: source.check(storage), lambda: list(source.rows(storage))):
+        with pytest.raises(ConfigError, match=r"Parquet inventories need pyarrow \(pip install 'irlive\[parquet\]'"):
+            attempt()
+    # The CLI imports no pyarrow until a Parquet inventory is read: it starts (and reads CSV) without it.
+    started = subprocess.run([sys.executable, "-c", "import sys, producer.cli, producer.sources; "
+                              "print('pyarrow' in sys.modules)"], capture_output=True, text=True, check=True,
+                             timeout=60)
+    assert started.stdout.strip() == "False"
 
 
 def test_file_sources_dry_run_counts(clean_stack: Stack, irlive: IrliveRunner, tmp_path: Path) -> None:
