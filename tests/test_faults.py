@@ -18,7 +18,6 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -39,6 +38,7 @@ from tests.faults import (
     seed_from_env,
     upload_samples,
 )
+from worker.seams.store import script_source
 
 pytestmark = pytest.mark.slow
 
@@ -394,7 +394,7 @@ def test_a_purchase_whose_answer_never_came_back_is_counted_unknown(clean_stack:
 def test_an_answer_is_not_lost_to_a_redis_blip_after_paying(clean_stack: Stack, script: str) -> None:
     # The first write of the answer (settle: token spent with its answer) or of its verdicts (record) fails.
     package, name = script.split("/")
-    source = (Path(__file__).resolve().parents[1] / "worker" / package / "scripts" / f"{name}.lua").read_bytes()
+    source = script_source(package, name).encode()
     samples = live_samples(10, "blip")
     upload_samples(clean_stack, samples)
     redis_port = int(clean_stack.redis_url.rsplit(":", 1)[1].split("/", 1)[0])

@@ -30,6 +30,16 @@ _REFUSED_CODES = ("OOM",)
 _ACCESS_CODES = ("NOPERM", "NOAUTH", "WRONGPASS")
 
 
+def script_source(package: str, name: str) -> str:
+    """The text Redis runs for `worker/<package>/scripts/<name>.lua`: the file, with each `--#include NAME`
+    line replaced by scripts/lib/NAME.lua (Redis runs one self-contained script, so a rule several scripts
+    apply alike, such as the end of a paid call, is written once and pasted in here)."""
+    scripts = resources.files(f"worker.{package}").joinpath("scripts")
+    text = scripts.joinpath(f"{name}.lua").read_text()
+    return "".join(scripts.joinpath("lib", line.split()[1] + ".lua").read_text()
+                   if line.startswith("--#include ") else line for line in text.splitlines(keepends=True))
+
+
 class StoreBug(IrliveError):
     """Redis answered an error that is ours to fix (a script or a command used wrongly)."""
 
@@ -135,13 +145,7 @@ class Store:
         """The script `worker/<package>/scripts/<name>.lua`, loaded once per Store."""
         key = f"{package}/{name}"
         if key not in self._scripts:
-            scripts = resources.files(f"worker.{package}").joinpath("scripts")
-            lines = scripts.joinpath(f"{name}.lua").read_text().splitlines()
-            # `--#include NAME` inlines scripts/lib/NAME.lua: Redis runs one self-contained script, so a rule
-            # several scripts must apply alike (the end of a paid call) is written once and pasted in here.
-            source = "\n".join(scripts.joinpath("lib", line.split()[1] + ".lua").read_text()
-                               if line.startswith("--#include ") else line for line in lines)
-            self._scripts[key] = Script(self.client, key, source)
+            self._scripts[key] = Script(self.client, key, script_source(package, name))
         return self._scripts[key]
 
     def pipeline(self, transaction: bool = True) -> Pipeline:
