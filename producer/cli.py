@@ -12,6 +12,8 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
+from celery import Celery
+
 from producer.estimate import Estimate, usd
 from producer.filters import parse_suffixes, parse_time
 from producer.scan import ScanRequest, ScanResult, estimate, new_run_id, scan, watermark_name
@@ -363,16 +365,21 @@ def _cmd_resume(ns: argparse.Namespace) -> int:
     if clients.runs.get(ns.run_id) is None:
         raise UnknownRun(ns.run_id)
     parked = clients.runs.resume(ns.run_id, ns.budget)
-    app = make_app(settings)
-    for message in parked:
-        send_chunk(app, Chunk.from_message(message))
-    clients.runs.unpark(ns.run_id, len(parked))
+    _send_parked(make_app(settings), clients.runs, ns.run_id, parked)
     status = clients.runs.status(ns.run_id)
     assert status is not None
     doc = {"run_id": ns.run_id, "state": status.state, "chunks_resent": len(parked),
            "budget_cents": status.budget_cents}
     print(json.dumps(doc) if ns.json else f"run {ns.run_id}: {status.state}, {len(parked)} parked chunks sent again")
     return EXIT_OK
+
+
+def _send_parked(app: Celery, runs: Runs, run_id: str, parked: list[dict[str, Any]]) -> None:
+    """Send a run's parked chunks again, then drop them from the parking list (a crash between re-sends them;
+    a chunk delivered twice is recorded once)."""
+    for message in parked:
+        send_chunk(app, Chunk.from_message(message))
+    runs.unpark(run_id, len(parked))
 
 
 def _cmd_pause(ns: argparse.Namespace) -> int:
@@ -393,9 +400,7 @@ def _cmd_cancel(ns: argparse.Namespace) -> int:
     cancelled, state, parked = clients.runs.cancel(ns.run_id)
     app = make_app(settings)
     # Parked chunks wind down like the others: sent again, recorded not_judged, then the run finalises.
-    for message in parked:
-        send_chunk(app, Chunk.from_message(message))
-    clients.runs.unpark(ns.run_id, len(parked))
+    _send_parked(app, clients.runs, ns.run_id, parked)
     status = clients.runs.status(ns.run_id)
     assert status is not None
     if cancelled and status.pending == 0:
