@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -37,6 +38,33 @@ class ObjectInfo:
     version_id: str | None = None
     # From a listing (or an inventory row): when the object was written; None where the source does not say.
     last_modified: datetime | None = None
+
+
+class ObjectStream(io.RawIOBase):
+    """An object's body being read: a connection lost halfway is a TransientError like any other S3 trouble."""
+
+    def __init__(self, body: Any, where: str) -> None:
+        super().__init__()
+        self._body = body
+        self._where = where
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        with _translate(self._where):
+            data: bytes = self._body.read(None if size is None or size < 0 else size)
+            return data
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._body.close()
+        super().close()
 
 
 class Storage:
@@ -86,10 +114,11 @@ class Storage:
                     yield ObjectInfo(obj["Key"], int(obj["Size"]), _etag(obj["ETag"]),
                                      last_modified=obj.get("LastModified"))
 
-    def open_stream(self, bucket: str, key: str) -> Any:
+    def open_stream(self, bucket: str, key: str) -> ObjectStream:
         """The object's body as a file-like stream (read in pieces: an inventory file is never held whole)."""
-        with _translate(f"s3://{bucket}/{key}", missing_is_object=True):
-            return self._s3.get_object(Bucket=bucket, Key=key)["Body"]
+        where = f"s3://{bucket}/{key}"
+        with _translate(where, missing_is_object=True):
+            return ObjectStream(self._s3.get_object(Bucket=bucket, Key=key)["Body"], where)
 
     def read_head(self, bucket: str, key: str, max_bytes: int) -> tuple[ObjectInfo, bytes]:
         """The first bytes with the object's size and ETag, in one request (no HEAD); empty objects too."""
