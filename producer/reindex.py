@@ -29,6 +29,9 @@ def reindex(storage: Storage, claims: Claims, output: S3Location) -> Reindexed:
     """Every judged record (not a duplicate) of every chunk manifest under `<output>/runs/` enters the done-set."""
     result = Reindexed()
     pending: list[tuple[str, DoneEntry]] = []
+    # Copies found later under other keys reuse a judgment through its content key (manifest.content_key);
+    # restored alongside, not counted: `restored` counts images.
+    contents: list[tuple[str, DoneEntry]] = []
     for obj in storage.iter_objects(output.bucket, output.key("runs") + "/"):
         if "/chunks/" not in obj.key or not obj.key.endswith(".json"):
             continue
@@ -41,12 +44,14 @@ def reindex(storage: Storage, claims: Claims, output: S3Location) -> Reindexed:
             entry = DoneEntry(record["verdict"], iso_ms(record.get("judged_at")), str(doc["run_id"]), int(doc["seq"]))
             pending.append((identity, entry))
             if record.get("content_key"):
-                # Copies found later under other keys reuse this judgment (see worker.judge.manifest.content_key).
-                pending.append((str(record["content_key"]), entry))
+                contents.append((str(record["content_key"]), entry))
             result.judged += 1
         if len(pending) >= BATCH:
             result.restored += claims.restore_judged(pending)
+            claims.restore_judged(contents)
             pending.clear()
+            contents.clear()
     result.restored += claims.restore_judged(pending)
+    claims.restore_judged(contents)
     return result
 

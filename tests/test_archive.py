@@ -29,7 +29,7 @@ def test_a_finished_run_keeps_only_its_done_set_entries_and_its_payments_go_to_s
     spent_left = [k for k in keys if k.startswith("irlive:pay:") and client.hget(k, "state") == b"spent"]
     assert spent_left == [], "spent payments are archived to S3, not kept in Redis"
     done_entries = sum(client.hlen(k) for k in keys if k.startswith("irlive:done:"))
-    assert done_entries == 200
+    assert done_entries == 2 * 200, "one entry per judged image, and one per content (for copies to find)"
 
     body = clean_stack.s3_client().get_object(Bucket=OUT_BUCKET, Key=run.manifest["payments"]["key"])["Body"].read()
     payments = [json.loads(line) for line in body.decode().splitlines()]
@@ -52,6 +52,9 @@ def test_reindex_after_redis_lost_everything_makes_a_rescan_pay_nothing(
     result = irlive("reindex", "--json")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == {"manifests": 3, "judged": 120, "restored": 120}
+    client = clean_stack.redis_client()
+    done = sum(client.hlen(k) for k in client.scan_iter("irlive:done:*", count=1000))
+    assert done == 2 * 120, "content entries come back too: copies found later are still judged once"
 
     after = json.loads(irlive("scan", f"s3://{IN_BUCKET}/clean", "--json").stdout)
     assert (after["found"], after["already_judged"], after["enqueued"]) == (120, 120, 0)
