@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from sandbox.images import Sample, png
 from sandbox.stack import Stack
 from tests.conftest import IrliveRunner
 from tests.e2e import IN_BUCKET, OUT_BUCKET, OUT_PREFIX, read_run, upload, validator
@@ -148,7 +149,9 @@ def test_a_webhook_gets_one_signed_post_per_run_end(clean_stack: Stack, irlive: 
     (first,) = receiver.wait_for(1, timeout=60)
     # A second run, cancelled while its first call is under way (a slow seller), ends too.
     clean_stack.sandbox_config(latency_ms=3000)
-    upload(clean_stack, clean_samples(30, "hooked2"))
+    # New content (copies of the first run's images would be recorded from it at once, for free).
+    upload(clean_stack, [Sample(f"hooked2/img_{i:05d}.png", png(96, 96, "live", seed=1000 + i), "live")
+                         for i in range(30)])
     scanned = irlive("scan", f"s3://{IN_BUCKET}/hooked2", "--notify", receiver.url, "--json")
     cancel_id = json.loads(scanned.stdout)["run_id"]
     assert irlive("cancel", cancel_id, "--wait", timeout=120).returncode == 5
