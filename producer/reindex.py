@@ -48,10 +48,10 @@ def reindex(storage: Storage, claims: Claims, output: S3Location) -> Reindexed:
             result.judged += 1
         if len(pending) >= BATCH:
             result.restored += claims.restore_judged(pending)
-            claims.restore_judged(contents)
+            claims.restore_judged(contents, contents=True)
             pending.clear()
             contents.clear()
     result.restored += claims.restore_judged(pending)
-    claims.restore_judged(contents)
+    claims.restore_judged(contents, contents=True)
     return result
 

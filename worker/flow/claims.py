@@ -33,9 +33,16 @@ class DoneEntry:
     def encode(self) -> str:
         return f"{_VERDICT_CODES[self.verdict]}|{self.judged_ms}|{self.run_id}|{self.seq}"
 
+    def encode_content(self) -> str:
+        """A content's entry, without the time (a --force run ignores content entries): ~14 bytes less on every
+        judged image, which keeps the done-set within its 200 bytes per image."""
+        return f"{_VERDICT_CODES[self.verdict]}|{self.run_id}|{self.seq}"
+
     @classmethod
     def decode(cls, raw: str) -> DoneEntry | None:
         parts = raw.split("|")
+        if len(parts) == 3:
+            parts = [parts[0], "0", parts[1], parts[2]]
         if len(parts) != 4 or parts[0] not in _CODE_VERDICTS:
             return None
         try:
@@ -113,15 +120,15 @@ class Claims:
             pipe.hget(ref.shard, ref.field)
         return [DoneEntry.decode(raw) if raw else None for raw in pipe.execute()]
 
-    def restore_judged(self, judged: Sequence[tuple[str, DoneEntry]]) -> int:
+    def restore_judged(self, judged: Sequence[tuple[str, DoneEntry]], *, contents: bool = False) -> int:
         """Put judgments back into the done-set (from manifests, after Redis lost them); returns how many were
-        missing. An entry already there is left as it is."""
+        missing. An entry already there is left as it is. `contents`: the names are content keys."""
         if not judged:
             return 0
         pipe = self._store.pipeline(transaction=False)
         for identity, entry in judged:
             ref = self._keys.done(identity)
-            pipe.hsetnx(ref.shard, ref.field, entry.encode())
+            pipe.hsetnx(ref.shard, ref.field, entry.encode_content() if contents else entry.encode())
         return sum(int(n) for n in pipe.execute())
 
 

@@ -261,10 +261,10 @@ class Runs:
             image_keys, field, cfield = self._keys.image(save.item.identity, save.content)
             keys += image_keys
             judged = not save.duplicate and verdict in JUDGED
-            entry = DoneEntry(verdict, now, run_id, seq).encode() if judged else ""
+            done = DoneEntry(verdict, now, run_id, seq)
             kind = "1" if save.duplicate else "2" if save.same_content else "0"
             args += [save.index, json.dumps(save.record, sort_keys=True), verdict, field if judged else "",
-                     entry, kind, cfield, field]
+                     done.encode() if judged else "", kind, cfield, field, done.encode_content() if judged else ""]
         try:
             return int(self.store.persist(lambda: self._record(keys, args), retry_s, f"records of {run_id}/{seq}"))
         except StoreUnavailable as exc:

@@ -8,7 +8,8 @@
 -- ARGV[1]           the holder's token (the chunk lease value)
 -- ARGV[2]           claim time to live, ms (the lease's: a claim expires with the lease that renews it)
 -- ARGV[3]           what the claim says after the token: "<run_id> <seq>"
--- ARGV[4]           judgments recorded before this time (ms) are ignored (a --force run); 0 = all count
+-- ARGV[4]           judgments recorded before this time (ms) are ignored (a --force run, which also ignores
+--                   content entries: they carry no time); 0 = all count
 -- ARGV[3+2i]        identity i's field in its done-set shard
 -- ARGV[4+2i]        the content's field in its shard, '' when the identity has no content key
 -- Returns           {-1} if the caller does not hold the lease; else two entries per identity:
@@ -32,7 +33,7 @@ for i = 1, (#KEYS - 1) / 4 do
   local field, cfield = ARGV[3 + 2 * i], ARGV[4 + 2 * i]
   local entry = fresh(redis.call('HGET', shard, field))
   local centry = nil
-  if not entry and cfield ~= '' then centry = fresh(redis.call('HGET', cshard, cfield)) end
+  if not entry and cfield ~= '' and not_before == 0 then centry = redis.call('HGET', cshard, cfield) end
   if entry then
     table.insert(out, 2)
     table.insert(out, entry)

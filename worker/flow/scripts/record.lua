@@ -7,18 +7,19 @@
 --                      shard hash, the content's claim key (the identity's own again without a content key)
 -- ARGV[1]              now, ms
 -- ARGV[2]              the holder's token ('' = none: claims are left alone)
--- ARGV[3..]            eight per record: index, record JSON, verdict, done-set field ('' = none), done-set entry,
+-- ARGV[3..]            nine per record: index, record JSON, verdict, done-set field ('' = none), done-set entry,
 --                      '1' a duplicate of another run's judgment / '2' a copy of judged content / else '0',
---                      the content's field ('' = none), the identity's field (names the content claim it holds)
+--                      the content's field ('' = none), the identity's field (names the content claim it holds),
+--                      the content's entry (the done-set entry without its time)
 -- Returns              how many records were new (a repeated save changes nothing).
 local mine = ARGV[2] .. ' '
 local saved = 0
 local n = (#KEYS - 2) / 4
 for i = 1, n do
   local shard, claim_key, cshard, cclaim = KEYS[4 * i - 1], KEYS[4 * i], KEYS[4 * i + 1], KEYS[4 * i + 2]
-  local a = 2 + 8 * (i - 1)
+  local a = 2 + 9 * (i - 1)
   local index, record, verdict, field, entry = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5]
-  local kind, cfield, owner = ARGV[a + 6], ARGV[a + 7], ARGV[a + 8]
+  local kind, cfield, owner, centry = ARGV[a + 6], ARGV[a + 7], ARGV[a + 8], ARGV[a + 9]
   if redis.call('HSETNX', KEYS[1], index, record) == 1 then
     redis.call('HINCRBY', KEYS[2], verdict, 1)
     redis.call('HINCRBY', KEYS[2], 'done', 1)
@@ -27,7 +28,7 @@ for i = 1, n do
     if field ~= '' then
       redis.call('HSET', shard, field, entry)
       -- The first judgment of a content stays its reference.
-      if cfield ~= '' then redis.call('HSETNX', cshard, cfield, entry) end
+      if cfield ~= '' then redis.call('HSETNX', cshard, cfield, centry) end
     end
     saved = saved + 1
   end
