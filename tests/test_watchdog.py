@@ -59,6 +59,24 @@ def test_a_stalled_run_gets_its_lost_chunks_back_and_only_those(clean_stack: Sta
                                                "items": [["x/a.png", "e1"]], "priority": "nightly"}])]
 
 
+def test_a_run_that_failed_while_paused_sends_its_parked_chunks_to_wind_down(clean_stack: Stack) -> None:
+    sent: list[tuple[str, list[Any]]] = []
+    runs, dog = _watchdog(clean_stack, sent)
+    runs.create("r3", source="s3://irlive-in/x", output="s3://irlive-out/results", settings={})
+    seq = runs.add_chunk("r3", [("x/a.png", "e1")])
+    runs.listing_finished("r3")
+    message = {"run_id": "r3", "seq": seq, "bucket": "irlive-in", "items": [["x/a.png", "e1"]],
+               "priority": "nightly"}
+    assert runs.owner_pause("r3")[0] and runs.park("r3", message)
+    # The calls that were in flight at the pause end failing: the threshold fails the run (as call_end.lua does).
+    assert runs.fail("r3", "20 of 20 paid calls failed")
+
+    assert dog.holds_lock()
+    assert dog.tick() == 1
+    assert sent == [("irlive.process_chunk", [message])]
+    assert runs.parked("r3") == 0
+
+
 def test_only_one_watchdog_acts_at_a_time(clean_stack: Stack) -> None:
     sent: list[tuple[str, list[Any]]] = []
     _, first = _watchdog(clean_stack, sent)

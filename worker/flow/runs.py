@@ -169,6 +169,9 @@ class Runs:
     def parked(self, run_id: str) -> int:
         return int(self.store.llen(self._keys.parked(run_id)))
 
+    def parked_messages(self, run_id: str) -> list[dict[str, Any]]:
+        return [json.loads(m) for m in self.store.lrange(self._keys.parked(run_id), 0, -1)]
+
     def count_delivery(self, run_id: str, seq: int, step: int = 1) -> int:
         """Deliveries of a chunk that failed or crashed (deferrals give theirs back); for dead-lettering."""
         return int(self.store.hincrby(self._keys.deliveries(run_id), seq, step))

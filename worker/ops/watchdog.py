@@ -127,6 +127,16 @@ class Watchdog(Periodic):
             # A cancelled or failed run winds its chunks down and finalises like a running one.
             if run is None or run.get("finalised_at") or run["state"] not in (RunState.RUNNING, *ENDING):
                 continue
+            if run["state"] in ENDING and self._runs.parked(run_id):
+                # Failed while paused (its calls in flight crossed the failure threshold): its parked chunks
+                # wind down like the others, so it finalises.
+                parked = self._runs.parked_messages(run_id)
+                for message in parked:
+                    self._send(PROCESS_CHUNK, [message])
+                self._runs.unpark(run_id, len(parked))
+                log.warning("run %s is %s: %d parked chunks sent to wind down", run_id, run["state"], len(parked))
+                actions += len(parked)
+                continue
             if int(run["pending"]) <= 0:
                 log.warning("run %s: all chunks complete but not finalised; finalising", run_id)
                 self._send(FINALIZE_RUN, [run_id])
