@@ -10,11 +10,12 @@
 -- ARGV[4]  the UTC day (YYYY-MM-DD) the price is charged to, kept so a release finds the same day
 -- ARGV[5]  run id, '' for a purchase into the shared pool
 -- Returns  1 committed and written down; -1 the day's cap would be crossed; -2 the run's cap would be;
---          -3 the run is paused; -4 the run is cancelled, failed or done (nothing is bought for it).
+--          -3 its owner paused the run; -4 the run is cancelled, failed or done (nothing is bought for it).
+--          A run paused for budget is held by the caps, checked below.
 if ARGV[5] ~= '' then
   local state = redis.call('HGET', KEYS[4], 'state')
-  if state == 'paused' or state == 'paused_budget' then return -3 end
-  if state ~= 'listing' and state ~= 'running' then return -4 end
+  if state == 'paused' then return -3 end
+  if state ~= 'listing' and state ~= 'running' and state ~= 'paused_budget' then return -4 end
 end
 local price = tonumber(ARGV[2])
 local day_cap = tonumber(ARGV[3])

@@ -1,31 +1,37 @@
 -- send.lua: written just before a paid call leaves. Fenced: only the delivery the token was lent to, while it
 -- still holds its chunk's lease, may send it; a reservation that expired (and went back to the pool) may not.
--- Gated by the run: nothing is sent for a run paused or ended (so `irlive pause`/`cancel` stop payment the
--- moment they return), nor a call whose failure could carry the run past its failure threshold while the
--- calls in flight are undecided (so a seller failing every call costs at most min_calls calls).
+-- Gated by the run: nothing is sent for a run its owner paused, or one that ended (so `irlive pause`/`cancel`
+-- stop payment the moment they return; a run paused for budget still sends the tokens it committed within its
+-- cap), nor a call whose failure could carry the run past its failure threshold while other calls are still
+-- in flight (so a seller failing every call costs exactly min_calls calls; alone, a call may always go).
 -- KEYS[1]  the payment's hash
 -- KEYS[2]  the zset of token leases
 -- KEYS[3]  the chunk's lease key
 -- KEYS[4]  the run's hash (state, calls_ended, calls_failed, calls_in_flight, max_error_rate, min_calls)
+-- (the threshold rule, failure_allowance, comes from lib/calls.lua)
 -- ARGV[1]  payment id
 -- ARGV[2]  holder token (the chunk lease's value)
 -- ARGV[3]  the images the call carries (comma-separated identities)
 -- ARGV[4]  lease, ms: how long before the sweep may ask the seller what became of the token
--- Returns  1 marked sent; 0 fenced out (the caller must not send the token); -1 the run is paused; -2 the
---          run is cancelled, failed or done; -3 wait for calls in flight to end (the failure threshold).
+-- Returns  1 marked sent; 0 fenced out (the caller must not send the token); -1 its owner paused the run;
+--          -2 the run is cancelled, failed or done; -3 wait for calls in flight to end (the failure threshold).
+--#include calls
 if redis.call('HGET', KEYS[1], 'state') ~= 'reserved' then return 0 end
 if redis.call('HGET', KEYS[1], 'holder') ~= ARGV[2] then return 0 end
 if redis.call('GET', KEYS[3]) ~= ARGV[2] then return 0 end
 local run = redis.call('HGET', KEYS[4], 'state')
-if run == 'paused' or run == 'paused_budget' then return -1 end
-if run ~= 'listing' and run ~= 'running' then return -2 end
+if run == 'paused' then return -1 end
+if run ~= 'listing' and run ~= 'running' and run ~= 'paused_budget' then return -2 end
 local rate = tonumber(redis.call('HGET', KEYS[4], 'max_error_rate') or '1')
 local inflight = tonumber(redis.call('HGET', KEYS[4], 'calls_in_flight') or '0')
 if rate < 1 then
   -- Allowed while, even if every undecided call fails, the run stays at or under its threshold.
   local n = tonumber(redis.call('HGET', KEYS[4], 'calls_ended') or '0') + inflight + 1
   local failed = tonumber(redis.call('HGET', KEYS[4], 'calls_failed') or '0') + inflight + 1
-  if n > tonumber(redis.call('HGET', KEYS[4], 'min_calls') or '0') and failed > rate * n then return -3 end
+  if inflight > 0 and n > tonumber(redis.call('HGET', KEYS[4], 'min_calls') or '0')
+      and failed > failure_allowance(rate, n) then
+    return -3
+  end
 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)

@@ -12,10 +12,11 @@
 -- ARGV[5]  a token this close to its expiry (ms) is not lent: the call might outlive it
 -- Returns  {1, token, amount} lent; {0} someone else took that id first (read the pool again);
 --          {-1} the run's cap would be crossed (the token stays in the pool); {-3} it had expired (voided);
---          {-4} the run is paused; {-5} the run is cancelled, failed or done (nothing is lent to it).
+--          {-4} its owner paused the run; {-5} the run is cancelled, failed or done (nothing is lent to it).
+--          A run paused for budget is held by its cap, checked below.
 local run = redis.call('HGET', KEYS[4], 'state')
-if run == 'paused' or run == 'paused_budget' then return {-4} end
-if run ~= 'listing' and run ~= 'running' then return {-5} end
+if run == 'paused' then return {-4} end
+if run ~= 'listing' and run ~= 'running' and run ~= 'paused_budget' then return {-5} end
 if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return {0} end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
