@@ -59,6 +59,19 @@ def test_a_stalled_run_gets_its_lost_chunks_back_and_only_those(clean_stack: Sta
                                                "items": [["x/a.png", "e1"]], "priority": "nightly"}])]
 
 
+def test_a_run_still_listing_gets_a_lost_chunk_back(clean_stack: Stack) -> None:
+    # An event window's run stays `listing` for its whole window: a chunk the broker lost must not wait for it.
+    sent: list[tuple[str, list[Any]]] = []
+    runs, dog = _watchdog(clean_stack, sent)
+    runs.create("r4", source="s3://irlive-in/x", output="s3://irlive-out/results", settings={})
+    lost = runs.add_chunk("r4", [("x/a.png", "e1")])
+
+    assert dog.holds_lock()
+    assert dog.tick() == 1
+    assert sent == [("irlive.process_chunk", [{"run_id": "r4", "seq": lost, "bucket": "irlive-in",
+                                               "items": [["x/a.png", "e1"]], "priority": "nightly"}])]
+
+
 def test_a_run_that_failed_while_paused_sends_its_parked_chunks_to_wind_down(clean_stack: Stack) -> None:
     sent: list[tuple[str, list[Any]]] = []
     runs, dog = _watchdog(clean_stack, sent)

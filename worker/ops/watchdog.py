@@ -124,8 +124,11 @@ class Watchdog(Periodic):
                 self._send(FINALIZE_RUN, [run_id])
                 actions += 1
                 continue
-            # A cancelled or failed run winds its chunks down and finalises like a running one.
-            if run is None or run.get("finalised_at") or run["state"] not in (RunState.RUNNING, *ENDING):
+            # A cancelled or failed run winds its chunks down and finalises like a running one. A listing run is
+            # searched for lost chunks too: an event window stays `listing` for its whole hour, and a chunk the
+            # broker lost (a worker killed as it took the message) must not wait for the window to close.
+            if run is None or run.get("finalised_at") \
+                    or run["state"] not in (RunState.LISTING, RunState.RUNNING, *ENDING):
                 continue
             if run["state"] in ENDING and self._runs.parked(run_id):
                 # Failed while paused (its calls in flight crossed the failure threshold): its parked chunks
