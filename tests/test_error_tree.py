@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 
 import pytest
@@ -109,6 +110,29 @@ def test_an_unknown_outcome_is_reconciled_before_paying_again(clean_stack: Stack
     assert wallet["bought"] == ledger["payments_created"]
     assert wallet["spent"] == ledger["tokens_consumed"] - ledger["tokens_restored"]
     assert wallet.get("reconciled_spent", 0) >= ledger["timeouts"]
+
+
+def test_an_unknown_outcome_is_reconciled_with_the_shipped_call_timeout(clean_stack: Stack,
+                                                                         irlive: IrliveRunner) -> None:
+    # The test above shortens IRLIVE_CALL_TIMEOUT_S to see many timeouts; this one proves the same recovery
+    # with the shipped 30 s: the seller takes the token and hangs past it once.
+    upload(clean_stack, clean_samples(10))
+    clean_stack.sandbox_config(p_timeout=1.0, timeout_sleep_s=40)
+    clean_stack.start_worker()
+    run_id = json.loads(irlive("scan", f"s3://{IN_BUCKET}/clean", "--json").stdout)["run_id"]
+    deadline = time.monotonic() + 60
+    while clean_stack.sandbox_ledger()["timeouts"] < 1:
+        assert time.monotonic() < deadline, "the first call never reached the seller"
+        time.sleep(0.2)
+    clean_stack.sandbox_config(p_timeout=0.0)  # only that first call hangs
+
+    waited = irlive("status", run_id, "--wait", "--json", "--timeout", "120", timeout=150)
+    assert waited.returncode == 0 and json.loads(waited.stdout)["state"] == "done", waited.stdout
+    run = read_run(clean_stack, run_id)
+    ledger = clean_stack.sandbox_ledger()
+    assert run.manifest["counts"]["live"] == 10 and run.manifest["answers_lost"] == 1
+    assert ledger["timeouts"] == 1 and ledger["tokens_consumed"] == run.manifest["calls"] == 2
+    assert ledger["token_uses"] <= 1, "the token whose answer was lost is never sent again"
 
 
 def test_smoke_makes_exactly_one_paid_call_and_reports_it(clean_stack: Stack, irlive: IrliveRunner) -> None:
