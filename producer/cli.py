@@ -24,6 +24,7 @@ from worker.config import S3Location, Settings
 from worker.errors import ConfigError, IrliveError, StoreUnavailable, UnknownRun
 from worker.flow.claims import Claims
 from worker.flow.runs import Runs
+from worker.flow.states import ACTIVE, HELD
 from worker.flow.watermarks import Watermarks
 from worker.keys import Keys
 from worker.messages import PRIORITIES, Chunk
@@ -36,7 +37,8 @@ from worker.seams.store import Store
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PAUSED, EXIT_HELD = 0, 1, 2, 3, 4
 # A source held by a run with no record yet is being created by a scan (claim, then create): not stale.
 _YOUNG_CLAIM_S = 120
-_ACTIVE_STATES = ("listing", "running", "paused", "paused_budget")
+# A source's run that still holds it: judging, or paused and able to resume.
+_ACTIVE_STATES = ACTIVE | HELD
 EXIT_CANCELLED = 5
 _STATE_EXIT = {"done": EXIT_OK, "failed": EXIT_FAILED, "paused_budget": EXIT_PAUSED, "paused": EXIT_PAUSED,
                "cancelled": EXIT_CANCELLED}
@@ -362,8 +364,7 @@ def _confirm(est: Estimate) -> bool:
 def _cmd_resume(ns: argparse.Namespace) -> int:
     settings = Settings.from_env()
     clients = _Clients(settings)
-    if clients.runs.get(ns.run_id) is None:
-        raise UnknownRun(ns.run_id)
+    _require_run(clients.runs, ns.run_id)
     parked = clients.runs.resume(ns.run_id, ns.budget)
     _send_parked(make_app(settings), clients.runs, ns.run_id, parked)
     status = clients.runs.status(ns.run_id)
@@ -372,6 +373,11 @@ def _cmd_resume(ns: argparse.Namespace) -> int:
            "budget_cents": status.budget_cents}
     print(json.dumps(doc) if ns.json else f"run {ns.run_id}: {status.state}, {len(parked)} parked chunks sent again")
     return EXIT_OK
+
+
+def _require_run(runs: Runs, run_id: str) -> None:
+    if runs.get(run_id) is None:
+        raise UnknownRun(run_id)
 
 
 def _send_parked(app: Celery, runs: Runs, run_id: str, parked: list[dict[str, Any]]) -> None:
@@ -384,8 +390,7 @@ def _send_parked(app: Celery, runs: Runs, run_id: str, parked: list[dict[str, An
 
 def _cmd_pause(ns: argparse.Namespace) -> int:
     clients = _Clients(Settings.from_env())
-    if clients.runs.get(ns.run_id) is None:
-        raise UnknownRun(ns.run_id)
+    _require_run(clients.runs, ns.run_id)
     paused, state = clients.runs.owner_pause(ns.run_id)
     doc = {"run_id": ns.run_id, "state": state, "changed": paused}
     print(json.dumps(doc) if ns.json else f"run {ns.run_id}: {state}" + ("" if paused else " (nothing to pause)"))
@@ -395,8 +400,7 @@ def _cmd_pause(ns: argparse.Namespace) -> int:
 def _cmd_cancel(ns: argparse.Namespace) -> int:
     settings = Settings.from_env()
     clients = _Clients(settings)
-    if clients.runs.get(ns.run_id) is None:
-        raise UnknownRun(ns.run_id)
+    _require_run(clients.runs, ns.run_id)
     cancelled, state, parked = clients.runs.cancel(ns.run_id)
     app = make_app(settings)
     # Parked chunks wind down like the others: sent again, recorded not_judged, then the run finalises.

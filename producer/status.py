@@ -11,14 +11,15 @@ from typing import Any, TextIO
 
 from worker.errors import UnknownRun
 from worker.flow.runs import Runs, RunStatus
+from worker.flow.states import ACTIVE
 
 # The rate `status --wait` shows is over this much of the recent past: long enough to smooth over calls
 # landing ten images at a time, short enough to follow a rate limit being raised or lowered.
 RATE_WINDOW_S = 300.0
 # Below this span a rate is mostly noise (one call's ten images at once): show none yet.
 MIN_SPAN_S = 5.0
-# States in which images are still being judged; kept here so the pace does not depend on the state table.
-_MOVING = ("listing", "running")
+# States in which images are still being judged.
+_MOVING = ACTIVE
 
 
 @dataclass(frozen=True)

@@ -164,24 +164,16 @@ class Stack:
         return redis.Redis.from_url(self.redis_url)
 
     def s3_client(self) -> Any:
-        return boto3.client(
-            "s3",
-            endpoint_url=self.s3_endpoint,
-            aws_access_key_id=AWS_ENV["AWS_ACCESS_KEY_ID"],
-            aws_secret_access_key=AWS_ENV["AWS_SECRET_ACCESS_KEY"],
-            region_name=AWS_ENV["AWS_DEFAULT_REGION"],
-            config=Config(signature_version="s3v4", s3={"addressing_style": "path"}),
-        )
+        return self._aws_client("s3", config=Config(signature_version="s3v4", s3={"addressing_style": "path"}))
 
     def sqs_client(self) -> Any:
         """SQS on the same moto_server (S3 notifications are delivered to it)."""
-        return boto3.client(
-            "sqs",
-            endpoint_url=self.s3_endpoint,
-            aws_access_key_id=AWS_ENV["AWS_ACCESS_KEY_ID"],
-            aws_secret_access_key=AWS_ENV["AWS_SECRET_ACCESS_KEY"],
-            region_name=AWS_ENV["AWS_DEFAULT_REGION"],
-        )
+        return self._aws_client("sqs")
+
+    def _aws_client(self, service: str, **kwargs: Any) -> Any:
+        return boto3.client(service, endpoint_url=self.s3_endpoint, aws_access_key_id=AWS_ENV["AWS_ACCESS_KEY_ID"],
+                            aws_secret_access_key=AWS_ENV["AWS_SECRET_ACCESS_KEY"],
+                            region_name=AWS_ENV["AWS_DEFAULT_REGION"], **kwargs)
 
     def event_queue(self, bucket: str, name: str = "irlive-events", max_receives: int = 5) -> str:
         """A queue (with a dead-letter queue after max_receives) that hears the bucket's ObjectCreated events;

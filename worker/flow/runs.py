@@ -11,7 +11,7 @@ from typing import Any
 
 from worker.errors import ConfigError, StoreUnavailable, TransientError
 from worker.flow.claims import DoneEntry
-from worker.flow.states import TERMINAL, RunState, can_move, stopped
+from worker.flow.states import RunState, can_move, stopped
 from worker.judge.manifest import JUDGED, VERDICTS, Item
 from worker.keys import Keys
 from worker.seams.store import Store
@@ -21,7 +21,6 @@ from worker.seams.store import Store
 RECORD_RETRY_S = 120.0
 # The producer holds one extra 'pending' while it lists, so early chunks cannot finish the run.
 LISTING_HOLD = 1
-TERMINAL_STATES = tuple(TERMINAL)
 
 
 @dataclass(frozen=True)

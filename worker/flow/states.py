@@ -32,14 +32,12 @@ MOVES: dict[RunState, frozenset[RunState]] = {
     RunState.FAILED: frozenset({RunState.RUNNING}),
     RunState.CANCELLED: frozenset({RunState.RUNNING}),
 }
-# A run in these may buy and send tokens; no other may.
+# A run in these is being judged: it buys and sends tokens (a budget pause still sends what it committed).
 ACTIVE = frozenset({RunState.LISTING, RunState.RUNNING})
 # Chunks of a run in these are parked until it resumes.
 HELD = frozenset({RunState.PAUSED, RunState.PAUSED_BUDGET})
 # Chunks of a run in these are recorded `not_judged` as they come; the run finalises once they are all in.
 ENDING = frozenset({RunState.CANCELLED, RunState.FAILED})
-# States a run ends in: its manifest is written once `finalised_at` is set.
-TERMINAL = frozenset({RunState.DONE, RunState.FAILED, RunState.CANCELLED})
 
 
 def stopped(state: str, finalised: bool) -> bool:
