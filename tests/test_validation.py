@@ -238,15 +238,15 @@ def test_an_object_replaced_between_reads_is_not_found() -> None:
 
 
 def worker_gets(log: Path, since: int, keys: list[str]) -> Counter[str]:
-    """S3 GETs the workers made for each key after byte `since` of the moto log (presigned fetches excluded).
+    """S3 GETs the workers made for each key after byte `since` of the moto log (the seller's fetches excluded).
 
     moto logs through werkzeug, which colours some status lines: the match avoids the quote before GET.
     """
     lines = log.read_bytes()[since:].decode(errors="replace").splitlines()
     counts: Counter[str] = Counter()
     for key in keys:
-        # A presigned URL carries its query string; the worker's ranged GETs carry none.
-        pattern = re.compile(rf"GET /{IN_BUCKET}/{re.escape(quote(key))} HTTP/")
+        # Every read of a worker is ranged (206); the seller fetches whole objects (200).
+        pattern = re.compile(rf"GET /{IN_BUCKET}/{re.escape(quote(key))}(\?\S*)? HTTP/\S*\" 206 ")
         counts[key] = sum(1 for line in lines if pattern.search(line))
     return counts
 

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import random
+import re
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -11,6 +15,8 @@ from datetime import datetime
 from typing import Any
 
 import boto3
+import botocore.session
+from botocore.awsrequest import AWSRequest, AWSResponse
 from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
@@ -20,9 +26,18 @@ from botocore.exceptions import (
     PartialCredentialsError,
     ProfileNotFound,
 )
+from botocore.httpsession import URLLib3Session
+from botocore.parsers import DEFAULT_TIMESTAMP_PARSER
+from botocore.utils import get_environ_proxies
 
 from worker.errors import ConfigError, NotFound, TransientError
+from worker.seams.presign import Presigner
 
+# A validation read signs its own URL; it is used at once, so it need not live long.
+_READ_URL_TTL_S = 300
+# Attempts of a raw ranged read on a connection error or a 5xx, as botocore's standard retry mode makes.
+_READ_ATTEMPTS = 3
+_XML_FIELD = "<{0}>([^<]{{0,1024}})</{0}>"
 _CONFIG_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "NoSuchBucket",
                  "InvalidBucketName", "AllAccessDisabled", "ExpiredToken", "InvalidToken"}
 
@@ -82,14 +97,25 @@ class Storage:
             read_timeout=30,
         )
         keys = {"aws_access_key_id": credentials[0], "aws_secret_access_key": credentials[1]} if credentials else {}
+        core = botocore.session.get_session()
+        # botocore parses every LastModified with dateutil (most of a listing's CPU); ISO 8601 is all S3 sends
+        # in XML, which the standard library reads in C.
+        core.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=_timestamp)
         try:
-            self._s3 = boto3.session.Session().client(
-                "s3", endpoint_url=endpoint_url, region_name=region, config=config, **keys
-            )
+            session = boto3.session.Session(botocore_session=core, **keys)
+            self._s3 = session.client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
         except ProfileNotFound as exc:
             raise ConfigError(f"AWS_PROFILE names a profile that does not exist: {exc}") from None
         except (BotoCoreError, ValueError) as exc:
             raise ConfigError(f"cannot build the S3 client (IRLIVE_S3_ENDPOINT_URL, IRLIVE_S3_REGION): {exc}") from None
+        self._presigner = Presigner(self._s3, lambda: _frozen(session))
+        # Validation reads go through the HTTP layer botocore itself uses (its proxies, CA bundle and error
+        # classes), without the client's request pipeline: a presigned ranged GET costs a fifth of the CPU.
+        self._http = URLLib3Session(
+            verify=os.environ.get("AWS_CA_BUNDLE") or True,
+            proxies=get_environ_proxies(endpoint_url or f"https://s3.{region}.amazonaws.com"),
+            timeout=(10, 30), max_pool_connections=max_connections,
+        )
 
     def iter_objects(self, bucket: str, prefix: str = "", page_size: int = 1000) -> Iterator[ObjectInfo]:
         """Stream every object under prefix, page by page: memory does not grow with the bucket."""
@@ -124,19 +150,21 @@ class Storage:
         """The first bytes with the object's size and ETag, in one request (no HEAD); empty objects too."""
         where = f"s3://{bucket}/{key}"
         with _translate(where, missing_is_object=True):
-            try:
-                answer = self._s3.get_object(Bucket=bucket, Key=key, Range=f"bytes=0-{max_bytes - 1}")
-            except ClientError as exc:
-                if _code(exc) not in ("InvalidRange", "416"):
-                    raise
-                # Only an empty object cannot satisfy a range that starts at 0.
-                return ObjectInfo(key, 0, _etag(exc.response.get("Error", {}).get("ETag", ""))), b""
-            data: bytes = answer["Body"].read()
-        total = str(answer.get("ContentRange", "")).rpartition("/")[2]
-        size = int(total) if total.isdigit() else int(answer.get("ContentLength", len(data)))
-        version = answer.get("VersionId")
-        # "null" is what a bucket whose versioning was never enabled (or is suspended) reports.
-        return ObjectInfo(key, size, _etag(answer["ETag"]), version if version and version != "null" else None), data
+            for attempt in range(_READ_ATTEMPTS):
+                url = self._presigner.get_url(bucket, key, _READ_URL_TTL_S)
+                request = AWSRequest(method="GET", url=url, headers={"Range": f"bytes=0-{max_bytes - 1}"})
+                request.stream_output = True
+                try:
+                    response = self._http.send(request.prepare())
+                except BotoCoreError:
+                    if attempt + 1 == _READ_ATTEMPTS:
+                        raise
+                else:
+                    if response.status_code < 500 or attempt + 1 == _READ_ATTEMPTS:
+                        return _head_of(key, response, max_bytes)
+                    _read_up_to(response, 64 * 1024)
+                time.sleep(random.uniform(0, 0.5 * 2 ** attempt))
+        raise AssertionError("unreachable")
 
     def read_range(self, bucket: str, key: str, byte_range: str, etag: str | None = None) -> bytes:
         """Read `bytes=a-b` or `bytes=-n`; with etag, fail as not_found if the object changed meanwhile."""
@@ -148,10 +176,8 @@ class Storage:
 
     def presign_get(self, bucket: str, key: str, ttl_s: int, version_id: str | None = None) -> str:
         """A GET URL the seller can fetch; with version_id it fetches that version, whatever is written since."""
-        params = {"Bucket": bucket, "Key": key, **({"VersionId": version_id} if version_id else {})}
         with _translate(f"s3://{bucket}/{key}"):
-            url: str = self._s3.generate_presigned_url("get_object", Params=params, ExpiresIn=ttl_s)
-        return url
+            return self._presigner.get_url(bucket, key, ttl_s, version_id)
 
     def current_etags(self, bucket: str, keys: list[str]) -> dict[str, str]:
         """The ETags the objects have now, read by listing (one request for keys listed near each other);
@@ -248,6 +274,59 @@ def _translate(where: str, *, missing_is_object: bool = False) -> Iterator[None]
         raise TransientError(f"{where}: S3 endpoint unreachable (IRLIVE_S3_ENDPOINT_URL)") from None
     except BotoCoreError as exc:
         raise TransientError(f"{where}: S3 client error {type(exc).__name__}") from None
+
+
+def _head_of(key: str, response: AWSResponse, max_bytes: int) -> tuple[ObjectInfo, bytes]:
+    """ObjectInfo and first bytes from a ranged GET's answer; an S3 error raised as botocore's ClientError."""
+    headers = response.headers
+    data = _read_up_to(response, max_bytes if response.status_code in (200, 206) else 64 * 1024)
+    if response.status_code not in (200, 206):
+        code = _xml_field(data, "Code") or str(response.status_code)
+        if code in ("InvalidRange", "416") or response.status_code == 416:
+            # Only an empty object cannot satisfy a range that starts at 0.
+            return ObjectInfo(key, 0, _etag(headers.get("ETag") or _xml_field(data, "ETag") or "")), b""
+        raise ClientError({"Error": {"Code": code, "Message": _xml_field(data, "Message") or ""},
+                           "ResponseMetadata": {"HTTPStatusCode": response.status_code}}, "GetObject")
+    total = str(headers.get("Content-Range", "")).rpartition("/")[2]
+    size = int(total) if total.isdigit() else int(headers.get("Content-Length") or len(data))
+    version = headers.get("x-amz-version-id")
+    # "null" is what a bucket whose versioning was never enabled (or is suspended) reports.
+    info = ObjectInfo(key, size, _etag(headers.get("ETag", "")), version if version and version != "null" else None)
+    return info, data
+
+
+def _read_up_to(response: AWSResponse, limit: int) -> bytes:
+    """At most `limit` bytes of the body; the connection goes back to the pool only if nothing is left unread."""
+    raw = response.raw
+    try:
+        data: bytes = raw.read(limit)
+    finally:
+        if raw.tell() >= int(response.headers.get("Content-Length") or 0):
+            raw.release_conn()
+        else:
+            # A server that ignored the range sends the whole object: drop the connection rather than read it.
+            raw.close()
+    return data
+
+
+def _xml_field(body: bytes, name: str) -> str | None:
+    found = re.search(_XML_FIELD.format(name).encode(), body)
+    return found.group(1).decode("utf-8", "replace") if found else None
+
+
+def _timestamp(text: str) -> datetime:
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:
+        when: datetime = DEFAULT_TIMESTAMP_PARSER(text)
+        return when
+
+
+def _frozen(session: boto3.session.Session) -> Any:
+    credentials = session.get_credentials()
+    if credentials is None:
+        raise NoCredentialsError()
+    return credentials.get_frozen_credentials()
 
 
 def _code(exc: ClientError) -> str:
