@@ -14,6 +14,7 @@ from typing import Any
 from worker.config import S3Location, Settings
 from worker.errors import (
     BudgetExhausted,
+    CallsUndecided,
     ChunkBusy,
     ConfigError,
     IrliveError,
@@ -63,6 +64,10 @@ MAX_REJUDGE = 2
 # Images another delivery holds are waited for this long in-process, then the chunk defers itself.
 CLAIM_WAIT_S = 20.0
 CLAIM_POLL_S = 0.5
+# A call held back by the run's failure threshold (calls in flight could carry it over) waits in-process this
+# long, polling, for them to end; then the chunk defers itself.
+UNDECIDED_WAIT_S = 10.0
+UNDECIDED_POLL_S = 0.1
 
 __all__ = ["Chunk", "ChunkProcessor", "Deps"]
 
@@ -103,6 +108,17 @@ class _Image:
 class _Group:
     images: list[_Image]
     attempts: int = 0
+
+
+@dataclass
+class _Answer:
+    """A paid answer, read, waiting for the chunk's one check that its objects were not overwritten meanwhile."""
+
+    group: _Group
+    # One per image, or why the answer could not be read.
+    judgements: list[Judgement | AnswerError] | str
+    request_id: str | None
+    payment_id: str
 
 
 class ChunkProcessor:
@@ -304,16 +320,40 @@ class ChunkProcessor:
     # ---- paying -------------------------------------------------------------------------------------------
 
     def _pay_for(self, chunk: Chunk, images: list[_Image]) -> None:
+        """Pay and call for the images; their answers are recorded together, after one check (a listing) that
+        none of their objects was overwritten while the seller fetched it."""
         per_call = self.deps.settings.images_per_call
         queue = deque(_Group(images[i:i + per_call]) for i in range(0, len(images), per_call))
         throttled = 0
-        while queue:
-            group = queue.popleft()
-            throttled += self._call(chunk, group, queue)
-            if throttled > MAX_THROTTLES_PER_CHUNK:
-                raise RateLimited("throttled too often in this chunk; deferring it", retry_after=5.0)
+        held: list[_Answer] = []
+        undecided_since: float | None = None
+        try:
+            while queue:
+                group = queue.popleft()
+                try:
+                    throttled += self._call(chunk, group, queue, held)
+                    undecided_since = None
+                except CallsUndecided:
+                    undecided_since = undecided_since or time.monotonic()
+                    if time.monotonic() - undecided_since > UNDECIDED_WAIT_S:
+                        raise
+                    queue.appendleft(group)
+                    self.deps.sleep(UNDECIDED_POLL_S)
+                if not queue and held:
+                    self._record_answers(chunk, held, queue)
+                if throttled > MAX_THROTTLES_PER_CHUNK:
+                    raise RateLimited("throttled too often in this chunk; deferring it", retry_after=5.0)
+        finally:
+            if held:
+                # Leaving early (a deferral, a lost lease, a stopped run): what was bought is recorded now, or
+                # by the next delivery from the ledger.
+                try:
+                    self._record_answers(chunk, held, None)
+                except IrliveError as exc:
+                    log.warning("chunk %s: %d paid answers left for the next delivery to record: %s",
+                                chunk.label(), len(held), exc)
 
-    def _call(self, chunk: Chunk, group: _Group, queue: deque[_Group]) -> int:
+    def _call(self, chunk: Chunk, group: _Group, queue: deque[_Group], held: list[_Answer]) -> int:
         """One paid call for the group; failures requeue it by the error tree. Returns 1 if throttled."""
         deps = self.deps
         if not self.lease.held:
@@ -321,12 +361,12 @@ class ChunkProcessor:
         release_slot = deps.limiter.slot(lease_s=deps.settings.call_timeout_s + 30, max_wait_s=MAX_SLOT_WAIT_S)
         try:
             deps.limiter.acquire(MAX_SLOT_WAIT_S, urgent=chunk.priority == "events")
-            return self._pay_and_call(chunk, group, queue)
+            return self._pay_and_call(chunk, group, queue, held)
         finally:
             # A slot not given back lapses with its lease; it must not hide what happened to the call.
             _best_effort(release_slot, "giving the in-flight slot back")
 
-    def _pay_and_call(self, chunk: Chunk, group: _Group, queue: deque[_Group]) -> int:
+    def _pay_and_call(self, chunk: Chunk, group: _Group, queue: deque[_Group], held: list[_Answer]) -> int:
         deps = self.deps
         try:
             token = deps.ledger.take(chunk.run_id, self.lease.token)
@@ -374,48 +414,55 @@ class ChunkProcessor:
                 spend.answered(None, exc.raw)
                 self._unreadable(chunk, group, str(exc), token.payment_id, None)
                 return 0
-            spend.answered(answer.request_id, answer.raw)
+            judgements = _read_answer(urls, answer.result)
+            # Read before it is written down, so the call ends now for the run's failure threshold.
+            bought = None if isinstance(judgements, str) else any(isinstance(j, Judgement) for j in judgements)
+            spend.answered(answer.request_id, answer.raw, bought=bought)
         _best_effort(deps.limiter.answered, "raising the shared rate")
-        group, urls = self._unchanged(chunk, group, urls)
-        self._record_answer(chunk, group, queue, urls, answer.result, answer.request_id, token.payment_id)
+        held.append(_Answer(group, judgements, answer.request_id, token.payment_id))
         return 0
 
-    def _unchanged(self, chunk: Chunk, group: _Group, urls: list[str]) -> tuple[_Group, list[str]]:
-        """The group's images whose object is still the one validated. A versioned object was fetched by its
-        version; the others are checked by listing (one request): an object overwritten meanwhile may have
-        been judged in its new form, so its verdict cannot be recorded against the old ETag."""
-        loose = [img for img in group.images if img.version_id is None]
+    def _record_answers(self, chunk: Chunk, held: list[_Answer], queue: deque[_Group] | None) -> None:
+        """Record the answers held, but not for objects overwritten since they were validated."""
+        answers = list(held)
+        changed = self._changed_objects(chunk, [img for a in answers for img in a.group.images])
+        for answer in answers:
+            judgements = answer.judgements
+            if isinstance(judgements, str):
+                self._unreadable(chunk, answer.group, judgements, answer.payment_id, answer.request_id)
+            else:
+                kept = [(img, j) for img, j in zip(answer.group.images, judgements, strict=True)
+                        if img.index not in changed]
+                self._record_answer(chunk, _Group([img for img, _ in kept], answer.group.attempts), queue,
+                                    [j for _, j in kept], answer.request_id, answer.payment_id)
+            held.remove(answer)
+
+    def _changed_objects(self, chunk: Chunk, images: list[_Image]) -> set[int]:
+        """Indexes of the images whose object is no longer the one validated. A versioned object was fetched by
+        its version; the others are checked by listing (one request for a chunk's keys): an object overwritten
+        meanwhile may have been judged in its new form, so its verdict cannot be recorded against the old ETag."""
+        loose = [img for img in images if img.version_id is None]
         if not loose:
-            return group, urls
+            return set()
         try:
             now = self.deps.storage.current_etags(loose[0].item.bucket, [img.item.key for img in loose])
         except IrliveError as exc:
-            log.warning("chunk %s: could not check whether objects changed during the call (%s)", chunk.label(),
+            log.warning("chunk %s: could not check whether objects changed during the calls (%s)", chunk.label(),
                         exc)
-            return group, urls
+            return set()
         changed = {img.index for img in loose if now.get(img.item.key) != img.item.etag}
         if not changed:
-            return group, urls
+            return changed
         log.warning("chunk %s: %d objects were overwritten while the seller judged them; judging them again",
                     chunk.label(), len(changed))
         self.deps.runs.count(chunk.run_id, "changed_during_call", len(changed))
         for index in changed:
             self._changed[index] = abs(self._changed.get(index, 0)) + 1
-        kept = [(img, url) for img, url in zip(group.images, urls, strict=True) if img.index not in changed]
-        return _Group([img for img, _ in kept], group.attempts), [url for _, url in kept]
+        return changed
 
-    def _record_answer(self, chunk: Chunk, group: _Group, queue: deque[_Group] | None, urls: list[str],
-                       result: Any, request_id: str | None, payment_id: str) -> None:
+    def _record_answer(self, chunk: Chunk, group: _Group, queue: deque[_Group] | None,
+                       judgements: list[Judgement | AnswerError], request_id: str | None, payment_id: str) -> None:
         """Save every verdict a paid answer bought, then let the ledger forget the answer; retry what it lacks."""
-        try:
-            judgements: list[Judgement | AnswerError] = judge_answer(urls, result)
-        except AnswerError as exc:
-            judgements = [exc] * len(group.images)
-        except Exception as exc:
-            # Our reading failed on something the seller sent: the call is paid, its images end recorded.
-            self._unreadable(chunk, group, f"the answer could not be read ({type(exc).__name__})", payment_id,
-                             request_id)
-            return
         saves: list[Save] = []
         unanswered: list[_Image] = []
         for img, judgement in zip(group.images, judgements, strict=True):
@@ -463,12 +510,13 @@ class ChunkProcessor:
             urls = [self.deps.storage.presign_get(i.item.bucket, i.item.key, self.deps.settings.presign_ttl)
                     for i in images]
             try:
-                result = _result_of(paid)
+                judgements = _read_answer(urls, _result_of(paid))
             except Exception as exc:
-                self._unreadable(chunk, group, f"the answer could not be read ({type(exc).__name__})",
-                                 paid.payment_id, paid.request_id or None)
-                continue
-            self._record_answer(chunk, group, None, urls, result, paid.request_id or None, paid.payment_id)
+                judgements = f"the answer could not be read ({type(exc).__name__})"
+            if isinstance(judgements, str):
+                self._unreadable(chunk, group, judgements, paid.payment_id, paid.request_id or None)
+            else:
+                self._record_answer(chunk, group, None, judgements, paid.request_id or None, paid.payment_id)
 
     # ---- failure handling ---------------------------------------------------------------------------------
 
@@ -535,6 +583,17 @@ def _best_effort(step: Callable[[], object], what: str) -> None:
 
 def _items(chunk: Chunk) -> list[Item]:
     return [Item(chunk.bucket, key, etag) for key, etag in chunk.items]
+
+
+def _read_answer(urls: list[str], result: Any) -> list[Judgement | AnswerError] | str:
+    """One judgement per URL, or why the answer cannot be read; never raises (the call is paid for)."""
+    try:
+        return judge_answer(urls, result)
+    except AnswerError as exc:
+        return [exc] * len(urls)
+    except Exception as exc:
+        # Our reading failed on something the seller sent: the call is paid, its images end recorded.
+        return f"the answer could not be read ({type(exc).__name__})"
 
 
 def _result_of(paid: Unrecorded) -> Any:

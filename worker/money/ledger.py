@@ -73,13 +73,19 @@ class Spend:
         self._chunk_ref = chunk_ref
         self.settled = False
 
-    def answered(self, request_id: str | None, raw: bytes) -> None:
-        """The seller answered with a body to judge: the token is spent and the answer kept until recorded."""
+    def answered(self, request_id: str | None, raw: bytes, *, bought: bool | None = None) -> None:
+        """The seller answered with a body to judge: the token is spent and the answer kept until recorded.
+
+        `bought`, where the answer was read: whether it bought any verdict. The call then ends now for the
+        run's failure threshold (its records may be saved later); None ends it when they are.
+        """
         # Kept readable (the next delivery may have to record it), without the presigned URLs' signatures.
         text = scrub_answer(raw[:MAX_ANSWER_KEPT]) if len(raw) <= MAX_ANSWER_KEPT else redact(
             raw[:MAX_ANSWER_KEPT].decode("utf-8", errors="replace"))
-        self._ledger.settle(self.token.payment_id, "spent", request_id=request_id or "-", answer=text,
-                            chunk_ref=self._chunk_ref, hold_s=ANSWER_HOLD_S)
+        ended = "" if bought is None else "0" if bought else "1"
+        if self._ledger.settle(self.token.payment_id, "spent", request_id=request_id or "-", answer=text,
+                               chunk_ref=self._chunk_ref, hold_s=ANSWER_HOLD_S, ended=ended) == 2:
+            log.warning("run %s failed: too many of its paid calls bought no verdict", self.token.run_id)
         self.settled = True
 
     def refused(self, reason: str) -> None:
@@ -206,17 +212,20 @@ class Ledger:
     # ---- settling -----------------------------------------------------------------------------------------
 
     def settle(self, payment_id: str, to: str, *, request_id: str = "", answer: str = "", lost: bool = False,
-               chunk_ref: str = "", reason: str = "", hold_s: float = 0.0) -> bool:
-        """Spent or void, once; the run is charged on the first transition into spent only."""
-        args = [payment_id, to, request_id, answer, "1" if lost else "0", chunk_ref, reason]
+               chunk_ref: str = "", reason: str = "", hold_s: float = 0.0, ended: str = "") -> int:
+        """Spent or void, once; the run is charged on the first transition into spent only.
 
-        def write() -> bool:
+        Returns 0 if it was settled before, 1 if this settled it, 2 if ending its call also failed the run.
+        """
+        args = [payment_id, to, request_id, answer, "1" if lost else "0", chunk_ref, reason, ended]
+
+        def write() -> int:
             # Read and written under one hold: after a paid answer, no Redis step may give up early.
             run_id = str(self._store.hget(self._keys.payment(payment_id), "run_id") or "")
             keys = [self._keys.payment(payment_id), self._keys.leases(), self._keys.wallet_totals(),
                     self._keys.run(run_id) if run_id else self._keys.no_run(), self._keys.unrecorded(),
                     self._keys.run_payments(run_id or "-")]
-            return bool(int(self._settle(keys, args)))
+            return int(self._settle(keys, args))
 
         return self._store.persist(write, hold_s, f"token {payment_id}")
 

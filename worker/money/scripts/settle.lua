@@ -11,7 +11,10 @@
 -- ARGV[5]  '1' if the seller consumed the token and its answer never reached us (an answer lost), else '0'
 -- ARGV[6]  "<run_id> <seq>" of the chunk that must record the answer, '' if none
 -- ARGV[7]  why (for void), '' if nothing to say
--- Returns  1 if this call settled the token, 0 if it was settled before.
+-- ARGV[8]  with an answer: '0' it bought a verdict, '1' it bought none (the call ends now, counted by the
+--          failure threshold); '' the call stays open until its verdicts are recorded (call_end.lua)
+-- Returns  1 if this call settled the token, 2 if it did and ending the call failed the run (its threshold),
+--          0 if it was settled before.
 --#include calls
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -40,9 +43,12 @@ redis.call('HINCRBY', KEYS[3], ARGV[2], 1)
 redis.call('HINCRBY', KEYS[3], ARGV[2] .. '_cents', amount)
 if ARGV[7] ~= '' then redis.call('HSET', KEYS[1], 'void_reason', ARGV[7]) end
 -- A refused token ends its call unpaid; one consumed without an answer ends it failed; an answer kept here
--- ends it when its verdicts are recorded (call_end.lua), where it is known whether it bought any.
+-- ends it now if the caller read whether it bought a verdict, else when its verdicts are recorded
+-- (call_end.lua).
+local stopped = 0
 if ARGV[2] == 'void' then end_call(KEYS[1], KEYS[4], false, false)
-elseif ARGV[4] == '' then end_call(KEYS[1], KEYS[4], true, true) end
+elseif ARGV[4] == '' then stopped = end_call(KEYS[1], KEYS[4], true, true)
+elseif ARGV[8] ~= '' then stopped = end_call(KEYS[1], KEYS[4], true, ARGV[8] == '1') end
 if ARGV[2] == 'spent' then
   if redis.call('HGET', KEYS[1], 'run_id') ~= '' then
     redis.call('HINCRBY', KEYS[4], 'calls', 1)
@@ -59,4 +65,4 @@ if ARGV[2] == 'spent' then
     redis.call('HINCRBY', KEYS[3], 'answers_lost', 1)
   end
 end
-return 1
+return 1 + stopped
