@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 from dataclasses import dataclass
 from typing import Any, get_args, get_type_hints
 
@@ -33,6 +34,14 @@ ANSWER_MODES = (
 MAX_SLEEP_MS = 600_000
 # retry_after is sent verbatim as a header value: visible ASCII and spaces only (no CR/LF to split headers).
 MAX_RETRY_AFTER_CHARS = 200
+# The chains the sandbox sells x402 on: CAIP-2 id -> (v1 name, USDC contract, its EIP-712 domain name). The
+# domain name is the token's own (Base Sepolia's USDC calls itself "USDC"), or signatures would not recover.
+X402_NETWORKS: dict[str, tuple[str, str, str]] = {
+    "eip155:8453": ("base", "0x833589fCD6eDb6E08f4c7C32D4f71b54bdA02913", "USD Coin"),
+    "eip155:84532": ("base-sepolia", "0x036CbD53842c5426634e7929541eC2318f3dCF7e", "USDC"),
+}
+# The sandbox's own receiving address: fixed, so tests and a client's payTo allow-list can name it.
+DEFAULT_PAY_TO = "0x000000000000000000000000000000000000402a"
 
 
 @dataclass
@@ -68,6 +77,10 @@ class SandboxConfig:
     # A tool call sleeps this long after its token is consumed and before it downloads the images, so a test
     # can change an object between the worker's validation and the seller's fetch.
     fetch_delay_ms: int = 0
+    # x402: the chain (CAIP-2) and address the sandbox asks to be paid on, and how long a signature may live.
+    x402_network: str = "eip155:8453"
+    x402_pay_to: str = DEFAULT_PAY_TO
+    x402_max_timeout_s: int = 60
 
 
 # Help text of the flags that need more than their default to be understood.
@@ -76,6 +89,9 @@ _HELP = {
     "retry_after": "Retry-After header value of every 429 throttle answer, sent verbatim (visible ASCII, "
     f"at most {MAX_RETRY_AFTER_CHARS} characters, e.g. 1e400 or an HTTP date); empty: the computed wait",
     "payment_latency_ms": f"POST /api/payments sleeps this long before creating the payment (0 to {MAX_SLEEP_MS})",
+    "x402_network": f"CAIP-2 network of the x402 offer, one of {', '.join(X402_NETWORKS)}",
+    "x402_pay_to": "the sandbox's own x402 receiving address (0x and 40 hex digits)",
+    "x402_max_timeout_s": "maxTimeoutSeconds of the x402 offer (1 to 86400)",
     "fetch_delay_ms": "a tool call sleeps this long after consuming its token, before fetching the images "
     f"(0 to {MAX_SLEEP_MS})",
 }
@@ -120,6 +136,12 @@ def updated(config: SandboxConfig, changes: dict[str, Any]) -> SandboxConfig:
     for name in ("payment_latency_ms", "fetch_delay_ms"):
         if not 0 <= getattr(new, name) <= MAX_SLEEP_MS:
             raise ValueError(f"{name} must be 0 to {MAX_SLEEP_MS}")
+    if new.x402_network not in X402_NETWORKS:
+        raise ValueError(f"x402_network must be one of {', '.join(X402_NETWORKS)}")
+    if not re.fullmatch(r"0x[0-9a-fA-F]{40}", new.x402_pay_to):
+        raise ValueError("x402_pay_to must be 0x and 40 hex digits")
+    if not 1 <= new.x402_max_timeout_s <= 86_400:
+        raise ValueError("x402_max_timeout_s must be 1 to 86400")
     if len(new.retry_after) > MAX_RETRY_AFTER_CHARS or not all(" " <= c <= "~" for c in new.retry_after):
         raise ValueError(f"retry_after must be at most {MAX_RETRY_AFTER_CHARS} visible ASCII characters or spaces")
     return new

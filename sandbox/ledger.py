@@ -1,4 +1,4 @@
-"""The sandbox's money book: 402 offers, payments, single-use tokens, and the oracle counters tests read."""
+"""The sandbox's money book: payments, single-use tokens, x402 nonces and settlements, and the oracle counters."""
 
 from __future__ import annotations
 
@@ -25,40 +25,11 @@ COUNTERS: tuple[str, ...] = (
     "errors_5xx",
     "timeouts",
     "succeeded",
+    "x402_settled",
+    "x402_refused",
+    "x402_unsettled",
+    "mcp_calls",
 )
-
-
-# USDC on Base Sepolia: 6 decimals, so one cent is 10_000 units.
-_NETWORK = "base-sepolia"
-_ASSET = "0x036CbD53842c5426634e7929541eC2318f3dCF7e"
-_PAY_TO = "0x000000000000000000000000000000000000402a"
-
-
-def x402_offer(service_id: str, price_cents: int, resource: str, error: str) -> dict[str, Any]:
-    """The 402 body (x402 v1 style) that tells a caller what to pay, and why this call was refused."""
-    units = str(price_cents * 10_000)
-    return {
-        "x402Version": 1,
-        "error": error,
-        "accepts": [
-            {
-                "scheme": "exact",
-                "network": _NETWORK,
-                "maxAmountRequired": units,
-                "amount": units,
-                "payTo": _PAY_TO,
-                "asset": _ASSET,
-                "resource": resource,
-                "description": "Infrared face liveness detection (Alibaba Cloud DetectInfraredLivingFace)",
-                "mimeType": "application/json",
-                "maxTimeoutSeconds": 60,
-                "extra": {"name": "USDC", "version": "2", "serviceId": service_id},
-            }
-        ],
-        "serviceId": service_id,
-        "priceCents": price_cents,
-        "currency": "USD",
-    }
 
 
 def iso_utc(epoch: float) -> str:
@@ -101,6 +72,39 @@ class Payment:
         return doc
 
 
+@dataclass(frozen=True)
+class Settlement:
+    """One x402 payment settled after a 2xx answer: what a chain would show, never the signature."""
+
+    payer: str
+    transaction: str
+    amount: int
+    network: str
+    service_id: str
+    settled_at: float
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "payer": self.payer,
+            "transaction": self.transaction,
+            "amount": str(self.amount),
+            "network": self.network,
+            "serviceId": self.service_id,
+            "settledAt": iso_utc(self.settled_at),
+        }
+
+
+@dataclass(frozen=True)
+class CachedAnswer:
+    """A settled x402 answer kept for the payment-identifier extension: a retry with the same id gets it again."""
+
+    digest: str
+    status: int
+    body: bytes
+    content_type: str
+    headers: tuple[tuple[str, str], ...]
+
+
 class TokenRefused(Exception):
     """A payment token that cannot pay for a call; the message says why, for the 402 body."""
 
@@ -113,6 +117,11 @@ class Ledger:
     billed_paths: Counter[str] = field(default_factory=Counter)
     payments: dict[str, Payment] = field(default_factory=dict)
     by_token: dict[str, Payment] = field(default_factory=dict)
+    # x402 nonces: in flight (verified, call running) and settled; a chain refuses a used nonce the same way.
+    nonces_in_flight: set[str] = field(default_factory=set)
+    nonces_settled: set[str] = field(default_factory=set)
+    settlements: list[Settlement] = field(default_factory=list)
+    answers_by_payment_id: dict[str, CachedAnswer] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def count(self, name: str, n: int = 1) -> None:
@@ -170,11 +179,44 @@ class Ledger:
                 if self.billed_paths[path] <= 0:
                     del self.billed_paths[path]
 
+    def reserve_nonce(self, nonce: str) -> bool:
+        """Hold an x402 nonce for one call; False if it settled before or another call holds it."""
+        with self.lock:
+            if nonce in self.nonces_in_flight or nonce in self.nonces_settled:
+                return False
+            self.nonces_in_flight.add(nonce)
+            return True
+
+    def release_nonce(self, nonce: str) -> None:
+        """An unsettled call gives its nonce back: on a chain the authorization would still be unspent."""
+        with self.lock:
+            self.nonces_in_flight.discard(nonce)
+
+    def settle_x402(self, nonce: str, settlement: Settlement, image_paths: list[str]) -> None:
+        """Settle after a 2xx answer: the nonce is spent for good and the call is billed like a token's."""
+        with self.lock:
+            self.nonces_in_flight.discard(nonce)
+            self.nonces_settled.add(nonce)
+            self.settlements.append(settlement)
+            self.counts["x402_settled"] += 1
+            self.counts["calls_billed"] += 1
+            self.counts["images_billed"] += len(image_paths)
+            self.billed_paths.update(image_paths)
+
+    def cached_answer(self, payment_id: str) -> CachedAnswer | None:
+        with self.lock:
+            return self.answers_by_payment_id.get(payment_id)
+
+    def cache_answer(self, payment_id: str, answer: CachedAnswer) -> None:
+        with self.lock:
+            self.answers_by_payment_id.setdefault(payment_id, answer)
+
     def snapshot(self) -> dict[str, Any]:
         with self.lock:
             doc: dict[str, Any] = {name: self.counts[name] for name in COUNTERS}
             doc["billed_image_urls_path_counts"] = dict(self.billed_paths)
             doc["token_uses"] = max((p.billed_uses for p in self.payments.values()), default=0)
+            doc["x402_settlements"] = [s.public() for s in self.settlements]
             return doc
 
     def reset(self) -> None:
@@ -183,6 +225,10 @@ class Ledger:
             self.billed_paths.clear()
             self.payments.clear()
             self.by_token.clear()
+            self.nonces_in_flight.clear()
+            self.nonces_settled.clear()
+            self.settlements.clear()
+            self.answers_by_payment_id.clear()
 
     def _usable(self, token: str, service_id: str) -> Payment:
         payment = self.by_token.get(token)

@@ -3,24 +3,19 @@
 from __future__ import annotations
 
 import argparse
-import base64
 import json
-import math
-import random
 import signal
 import sys
 import threading
-import time
 import traceback
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType
 from typing import Any
 
-import httpx
-
-from sandbox import upstream
-from sandbox.config import SERVICE_IDS, SandboxConfig, add_flags, from_args, public_config, updated
-from sandbox.ledger import Ledger, TokenRefused, x402_offer
+from sandbox.config import SERVICE_IDS, SandboxConfig, add_flags, from_args, public_config
+from sandbox.mcp_seller import MCP_PATH, McpEndpoint, Reply
+from sandbox.selling import Answer, State, token_call, x402_call
+from sandbox.x402_seller import REQUEST_HEADERS
 
 __all__ = ["TOOL_PATHS", "SandboxConfig", "SandboxServer", "main"]
 
@@ -30,63 +25,14 @@ TOOL_PATHS = frozenset(LISTINGS)
 _MAX_BODY = 1024 * 1024
 
 
-class _Gcra:
-    """Generic cell rate: decided before a token is touched, so a throttled call costs nothing."""
-
-    def __init__(self) -> None:
-        self._tat = 0.0
-        self._lock = threading.Lock()
-
-    def acquire(self, rate: float, burst: int) -> float:
-        """0 if the call may go now, else the seconds to wait; a refusal leaves the state untouched."""
-        if rate <= 0:
-            return 0.0
-        interval = 1.0 / rate
-        with self._lock:
-            now = time.monotonic()
-            allowed_at = self._tat - interval * (burst - 1)
-            if now < allowed_at:
-                return allowed_at - now
-            self._tat = max(self._tat, now) + interval
-            return 0.0
-
-    def reset(self) -> None:
-        with self._lock:
-            self._tat = 0.0
-
-
-class _State:
-    """What every request thread shares; the config is swapped whole, never edited in place."""
-
-    def __init__(self, config: SandboxConfig) -> None:
-        self.config = updated(config, {})
-        self.ledger = Ledger()
-        self.gcra = _Gcra()
-        self.rng = random.Random(config.seed)
-        self.rng_lock = threading.Lock()
-        self.stopping = threading.Event()
-        # Straight to the image host, like the upstream: a proxy from the environment would not see 127.0.0.1.
-        self.client = httpx.Client(trust_env=False)
-
-    def rolls(self, n: int) -> list[float]:
-        with self.rng_lock:
-            return [self.rng.random() for _ in range(n)]
-
-    def reconfigure(self, changes: dict[str, Any]) -> SandboxConfig:
-        new = updated(self.config, changes)
-        if "seed" in changes:
-            with self.rng_lock:
-                self.rng.seed(new.seed)
-        self.config = new
-        return new
-
-
 class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], state: _State) -> None:
+    def __init__(self, address: tuple[str, int], state: State) -> None:
         super().__init__(address, _Handler)
         self.state = state
+        # Set once the socket is bound, since the endpoint needs the sandbox's own URL for its offers.
+        self.mcp: McpEndpoint | None = None
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -103,12 +49,17 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         self._dispatch("POST")
 
+    def do_DELETE(self) -> None:
+        self._dispatch("DELETE")
+
     def _dispatch(self, method: str) -> None:
         state = self.server.state
         path = self.path.split("?", 1)[0]
         try:
             body = self._read_body() if method == "POST" else b""
-            if method == "POST" and path in LISTINGS:
+            if path == MCP_PATH:
+                self._mcp(state, method, body)
+            elif method == "POST" and path in LISTINGS:
                 self._tool_call(state, LISTINGS[path], body)
             elif method == "POST" and path == "/api/payments":
                 self._create_payment(state, body)
@@ -155,18 +106,6 @@ class _Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
 
-    def _send_body(self, status: int, body: upstream.Body) -> None:
-        """Write an answer piece by piece; a caller that hangs up early (an answer too big for it) is not an error."""
-        try:
-            self.send_response(status)
-            self.send_header("Content-Type", body.content_type)
-            self.send_header("Content-Length", str(body.length))
-            self.end_headers()
-            for piece in body.pieces:
-                self.wfile.write(piece)
-        except (BrokenPipeError, ConnectionResetError):
-            self.close_connection = True
-
     def _authorized(self, config: SandboxConfig) -> bool:
         if config.api_key is None or self.headers.get(config.api_key_header) == config.api_key:
             return True
@@ -174,104 +113,69 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(401, {"error": "API key missing or invalid"})
         return False
 
-    def _payment_required(self, state: _State, service_id: str, error: str) -> None:
-        state.ledger.count("rejected_402")
-        resource = f"http://{self.headers.get('Host', '')}{self.path}"
-        doc = x402_offer(service_id, state.config.price_cents, resource, error)
-        header = base64.b64encode(json.dumps(doc).encode()).decode()
-        self._send(402, doc, {"PAYMENT-REQUIRED": header})
+    def _send_answer(self, answer: Answer) -> None:
+        """Write an answer piece by piece; a caller that hangs up early (an answer too big for it) is not an error."""
+        body = answer.body
+        try:
+            self.send_response(answer.status)
+            self.send_header("Content-Type", body.content_type)
+            self.send_header("Content-Length", str(body.length))
+            for name, value in answer.headers.items():
+                self.send_header(name, value)
+            self.end_headers()
+            for piece in body.pieces:
+                self.wfile.write(piece)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
 
-    def _tool_call(self, state: _State, service_id: str, raw: bytes) -> None:
+    def _resource(self) -> str:
+        return f"http://{self.headers.get('Host', '')}{self.path}"
+
+    def _tool_call(self, state: State, service_id: str, raw: bytes) -> None:
         config = state.config
-        ledger = state.ledger
-        ledger.count("calls_total")
+        state.ledger.count("calls_total")
+        x402 = next(((name, value) for name in REQUEST_HEADERS if (value := self.headers.get(name))), None)
+        if x402 is not None:
+            # No API key on this path: a signature is the whole credential of a caller with no marketplace account.
+            self._send_answer(x402_call(state, service_id, x402[0], x402[1], lambda: _json(raw), self._resource()))
+            return
         if not self._authorized(config):
             return
         token = self.headers.get("X-Payment-Token")
-        if not token:
-            self._payment_required(state, service_id, "payment required")
+        self._send_answer(token_call(state, service_id, token, lambda: _json(raw), self._resource()))
+
+    def _mcp(self, state: State, method: str, raw: bytes) -> None:
+        if not self._authorized(state.config):
             return
+        if method == "GET":
+            # No server-initiated stream (the endpoint is stateless and answers JSON): the spec's answer is 405,
+            # not an SSE stream that would hold a handler thread open with nothing to say.
+            self._send(405, {"error": "GET /mcp opens no stream here; POST JSON-RPC"}, {"Allow": "POST, DELETE"})
+            return
+        endpoint = self.server.mcp
+        if endpoint is None:
+            self._send(503, {"error": "the MCP endpoint is not running"})
+            return
+        self._send_reply(endpoint.handle(method, self.path, list(self.headers.items()), raw))
+
+    def _send_reply(self, reply: Reply) -> None:
         try:
-            ledger.check(token, service_id)
-            urls = upstream.parse_tasks(_json(raw))
-        except TokenRefused as refused:
-            self._payment_required(state, service_id, str(refused))
-            return
-        except ValueError as invalid:
-            ledger.count("rejected_400")
-            self._send(400, {"error": str(invalid)})
-            return
-        wait = state.gcra.acquire(config.rate_limit_per_s, config.rate_burst)
-        if wait > 0:
-            ledger.count("throttled")
-            self._throttled(config, wait)
-            return
-        paths = [upstream.url_path(url) for url in urls]
-        try:
-            payment = ledger.consume(token, service_id, paths)
-        except TokenRefused as refused:
-            # Another call spent the same token between the check and here.
-            self._payment_required(state, service_id, str(refused))
-            return
-        status, body = self._run_upstream(state, config, urls)
-        if status != 200 and not config.failed_calls_consume_token:
-            ledger.restore(payment, paths)
-        self._send_body(status, body)
+            self.send_response(reply.status)
+            sized = False
+            for name, value in reply.headers:
+                sized = sized or name.lower() == "content-length"
+                self.send_header(name, value)
+            if not sized:
+                # Without a length the only end of the body HTTP/1.1 gives us (short of chunking) is the close.
+                self.send_header("Connection", "close")
+                self.close_connection = True
+            self.end_headers()
+            for piece in reply.pieces:
+                self.wfile.write(piece)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
 
-    def _throttled(self, config: SandboxConfig, wait: float) -> None:
-        if config.throttle_style == "400":
-            error = upstream.UpstreamError("Throttling.User", "Request was denied due to user flow control.")
-            self._send(400, error.body())
-            return
-        seconds = f"{math.ceil(wait * 1000) / 1000:.3f}".rstrip("0").rstrip(".")
-        doc = {"error": "rate limit exceeded", "retryAfter": float(seconds)}
-        # The body keeps the real wait; only the header is replaced, since that is what clients obey.
-        self._send(429, doc, {"Retry-After": config.retry_after or seconds})
-
-    def _run_upstream(self, state: _State, config: SandboxConfig, urls: list[str]) -> tuple[int, upstream.Body]:
-        ledger = state.ledger
-        fail_roll, timeout_roll, kind_roll = state.rolls(3)
-        if config.latency_ms > 0:
-            state.stopping.wait(config.latency_ms / 1000)
-        if timeout_roll < config.p_timeout:
-            ledger.count("timeouts")
-            # Longer than any sane client timeout: the caller sees a read timeout on a spent token.
-            state.stopping.wait(config.timeout_sleep_s)
-        if state.stopping.is_set():
-            return _shutting_down()
-        if fail_roll < config.p_5xx:
-            ledger.count("errors_5xx")
-            if kind_roll < 0.5:
-                error = upstream.UpstreamError("ServiceUnavailable", "The service is unavailable.", 503)
-            else:
-                error = upstream.UpstreamError("InternalError", "The request processing has failed.", 500)
-            return error.status, upstream.json_body(error.body())
-        if config.fetch_delay_ms > 0:
-            # The token is spent and nothing is downloaded yet: a test changes an object inside this window.
-            state.stopping.wait(config.fetch_delay_ms / 1000)
-            if state.stopping.is_set():
-                return _shutting_down()
-        elements: list[dict[str, Any]] = []
-        failures: list[upstream.UpstreamError] = []
-        for url in urls:
-            try:
-                upstream.check_url(url, time.time())
-                data = upstream.fetch(state.client, url, config.max_image_bytes, config.fetch_timeout_s)
-                elements.append(upstream.judge(url, data, upstream.inspect(data, config.max_image_pixels)))
-            except upstream.UpstreamError as error:
-                if config.bad_image_fails_call:
-                    ledger.count("upstream_errors")
-                    return error.status, upstream.json_body(error.body())
-                failures.append(error)
-                elements.append(upstream.failed_element(url, error))
-        if len(failures) == len(urls):
-            # Nothing was judged: a call that only carries errors is a failed call.
-            ledger.count("upstream_errors")
-            return failures[0].status, upstream.json_body(failures[0].body())
-        ledger.count("succeeded")
-        return 200, upstream.answer(config.answer_mode, elements, config.result_as_string)
-
-    def _create_payment(self, state: _State, raw: bytes) -> None:
+    def _create_payment(self, state: State, raw: bytes) -> None:
         config = state.config
         if not self._authorized(config):
             return
@@ -294,7 +198,7 @@ class _Handler(BaseHTTPRequestHandler):
                     return
             self._send(201, state.ledger.create_payment(service, config.price_cents, config.token_ttl_s))
 
-    def _read_payment(self, state: _State, payment_id: str) -> None:
+    def _read_payment(self, state: State, payment_id: str) -> None:
         if not self._authorized(state.config):
             return
         doc = state.ledger.read_payment(payment_id)
@@ -303,7 +207,7 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._send(200, doc)
 
-    def _configure(self, state: _State, raw: bytes) -> None:
+    def _configure(self, state: State, raw: bytes) -> None:
         try:
             changes = _json(raw)
             if not isinstance(changes, dict):
@@ -317,11 +221,6 @@ class _BodyTooLarge(Exception):
     pass
 
 
-def _shutting_down() -> tuple[int, upstream.Body]:
-    shutting = upstream.UpstreamError("ServiceUnavailable", "The sandbox is shutting down.", 503)
-    return shutting.status, upstream.json_body(shutting.body())
-
-
 def _json(raw: bytes) -> Any:
     try:
         return json.loads(raw or b"null")
@@ -333,9 +232,10 @@ class SandboxServer:
     """The sandbox on a real socket, served from a daemon thread; port 0 picks a free port."""
 
     def __init__(self, config: SandboxConfig, host: str = "127.0.0.1", port: int = 0) -> None:
-        self._state = _State(config)
+        self._state = State(config)
         self._address = (host, port)
         self._httpd: _HTTPServer | None = None
+        self._mcp: McpEndpoint | None = None
         self._thread: threading.Thread | None = None
 
     @property
@@ -357,6 +257,13 @@ class SandboxServer:
 
     def start(self) -> SandboxServer:
         self._httpd = _HTTPServer(self._address, self._state)
+        try:
+            self._mcp = McpEndpoint(self._state, f"{self.url}{MCP_PATH}")
+            self._mcp.start()
+        except BaseException:
+            self._httpd.server_close()
+            raise
+        self._httpd.mcp = self._mcp
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="sandbox", daemon=True
         )
@@ -371,6 +278,8 @@ class SandboxServer:
             self._httpd.server_close()
         if self._thread is not None:
             self._thread.join()
+        if self._mcp is not None:
+            self._mcp.stop()
         self._state.client.close()
 
     def __enter__(self) -> SandboxServer:
