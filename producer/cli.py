@@ -40,6 +40,8 @@ _YOUNG_CLAIM_S = 120
 # A source's run that still holds it: judging, or paused and able to resume.
 _ACTIVE_STATES = ACTIVE | HELD
 EXIT_CANCELLED = 5
+_RUN_HELP = "the run id (printed by `irlive scan`)"
+_JSON_HELP = "print the result as JSON (schema in docs/schemas/)"
 _STATE_EXIT = {"done": EXIT_OK, "failed": EXIT_FAILED, "paused_budget": EXIT_PAUSED, "paused": EXIT_PAUSED,
                "cancelled": EXIT_CANCELLED}
 
@@ -47,6 +49,10 @@ _STATE_EXIT = {"done": EXIT_OK, "failed": EXIT_FAILED, "paused_budget": EXIT_PAU
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["sandbox"]:
+        missing = missing_demo_modules()
+        if missing:
+            print(f"irlive: error: {demo_extra_message('sandbox', missing)}", file=sys.stderr)
+            return EXIT_USAGE
         # The sandbox has its own flags (one per fault knob); hand them over untouched.
         from sandbox.server import main as sandbox_main
 
@@ -123,38 +129,38 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pause", help="pause a run: nothing is paid for it once this returns; calls in flight "
                                      "finish and are recorded; `irlive resume` continues it")
-    p.add_argument("run_id")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("run_id", help=_RUN_HELP)
+    p.add_argument("--json", action="store_true", help=_JSON_HELP)
     p.set_defaults(handler=_cmd_pause)
 
     p = sub.add_parser("cancel", help="cancel a run: nothing is paid for it once this returns; calls in flight "
                                       "finish and are recorded, the rest is recorded not_judged, and the run "
                                       "finalises as cancelled")
-    p.add_argument("run_id")
+    p.add_argument("run_id", help=_RUN_HELP)
     p.add_argument("--wait", action="store_true", help="follow the run until its manifest is written")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help=_JSON_HELP)
     p.set_defaults(handler=_cmd_cancel)
 
     p = sub.add_parser("resume", help="continue a paused run (by `irlive pause` or by its budget), optionally "
                                       "with a higher budget")
-    p.add_argument("run_id")
+    p.add_argument("run_id", help=_RUN_HELP)
     p.add_argument("--budget", type=_usd, default=None, metavar="USD", help="the run's new total budget")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help=_JSON_HELP)
     p.set_defaults(handler=_cmd_resume)
 
     p = sub.add_parser("reconcile", help="re-enqueue a run's chunks that nobody is working on; finalise if due")
-    p.add_argument("run_id")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("run_id", help=_RUN_HELP)
+    p.add_argument("--json", action="store_true", help=_JSON_HELP)
     p.set_defaults(handler=_cmd_reconcile)
 
     p = sub.add_parser("dlq", help="list dead-lettered chunks")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help=_JSON_HELP)
     p.set_defaults(handler=_cmd_dlq)
 
     p = sub.add_parser("redrive", help="judge again a run's failed (error) and dead-lettered images, nothing else")
-    p.add_argument("run_id")
+    p.add_argument("run_id", help=_RUN_HELP)
     p.add_argument("--include-rejected", action="store_true", help="also images refused before paying")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help=_JSON_HELP)
     p.set_defaults(handler=_cmd_redrive)
 
     p = sub.add_parser("reindex", help="rebuild the done-set from the run manifests under an output prefix")
@@ -164,28 +170,44 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_cmd_reindex)
 
     p = sub.add_parser("wallet", help="token pool, ledger totals, today's spend")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help=_JSON_HELP)
     p.add_argument("--reconcile", action="store_true",
                    help="reconcile tokens whose lease expired (with --all: every open token; only when no worker runs)")
     p.add_argument("--all", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(handler=_cmd_wallet)
 
     p = sub.add_parser("status", help="show a run's progress")
-    p.add_argument("run_id")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("run_id", help=_RUN_HELP)
+    p.add_argument("--json", action="store_true", help=_JSON_HELP)
     p.add_argument("--wait", action="store_true", help="follow the run to its end with a progress bar")
     p.add_argument("--timeout", type=float, default=None, help="with --wait: give up after this many seconds")
     p.set_defaults(handler=_cmd_status)
 
-    p = sub.add_parser("demo", help="run the whole pipeline on a local stack with synthetic captures")
-    p.add_argument("--images", type=_positive_int, default=200)
-    p.add_argument("--workers", type=_positive_int, default=2)
+    p = sub.add_parser("demo", help="run the whole pipeline on a local stack with synthetic captures "
+                                    "(needs `pip install 'irlive[demo]'`)")
+    p.add_argument("--images", type=_positive_int, default=200, metavar="N",
+                   help="synthetic captures to upload and judge, some deliberately invalid (default 200)")
+    p.add_argument("--workers", type=_positive_int, default=2, metavar="N",
+                   help="celery worker processes to start (default 2)")
     p.add_argument("--out-dir", default="irlive-demo-output", help="where to copy the manifests")
+    p.add_argument("--json", action="store_true",
+                   help="progress on stderr, then one JSON document summarising the run on stdout")
     p.set_defaults(handler=_cmd_demo)
 
     p = sub.add_parser("smoke", help="make exactly one paid call on one image and print what the seller did")
     p.add_argument("image", help="s3://bucket/key of one capture")
+    p.add_argument("--json", action="store_true",
+                   help="print the report as one line of JSON (the default prints the same document indented)")
     p.set_defaults(handler=_cmd_smoke)
+
+    p = sub.add_parser("config", help="print the effective settings (secrets masked), where each came from, the "
+                                      "visibility timeout, and run the checks a worker runs at start",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="exit codes: 0 a worker would start with these settings, 1 problems (listed)")
+    p.add_argument("--json", action="store_true", help=_JSON_HELP)
+    p.add_argument("--no-redis", action="store_true",
+                   help="do not contact IRLIVE_REDIS_URL (skips the Redis durability check)")
+    p.set_defaults(handler=_cmd_config)
 
     sub.add_parser("sandbox", help="serve the local stand-in marketplace (see `irlive sandbox --help`)")
     return parser
@@ -569,14 +591,50 @@ def _cmd_smoke(ns: argparse.Namespace) -> int:
     from producer.smoke import render, smoke
 
     report = smoke(Settings.from_env(), S3Location.parse(ns.image, "image"))
-    print(render(report))
+    print(json.dumps(report, sort_keys=True) if ns.json else render(report))
     return EXIT_OK if "verdict" in report else EXIT_FAILED
 
 
+def _cmd_config(ns: argparse.Namespace) -> int:
+    from producer.config_cmd import inspect_settings
+
+    report = inspect_settings(dict(os.environ), check_redis=not ns.no_redis)
+    print(json.dumps(report.as_dict()) if ns.json else report.render())
+    return EXIT_OK if report.ok else EXIT_FAILED
+
+
+# What `irlive demo` and `irlive sandbox` import beyond a plain install, by import name: pyproject's [demo]
+# extra (moto's server needs flask and flask-cors; the sandbox sells through MCP and checks x402 signatures).
+DEMO_MODULES = ("moto", "flask", "flask_cors", "PIL", "mcp", "eth_account")
+
+
+def missing_demo_modules() -> list[str]:
+    """The demo extra's modules that cannot be imported; found without importing them (moto is slow)."""
+    import importlib.util
+
+    missing = []
+    for name in DEMO_MODULES:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except ImportError:
+            found = False
+        if not found:
+            missing.append(name)
+    return missing
+
+
+def demo_extra_message(command: str, missing: list[str]) -> str:
+    return (f"`irlive {command}` needs the demo extra ({', '.join(missing)} not installed): "
+            "pip install 'irlive[demo]'  (from a clone: pip install '.[demo]')")
+
+
 def _cmd_demo(ns: argparse.Namespace) -> int:
+    missing = missing_demo_modules()
+    if missing:
+        raise ConfigError(demo_extra_message("demo", missing))
     from producer.demo import run_demo
 
     # The stack's processes live in their own sessions: turn SIGTERM into an exit that stops them.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
-    return run_demo(images=ns.images, workers=ns.workers, out_dir=ns.out_dir)
+    return run_demo(images=ns.images, workers=ns.workers, out_dir=ns.out_dir, json_out=ns.json)

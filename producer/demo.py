@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from producer.filters import DEFAULT_SUFFIXES
 from producer.scan import ScanRequest, scan
@@ -26,44 +28,68 @@ from worker.seams.store import Store
 
 SOURCE = S3Location("irlive-demo-captures", "captures")
 OUTPUT = S3Location("irlive-demo-results", "irlive")
+TRUTHS = ("live", "spoof", "no_face", "rejected")
 
 
-def run_demo(images: int, workers: int, out_dir: str) -> int:
-    """Returns 0 when every verdict matches the truth and the worker's calls equal the sandbox's bills."""
+def run_demo(images: int, workers: int, out_dir: str, json_out: bool = False) -> int:
+    """Returns 0 when every verdict matches the truth and the worker's calls equal the sandbox's bills.
+
+    With json_out the running commentary goes to stderr and stdout gets one JSON document (docs/schemas/
+    demo.schema.json) summarising the run, whatever its end.
+    """
+    say = _Say(sys.stderr if json_out else sys.stdout)
     started = time.monotonic()
     corpus = demo_corpus(images, prefix=SOURCE.prefix)
+    doc: dict[str, Any] = {"schema_version": 1, "ok": False, "images": len(corpus),
+                           "invalid_images": sum(s.expected == "rejected" for s in corpus), "workers": workers,
+                           "run_id": None, "state": None}
     env_extra = {
         "IRLIVE_OUTPUT": str(OUTPUT),
         "IRLIVE_RATE_LIMIT_PER_S": "20",
         "IRLIVE_RATE_BURST": "4",
     }
     say(f"starting a local stack: redis, moto_server, the sandbox marketplace, {workers} worker(s)")
-    with Stack(workers=workers, concurrency=8, settings_env=env_extra) as stack:
-        settings = Settings.from_env({**os.environ, **stack.env})
-        storage = Storage(settings.s3_endpoint_url, settings.s3_region,
-                          credentials=(AWS_ENV["AWS_ACCESS_KEY_ID"], AWS_ENV["AWS_SECRET_ACCESS_KEY"]))
-        _upload(storage, corpus)
-        say(f"uploaded {len(corpus)} captures to {SOURCE} ({sum(s.expected == 'rejected' for s in corpus)} "
-            "of them deliberately invalid)")
-        store, keys = Store.from_url(settings.redis_url), Keys(settings.key_prefix)
-        runs = Runs(store, keys)
-        result = scan(settings, storage, runs, Claims(store, keys), make_app(settings),
-                      ScanRequest(SOURCE, DEFAULT_SUFFIXES), OUTPUT)
-        assert result.run_id is not None
-        say(f"run {result.run_id}: {result.enqueued} images in {result.chunks} chunks")
-        final = follow(runs, result.run_id, timeout_s=300)
-        if final.state != "done":
-            say(f"run ended in state {final.state}: {final.error or 'timed out'}")
-            return 1
-        ledger = stack.sandbox_ledger()
-        copied = _copy_manifests(storage, result.run_id, Path(out_dir))
-        ok = _summary(storage, result.run_id, corpus, ledger)
-    say(f"manifests copied to {copied}  ({time.monotonic() - started:.1f}s in all)")
-    return 0 if ok else 1
+    try:
+        with Stack(workers=workers, concurrency=8, settings_env=env_extra) as stack:
+            settings = Settings.from_env({**os.environ, **stack.env})
+            storage = Storage(settings.s3_endpoint_url, settings.s3_region,
+                              credentials=(AWS_ENV["AWS_ACCESS_KEY_ID"], AWS_ENV["AWS_SECRET_ACCESS_KEY"]))
+            _upload(storage, corpus)
+            say(f"uploaded {len(corpus)} captures to {SOURCE} ({doc['invalid_images']} of them deliberately "
+                "invalid)")
+            store, keys = Store.from_url(settings.redis_url), Keys(settings.key_prefix)
+            runs = Runs(store, keys)
+            result = scan(settings, storage, runs, Claims(store, keys), make_app(settings),
+                          ScanRequest(SOURCE, DEFAULT_SUFFIXES), OUTPUT)
+            assert result.run_id is not None
+            doc["run_id"] = result.run_id
+            say(f"run {result.run_id}: {result.enqueued} images in {result.chunks} chunks")
+            final = follow(runs, result.run_id, timeout_s=300)
+            doc["state"] = final.state
+            if final.state != "done":
+                doc["error"] = final.error or "timed out"
+                say(f"run ended in state {final.state}: {doc['error']}")
+                return 1
+            ledger = stack.sandbox_ledger()
+            copied = _copy_manifests(storage, result.run_id, Path(out_dir))
+            doc["manifests"] = str(copied)
+            doc.update(_summary(storage, result.run_id, corpus, ledger, say))
+        say(f"manifests copied to {copied}  ({time.monotonic() - started:.1f}s in all)")
+        return 0 if doc["ok"] else 1
+    finally:
+        doc["elapsed_s"] = round(time.monotonic() - started, 1)
+        if json_out:
+            print(json.dumps(doc), flush=True)
 
 
-def say(text: str) -> None:
-    print(text, flush=True)
+class _Say:
+    """The demo's running commentary: stdout, or stderr when stdout carries the JSON summary."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+
+    def __call__(self, text: str) -> None:
+        print(text, file=self.stream, flush=True)
 
 
 def _upload(storage: Storage, corpus: list[Sample]) -> None:
@@ -86,7 +112,10 @@ def _records(storage: Storage, run_id: str) -> tuple[dict[str, Any], list[dict[s
     return manifest, records
 
 
-def _summary(storage: Storage, run_id: str, corpus: list[Sample], ledger: dict[str, Any]) -> bool:
+def _summary(storage: Storage, run_id: str, corpus: list[Sample], ledger: dict[str, Any],
+             say: Callable[[str], None]) -> dict[str, Any]:
+    """Print the verdicts against the truth and the calls against the sandbox's bills; return them as the
+    demo's JSON summary fields (ok says whether everything matched)."""
     manifest, records = _records(storage, run_id)
     by_key = {r["key"]: r for r in records}
     table: dict[str, Counter[str]] = {}
@@ -97,10 +126,10 @@ def _summary(storage: Storage, run_id: str, corpus: list[Sample], ledger: dict[s
         row["images"] += 1
         row["matched" if got == sample.expected else "wrong"] += 1
         if got != sample.expected:
-            mismatches.append(f"  {sample.key}: expected {sample.expected}, got {got}")
+            mismatches.append(f"{sample.key}: expected {sample.expected}, got {got}")
     say("")
     say(f"{'truth':<10}{'images':>8}{'matched':>9}{'wrong':>7}")
-    for truth in ("live", "spoof", "no_face", "rejected"):
+    for truth in TRUTHS:
         row = table.get(truth, Counter())
         say(f"{truth:<10}{row['images']:>8}{row['matched']:>9}{row['wrong']:>7}")
     judged = sum(manifest["counts"][v] for v in ("live", "spoof", "no_face"))
@@ -112,11 +141,21 @@ def _summary(storage: Storage, run_id: str, corpus: list[Sample], ledger: dict[s
     say(f"sandbox   billed {ledger['calls_billed']} calls, {ledger['images_billed']} images")
     say(f"failed    {manifest['failed']['count']} images listed in failed.jsonl")
     for line in mismatches[:20]:
-        say(line)
+        say("  " + line)
     agrees = ledger["calls_billed"] == calls
     if not agrees:
         say("MISMATCH: the worker recorded a different number of calls than the sandbox billed")
-    return not mismatches and agrees and len(records) == len(corpus)
+    return {
+        "ok": not mismatches and agrees and len(records) == len(corpus),
+        "truth": {t: {k: table.get(t, Counter())[k] for k in ("images", "matched", "wrong")} for t in TRUTHS},
+        "records": len(records),
+        "judged": judged,
+        "calls": calls,
+        "spend_cents": int(manifest["spend_cents"]),
+        "sandbox": {"calls_billed": ledger["calls_billed"], "images_billed": ledger["images_billed"]},
+        "failed": manifest["failed"]["count"],
+        "mismatches": mismatches[:20],
+    }
 
 
 def _copy_manifests(storage: Storage, run_id: str, out_dir: Path) -> Path:

@@ -92,3 +92,45 @@ def test_a_finished_run_status_and_its_notification_match_their_schemas(
     validator("notification").validate(payload)
     assert payload["counts"]["live"] == 12
     assert payload["manifest"] == f"s3://irlive-out/results/runs/{run_id}/manifest.json"
+
+
+def test_config_prints_what_its_schema_says(tmp_path: Any) -> None:
+    import os
+    import subprocess
+
+    from tests.conftest import IRLIVE_BIN
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IRLIVE_")}
+    for extra, code in (({}, 0), ({"IRLIVE_API_KEY": "k", "IRLIVE_CHUNK_SIZE": "0", "IRLIVE_TYPO": "1"}, 1)):
+        done = subprocess.run([str(IRLIVE_BIN), "config", "--no-redis", "--json"], env={**env, **extra},
+                              capture_output=True, text=True, timeout=60, check=False)
+        assert done.returncode == code, done.stderr
+        validator("config").validate(json.loads(done.stdout))
+
+
+def test_smoke_prints_what_its_schema_says(clean_stack: Stack, irlive: IrliveRunner) -> None:
+    upload(clean_stack, clean_samples(1, prefix="smoke"))
+    done = irlive("smoke", f"s3://{IN_BUCKET}/smoke/img_00000.png", "--json")
+    assert done.returncode == 0, done.stderr
+    assert len(done.stdout.strip().splitlines()) == 1
+    report = json.loads(done.stdout)
+    validator("smoke").validate(report)
+    assert report["verdict"] == "live"
+
+
+@pytest.mark.integration
+def test_demo_prints_what_its_schema_says_and_no_visibility_warning(tmp_path: Any) -> None:
+    import os
+    import subprocess
+
+    from tests.conftest import IRLIVE_BIN
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IRLIVE_") or k == "IRLIVE_REDIS_SERVER"}
+    done = subprocess.run([str(IRLIVE_BIN), "demo", "--images", "12", "--workers", "1", "--json",
+                           "--out-dir", str(tmp_path)], env=env, capture_output=True, text=True, timeout=240,
+                          check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = json.loads(done.stdout)
+    validator("demo").validate(summary)
+    assert summary["ok"] and summary["state"] == "done" and summary["records"] == 12
+    assert "VISIBILITY_TIMEOUT" not in done.stdout + done.stderr

@@ -94,15 +94,24 @@ class Settings:
         """Read IRLIVE_* variables; a bad value raises ConfigError naming the variable."""
         env = os.environ if env is None else env
         values: dict[str, Any] = {}
-        for f in fields(cls):
-            var = "IRLIVE_" + f.name.upper()
+        for name, var in cls.variables().items():
             raw = env.get(var)
             if raw is None or raw == "":
                 continue
-            values[f.name] = _PARSERS[f.name](var, raw)
+            values[name] = cls.parse_one(name, raw)
         settings = cls(**values)
         settings.check()
         return settings
+
+    @classmethod
+    def variables(cls) -> dict[str, str]:
+        """Each field's environment variable, in declaration order; an empty value counts as unset."""
+        return {f.name: "IRLIVE_" + f.name.upper() for f in fields(cls)}
+
+    @classmethod
+    def parse_one(cls, name: str, raw: str) -> Any:
+        """One field's value from its variable's text, as from_env reads it; ConfigError naming the variable."""
+        return _PARSERS[name]("IRLIVE_" + name.upper(), raw)
 
     def check(self) -> None:
         """Cross-field and range checks; raise ConfigError naming the variable."""
