@@ -41,6 +41,8 @@ class StubStorage:
     def __init__(self) -> None:
         self.objects: dict[tuple[str, str], bytes] = {}
         self.requests: Counter[str] = Counter()
+        # Documents read back with get_json (tests read manifests through it too: not counted as requests).
+        self.read_back: list[str] = []
 
     def put(self, bucket: str, key: str, data: bytes) -> str:
         self.objects[(bucket, key)] = data
@@ -74,6 +76,7 @@ class StubStorage:
         return self.put(bucket, key, body)
 
     def get_json(self, bucket: str, key: str) -> tuple[Any, str]:
+        self.read_back.append(key)
         data = self._get(bucket, key)
         return json.loads(data), etag_of(data)
 

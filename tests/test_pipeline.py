@@ -10,10 +10,11 @@ from typing import Any
 import pytest
 
 from sandbox.images import png
-from tests.stubs import Harness, harness
+from tests.stubs import Harness, etag_of, harness
 from worker.config import Settings
 from worker.errors import BudgetExhausted, ChunkBusy, ConfigError
 from worker.flow import pipeline
+from worker.flow.finalize import finalize_run
 from worker.flow.leases import Lease
 from worker.flow.pipeline import ChunkProcessor, ClaimsHeld
 from worker.messages import Chunk
@@ -282,6 +283,27 @@ def test_a_chunk_costs_one_read_per_image_one_listing_and_one_manifest_put() -> 
     assert dict(h.storage.requests) == {"get": 50, "list": 1, "put": 1}
     run = run_hash(h, "run-a")
     assert (run["calls_ended"], run["calls_in_flight"]) == ("5", "0")
+
+
+def test_finalising_writes_the_run_manifest_without_reading_the_chunk_manifests_back() -> None:
+    h = harness(settings())
+    chunks = [chunk_of(h, 12, bad=(3,)), chunk_of(h, 12, prefix="more")]
+    assert [ChunkProcessor(h.deps).run(c) for c in chunks] == [1, 0]
+    puts = {key: etag_of(h.storage.objects[("out-bucket", key)]) for (_, key) in h.storage.objects
+            if "/chunks/" in key}
+    manifest = finalize_run(h.deps.runs, h.deps.storage, h.deps.ledger, "run-a")
+    assert manifest is not None and h.storage.read_back == []
+    assert {c["key"]: c["etag"] for c in manifest["chunks"]} == puts
+    assert (manifest["counts"]["rejected"], manifest["failed"]["count"]) == (1, 1), manifest["failed"]
+    # Chunks without a summary (restored by a redrive of an archived run) are read from their manifests.
+    other = [chunk_of(h, 12, run_id="run-b", prefix="b1", bad=(3,)), chunk_of(h, 12, run_id="run-b", prefix="b2")]
+    assert [ChunkProcessor(h.deps).run(c) for c in other] == [1, 0]
+    h.redis.delete("irlive:run:run-b:chunk-summaries")
+    h.storage.read_back.clear()
+    again = finalize_run(h.deps.runs, h.deps.storage, h.deps.ledger, "run-b")
+    assert again is not None and [k.rsplit("/", 3)[1:] for k in h.storage.read_back] == [
+        ["run-b", "chunks", "000000.json"], ["run-b", "chunks", "000001.json"]]
+    assert [c["counts"] for c in again["chunks"]] == [c["counts"] for c in manifest["chunks"]]
 
 
 def test_redis_loading_for_a_moment_after_a_paid_answer_loses_nothing(monkeypatch: pytest.MonkeyPatch) -> None:

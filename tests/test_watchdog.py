@@ -35,7 +35,7 @@ def test_a_run_whose_chunks_all_completed_is_finalised(clean_stack: Stack) -> No
     runs.create("r1", source="s3://irlive-in/x", output="s3://irlive-out/results", settings={})
     seq = runs.add_chunk("r1", [("x/a.png", "e1")])
     runs.listing_finished("r1")
-    runs.complete_chunk("r1", seq)  # as if the worker died before enqueueing finalisation
+    runs.complete_chunk("r1", seq, "etag", {})  # as if the worker died before enqueueing finalisation
 
     assert dog.holds_lock()
     assert dog.tick() == 1
@@ -50,7 +50,7 @@ def test_a_stalled_run_gets_its_lost_chunks_back_and_only_those(clean_stack: Sta
     held = runs.add_chunk("r2", [("x/b.png", "e2")])
     done = runs.add_chunk("r2", [("x/c.png", "e3")])
     runs.listing_finished("r2")
-    runs.complete_chunk("r2", done)
+    runs.complete_chunk("r2", done, "etag", {})
     assert Lease(runs.store, Keys().chunk_lease("r2", held), 60).take()
 
     assert dog.holds_lock()

@@ -43,6 +43,10 @@ class Keys:
     def chunks_done(self, run_id: str) -> str:
         return f"{self.prefix}:run:{run_id}:chunks-done"
 
+    def chunk_summaries(self, run_id: str) -> str:
+        """Hash: chunk number -> its manifest's ETag and counts (JSON), so finalisation need not read it back."""
+        return f"{self.prefix}:run:{run_id}:chunk-summaries"
+
     def chunk_items(self, run_id: str) -> str:
         return f"{self.prefix}:run:{run_id}:items"
 
@@ -71,7 +75,7 @@ class Keys:
     def run_keys(self, run_id: str) -> list[str]:
         """The per-run keys (besides each chunk's progress) dropped once the run is finalised and archived."""
         return [self.chunks_done(run_id), self.chunk_items(run_id), self.parked(run_id), self.deliveries(run_id),
-                self.run_seen(run_id)]
+                self.run_seen(run_id), self.chunk_summaries(run_id)]
 
     # ---- event intake ----
     def event_buffer(self, run_id: str, bucket: str) -> str:

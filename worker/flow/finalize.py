@@ -58,11 +58,19 @@ def finalize_run(runs: Runs, storage: Storage, ledger: Ledger, run_id: str,
     run["finished_at"] = runs.set_once(run_id, "finished_at", now_iso())
     chunks: list[dict[str, Any]] = []
     failed: list[dict[str, Any]] = []
+    summaries = runs.chunk_summaries(run_id)
     for seq in range(int(run["chunks"])):
         key = chunk_key(output, run_id, seq)
-        doc, etag = storage.get_json(output.bucket, key)
-        chunks.append({"seq": seq, "key": key, "etag": etag, "images": len(doc["images"]), "counts": doc["counts"]})
-        failed.extend(r for r in doc["images"] if r["verdict"] in UNJUDGED)
+        progress = runs.progress(run_id, seq) if seq in summaries else {}
+        if progress:
+            # What the chunk's manifest was written from, still in Redis: no need to read it back from S3.
+            records = [progress[i] for i in sorted(progress)]
+            etag, counts = summaries[seq]["etag"], summaries[seq]["counts"]
+        else:
+            doc, etag = storage.get_json(output.bucket, key)
+            records, counts = doc["images"], doc["counts"]
+        chunks.append({"seq": seq, "key": key, "etag": etag, "images": len(records), "counts": counts})
+        failed.extend(r for r in records if r["verdict"] in UNJUDGED)
     body = failed_lines(failed)
     fkey = failed_key(output, run_id)
     storage.put_bytes(output.bucket, fkey, body, "application/x-ndjson")

@@ -568,9 +568,9 @@ class ChunkProcessor:
         if missing:
             raise TransientError(f"chunk {chunk.seq} has {len(missing)} images without a record")
         records = [progress[i] for i in range(len(chunk.items))]
-        self.deps.storage.put_json(output.bucket, chunk_key(output, chunk.run_id, chunk.seq),
-                                   chunk_document(chunk.run_id, chunk.seq, records))
-        return self.deps.runs.complete_chunk(chunk.run_id, chunk.seq)
+        doc = chunk_document(chunk.run_id, chunk.seq, records)
+        etag = self.deps.storage.put_json(output.bucket, chunk_key(output, chunk.run_id, chunk.seq), doc)
+        return self.deps.runs.complete_chunk(chunk.run_id, chunk.seq, etag, doc["counts"])
 
 
 def _best_effort(step: Callable[[], object], what: str) -> None:

@@ -272,8 +272,16 @@ class Runs:
         except StoreUnavailable as exc:
             raise TransientError(f"could not record results: {exc}") from None
 
-    def complete_chunk(self, run_id: str, seq: int) -> int:
-        return int(self._complete([self._keys.chunks_done(run_id), self._keys.run(run_id)], [seq]))
+    def complete_chunk(self, run_id: str, seq: int, etag: str, counts: Mapping[str, int]) -> int:
+        """Count the chunk done once, keeping its manifest's ETag and counts for the run manifest."""
+        summary = json.dumps({"etag": etag, "counts": dict(counts)}, sort_keys=True)
+        return int(self._complete([self._keys.chunks_done(run_id), self._keys.run(run_id),
+                                   self._keys.chunk_summaries(run_id)], [seq, summary]))
+
+    def chunk_summaries(self, run_id: str) -> dict[int, dict[str, Any]]:
+        """What complete_chunk kept of each chunk's manifest (absent for chunks restored by a redrive)."""
+        raw: dict[str, str] = self.store.hgetall(self._keys.chunk_summaries(run_id))
+        return {int(seq): json.loads(doc) for seq, doc in raw.items()}
 
     def chunk_complete(self, run_id: str, seq: int) -> bool:
         return bool(self.store.sismember(self._keys.chunks_done(run_id), seq))
