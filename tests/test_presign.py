@@ -19,6 +19,10 @@ LAYOUTS = [
     (None, "virtual", "eu-west-1", None),
     (None, "path", "us-east-1", None),
     (None, "auto", "us-west-2", "session-token/with+chars="),
+    # The Host signed: without a default port, lowercase, brackets kept for IPv6.
+    ("https://Storage.Example.com:443", "path", "eu-central-1", None),
+    ("http://minio.local:80", "path", "us-east-1", None),
+    ("http://[::1]:9000", "path", "us-east-1", None),
 ]
 
 
