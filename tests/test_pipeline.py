@@ -12,7 +12,7 @@ import pytest
 from sandbox.images import png
 from tests.stubs import Harness, etag_of, harness
 from worker.config import Settings
-from worker.errors import BudgetExhausted, ChunkBusy, ConfigError
+from worker.errors import BudgetExhausted, ChunkBusy, ConfigError, RateLimited
 from worker.flow import pipeline
 from worker.flow.finalize import finalize_run
 from worker.flow.leases import Lease
@@ -283,6 +283,21 @@ def test_a_chunk_costs_one_read_per_image_one_listing_and_one_manifest_put() -> 
     assert dict(h.storage.requests) == {"get": 50, "list": 1, "put": 1}
     run = run_hash(h, "run-a")
     assert (run["calls_ended"], run["calls_in_flight"]) == ("5", "0")
+
+
+def test_a_deferred_chunk_does_not_read_its_images_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pipeline, "MAX_THROTTLES_PER_CHUNK", 1)
+    h = harness(settings())
+    chunk = chunk_of(h, 30)
+    h.seller.script.extend(["ok", "429", "429"])
+    with pytest.raises(RateLimited):
+        ChunkProcessor(h.deps).run(chunk)
+    assert h.storage.requests["get"] == 30 and len(h.seller.calls) == 1
+    assert ChunkProcessor(h.deps).run(chunk) == 0
+    assert h.storage.requests["get"] == 30, "the first delivery's validations were used"
+    assert verdicts(h, chunk) == Counter({"live": 30}) and [len(c) for c in h.seller.calls] == [10, 10, 10]
+    # The chunk is complete: what was kept for its next delivery is gone.
+    assert not h.redis.exists(f"irlive:run:{chunk.run_id}:chunk:{chunk.seq}:checked")
 
 
 def test_finalising_writes_the_run_manifest_without_reading_the_chunk_manifests_back() -> None:

@@ -47,6 +47,10 @@ class Keys:
         """Hash: chunk number -> its manifest's ETag and counts (JSON), so finalisation need not read it back."""
         return f"{self.prefix}:run:{run_id}:chunk-summaries"
 
+    def chunk_checked(self, run_id: str, seq: int) -> str:
+        """Hash: image index -> its validation (JSON), so a deferred chunk's next delivery does not read it again."""
+        return f"{self.prefix}:run:{run_id}:chunk:{seq}:checked"
+
     def chunk_items(self, run_id: str) -> str:
         return f"{self.prefix}:run:{run_id}:items"
 

@@ -64,6 +64,8 @@ MAX_REJUDGE = 2
 # Images another delivery holds are waited for this long in-process, then the chunk defers itself.
 CLAIM_WAIT_S = 20.0
 CLAIM_POLL_S = 0.5
+# Validations kept for a deferred chunk's next delivery expire after this long (a chunk completing drops them).
+CHECKED_TTL_S = 7 * 24 * 3600
 # A call held back by the run's failure threshold (calls in flight could carry it over) waits in-process this
 # long, polling, for them to end; then the chunk defers itself.
 UNDECIDED_WAIT_S = 10.0
@@ -233,10 +235,20 @@ class ChunkProcessor:
 
     def _validate(self, chunk: Chunk, progress: dict[int, dict[str, Any]],
                   only: set[int] | None = None) -> list[_Image]:
+        """The images still to judge, validated: read once per image across deliveries (an earlier delivery's
+        validations are kept in Redis until the chunk completes), except `only`, objects known to have changed."""
         todo: list[_Image] = []
         rejected: list[Save] = []
+        checked_key = self.deps.runs.keys.chunk_checked(chunk.run_id, chunk.seq)
+        checked = {} if only is not None else self.deps.store.hgetall(checked_key)
+        fresh: dict[int, str] = {}
         for index, item in enumerate(_items(chunk)):
             if index in progress or (only is not None and index not in only):
+                continue
+            if str(index) in checked:
+                etag, size, warning, version_id, content = json.loads(checked[str(index)])
+                todo.append(_Image(index, Item(item.bucket, item.key, etag), size, warning, version_id))
+                self._set_content(index, content)
                 continue
             try:
                 info, image = validate(self.deps.storage, item.bucket, item.key, self._limits)
@@ -244,15 +256,25 @@ class ChunkProcessor:
                 rejected.append(Save(index, item, unjudged_record(
                     item, None, "rejected", reason=str(exc), code=exc.code, attempts=0, judged_at=now_iso())))
                 continue
-            todo.append(_Image(index, Item(item.bucket, item.key, info.etag), info.size, small_image_warning(image),
-                               info.version_id))
+            img = _Image(index, Item(item.bucket, item.key, info.etag), info.size, small_image_warning(image),
+                         info.version_id)
+            todo.append(img)
             content = self._content_of(item.bucket, item.key, info)
-            if content:
-                self._content[index] = content
-            else:
-                self._content.pop(index, None)
+            self._set_content(index, content)
+            fresh[index] = json.dumps([info.etag, info.size, img.warning, info.version_id, content])
         self._save(chunk, rejected)
+        if fresh:
+            pipe = self.deps.store.pipeline(transaction=False)
+            pipe.hset(checked_key, mapping={str(i): v for i, v in fresh.items()})
+            pipe.expire(checked_key, CHECKED_TTL_S)
+            _best_effort(pipe.execute, "keeping the validations for a later delivery")
         return todo
+
+    def _set_content(self, index: int, content: str | None) -> None:
+        if content:
+            self._content[index] = content
+        else:
+            self._content.pop(index, None)
 
     def _content_of(self, bucket: str, key: str, info: ObjectInfo) -> str | None:
         """The object's content key: its ETag where that is the MD5 of its bytes (a single-part upload), else
@@ -570,11 +592,14 @@ class ChunkProcessor:
         records = [progress[i] for i in range(len(chunk.items))]
         doc = chunk_document(chunk.run_id, chunk.seq, records)
         etag = self.deps.storage.put_json(output.bucket, chunk_key(output, chunk.run_id, chunk.seq), doc)
-        return self.deps.runs.complete_chunk(chunk.run_id, chunk.seq, etag, doc["counts"])
+        pending = self.deps.runs.complete_chunk(chunk.run_id, chunk.seq, etag, doc["counts"])
+        _best_effort(lambda: self.deps.store.delete(self.deps.runs.keys.chunk_checked(chunk.run_id, chunk.seq)),
+                     "dropping the chunk's validations")
+        return pending
 
 
 def _best_effort(step: Callable[[], object], what: str) -> None:
-    """A limiter step whose failure (Redis away for a moment) costs pace, never a paid answer."""
+    """A step whose failure (Redis away for a moment) costs pace or a repeated read, never a paid answer."""
     try:
         step()
     except IrliveError as exc:

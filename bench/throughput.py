@@ -1,0 +1,211 @@
+"""Throughput next to a plain batched script, on one stack in one invocation (issue 14).
+
+The baseline is what a user could write in forty lines: list the prefix, and from a thread pool, for every ten
+keys, buy a token, presign ten URLs, call the seller and keep the answer; one results file at the end. No
+limiter, no validation, no ledger, no claims. irlive then judges the same images through the `irlive` CLI and
+real `celery worker` processes, from an empty Redis each time, with no rate limit and at R calls per second.
+
+Printed per scenario: wall time (the scan command to the run's end), its ratio to the baseline and to the ideal
+N / 10 / R, worker CPU ms per image (the worker processes' user + system time during the run ÷ images), S3
+requests per image counted at moto_server (its request log: irlive's own, and the seller's fetches of the
+presigned URLs apart), Redis bytes per judged image once the run is finalised (MEMORY USAGE of every irlive key
+left, ÷ images), and the CPU the stack's own processes (moto_server, the sandbox, Redis) spent per image: on a
+small machine they share its cores with the workers, and moto_server serves from one Python process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from collections import Counter
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import redis
+
+from bench import common
+from sandbox.config import SERVICE_ID
+from sandbox.procs import wait_until
+from sandbox.stack import Stack
+
+PER_CALL = 10
+# moto_server's request log (werkzeug): "METHOD /path?query HTTP/1.1" status
+_REQUEST = re.compile(r'"(?:\x1b\[[\d;]*m)*(GET|PUT|POST|HEAD|DELETE) (\S+) HTTP/[\d.]+(?:\x1b\[[\d;]*m)*" (\d+)')
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Result:
+    name: str
+    images: int
+    wall_s: float
+    cpu_s: float | None = None
+    s3_own: Counter[str] | None = None
+    s3_seller: int = 0
+    redis_bytes: float | None = None
+    ideal_s: float | None = None
+    # CPU seconds of the stack's own processes during the scenario: what the two cores were shared with.
+    services_cpu: dict[str, float] | None = None
+
+    def row(self, baseline_s: float) -> list[str]:
+        own = sum(self.s3_own.values()) if self.s3_own is not None else None
+        return [
+            self.name, f"{self.wall_s:.1f}", f"{self.wall_s / baseline_s:.2f}",
+            f"{self.ideal_s:.1f}" if self.ideal_s else "-",
+            f"{self.wall_s / self.ideal_s:.2f}" if self.ideal_s else "-",
+            f"{self.cpu_s * 1000 / self.images:.2f}" if self.cpu_s is not None else "-",
+            f"{own / self.images:.3f}" if own is not None else "-",
+            f"{self.s3_seller / self.images:.3f}",
+            f"{self.redis_bytes:.0f}" if self.redis_bytes is not None else "-",
+        ]  # fmt: skip
+
+
+class MotoRequests:
+    """Counts the requests moto_server logged since the last mark: the seller's fetches (presigned GETs) apart."""
+
+    def __init__(self, log: Path) -> None:
+        self._log = log
+        self._offset = 0
+
+    def mark(self) -> None:
+        self._offset = self._log.stat().st_size
+
+    def since_mark(self) -> tuple[Counter[str], int]:
+        with self._log.open("rb") as f:
+            f.seek(self._offset)
+            text = f.read().decode("utf-8", "replace")
+        own: Counter[str] = Counter()
+        seller = 0
+        for method, path, status in _REQUEST.findall(text):
+            if path.startswith("/moto-api"):
+                continue
+            if method == "GET" and status == "200" and "X-Amz-Signature=" in path:
+                # The seller fetches whole objects by presigned URL; every read of irlive's is ranged (206).
+                seller += 1
+            else:
+                own[_kind(method, path)] += 1
+        return own, seller
+
+
+def _kind(method: str, path: str) -> str:
+    if method == "GET" and ("list-type=" in path or path.count("/") == 1):
+        return "LIST"
+    return method
+
+
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """User + system CPU time of the given processes (their own, not their children's), in seconds."""
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+    return total / _TICKS
+
+
+def services(stack: Stack) -> dict[str, int]:
+    return {name: pid for name, pid in stack.pids().items() if name in ("moto", "sandbox", "redis")}
+
+
+def services_cpu(pids: dict[str, int]) -> dict[str, float]:
+    return {name: cpu_seconds([pid]) for name, pid in pids.items()}
+
+
+def plain_batched(stack: Stack, prefix: str, threads: int) -> Result:
+    """The baseline: list, then per ten keys buy a token, presign, call; one results file at the end."""
+    s3 = common.s3_client(stack, pool=threads)
+    http = httpx.Client(base_url=stack.sandbox_url, timeout=60,
+                        limits=httpx.Limits(max_connections=threads, max_keepalive_connections=threads))
+    started, cpu0, svc0 = time.monotonic(), time.process_time(), services_cpu(services(stack))
+    keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=common.IN_BUCKET, Prefix=prefix)
+            for o in page.get("Contents", ())]
+
+    def judge(batch: list[str]) -> object:
+        token = http.post("/api/payments", json={"serviceId": SERVICE_ID}).json()["token"]
+        urls = [s3.generate_presigned_url("get_object", Params={"Bucket": common.IN_BUCKET, "Key": k},
+                                          ExpiresIn=900) for k in batch]
+        answer = http.post(f"/api/tools/{SERVICE_ID}", json={"Tasks": [{"ImageURL": u} for u in urls]},
+                           headers={"X-Payment-Token": token})
+        answer.raise_for_status()
+        return answer.json()["data"]["Result"]
+
+    with ThreadPoolExecutor(threads) as pool:
+        results = list(pool.map(judge, [keys[i:i + PER_CALL] for i in range(0, len(keys), PER_CALL)]))
+    s3.put_object(Bucket=common.OUT_BUCKET, Key="plain/results.json", Body=json.dumps(results).encode())
+    wall, cpu = time.monotonic() - started, time.process_time() - cpu0
+    svc = {name: t - svc0[name] for name, t in services_cpu(services(stack)).items()}
+    http.close()
+    return Result("plain batched script (baseline)", len(keys), wall, cpu, services_cpu=svc)
+
+
+def irlive_run(stack: Stack, name: str, ns: argparse.Namespace, rate: float | None, moto: MotoRequests) -> Result:
+    env = {"IRLIVE_RATE_LIMIT_PER_S": str(rate or common.NEUTRAL_RATE)}
+    if rate is None:
+        env["IRLIVE_RATE_ADAPTIVE"] = "false"
+    common.reset(stack, latency_ms=ns.latency_ms)
+    client = redis.Redis.from_url(stack.redis_url)
+    common.start_workers(stack, ns.workers, ns.concurrency, env)
+    pids = [w.pid for w in stack.workers]
+    cpu0, svc0 = cpu_seconds(pids), services_cpu(services(stack))
+    moto.mark()
+    run = common.drive_run(stack, env, common.source(), timeout_s=900)
+    cpu = cpu_seconds(pids) - cpu0
+    svc = {name: t - svc0[name] for name, t in services_cpu(services(stack)).items()}
+    own, seller = moto.since_mark()
+    wait_until(lambda: bool(client.hget(f"irlive:run:{run.run_id}", "archived_at")), 60, "the run archived")
+    stack.stop_workers()
+    left = sum(int(client.memory_usage(k) or 0) for k in client.scan_iter("irlive:*", count=1000))
+    client.close()
+    judged = sum(run.status.counts[v] for v in ("live", "spoof", "no_face"))
+    if judged != ns.images:
+        raise RuntimeError(f"{name}: {judged} of {ns.images} images judged ({run.status.counts})")
+    ideal = ns.images / PER_CALL / rate if rate else None
+    return Result(name, ns.images, run.wall_s, cpu, own, seller, left / judged, ideal, svc)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.throughput", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", type=int, default=5000, help="distinct 64x64 PNG captures to judge")
+    p.add_argument("--workers", type=int, default=2, help="celery worker processes")
+    p.add_argument("--concurrency", type=int, default=8, help="threads per worker (the baseline uses all of them)")
+    p.add_argument("--rates", default="none,5,10,20", help="irlive scenarios: 'none' (no limit) or calls/s")
+    p.add_argument("--latency-ms", type=int, default=0,
+                   help="the sandbox seller's time per call (0: answers at once, so the stack's CPU is the bound)")
+    ns = p.parse_args(argv)
+    with Stack(settings_env=common.base_env()) as stack:
+        common.upload_images(stack, ns.images)
+        moto = MotoRequests(stack.log_path("moto"))
+        common.reset(stack, latency_ms=ns.latency_ms)
+        moto.mark()
+        baseline = plain_batched(stack, "bench/", ns.workers * ns.concurrency)
+        baseline.s3_own, baseline.s3_seller = moto.since_mark()
+        results = [baseline]
+        for spec in ns.rates.split(","):
+            rate = None if spec == "none" else float(spec)
+            name = "irlive, no rate limit" if rate is None else f"irlive, R = {rate:g}/s"
+            results.append(irlive_run(stack, name, ns, rate, moto))
+            print(f"  {name}: {results[-1].wall_s:.1f} s", file=sys.stderr)
+    print(f"{ns.images} images, {ns.workers} workers x {ns.concurrency} threads, seller latency {ns.latency_ms} ms "
+          f"({common.machine()}, {common.today()})")
+    print(common.table(["scenario", "wall s", "÷ baseline", "ideal s", "÷ ideal", "CPU ms/image",
+                        "S3 req/image (own)", "S3 req/image (seller)", "Redis B/image after"],
+                       [r.row(baseline.wall_s) for r in results]))
+    print()
+    print(common.table(["scenario", "moto CPU ms/image", "sandbox CPU ms/image", "redis CPU ms/image"], [
+        [r.name, *(f"{(r.services_cpu or {}).get(n, float('nan')) * 1000 / r.images:.2f}"
+                   for n in ("moto", "sandbox", "redis"))] for r in results]))
+    print()
+    print("S3 requests by kind (own): " + "; ".join(
+        f"{r.name}: {dict(sorted((r.s3_own or Counter()).items()))}" for r in results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
