@@ -108,6 +108,8 @@ def _connect_lifecycle(app: Celery, settings: Settings, runtime: Any) -> None:
         # Prefork children build their own after the fork (threads and sockets do not survive it).
         if "prefork" not in getattr(get_implementation(sender.pool_cls), "__module__", ""):
             runtime.start()
+        else:
+            runtime.serve_pool_metrics()
 
     def on_worker_shutdown(sender: Any = None, **_: Any) -> None:
         if getattr(sender, "app", None) is app:

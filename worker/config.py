@@ -62,6 +62,8 @@ class Settings:
     min_image_side: int = 64
     max_image_side: int = 4096
     visibility_timeout_s: int | None = None
+    # Prometheus metrics on this port (/metrics) of every worker process group; unset serves none.
+    metrics_port: int | None = None
     key_prefix: str = "irlive"
     daily_budget_usd: float | None = None
     token_pool_size: int = 2
@@ -132,6 +134,8 @@ class Settings:
         _in_range("IRLIVE_MAX_IMAGE_SIDE", self.max_image_side, self.min_image_side, 100_000)
         if self.visibility_timeout_s is not None:
             _in_range("IRLIVE_VISIBILITY_TIMEOUT_S", self.visibility_timeout_s, 5, 7 * 24 * 3600)
+        if self.metrics_port is not None:
+            _in_range("IRLIVE_METRICS_PORT", self.metrics_port, 1, 65535)
         if self.daily_budget_usd is not None:
             _in_range("IRLIVE_DAILY_BUDGET_USD", self.daily_budget_usd, 0, 10_000_000)
         _in_range("IRLIVE_TOKEN_POOL_SIZE", self.token_pool_size, 0, 1000)
@@ -309,6 +313,7 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "min_image_side": _typed(int, "a whole number of pixels"),
     "max_image_side": _typed(int, "a whole number of pixels"),
     "visibility_timeout_s": _typed(int, "a whole number of seconds"),
+    "metrics_port": _typed(int, "a TCP port number"),
     "key_prefix": _text,
     "daily_budget_usd": _typed(float, "an amount in US dollars"),
     "token_pool_size": _typed(int, "a whole number of tokens"),

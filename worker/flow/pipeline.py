@@ -6,7 +6,7 @@ import json
 import logging
 import random
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -47,6 +47,7 @@ from worker.judge.manifest import (
 )
 from worker.judge.verdicts import AnswerError, ElementError, Judgement, judge_answer
 from worker.messages import Chunk
+from worker.meter import Meter, NullMeter
 from worker.money.ledger import Ledger, Unrecorded
 from worker.seams.marketplace import Marketplace, is_permanent_code, parse_answer
 from worker.seams.storage import ObjectInfo, Storage
@@ -94,6 +95,7 @@ class Deps:
     claims: Claims
     sleep: Callable[[float], None] = time.sleep
     rng: random.Random = field(default_factory=random.Random)
+    meter: Meter = field(default_factory=NullMeter)
 
 
 @dataclass
@@ -380,9 +382,11 @@ class ChunkProcessor:
         deps = self.deps
         if not self.lease.held:
             raise ChunkBusy(f"chunk {chunk.label()}: lease lost to another delivery")
+        waited = time.monotonic()
         release_slot = deps.limiter.slot(lease_s=deps.settings.call_timeout_s + 30, max_wait_s=MAX_SLOT_WAIT_S)
         try:
             deps.limiter.acquire(MAX_SLOT_WAIT_S, urgent=chunk.priority == "events")
+            deps.meter.limiter_wait(time.monotonic() - waited)
             return self._pay_and_call(chunk, group, queue, held)
         finally:
             # A slot not given back lapses with its lease; it must not hide what happened to the call.
@@ -404,10 +408,12 @@ class ChunkProcessor:
             return 0
         identities = [img.item.identity for img in group.images]
         with deps.ledger.spend(token, identities, self.lease.key, f"{chunk.run_id} {chunk.seq}") as spend:
+            sent = time.monotonic()
             try:
                 answer = deps.market.call(token.secret, urls)
             except PaymentRejected as exc:
                 spend.refused(str(exc)[:200])
+                deps.meter.call("refused", time.monotonic() - sent)
                 self._retry_or_fail(chunk, group, queue, exc, "payment_rejected")
                 return 0
             except RateLimited as exc:
@@ -415,31 +421,38 @@ class ChunkProcessor:
                 wait = exc.retry_after
                 _best_effort(lambda: deps.limiter.throttled(wait), "slowing the fleet down")
                 spend.failed()
+                deps.meter.call("throttled", time.monotonic() - sent)
                 queue.appendleft(group)
                 return 1
             except PermanentInputError as exc:
                 spend.failed()
+                deps.meter.call("failed", time.monotonic() - sent)
                 self._split_or_fail(chunk, group, queue, exc)
                 return 0
             except OutcomeUnknown as exc:
                 spend.unknown()
+                deps.meter.call("unknown", time.monotonic() - sent)
                 self._retry_or_fail(chunk, group, queue, exc, type(exc).__name__)
                 return 0
             except TransientError as exc:
                 spend.failed()
+                deps.meter.call("failed", time.monotonic() - sent)
                 self._retry_or_fail(chunk, group, queue, exc, type(exc).__name__)
                 return 0
             except ConfigError:
                 spend.failed()
+                deps.meter.call("failed", time.monotonic() - sent)
                 raise
             except UnreadableAnswer as exc:
                 spend.answered(None, exc.raw)
+                deps.meter.call("answered", time.monotonic() - sent)
                 self._unreadable(chunk, group, str(exc), token.payment_id, None)
                 return 0
             judgements = _read_answer(urls, answer.result)
             # Read before it is written down, so the call ends now for the run's failure threshold.
             bought = None if isinstance(judgements, str) else any(isinstance(j, Judgement) for j in judgements)
             spend.answered(answer.request_id, answer.raw, bought=bought)
+            deps.meter.call("answered", time.monotonic() - sent)
         _best_effort(deps.limiter.answered, "raising the shared rate")
         held.append(_Answer(group, judgements, answer.request_id, token.payment_id))
         return 0
@@ -579,7 +592,12 @@ class ChunkProcessor:
         saves = [replace(s, content=self._content[s.index], record={**s.record, "content_key": self._content[s.index]})
                  if s.index in self._content and not s.duplicate else s for s in saves]
         holder = self._lease.token if self._lease is not None else ""
-        self.deps.runs.record(chunk.run_id, chunk.seq, saves, holder=holder)
+        recorded = self.deps.runs.record(chunk.run_id, chunk.seq, saves, holder=holder)
+        # Counted when every save was new; a save repeated by an overlapping delivery was counted by it.
+        if recorded == len(saves):
+            for verdict, n in Counter("duplicate" if s.duplicate or s.same_content else str(s.record["verdict"])
+                                      for s in saves).items():
+                self.deps.meter.images(verdict, n)
         if self._lease is not None:
             self._lease.drop_claims(self.deps.claims.claim_keys([s.item.identity for s in saves],
                                                                 [s.content for s in saves]))

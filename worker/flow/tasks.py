@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from celery import Celery, Task
@@ -60,16 +61,22 @@ def register_tasks(app: Celery, runtime: Runtime) -> None:
         processor = ChunkProcessor(deps)
         # Counted before the work, so a chunk that kills its worker every time is still caught.
         deliveries = runs.count_delivery(chunk.run_id, chunk.seq)
+        deps.meter.delivery(chunk.queue)
+        started = time.monotonic()
         if deliveries > settings.max_deliveries:
             pending = _dead_letter(self, deps, processor, chunk, deliveries - 1)
         else:
-            pending = _process(self, deps, processor, chunk, message)
+            try:
+                pending = _process(self, deps, processor, chunk, message)
+            finally:
+                deps.meter.chunk(time.monotonic() - started)
         if pending == 0:
             app.send_task(FINALIZE_RUN, args=[chunk.run_id], queue=CONTROL_QUEUE)
 
     def _dead_letter(task: Task, deps: Deps, processor: ChunkProcessor, chunk: Chunk, deliveries: int) -> int | None:
         reason = deps.runs.last_error(chunk.run_id, chunk.seq)
         log.error("chunk %s dead-lettered after %d deliveries: %s", chunk.label(), deliveries, reason)
+        deps.meter.dead_letter()
         runtime.recovery().dead_letter(chunk, deliveries, reason)
         try:
             return processor.give_up(chunk, reason)

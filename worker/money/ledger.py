@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 from worker.errors import CallsUndecided, ChunkBusy, OutcomeUnknown, RunHeld, RunStopped, TransientError
 from worker.keys import Keys
+from worker.meter import Meter, NullMeter
 from worker.money.budgets import Budgets
 from worker.money.purchaser import (
     PaymentNeverPaid,
@@ -114,14 +115,15 @@ class Ledger:
     """Lends, settles and reconciles tokens; one per worker process, thread-safe."""
 
     def __init__(self, store: Store, keys: Keys, seller: Seller, budgets: Budgets, *, max_price_cents: int,
-                 lease_s: float = 120.0) -> None:
+                 lease_s: float = 120.0, meter: Meter | None = None) -> None:
         self._store = store
         self._keys = keys
         self._seller = seller
         self.budgets = budgets
         self._lease_ms = int(lease_s * 1000)
+        self._meter: Meter = meter or NullMeter()
         self.purchaser = Purchaser(store, keys, seller, budgets, max_price_cents=max_price_cents,
-                                   lease_ms=self._lease_ms)
+                                   lease_ms=self._lease_ms, meter=self._meter)
         self._take = store.script("money", "take")
         self._send = store.script("money", "send")
         self._settle = store.script("money", "settle")
@@ -225,7 +227,12 @@ class Ledger:
             keys = [self._keys.payment(payment_id), self._keys.leases(), self._keys.wallet_totals(),
                     self._keys.run(run_id) if run_id else self._keys.no_run(), self._keys.unrecorded(),
                     self._keys.run_payments(run_id or "-")]
-            return int(self._settle(keys, args))
+            status, amount = (int(v) for v in self._settle(keys, args))
+            if status:
+                self._meter.money(to, amount)
+                if lost and to == "spent":
+                    self._meter.money("unknown", amount)
+            return status
 
         return self._store.persist(write, hold_s, f"token {payment_id}")
 
@@ -247,6 +254,7 @@ class Ledger:
             back = self._back(payment_id, record.get("run_id", ""), "sent", "", only_if_expired=only_if_expired)
             if back:
                 self._store.hincrby(self._keys.wallet_totals(), "reconciled_unspent", 1)
+                self._meter.money("returned", int(record.get("amount_cents") or 0))
             return not back
         if payment.status == "expired" and payment.remaining_calls:
             self.settle(payment_id, "void", reason="expired unused")

@@ -26,6 +26,7 @@ from worker.errors import (
 )
 from worker.judge.manifest import iso_ms
 from worker.keys import Keys
+from worker.meter import Meter, NullMeter
 from worker.money.budgets import Budgets, today
 from worker.seams.marketplace import Payment, Quote
 from worker.seams.store import Store
@@ -65,11 +66,12 @@ class Purchaser:
     """Buys one token at a time, for a run (lent to its holder at once) or for the shared pool."""
 
     def __init__(self, store: Store, keys: Keys, seller: Seller, budgets: Budgets, *, max_price_cents: int,
-                 lease_ms: int) -> None:
+                 lease_ms: int, meter: Meter | None = None) -> None:
         self._store = store
         self._keys = keys
         self._seller = seller
         self._budgets = budgets
+        self._meter: Meter = meter or NullMeter()
         self._max_price = max_price_cents
         self._lease_ms = lease_ms
         self._begin = store.script("money", "buy_begin")
@@ -157,6 +159,9 @@ class Purchaser:
             # Paid for, and not written down: buying more from this process could repeat it without end.
             self._broken = f"purchase {payment.payment_id} could not be written to the ledger ({exc})"
             raise ConfigError(f"{self._broken}; this process buys nothing more until it is restarted") from None
+        if ended != 0:
+            # 0: the purchase was written down already (a repeated answer): counted then.
+            self._meter.money("bought", amount)
         if payment.token_field:
             self._store.hset(self._keys.payment(payment.payment_id), "token_field", payment.token_field)
         if amount != price:

@@ -14,10 +14,12 @@ from worker.flow.limiter import RateLimiter, RateSpec
 from worker.flow.pipeline import Deps
 from worker.flow.runs import Runs
 from worker.keys import Keys
+from worker.meter import Meter, NullMeter
 from worker.money.budgets import Budgets
 from worker.money.ledger import Ledger
 from worker.money.pool import PoolKeeper
 from worker.ops.broker import Broker, Restore
+from worker.ops.metrics import FleetCollector, Metrics, multiprocess_metrics, serve
 from worker.ops.periodic import Periodic
 from worker.ops.recovery import Recovery
 from worker.ops.watchdog import Watchdog
@@ -29,15 +31,16 @@ log = logging.getLogger("irlive.runtime")
 Send = Callable[[str, list[Any]], None]
 
 
-def build_deps(settings: Settings) -> Deps:
+def build_deps(settings: Settings, meter: Meter | None = None) -> Deps:
     """Every long-lived client one worker process needs (also what `irlive wallet` and `smoke` use)."""
+    meter = meter or NullMeter()
     keys = Keys(settings.key_prefix)
     store = Store.from_url(settings.redis_url)
     market = Marketplace(settings.marketplace_url, settings.service_id, api_key=settings.api_key,
                          api_key_header=settings.api_key_header, timeout_s=settings.call_timeout_s)
     budgets = Budgets(store, keys, settings.daily_budget_cents)
     ledger = Ledger(store, keys, market, budgets, max_price_cents=settings.max_price_cents,
-                    lease_s=token_lease_s(settings))
+                    lease_s=token_lease_s(settings), meter=meter)
     return Deps(
         settings=settings,
         store=store,
@@ -49,6 +52,7 @@ def build_deps(settings: Settings) -> Deps:
             adaptive=settings.rate_adaptive, max_retry_after_s=settings.max_retry_after_s)),
         runs=Runs(store, keys),
         claims=Claims(store, keys),
+        meter=meter,
     )
 
 
@@ -68,13 +72,18 @@ class Runtime:
         self._lock = threading.Lock()
         self._deps: Deps | None = None
         self._threads: list[Periodic] = []
+        self._metrics_server: Any = None
 
     def start(self) -> Deps:
         with self._lock:
             if self._deps is not None:
                 return self._deps
-            deps = build_deps(self.settings)
+            metrics = Metrics() if self.settings.metrics_port else None
+            deps = build_deps(self.settings, metrics)
             keys = Keys(self.settings.key_prefix)
+            if self.settings.metrics_port and not multiprocess_metrics():
+                self._metrics_server = serve(self.settings.metrics_port, metrics,
+                                             FleetCollector(deps.store, keys, self.settings.daily_budget_cents))
             deps.ledger.sweep()
             if self.settings.token_pool_size > 0:
                 self._threads.append(PoolKeeper(deps.ledger, deps.store, keys, size=self.settings.token_pool_size,
@@ -87,6 +96,15 @@ class Runtime:
                 thread.start()
             self._deps = deps
             return deps
+
+    def serve_pool_metrics(self) -> None:
+        """In a prefork pool's main process: serve what its children count (prometheus-client's multi-process
+        mode, PROMETHEUS_MULTIPROC_DIR) and the fleet gauges."""
+        if not (self.settings.metrics_port and multiprocess_metrics()):
+            return
+        store = Store.from_url(self.settings.redis_url)
+        self._metrics_server = serve(self.settings.metrics_port, None, FleetCollector(
+            store, Keys(self.settings.key_prefix), self.settings.daily_budget_cents))
 
     def deps(self) -> Deps:
         return self._deps if self._deps is not None else self.start()
@@ -102,6 +120,9 @@ class Runtime:
             for thread in self._threads:
                 thread.join(timeout=5)
             self._threads.clear()
+            if self._metrics_server is not None:
+                self._metrics_server.shutdown()
+                self._metrics_server = None
             if self._deps is not None:
                 self._deps.market.close()
                 self._deps.store.close()

@@ -13,8 +13,8 @@
 -- ARGV[7]  why (for void), '' if nothing to say
 -- ARGV[8]  with an answer: '0' it bought a verdict, '1' it bought none (the call ends now, counted by the
 --          failure threshold); '' the call stays open until its verdicts are recorded (call_end.lua)
--- Returns  1 if this call settled the token, 2 if it did and ending the call failed the run (its threshold),
---          0 if it was settled before.
+-- Returns  {status, amount in cents}: status 1 if this call settled the token, 2 if it did and ending the
+--          call failed the run (its threshold), 0 if it was settled before.
 --#include calls
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -33,7 +33,7 @@ if state == 'spent' or state == 'void' then
       redis.call('HINCRBY', KEYS[3], 'answers_lost', -1)
     end
   end
-  return 0
+  return {0, 0}
 end
 local amount = tonumber(redis.call('HGET', KEYS[1], 'amount_cents') or '0')
 redis.call('HSET', KEYS[1], 'state', ARGV[2], 'committed', '0', 'updated_ms', now, 'lost', ARGV[5])
@@ -65,4 +65,4 @@ if ARGV[2] == 'spent' then
     redis.call('HINCRBY', KEYS[3], 'answers_lost', 1)
   end
 end
-return 1 + stopped
+return {1 + stopped, amount}
