@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -12,13 +13,12 @@ from celery import Celery
 
 from producer.estimate import Estimate, calls_for
 from producer.filters import DEFAULT_SUFFIXES, is_image_key, modified_between
-from producer.sources import Listed, S3Source, Source
+from producer.sources import Listed, S3Source, Source, ahead
 from worker.app import send_chunk, send_finalize
 from worker.config import S3Location, Settings
 from worker.errors import ConfigError
 from worker.flow.claims import Claims
 from worker.flow.runs import Runs
-from worker.flow.states import ENDING
 from worker.judge.manifest import Item
 from worker.messages import DEFAULT_PRIORITY, Chunk
 from worker.seams.storage import ObjectInfo, Storage
@@ -67,6 +67,11 @@ class ScanResult:
 
 # (bucket, listed, still to judge): one chunk's worth of one bucket
 Page = tuple[str, list[ObjectInfo], list[ObjectInfo]]
+# (bucket, listed): one chunk's worth of one bucket, before the done-set is asked
+Listing = tuple[str, list[ObjectInfo]]
+# Objects listed ahead of deduplication and enqueueing: about one S3 page, so memory stays flat (a listing is
+# not held whole), and the next page's round trip and parsing overlap the Redis and broker round trips.
+AHEAD_OBJECTS = 1000
 
 
 def new_run_id() -> str:
@@ -129,13 +134,21 @@ def per_bucket(rows: Iterator[Listed], size: int) -> Iterator[tuple[str, list[Ob
     yield from open_chunks.items()
 
 
+def listed(settings: Settings, storage: Storage, request: ScanRequest, output: S3Location,
+           source: Source) -> Generator[Listing, None, None]:
+    """(bucket, listed) one chunk-sized page at a time, listed in a thread a page ahead of the caller; the
+    buckets are checked first, in the caller's thread, so a missing one fails before anything else happens."""
+    source.check(storage)
+    storage.check_bucket(output.bucket)
+    chunks = per_bucket(list_images(settings, storage, request, output, source), settings.chunk_size)
+    yield from ahead(chunks, max(1, AHEAD_OBJECTS // settings.chunk_size))
+
+
 def pages(settings: Settings, storage: Storage, claims: Claims, request: ScanRequest,
           output: S3Location, source: Source | None = None) -> Iterator[Page]:
     """(bucket, listed, still to judge) one chunk-sized page at a time; memory stays one page deep per bucket."""
     source = source or source_of(settings, request)
-    source.check(storage)
-    storage.check_bucket(output.bucket)
-    for bucket, page in per_bucket(list_images(settings, storage, request, output, source), settings.chunk_size):
+    for bucket, page in listed(settings, storage, request, output, source):
         yield bucket, page, page if request.force else _unjudged(claims, bucket, page)
 
 
@@ -172,7 +185,7 @@ def scan(settings: Settings, storage: Storage, runs: Runs, claims: Claims, app: 
     """Create a run and enqueue its chunks while listing; `run_id` when the caller chose it (to hold a source)."""
     started = datetime.now(UTC)
     source = source_of(settings, request)
-    listing = pages(settings, storage, claims, request, output, source)
+    listing = listed(settings, storage, request, output, source)
     first = next(listing, None)  # checks the buckets before a run record exists
     run_id = run_id or new_run_id()
     runs.create(run_id, source=source.name, output=str(output), budget_cents=request.budget_cents,
@@ -181,24 +194,29 @@ def scan(settings: Settings, storage: Storage, runs: Runs, claims: Claims, app: 
                           "limit": request.limit},
                 extra={**_watermark_fields(source, request, started), **_run_fields(request)})
     result = ScanResult(run_id)
-    if first is not None:
-        for bucket, page, fresh in _chain(first, listing):
-            if runs.state(run_id) in ENDING:
-                # Cancelled (or failed) while listing: what is enqueued winds down; nothing more is listed.
-                result.warnings.append(f"run {run_id} was {runs.state(run_id)} while listing; listing stopped")
-                break
-            result.found += len(page)
-            result.skipped += len(page) - len(fresh)
-            runs.add_skipped(run_id, len(page) - len(fresh))
-            if fresh:
-                items = [(o.key, o.etag) for o in fresh]
-                seq = runs.add_chunk(run_id, items, bucket=bucket)
-                chunk = Chunk(run_id, seq, bucket, items, request.priority)
-                send_chunk(app, chunk)
-                result.enqueued += len(fresh)
-                result.chunks += 1
-            if on_progress:
-                on_progress(result)
+    try:
+        if first is not None:
+            with _publisher(app) as send:
+                for bucket, page in _chain(first, listing):
+                    # The done-set check, the skipped count and the chunk's registration: one round trip.
+                    done = runs.add_scanned(run_id, bucket, [(o.key, o.etag) for o in page],
+                                            [bool(o.etag) and not request.force for o in page])
+                    if done.ending is not None:
+                        # Cancelled (or failed) while listing: what is enqueued winds down; nothing more is listed.
+                        result.warnings.append(f"run {run_id} was {done.ending} while listing; listing stopped")
+                        break
+                    result.found += len(page)
+                    result.skipped += done.skipped
+                    if done.seq is not None:
+                        # Registered before it is enqueued, in this thread: a failure leaves at most this one
+                        # chunk counted and not sent, as before the listing had its own thread.
+                        send(Chunk(run_id, done.seq, bucket, done.fresh, request.priority))
+                        result.enqueued += len(done.fresh)
+                        result.chunks += 1
+                    if on_progress:
+                        on_progress(result)
+    finally:
+        listing.close()  # stops the listing thread if the loop ended early
     result.bad_rows = source.bad_rows
     result.warnings = _warnings(source, 0) + result.warnings
     if runs.listing_finished(run_id) == 0:
@@ -229,9 +247,16 @@ def _iso(when: datetime | None) -> str | None:
     return when.astimezone(UTC).isoformat() if when else None
 
 
-def _chain(first: Page, rest: Iterator[Page]) -> Iterator[Page]:
+def _chain(first: Listing, rest: Iterator[Listing]) -> Iterator[Listing]:
     yield first
     yield from rest
+
+
+@contextmanager
+def _publisher(app: Celery) -> Iterator[Callable[[Chunk], None]]:
+    """send_chunk through one kombu producer held for the whole scan."""
+    with app.producer_or_acquire() as producer:
+        yield lambda chunk: send_chunk(app, chunk, producer)
 
 
 def _unjudged(claims: Claims, bucket: str, page: list[ObjectInfo]) -> list[ObjectInfo]:

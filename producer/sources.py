@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar, cast
 from urllib.parse import unquote_plus, urlsplit
 
 from worker.config import S3Location
@@ -31,6 +31,8 @@ MAX_SPLIT_DEPTH = 4
 # Pages (of up to 1000 objects) waiting between the listing threads and the scan: the memory bound.
 PAGES_PER_WORKER = 2
 PAGE = 1000
+# How often a thread blocked on a full queue looks whether its consumer has gone (a poll, not a sleep).
+PUT_POLL_S = 0.2
 # Line numbers of bad rows kept to report (the count is always complete).
 BAD_LINES_KEPT = 10
 # Parquet inventory rows decoded at a time (the data file itself waits in a temporary file, not in memory).
@@ -41,6 +43,9 @@ COPY_CHUNK = 256 * 1024
 PARQUET_COLUMNS = {"bucket": "Bucket", "key": "Key", "version_id": "VersionId", "is_latest": "IsLatest",
                    "is_delete_marker": "IsDeleteMarker", "size": "Size", "last_modified_date": "LastModifiedDate",
                    "e_tag": "ETag"}
+
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -157,7 +162,7 @@ class S3Source(Source):
             # A consumer that stopped early (--limit) must not leave threads blocked on a full queue.
             while not stop.is_set():
                 try:
-                    pages.put(item, timeout=0.2)
+                    pages.put(item, timeout=PUT_POLL_S)
                     return True
                 except queue.Full:
                     continue
@@ -195,6 +200,64 @@ class S3Source(Source):
         finally:
             stop.set()
             pool.shutdown(wait=False, cancel_futures=True)
+
+
+def ahead(items: Iterator[T], depth: int, name: str = "irlive-list-ahead") -> Iterator[T]:
+    """`items`, produced by a thread that runs at most `depth` items ahead of the consumer.
+
+    The scan lists (S3 round trips, XML parsing) while it deduplicates and enqueues what was listed before; the
+    bounded queue keeps memory flat however long the listing. An exception in the thread is raised to the
+    consumer, as it is, after every item produced before it (so what was listed is enqueued first, as in a
+    scan without the thread). A consumer that stops early stops the thread and closes `items`."""
+    if depth < 1:
+        raise ValueError("depth must be at least 1")
+    box: queue.Queue[object] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(entry: object) -> bool:
+        while not stop.is_set():
+            try:
+                box.put(entry, timeout=PUT_POLL_S)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def run() -> None:
+        try:
+            for item in items:
+                if not put(item):
+                    return
+            put(_END)
+        except BaseException as exc:  # handed to the consumer, which raises it in its own thread
+            put(_Failed(exc))
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    try:
+        while True:
+            entry = box.get()
+            if entry is _END:
+                return
+            if isinstance(entry, _Failed):
+                raise entry.exc
+            yield cast(T, entry)
+    finally:
+        stop.set()
+
+
+_END = object()
+
+
+@dataclass(frozen=True)
+class _Failed:
+    """What a read-ahead thread hands over instead of an item when its iterator raised."""
+
+    exc: BaseException
 
 
 class InventorySource(Source):

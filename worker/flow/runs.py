@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from worker.errors import ConfigError, StoreUnavailable, TransientError
 from worker.flow.claims import DoneEntry
-from worker.flow.states import RunState, can_move, stopped
+from worker.flow.states import ENDING, RunState, can_move, stopped
 from worker.judge.manifest import JUDGED, VERDICTS, Item
 from worker.keys import Keys
 from worker.seams.store import Store
@@ -36,6 +36,17 @@ class Save:
     content: str | None = None
     # A record of a copy: another object with the same content was judged (its identity enters the done-set).
     same_content: bool = False
+
+
+@dataclass(frozen=True)
+class Scanned:
+    """What registering one listed chunk did: its number (None: nothing left to judge, or the run is ending),
+    the images to judge, how many were judged already, and the state that stopped it (None: it went on)."""
+
+    seq: int | None
+    fresh: list[tuple[str, str]]
+    skipped: int
+    ending: str | None = None
 
 
 @dataclass(frozen=True)
@@ -79,6 +90,7 @@ class Runs:
         self._complete = store.script("flow", "complete_chunk")
         self._listed = store.script("flow", "listing_finished")
         self._add_chunk = store.script("flow", "add_chunk")
+        self._scan_chunk = store.script("flow", "scan_chunk")
         self._park = store.script("flow", "park")
         self._pause = store.script("flow", "pause")
         self._resume = store.script("flow", "resume")
@@ -108,6 +120,30 @@ class Runs:
         seq = self._add_chunk([self._keys.run(run_id), self._keys.chunk_items(run_id)],
                               [len(items), json.dumps(doc)])
         return int(seq)
+
+    def add_scanned(self, run_id: str, bucket: str, items: Sequence[tuple[str, str]],
+                    look_up: Sequence[bool]) -> Scanned:
+        """A listed chunk of a scan in one round trip (scan_chunk.lua): the images `look_up` marks are checked
+        against the done-set and counted as skipped when judged; the rest become the run's next chunk (kept and
+        counted before it is enqueued, as add_chunk does). Nothing is written once the run is ending."""
+        keys = [self._keys.run(run_id), self._keys.chunk_items(run_id)]
+        fields: list[str] = []
+        for (key, etag), check in zip(items, look_up, strict=True):
+            if check:
+                ref = self._keys.done(Item(bucket, key, etag).identity)
+                keys.append(ref.shard)
+                fields.append(ref.field)
+            else:
+                keys.append(keys[0])
+                fields.append("")
+        head = json.dumps({"bucket": bucket, "items": []})[:-2]  # the document add_chunk keeps, open at its items
+        answer = self._scan_chunk(keys, [" ".join(sorted(ENDING)), head, len(items), *fields,
+                                         *(json.dumps(list(i)) for i in items)])
+        if int(answer[0]) == -2:
+            return Scanned(None, [], 0, str(answer[1]))
+        seq, flags = int(answer[0]), str(answer[2])
+        fresh = [item for item, flag in zip(items, flags, strict=True) if flag == "1"]
+        return Scanned(None if seq < 0 else seq, fresh, int(answer[1]))
 
     def chunk_items(self, run_id: str, seq: int) -> list[tuple[str, str]] | None:
         entry = self.chunk_entry(run_id, seq)
