@@ -51,17 +51,18 @@ def base_env(**extra: str) -> dict[str, str]:
     return {"IRLIVE_OUTPUT": OUTPUT, **extra}
 
 
-def s3_client(stack: Stack, pool: int = UPLOAD_THREADS) -> Any:
+def s3_client(stack: Stack, pool: int = UPLOAD_THREADS, endpoint: str | None = None) -> Any:
+    """A client of the stack's S3 (moto_server), or of `endpoint` (another stand-in) with the same keys."""
     return boto3.session.Session().client(
-        "s3", endpoint_url=stack.s3_endpoint, region_name=AWS_ENV["AWS_DEFAULT_REGION"],
+        "s3", endpoint_url=endpoint or stack.s3_endpoint, region_name=AWS_ENV["AWS_DEFAULT_REGION"],
         aws_access_key_id=AWS_ENV["AWS_ACCESS_KEY_ID"], aws_secret_access_key=AWS_ENV["AWS_SECRET_ACCESS_KEY"],
         config=Config(signature_version="s3v4", s3={"addressing_style": "path"}, max_pool_connections=pool),
     )
 
 
-def upload_images(stack: Stack, n: int, prefix: str = "bench") -> list[str]:
+def upload_images(stack: Stack, n: int, prefix: str = "bench", endpoint: str | None = None) -> list[str]:
     """Create the buckets and put n distinct 64x64 PNG captures under prefix, in parallel; returns their keys."""
-    s3 = s3_client(stack)
+    s3 = s3_client(stack, endpoint=endpoint)
     existing = {b["Name"] for b in s3.list_buckets().get("Buckets", ())}
     for bucket in (IN_BUCKET, OUT_BUCKET):
         if bucket not in existing:

@@ -1,11 +1,14 @@
-"""A fast S3 stand-in for listing benchmarks: ListObjectsV2 and HeadBucket over in-memory keys, nothing else.
+"""A fast S3 stand-in for benchmarks: ListObjectsV2, HeadBucket, and PUT/GET (ranged or whole) of objects held
+in memory, over keep-alive connections.
 
-moto_server renders every page from Python objects (~260 requests/s here), so against it the listing client
-waits on the server. This one answers from a sorted key list whose `<Contents>` elements are rendered once, at
-start: a page of 1000 is a join of pre-rendered bytes, so the client being measured is the bound.
+moto_server renders every page from Python objects and closes every connection (~260 requests/s here, about
+2.5 ms of its CPU each), so against it the client waits on the server. This one answers from a sorted key list
+whose `<Contents>` elements are rendered once: a page of 1000 is a join of pre-rendered bytes. Signatures are
+not checked (nor are they by moto_server). GET /_stats answers what it served, by kind: a ranged GET (what
+irlive's workers send) apart from a whole one (what the seller sends).
 
 Run it as its own process (`python -m bench.fakes3 --keys N`): it prints its port on the first line of stdout,
-then serves until killed. Objects are empty-bodied and exist only in listings; GET/PUT of objects is 501.
+then serves until killed. The generated keys are empty objects; PUT adds real ones.
 """
 
 from __future__ import annotations
@@ -13,7 +16,11 @@ from __future__ import annotations
 import argparse
 import base64
 import bisect
+import hashlib
+import json
 import sys
+import threading
+from collections import Counter
 from collections.abc import Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, ClassVar
@@ -41,6 +48,22 @@ class Bucket:
     def __init__(self, keys: Sequence[str]) -> None:
         self.keys = sorted(keys)
         self.encoded = [_contents(quote(k, safe="/")) for k in self.keys]
+        self.bodies: dict[str, bytes] = {}
+        self.lock = threading.Lock()
+
+    def put(self, key: str, body: bytes) -> str:
+        """Store an object; its listing entry carries its real ETag and size. Returns the ETag."""
+        etag = hashlib.md5(body).hexdigest()  # what S3 puts in a single-part ETag
+        entry = _contents(quote(key, safe="/"), f"&quot;{etag}&quot;", len(body))
+        with self.lock:
+            i = bisect.bisect_left(self.keys, key)
+            if i < len(self.keys) and self.keys[i] == key:
+                self.encoded[i] = entry
+            else:
+                self.keys.insert(i, key)
+                self.encoded.insert(i, entry)
+            self.bodies[key] = body
+        return etag
 
     def page(self, query: dict[str, str]) -> bytes:
         """One ListObjectsV2 page: prefix, delimiter (CommonPrefixes), start-after, continuation-token, max-keys."""
@@ -92,16 +115,40 @@ class Bucket:
         return b"".join([("".join(head)).encode(), *parts, tail.encode(), b"</ListBucketResult>"])
 
 
-def _contents(key_xml: str) -> bytes:
-    return (f"<Contents><Key>{key_xml}</Key><LastModified>{LAST_MODIFIED}</LastModified><ETag>{ETAG}</ETag>"
-            "<Size>0</Size><StorageClass>STANDARD</StorageClass></Contents>").encode()
+def _contents(key_xml: str, etag: str = ETAG, size: int = 0) -> bytes:
+    return (f"<Contents><Key>{key_xml}</Key><LastModified>{LAST_MODIFIED}</LastModified><ETag>{etag}</ETag>"
+            f"<Size>{size}</Size><StorageClass>STANDARD</StorageClass></Contents>").encode()
+
+
+def _decode_aws_chunked(body: bytes) -> bytes:
+    """The payload of botocore's aws-chunked upload encoding: hex size lines, data, a zero chunk, trailers."""
+    out: list[bytes] = []
+    i = 0
+    while True:
+        eol = body.index(b"\r\n", i)
+        size = int(body[i:eol].split(b";")[0], 16)
+        if size == 0:
+            return b"".join(out)
+        out.append(body[eol + 2:eol + 2 + size])
+        i = eol + 2 + size + 2
 
 
 class Handler(BaseHTTPRequestHandler):
     """Path-style requests: HEAD /bucket, GET /bucket?list-type=2..., GET /bucket?location."""
 
     protocol_version = "HTTP/1.1"  # keep-alive: botocore reuses its pooled connections
+    # Headers and body leave in one write (flushed after each request): written apart, Nagle's algorithm holds
+    # the body until the client's delayed ACK of the headers, 40 ms on Linux.
+    wbufsize = 64 * 1024
     buckets: ClassVar[dict[str, Bucket]] = {}
+    served: ClassVar[Counter[str]] = Counter()
+
+    def handle_expect_100(self) -> bool:
+        # botocore sends PUT bodies after "Expect: 100-continue": the interim answer must leave at once, not
+        # wait in the write buffer (the client would give up waiting after a second and send anyway).
+        ok = super().handle_expect_100()
+        self.wfile.flush()
+        return ok
 
     def log_message(self, format: str, *args: Any) -> None:
         """Silent: a log line per page would cost more than the page."""
@@ -113,8 +160,11 @@ class Handler(BaseHTTPRequestHandler):
         query = {k: v[0] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
         return self.buckets.get(name), rest, query
 
-    def _send(self, status: int, body: bytes = b"", content_type: str = "application/xml") -> None:
+    def _send(self, status: int, body: bytes = b"", content_type: str = "application/xml",
+              headers: dict[str, str] | None = None) -> None:
         self.send_response(status)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("x-amz-request-id", "fakes3")
@@ -128,28 +178,74 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_HEAD(self) -> None:
         bucket, rest, _ = self._target()
+        self.served["head"] += 1
         if bucket is None:
             self._send(404)
         elif rest:
-            self._send(501)
+            self._send(200 if rest in bucket.bodies else 404)
         else:
             self._send(200)
 
     def do_GET(self) -> None:
+        if self.path == "/_stats":
+            self._send(200, json.dumps(self.served).encode(), "application/json")
+            return
+        if urlsplit(self.path).path == "/":
+            names = "".join(f"<Bucket><Name>{escape(n)}</Name><CreationDate>{LAST_MODIFIED}</CreationDate></Bucket>"
+                            for n in sorted(self.buckets))
+            self._send(200, f'<ListAllMyBucketsResult xmlns="{NS}"><Buckets>{names}</Buckets>'
+                            "</ListAllMyBucketsResult>".encode())
+            return
         bucket, rest, query = self._target()
         if bucket is None:
             self._error(404, "NoSuchBucket")
         elif rest:
-            self._error(501, "NotImplemented")
+            self._object(bucket, rest)
         elif "location" in query:
             self._send(200, f'<LocationConstraint xmlns="{NS}"/>'.encode())
         elif query.get("list-type") == "2":
+            self.served["list"] += 1
             self._send(200, bucket.page(query))
         else:
             self._error(501, "NotImplemented")
 
+    def _object(self, bucket: Bucket, key: str) -> None:
+        body = bucket.bodies.get(key)
+        if body is None:
+            self._error(404, "NoSuchKey")
+            return
+        etag = f'"{hashlib.md5(body).hexdigest()}"'
+        ranged = self.headers.get("Range", "")
+        self.served["ranged_get" if ranged else "get"] += 1
+        if not ranged:
+            self._send(200, body, "application/octet-stream", {"ETag": etag})
+            return
+        first, _, last = ranged.removeprefix("bytes=").partition("-")
+        if not first:
+            start, end = max(0, len(body) - int(last)), len(body) - 1
+        else:
+            start, end = int(first), min(len(body) - 1, int(last) if last else len(body) - 1)
+        if start >= len(body):
+            self._error(416, "InvalidRange")
+            return
+        self._send(206, body[start:end + 1], "application/octet-stream",
+                   {"ETag": etag, "Content-Range": f"bytes {start}-{end}/{len(body)}"})
+
     def do_PUT(self) -> None:
-        self._error(501, "NotImplemented")
+        bucket, rest, _ = self._target()
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length)
+        self.served["put"] += 1
+        if bucket is None:
+            self._error(404, "NoSuchBucket")
+            return
+        if not rest:
+            self._send(200)  # CreateBucket of one that exists
+            return
+        if self.headers.get("x-amz-decoded-content-length") is not None:
+            body = _decode_aws_chunked(body)
+        etag = bucket.put(unquote(rest), body)
+        self._send(200, headers={"ETag": f'"{etag}"'})
 
 
 class Server(ThreadingHTTPServer):

@@ -19,13 +19,16 @@ import argparse
 import json
 import os
 import re
+import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import httpx
 import redis
@@ -65,6 +68,47 @@ class Result:
             f"{self.s3_seller / self.images:.3f}",
             f"{self.redis_bytes:.0f}" if self.redis_bytes is not None else "-",
         ]  # fmt: skip
+
+
+class Requests(Protocol):
+    """S3 requests served since the last mark: irlive's own by kind, and the seller's whole-object fetches."""
+
+    def mark(self) -> None: ...
+
+    def since_mark(self) -> tuple[Counter[str], int]: ...
+
+
+class FastS3Requests:
+    """What bench.fakes3 counted (GET /_stats): a ranged GET is irlive's, a whole one the seller's."""
+
+    def __init__(self, url: str) -> None:
+        self._url = url
+        self._at: Counter[str] = Counter()
+
+    def _stats(self) -> Counter[str]:
+        return Counter(httpx.get(f"{self._url}/_stats", timeout=10).json())
+
+    def mark(self) -> None:
+        self._at = self._stats()
+
+    def since_mark(self) -> tuple[Counter[str], int]:
+        now = self._stats()
+        now.subtract(self._at)
+        own = Counter({"GET": now["ranged_get"], "LIST": now["list"], "PUT": now["put"], "HEAD": now["head"]})
+        return +own, now["get"]
+
+
+@contextmanager
+def fast_s3() -> Iterator[tuple[str, int]]:
+    """bench.fakes3 in its own process, with the benchmark's two buckets: (endpoint URL, pid)."""
+    proc = subprocess.Popen([sys.executable, "-m", "bench.fakes3", "--keys", "0", "--empty", common.OUT_BUCKET],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        yield f"http://127.0.0.1:{int(proc.stdout.readline())}", proc.pid
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 class MotoRequests:
@@ -109,17 +153,23 @@ def cpu_seconds(pids: Sequence[int]) -> float:
     return total / _TICKS
 
 
+# The S3 server's pid when it is not the stack's moto_server (bench.fakes3).
+S3_PID: dict[str, int] = {}
+
+
 def services(stack: Stack) -> dict[str, int]:
-    return {name: pid for name, pid in stack.pids().items() if name in ("moto", "sandbox", "redis")}
+    pids = {name: pid for name, pid in stack.pids().items() if name in ("sandbox", "redis")}
+    pids["s3"] = S3_PID.get("s3") or stack.pids()["moto"]
+    return pids
 
 
 def services_cpu(pids: dict[str, int]) -> dict[str, float]:
     return {name: cpu_seconds([pid]) for name, pid in pids.items()}
 
 
-def plain_batched(stack: Stack, prefix: str, threads: int) -> Result:
+def plain_batched(stack: Stack, prefix: str, threads: int, endpoint: str | None) -> Result:
     """The baseline: list, then per ten keys buy a token, presign, call; one results file at the end."""
-    s3 = common.s3_client(stack, pool=threads)
+    s3 = common.s3_client(stack, pool=threads, endpoint=endpoint)
     http = httpx.Client(base_url=stack.sandbox_url, timeout=60,
                         limits=httpx.Limits(max_connections=threads, max_keepalive_connections=threads))
     started, cpu0, svc0 = time.monotonic(), time.process_time(), services_cpu(services(stack))
@@ -144,7 +194,7 @@ def plain_batched(stack: Stack, prefix: str, threads: int) -> Result:
     return Result("plain batched script (baseline)", len(keys), wall, cpu, services_cpu=svc)
 
 
-def irlive_run(stack: Stack, name: str, ns: argparse.Namespace, rate: float | None, moto: MotoRequests) -> Result:
+def irlive_run(stack: Stack, name: str, ns: argparse.Namespace, rate: float | None, moto: Requests) -> Result:
     env = {"IRLIVE_RATE_LIMIT_PER_S": str(rate or common.NEUTRAL_RATE)}
     if rate is None:
         env["IRLIVE_RATE_ADAPTIVE"] = "false"
@@ -178,13 +228,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--rates", default="none,5,10,20", help="irlive scenarios: 'none' (no limit) or calls/s")
     p.add_argument("--latency-ms", type=int, default=0,
                    help="the sandbox seller's time per call (0: answers at once, so the stack's CPU is the bound)")
+    p.add_argument("--s3", choices=("moto", "fast"), default="moto",
+                   help="moto_server (the stack's), or bench.fakes3 (in memory, keep-alive, not the bound)")
     ns = p.parse_args(argv)
-    with Stack(settings_env=common.base_env()) as stack:
-        common.upload_images(stack, ns.images)
-        moto = MotoRequests(stack.log_path("moto"))
+    if ns.s3 == "fast":
+        with fast_s3() as (endpoint, pid):
+            S3_PID["s3"] = pid
+            return measure(ns, endpoint, FastS3Requests(endpoint))
+    return measure(ns, None, None)
+
+
+def measure(ns: argparse.Namespace, endpoint: str | None, counter: Requests | None) -> int:
+    env = common.base_env(**({"IRLIVE_S3_ENDPOINT_URL": endpoint} if endpoint else {}))
+    with Stack(settings_env=env) as stack:
+        common.upload_images(stack, ns.images, endpoint=endpoint)
+        moto = counter or MotoRequests(stack.log_path("moto"))
         common.reset(stack, latency_ms=ns.latency_ms)
         moto.mark()
-        baseline = plain_batched(stack, "bench/", ns.workers * ns.concurrency)
+        baseline = plain_batched(stack, "bench/", ns.workers * ns.concurrency, endpoint)
         baseline.s3_own, baseline.s3_seller = moto.since_mark()
         results = [baseline]
         for spec in ns.rates.split(","):
@@ -192,15 +253,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             name = "irlive, no rate limit" if rate is None else f"irlive, R = {rate:g}/s"
             results.append(irlive_run(stack, name, ns, rate, moto))
             print(f"  {name}: {results[-1].wall_s:.1f} s", file=sys.stderr)
-    print(f"{ns.images} images, {ns.workers} workers x {ns.concurrency} threads, seller latency {ns.latency_ms} ms "
-          f"({common.machine()}, {common.today()})")
+    print(f"{ns.images} images, {ns.workers} workers x {ns.concurrency} threads, seller latency {ns.latency_ms} ms, "
+          f"S3: {'bench.fakes3' if endpoint else 'moto_server'} ({common.machine()}, {common.today()})")
     print(common.table(["scenario", "wall s", "÷ baseline", "ideal s", "÷ ideal", "CPU ms/image",
                         "S3 req/image (own)", "S3 req/image (seller)", "Redis B/image after"],
                        [r.row(baseline.wall_s) for r in results]))
     print()
-    print(common.table(["scenario", "moto CPU ms/image", "sandbox CPU ms/image", "redis CPU ms/image"], [
+    print(common.table(["scenario", "S3 server CPU ms/image", "sandbox CPU ms/image", "redis CPU ms/image"], [
         [r.name, *(f"{(r.services_cpu or {}).get(n, float('nan')) * 1000 / r.images:.2f}"
-                   for n in ("moto", "sandbox", "redis"))] for r in results]))
+                   for n in ("s3", "sandbox", "redis"))] for r in results]))
     print()
     print("S3 requests by kind (own): " + "; ".join(
         f"{r.name}: {dict(sorted((r.s3_own or Counter()).items()))}" for r in results))
