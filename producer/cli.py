@@ -518,6 +518,14 @@ def _cmd_listen(ns: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+    if settings.metrics_port:
+        from dataclasses import asdict
+
+        from worker.ops.metrics import CountsCollector, FleetCollector, serve
+
+        serve(settings.metrics_port, None, FleetCollector(clients.store, clients.keys, settings.daily_budget_cents),
+              CountsCollector("irlive_listener_events", "What the listener did with the S3 events it received",
+                              lambda: asdict(listener.stats)))
 def _cmd_reindex(ns: argparse.Namespace) -> int:
     from producer.reindex import reindex
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from sandbox import procs
@@ -213,3 +214,33 @@ def test_killing_the_listener_and_a_worker_mid_stream_loses_no_event_and_pays_no
             lost.update("/" + i.rsplit("@", 1)[0].replace(" ", "%20") for i in payment.get("images", "").split(","))
     twice = {k: n for k, n in billed.items() if n > 1 + lost.get(k, 0)}
     assert len(billed) == 120 and twice == {}, f"paid again with no lost answer to explain it: {twice}"
+
+
+def test_the_listener_serves_its_counts_and_the_fleet_gauges(events: Events, tmp_path: Path) -> None:
+    stack = events.stack
+    port = procs.free_port()
+    gen = start_listener(stack, tmp_path / "listener.log", {"IRLIVE_METRICS_PORT": str(port)})
+    next(gen)
+    try:
+        for i in range(3):
+            stack.s3_client().put_object(Bucket=IN_BUCKET, Key=f"cam/m{i}.png", Body=png(96, 96, "live", seed=i))
+        stack.s3_client().put_object(Bucket=IN_BUCKET, Key="cam/notes.txt", Body=b"not an image")
+        seen: dict[str, float] = {}
+
+        def counted() -> bool:
+            try:
+                text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+            except httpx.HTTPError:
+                return False
+            seen.clear()
+            for line in text.splitlines():
+                if line.startswith(("irlive_listener_events_total{", "irlive_queue_depth{", "irlive_runs{")):
+                    name, _, value = line.rpartition(" ")
+                    seen[name] = float(value)
+            return seen.get('irlive_listener_events_total{what="buffered"}') == 3.0 \
+                and seen.get('irlive_listener_events_total{what="filtered"}') == 1.0
+        procs.wait_until(counted, 60, "the listener's /metrics to count 3 images buffered and 1 filtered")
+        assert seen['irlive_runs{state="listing"}'] == 1.0, seen  # the window's run, from Redis
+        assert 'irlive_queue_depth{queue="irlive.events"}' in seen
+    finally:
+        gen.close()

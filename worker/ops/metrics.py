@@ -12,13 +12,13 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client import Counter as PromCounter
 from prometheus_client import Histogram as PromHistogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
@@ -153,6 +153,21 @@ class FleetCollector(Collector):
         yield from (by_state, budget, images, pending)
 
 
+class CountsCollector(Collector):
+    """A process's running counts (such as the listener's) as one counter family, labelled by what they count."""
+
+    def __init__(self, name: str, doc: str, counts: Callable[[], Mapping[str, int]]) -> None:
+        self._name = name
+        self._doc = doc
+        self._counts = counts
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(self._name, self._doc, labels=["what"])
+        for what, n in self._counts().items():
+            family.add_metric([what], float(n))
+        yield family
+
+
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, doc, value=value)
 
@@ -162,7 +177,7 @@ def multiprocess_metrics() -> bool:
     return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 
 
-def serve(port: int, metrics: Metrics | None, fleet: FleetCollector) -> Any:
+def serve(port: int, metrics: Metrics | None, fleet: FleetCollector, *more: Collector) -> Any:
     """Serve /metrics on `port` (all interfaces); returns the server, or None if the port is taken (logged)."""
     registry = CollectorRegistry()
     if multiprocess_metrics():
@@ -170,6 +185,8 @@ def serve(port: int, metrics: Metrics | None, fleet: FleetCollector) -> Any:
     elif metrics is not None:
         registry.register(_Forward(metrics.registry))
     registry.register(fleet)
+    for collector in more:
+        registry.register(collector)
     try:
         server, _thread = start_http_server(port, registry=registry)
     except OSError as exc:
