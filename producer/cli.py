@@ -17,6 +17,7 @@ from celery import Celery
 from producer.estimate import Estimate, usd
 from producer.filters import parse_suffixes, parse_time
 from producer.scan import ScanRequest, ScanResult, estimate, new_run_id, scan, watermark_name
+from producer.progress import display_for
 from producer.sources import parse_source
 from producer.status import Samples, follow, pace, render, status_dict, status_samples
 from worker.app import make_app, send_chunk, send_finalize
@@ -326,7 +327,7 @@ def _cmd_scan(ns: argparse.Namespace) -> int:
         print(f"found {result.found} images: {result.enqueued} enqueued in {result.chunks} chunks, "
               f"{result.skipped} already judged", file=sys.stderr)
     if ns.wait:
-        final = follow(clients.runs, result.run_id)
+        final = follow(clients.runs, result.run_id, display=display_for(ns.json))
         return _STATE_EXIT.get(final.state, EXIT_OK)
     return EXIT_OK
 
@@ -582,8 +583,8 @@ def _cmd_wallet(ns: argparse.Namespace) -> int:
 def _cmd_status(ns: argparse.Namespace) -> int:
     clients = _Clients(Settings.from_env())
     samples = Samples()
-    status = (follow(clients.runs, ns.run_id, timeout_s=ns.timeout, samples=samples) if ns.wait
-              else clients.runs.status(ns.run_id))
+    status = (follow(clients.runs, ns.run_id, timeout_s=ns.timeout, samples=samples, display=display_for(ns.json))
+              if ns.wait else clients.runs.status(ns.run_id))
     if status is None:
         raise UnknownRun(ns.run_id)
     how = pace(status, samples)

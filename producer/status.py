@@ -7,7 +7,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
 
 from worker.errors import UnknownRun
 from worker.flow.runs import Runs, RunStatus
@@ -18,6 +18,8 @@ from worker.flow.states import ACTIVE
 RATE_WINDOW_S = 300.0
 # Below this span a rate is mostly noise (one call's ten images at once): show none yet.
 MIN_SPAN_S = 5.0
+# Off a terminal, `follow` writes a line at most this often (and the last one).
+PLAIN_EVERY_S = 5.0
 # States in which images are still being judged.
 _MOVING = ACTIVE
 
@@ -209,50 +211,98 @@ def render(status: RunStatus, pace: Pace | None = None) -> str:
     return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class Shown:
+    """The pace as a progress display words it; None where nothing is known yet."""
+
+    rate: str | None  # '100/min'
+    eta: str | None  # '8m00s', only with a rate
+    spend: str  # '$4.00' spent so far
+    projected: str | None  # '~$20.00', only while the run moves
+
+
+def shown(status: RunStatus, pace: Pace | None) -> Shown:
+    rate = eta = projected = None
+    if pace is not None and pace.rate_per_min is not None:
+        rate = f"{pace.rate_per_min:.0f}/min"
+        if pace.eta_s is not None:
+            eta = duration(pace.eta_s)
+    if pace is not None and pace.projected_spend_cents is not None and status.state in _MOVING:
+        projected = f"~${pace.projected_spend_cents / 100:.2f}"
+    return Shown(rate, eta, f"${status.spend_cents / 100:.2f}", projected)
+
+
 def bar(status: RunStatus, width: int = 30, pace: Pace | None = None) -> str:
     total = max(status.total, 1)
     filled = min(width, width * status.done // total)
     c = status.counts
+    words = shown(status, pace)
     tail = ""
-    if pace is not None and pace.rate_per_min is not None:
-        tail += f" | {pace.rate_per_min:.0f}/min"
-        if pace.eta_s is not None:
-            tail += f" eta {duration(pace.eta_s)}"
-    if pace is not None and pace.projected_spend_cents is not None and status.state in _MOVING:
-        tail += f" ~${pace.projected_spend_cents / 100:.2f}"
+    if words.rate is not None:
+        tail += f" | {words.rate}" + (f" eta {words.eta}" if words.eta is not None else "")
+    if words.projected is not None:
+        tail += f" {words.projected}"
     return (f"[{'#' * filled}{'.' * (width - filled)}] {status.done}/{status.total} "
             f"live {c['live']} spoof {c['spoof']} no_face {c['no_face']} rejected {c['rejected']} "
             f"error {c['error']}" + (f" not_judged {c['not_judged']}" if c.get("not_judged") else "")
-            + f" | {status.calls} calls ${status.spend_cents / 100:.2f}{tail} | {status.state}")
+            + f" | {status.calls} calls {words.spend}{tail} | {status.state}")
+
+
+class Display(Protocol):
+    """Where `follow` shows each poll: `update` once per poll (at `now_s` on follow's clock), `close` once
+    when following ends."""
+
+    def update(self, status: RunStatus, pace: Pace, now_s: float) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class PlainLines:
+    """`bar` lines: redrawn in place on a terminal; otherwise one every PLAIN_EVERY_S and the last, so a log
+    file gets a readable history rather than one line per poll."""
+
+    def __init__(self, out: TextIO) -> None:
+        self._out = out
+        self._tty = out.isatty()
+        self._last_line_at = -1e9
+
+    def update(self, status: RunStatus, pace: Pace, now_s: float) -> None:
+        line = bar(status, pace=pace)
+        if self._tty:
+            self._out.write("\r" + line)
+            self._out.flush()
+        elif now_s - self._last_line_at >= PLAIN_EVERY_S or status.stopped:
+            self._out.write(line + "\n")
+            self._out.flush()
+            self._last_line_at = now_s
+
+    def close(self) -> None:
+        if self._tty:
+            self._out.write("\n")
+            self._out.flush()
 
 
 def follow(runs: Runs, run_id: str, *, interval_s: float = 0.5, timeout_s: float | None = None,
            out: TextIO = sys.stderr, clock: Callable[[], float] = time.monotonic,
-           sleep: Callable[[float], None] = time.sleep, samples: Samples | None = None) -> RunStatus:
-    """Poll until the run is done, failed or paused (or timeout_s passes); draw progress on `out`.
-    `samples` (kept across polls, one per poll) give the bar its rate; pass one to read the pace after."""
+           sleep: Callable[[float], None] = time.sleep, samples: Samples | None = None,
+           display: Display | None = None) -> RunStatus:
+    """Poll until the run is done, failed or paused (or timeout_s passes); show progress on `display`
+    (PlainLines on `out` unless given). `samples` (kept across polls, one per poll) give the rate; pass one
+    to read the pace after."""
     deadline = None if timeout_s is None else clock() + timeout_s
     seen = samples if samples is not None else Samples()
-    tty = out.isatty()
-    last_line_at = -1e9
-    while True:
-        status = runs.status(run_id)
-        if status is None:
-            raise UnknownRun(run_id)
-        seen.add(Sample(clock(), status.done, status.spend_cents))
-        line = bar(status, pace=pace(status, seen))
-        if tty:
-            out.write("\r" + line)
-            out.flush()
-        elif clock() - last_line_at >= 5.0 or status.stopped:
-            out.write(line + "\n")
-            last_line_at = clock()
-        if status.stopped:
-            if tty:
-                out.write("\n")
-            return status
-        if deadline is not None and clock() >= deadline:
-            if tty:
-                out.write("\n")
-            return status
-        sleep(interval_s)
+    shown_on = display if display is not None else PlainLines(out)
+    try:
+        while True:
+            status = runs.status(run_id)
+            if status is None:
+                raise UnknownRun(run_id)
+            now = clock()
+            seen.add(Sample(now, status.done, status.spend_cents))
+            shown_on.update(status, pace(status, seen), now)
+            if status.stopped or (deadline is not None and clock() >= deadline):
+                return status
+            sleep(interval_s)
+    finally:
+        # Also on Ctrl-C or a lost store: a live display must give the terminal back.
+        shown_on.close()

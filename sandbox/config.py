@@ -1,10 +1,12 @@
-"""The sandbox's settings: one dataclass, its validated partial updates, and one CLI flag per field."""
+"""The sandbox's settings: one dataclass, the range of each (KNOBS), its validated partial updates, and one CLI
+flag per field."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, get_args, get_type_hints
 
@@ -34,6 +36,7 @@ ANSWER_MODES = (
 MAX_SLEEP_MS = 600_000
 # retry_after is sent verbatim as a header value: visible ASCII and spaces only (no CR/LF to split headers).
 MAX_RETRY_AFTER_CHARS = 200
+MAX_API_KEY_CHARS = 200
 # The chains the sandbox sells x402 on: CAIP-2 id -> (v1 name, USDC contract, its EIP-712 domain name). The
 # domain name is the token's own (Base Sepolia's USDC calls itself "USDC"), or signatures would not recover.
 X402_NETWORKS: dict[str, tuple[str, str, str]] = {
@@ -83,23 +86,105 @@ class SandboxConfig:
     x402_max_timeout_s: int = 60
 
 
-# Help text of the flags that need more than their default to be understood.
-_HELP = {
-    "answer_mode": f"shape of a judged call's 200 answer, one of {', '.join(ANSWER_MODES)}",
-    "retry_after": "Retry-After header value of every 429 throttle answer, sent verbatim (visible ASCII, "
-    f"at most {MAX_RETRY_AFTER_CHARS} characters, e.g. 1e400 or an HTTP date); empty: the computed wait",
-    "payment_latency_ms": f"POST /api/payments sleeps this long before creating the payment (0 to {MAX_SLEEP_MS})",
-    "x402_network": f"CAIP-2 network of the x402 offer, one of {', '.join(X402_NETWORKS)}",
-    "x402_pay_to": "the sandbox's own x402 receiving address (0x and 40 hex digits)",
-    "x402_max_timeout_s": "maxTimeoutSeconds of the x402 offer (1 to 86400)",
-    "fetch_delay_ms": "a tool call sleeps this long after consuming its token, before fetching the images "
-    f"(0 to {MAX_SLEEP_MS})",
+@dataclass(frozen=True)
+class Knob:
+    """What a setting means and which values it takes: one entry drives its `--help`, its command-line
+    check and the check of a config update, so the three cannot disagree."""
+
+    meaning: str
+    # The values allowed, worded as `--help` and every refusal say it.
+    allowed: str
+    ok: Callable[[Any], bool] = lambda value: True
+    # A refusal does not echo the value back: it may be a real key given by mistake.
+    secret: bool = False
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(value)
+
+
+def _between(meaning: str, low: float, high: float) -> Knob:
+    # A NaN compares false both ways, so it is refused like any other value outside the range.
+    return Knob(meaning, f"{_number(low)} to {_number(high)}", lambda value: low <= value <= high)
+
+
+def _one_of(meaning: str, choices: tuple[str, ...]) -> Knob:
+    return Knob(meaning, f"one of {', '.join(choices)}", lambda value: value in choices)
+
+
+def _matching(meaning: str, pattern: str, allowed: str, secret: bool = False) -> Knob:
+    return Knob(meaning, allowed, lambda value: re.fullmatch(pattern, value) is not None, secret)
+
+
+def _flag(meaning: str) -> Knob:
+    # Being a real bool (checked before any range) is all a flag needs.
+    return Knob(meaning, "true or false")
+
+
+_VISIBLE = r"[ -~]"
+KNOBS: dict[str, Knob] = {
+    "price_cents": _between("price of one payment token (one judged call), in US cents", 1, 100_000),
+    "rate_limit_per_s": _between("judged calls allowed per second; 0: no limit", 0, 10_000),
+    "rate_burst": _between("judged calls allowed at once above the rate", 1, 10_000),
+    "throttle_style": _one_of("how a throttled call is answered: 429 with Retry-After, or 400 Throttling.User",
+                              ("429", "400")),
+    "latency_ms": _between("every judged call sleeps this long after settling, in milliseconds", 0, MAX_SLEEP_MS),
+    "p_5xx": _between("probability that a settled call answers 500 or 503 instead of judging", 0, 1),
+    "p_timeout": _between("probability that a settled call hangs for timeout_sleep_s first", 0, 1),
+    "timeout_sleep_s": _between("how long an injected timeout hangs, in seconds", 0, MAX_SLEEP_MS // 1000),
+    "failed_calls_consume_token": _flag("whether a call that answers an error still spends its token"),
+    "token_ttl_s": _between("how long a payment token stays valid, in seconds; 0 or less: born expired",
+                            -86_400, 30 * 86_400),
+    "bad_image_fails_call": _flag("whether one bad image fails its whole call (as upstream) or only its element"),
+    "result_as_string": _flag("whether data.Result is a JSON string (as upstream) or an object"),
+    "seed": _between("seed of the random draws behind p_5xx and p_timeout", 0, 2**32 - 1),
+    # HTTP drops spaces around a header value, so a key starting or ending with one could never match.
+    "api_key": _matching("API key every call must carry in api_key_header; unset: none asked for",
+                         f"[!-~]({_VISIBLE}{{0,{MAX_API_KEY_CHARS - 2}}}[!-~])?",
+                         f"1 to {MAX_API_KEY_CHARS} visible ASCII characters, inner spaces allowed", secret=True),
+    "api_key_header": _matching("header that carries the API key", r"[A-Za-z0-9-]{1,100}",
+                                "an HTTP header name: 1 to 100 letters, digits or hyphens"),
+    "max_image_bytes": _between("largest image a call downloads, in bytes", 1, 2**30),
+    "max_image_pixels": _between("largest width times height decoded, checked from the header, in pixels",
+                                 1, 1_000_000_000),
+    "fetch_timeout_s": _between("how long one image download may take, in seconds", 0.1, MAX_SLEEP_MS // 1000),
+    "answer_mode": _one_of("shape of a judged call's 200 answer", ANSWER_MODES),
+    "retry_after": _matching("Retry-After header value of every 429 throttle answer, sent verbatim (e.g. 1e400 "
+                             "or an HTTP date); empty: the computed wait", f"{_VISIBLE}{{0,{MAX_RETRY_AFTER_CHARS}}}",
+                             f"at most {MAX_RETRY_AFTER_CHARS} characters, visible ASCII or spaces"),
+    "payment_latency_ms": _between("POST /api/payments sleeps this long before creating the payment, in "
+                                   "milliseconds", 0, MAX_SLEEP_MS),
+    "fetch_delay_ms": _between("a tool call sleeps this long after consuming its token, before fetching the "
+                               "images, in milliseconds", 0, MAX_SLEEP_MS),
+    "x402_network": _one_of("CAIP-2 network of the x402 offer", tuple(X402_NETWORKS)),
+    "x402_pay_to": _matching("the sandbox's own x402 receiving address", r"0x[0-9a-fA-F]{40}",
+                             "0x and 40 hex digits"),
+    "x402_max_timeout_s": _between("maxTimeoutSeconds of the x402 offer: how long a signature may live, in "
+                                   "seconds", 1, 86_400),
 }
+
+
+def problem(name: str, value: Any) -> str | None:
+    """Why `value` is outside the range of setting `name`, or None when it is inside."""
+    if value is None or KNOBS[name].ok(value):
+        return None
+    return refusal(name, value)
+
+
+def refusal(name: str, value: Any, kinds: str = "") -> str:
+    """'p_5xx must be 0 to 1, got 2.0': the one wording of every refusal, on the command line and over HTTP."""
+    knob = KNOBS[name]
+    allowed = f"{kinds} ({knob.allowed})" if kinds else knob.allowed
+    return f"{name} must be {allowed}" + ("" if knob.secret else f", got {value!r}")
 
 
 def _allowed(name: str) -> set[Any]:
     hint = get_type_hints(SandboxConfig)[name]
     return set(get_args(hint)) or {hint}
+
+
+def _wrong_type(name: str, allowed: set[Any], value: Any) -> str:
+    return refusal(name, value, " or ".join(sorted(getattr(kind, "__name__", str(kind)) for kind in allowed)))
 
 
 def updated(config: SandboxConfig, changes: dict[str, Any]) -> SandboxConfig:
@@ -115,35 +200,19 @@ def updated(config: SandboxConfig, changes: dict[str, Any]) -> SandboxConfig:
         elif isinstance(value, bool) or bool in allowed:
             # bool is an int to Python, but a flag given as 1 or a count given as true is a mistake.
             if not (isinstance(value, bool) and bool in allowed):
-                raise ValueError(f"{name} must be a boolean")
+                raise ValueError(_wrong_type(name, allowed, value))
             clean[name] = value
         elif float in allowed and isinstance(value, int | float):
             clean[name] = float(value)
         elif (int in allowed and isinstance(value, int)) or (str in allowed and isinstance(value, str)):
             clean[name] = value
         else:
-            kinds = " or ".join(sorted(getattr(kind, "__name__", str(kind)) for kind in allowed))
-            raise ValueError(f"{name} must be {kinds}")
+            raise ValueError(_wrong_type(name, allowed, value))
     new = dataclasses.replace(config, **clean)
-    if new.throttle_style not in ("429", "400"):
-        raise ValueError("throttle_style must be '429' or '400'")
-    if new.answer_mode not in ANSWER_MODES:
-        raise ValueError(f"answer_mode must be one of {', '.join(ANSWER_MODES)}")
-    if new.rate_burst < 1:
-        raise ValueError("rate_burst must be at least 1")
-    if new.max_image_pixels < 1:
-        raise ValueError("max_image_pixels must be at least 1")
-    for name in ("payment_latency_ms", "fetch_delay_ms"):
-        if not 0 <= getattr(new, name) <= MAX_SLEEP_MS:
-            raise ValueError(f"{name} must be 0 to {MAX_SLEEP_MS}")
-    if new.x402_network not in X402_NETWORKS:
-        raise ValueError(f"x402_network must be one of {', '.join(X402_NETWORKS)}")
-    if not re.fullmatch(r"0x[0-9a-fA-F]{40}", new.x402_pay_to):
-        raise ValueError("x402_pay_to must be 0x and 40 hex digits")
-    if not 1 <= new.x402_max_timeout_s <= 86_400:
-        raise ValueError("x402_max_timeout_s must be 1 to 86400")
-    if len(new.retry_after) > MAX_RETRY_AFTER_CHARS or not all(" " <= c <= "~" for c in new.retry_after):
-        raise ValueError(f"retry_after must be at most {MAX_RETRY_AFTER_CHARS} visible ASCII characters or spaces")
+    for field in dataclasses.fields(SandboxConfig):
+        reason = problem(field.name, getattr(new, field.name))
+        if reason is not None:
+            raise ValueError(reason)
     return new
 
 
@@ -161,24 +230,45 @@ def _bool(text: str) -> bool:
         return True
     if lowered in ("0", "false", "no", "off"):
         return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    raise ValueError(text)
 
 
-_FLAG_TYPES: tuple[tuple[type, Any], ...] = ((bool, _bool), (float, float), (int, int))
+_FLAG_TYPES: tuple[tuple[type, Callable[[str], Any]], ...] = ((bool, _bool), (float, float), (int, int))
+
+
+def _flag_type(name: str) -> Callable[[str], Any]:
+    """The flag's parser: its type, then its range, refused in the words a config update is refused in."""
+    allowed = _allowed(name)
+    parse = next((parse for kind, parse in _FLAG_TYPES if kind in allowed), str)
+
+    def checked(text: str) -> Any:
+        try:
+            value = parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(refusal(name, text)) from None
+        reason = problem(name, value)
+        if reason is not None:
+            raise argparse.ArgumentTypeError(reason)
+        return value
+
+    return checked
+
+
+def flag_help(name: str, default: Any) -> str:
+    """`meaning (allowed); default: …` with argparse's % escaped, since help strings are %-formatted."""
+    knob = KNOBS[name]
+    return f"{knob.meaning} ({knob.allowed}); default: {default!r}".replace("%", "%%")
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
     """One `--field-name` flag per SandboxConfig field, defaulting to the field's default."""
     for field in dataclasses.fields(SandboxConfig):
-        allowed = _allowed(field.name)
-        kind: Any = next((parse for t, parse in _FLAG_TYPES if t in allowed), str)
         parser.add_argument(
             "--" + field.name.replace("_", "-"),
             dest=field.name,
-            type=kind,
+            type=_flag_type(field.name),
             default=field.default,
-            help=f"{_HELP[field.name]}; default: {field.default!r}" if field.name in _HELP
-            else f"default: {field.default}",
+            help=flag_help(field.name, field.default),
         )
 
 

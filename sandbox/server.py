@@ -289,11 +289,26 @@ class SandboxServer:
         self.stop()
 
 
+PORT_RANGE = "0 to 65535"
+
+
+def _port(text: str) -> int:
+    refused = argparse.ArgumentTypeError(f"port must be {PORT_RANGE}, got {text!r}")
+    try:
+        port = int(text)
+    except ValueError:
+        raise refused from None
+    if not 0 <= port <= 65_535:
+        raise refused
+    return port
+
+
 def main(argv: list[str] | None = None) -> int:
     """Serve until SIGTERM or SIGINT; prints `sandbox listening on URL` once the socket is bound."""
     parser = argparse.ArgumentParser(prog="irlive sandbox", description="Run the sandbox marketplace.")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on; default: 127.0.0.1")
+    parser.add_argument("--port", type=_port, default=0,
+                        help=f"TCP port to listen on, 0 for any free one ({PORT_RANGE}); default: 0")
     add_flags(parser)
     args = parser.parse_args(argv)
     try:

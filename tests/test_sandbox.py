@@ -909,7 +909,7 @@ def test_new_knobs_are_cli_flags_with_their_ranges() -> None:
     assert shown.returncode == 0
     text = " ".join(shown.stdout.split())
     assert "--retry-after" in text and "--payment-latency-ms" in text and "--fetch-delay-ms" in text
-    assert text.count("(0 to 600000)") == 2 and "at most 200 characters" in text
+    assert text.count("(0 to 600000)") == 3 and "at most 200 characters" in text
     for flag, value in (("--fetch-delay-ms", "-1"), ("--payment-latency-ms", "600001"), ("--retry-after", "a\tb")):
         done = subprocess.run([sys.executable, "-m", "sandbox", flag, value], capture_output=True, text=True,
                               env=env, cwd=ROOT, timeout=30)  # fmt: skip
