@@ -301,10 +301,22 @@ def _cmd_scan(ns: argparse.Namespace) -> int:
     def progress(r: ScanResult) -> None:
         if not ns.json and r.chunks and r.chunks % 100 == 0:
             print(f"listed {r.found} images, enqueued {r.enqueued} in {r.chunks} chunks", file=sys.stderr)
+    latest: list[ScanResult] = []
 
+
+        latest[:] = [r]
     run_id = new_run_id()
     marks = Watermarks(clients.store, clients.keys)
     if held_as is not None:
+    if settings.metrics_port:
+        # A long listing (and --wait) is watched like the workers: its own counts and the fleet's gauges.
+        from worker.ops.metrics import CountsCollector, FleetCollector, serve
+
+        serve(settings.metrics_port, None, FleetCollector(clients.store, clients.keys, settings.daily_budget_cents),
+              CountsCollector("irlive_scan_images", "What this scan listed: found, skipped (judged before), "
+                              "enqueued, and chunks", lambda: {name: getattr(latest[0], name) if latest else 0
+                                                               for name in ("found", "skipped", "enqueued",
+                                                                            "chunks")}))
         holder = marks.claim(held_as, run_id, lambda rid: _run_active(clients.runs, rid))
         if holder is not None:
             print(f"irlive: {held_as} is still being scanned by run {holder} (irlive status {holder}); "

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 import threading
 
 import httpx
@@ -10,10 +13,11 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from sandbox import procs
 from sandbox.images import demo_corpus
 from sandbox.procs import free_port, wait_until
 from sandbox.stack import Stack
-from tests.conftest import IrliveRunner
+from tests.conftest import IRLIVE_BIN, IrliveRunner
 from tests.e2e import IN_BUCKET, SECRET_PATTERNS, upload
 from worker.keys import Keys
 from worker.ops.metrics import Metrics
@@ -121,3 +125,29 @@ def test_a_real_run_scraped_while_it_goes_ends_with_money_equal_to_the_sellers_l
 
     wait_until(same_everywhere, 15, "both workers to report the fleet's token pool and the done run")
     client.close()
+
+
+@pytest.mark.integration
+def test_a_scan_that_waits_serves_what_it_listed(clean_stack: Stack) -> None:
+    upload(clean_stack, demo_corpus(30, seed=8))
+    port = free_port()
+    scan = subprocess.Popen([str(IRLIVE_BIN), "scan", f"s3://{IN_BUCKET}/captures", "--wait", "--json"],
+                            env={**os.environ, **clean_stack.env, "IRLIVE_METRICS_PORT": str(port)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        seen: Samples = {}
+
+        def listed() -> bool:
+            try:
+                seen.update(parse(httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text))
+            except httpx.HTTPError:
+                return False
+            return value(seen, "irlive_scan_images_total", what="enqueued") == 30
+
+        # No worker runs: the scan has listed and enqueued everything and waits, serving its figures.
+        wait_until(listed, 60, "the waiting scan's /metrics to count 30 images enqueued")
+        assert value(seen, "irlive_scan_images_total", what="chunks") == 1
+        assert value(seen, "irlive_queue_depth", queue="irlive.nightly") == 1
+        assert value(seen, "irlive_runs", state="running") == 1
+    finally:
+        procs.kill_group(scan, signal.SIGTERM, timeout=10)
