@@ -38,6 +38,25 @@ setup() {
            && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq faketime >/dev/null; }; } \
       || echo "   (faketime unavailable: the clock-skew test will be skipped)"
   fi
+  if [ "${1:-}" = test ] && ! command -v promtool >/dev/null 2>&1 && [ "$(id -u)" = 0 ] \
+      && command -v apt-get >/dev/null 2>&1; then
+    # tests/test_deploy.py checks and unit-tests deploy/prometheus/ with promtool (Debian ships it with the
+    # server; about 100 MB, seconds to install, no service started in a container); without it those skip.
+    echo "== installing promtool (apt: prometheus)"
+    { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null 2>&1 \
+      || { DEBIAN_FRONTEND=noninteractive apt-get update -qq \
+           && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; }; } \
+      || echo "   (promtool unavailable: the promtool checks in tests/test_deploy.py will be skipped)"
+  fi
+  if [ "${1:-}" = test ] && command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 \
+      && ! grep -qs '"version": "2.0.0"' .cache/node/node_modules/@kubernetes-models/keda/package.json; then
+    # tests/test_deploy.py validates deploy/k8s/keda-*.yaml with the KEDA models' validate() from npm, kept in
+    # .cache/node (git-ignored, no package.json written); without node, npm or the registry those checks skip.
+    echo "== installing @kubernetes-models/keda (npm, into .cache/node)"
+    npm install --no-save --no-audit --no-fund --loglevel=error --prefix .cache/node \
+        @kubernetes-models/keda@2.0.0 >/dev/null 2>&1 \
+      || echo "   (@kubernetes-models/keda unavailable: the KEDA schema checks in tests/test_deploy.py will be skipped)"
+  fi
   if [ ! -x "$VENV/bin/python" ]; then
     echo "== creating $VENV"
     "$PY" -m venv "$VENV" || {

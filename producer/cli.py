@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import sys
@@ -16,8 +17,8 @@ from celery import Celery
 
 from producer.estimate import Estimate, usd
 from producer.filters import parse_suffixes, parse_time
-from producer.scan import ScanRequest, ScanResult, estimate, new_run_id, scan, watermark_name
 from producer.progress import display_for
+from producer.scan import ScanRequest, ScanResult, estimate, new_run_id, scan, watermark_name
 from producer.sources import parse_source
 from producer.status import Samples, follow, pace, render, status_dict, status_samples
 from worker.app import make_app, send_chunk, send_finalize
@@ -29,6 +30,7 @@ from worker.flow.states import ACTIVE, HELD
 from worker.flow.watermarks import Watermarks
 from worker.keys import Keys
 from worker.messages import PRIORITIES, Chunk
+from worker.ops import logs
 from worker.ops.durability import require_durable
 from worker.ops.recovery import Reconciled, Recovery
 from worker.ops.redact import redact
@@ -258,6 +260,7 @@ class _Clients:
 
 def _cmd_scan(ns: argparse.Namespace) -> int:
     settings = Settings.from_env()
+    logs.configure(settings.log_format, logging.INFO)
     clients = _Clients(settings)
     output = S3Location.parse(ns.output, "--output") if ns.output else settings.require_output()
     source = parse_source(ns.source, settings.list_workers)
@@ -298,16 +301,13 @@ def _cmd_scan(ns: argparse.Namespace) -> int:
     clients.require_durable_redis()
     app = make_app(settings)
 
-    def progress(r: ScanResult) -> None:
-        if not ns.json and r.chunks and r.chunks % 100 == 0:
-            print(f"listed {r.found} images, enqueued {r.enqueued} in {r.chunks} chunks", file=sys.stderr)
     latest: list[ScanResult] = []
 
-
+    def progress(r: ScanResult) -> None:
         latest[:] = [r]
-    run_id = new_run_id()
-    marks = Watermarks(clients.store, clients.keys)
-    if held_as is not None:
+        if not ns.json and r.chunks and r.chunks % 100 == 0:
+            print(f"listed {r.found} images, enqueued {r.enqueued} in {r.chunks} chunks", file=sys.stderr)
+
     if settings.metrics_port:
         # A long listing (and --wait) is watched like the workers: its own counts and the fleet's gauges.
         from worker.ops.metrics import CountsCollector, FleetCollector, serve
@@ -317,6 +317,9 @@ def _cmd_scan(ns: argparse.Namespace) -> int:
                               "enqueued, and chunks", lambda: {name: getattr(latest[0], name) if latest else 0
                                                                for name in ("found", "skipped", "enqueued",
                                                                             "chunks")}))
+    run_id = new_run_id()
+    marks = Watermarks(clients.store, clients.keys)
+    if held_as is not None:
         holder = marks.claim(held_as, run_id, lambda rid: _run_active(clients.runs, rid))
         if holder is not None:
             print(f"irlive: {held_as} is still being scanned by run {holder} (irlive status {holder}); "
@@ -508,6 +511,7 @@ def _cmd_listen(ns: argparse.Namespace) -> int:
     from worker.seams.sqs import EventQueue
 
     settings = Settings.from_env()
+    logs.configure(settings.log_format, logging.INFO)
     clients = _Clients(settings)
     output = S3Location.parse(ns.output, "--output") if ns.output else settings.require_output()
     if not 1 <= ns.wait <= 20:
@@ -526,11 +530,6 @@ def _cmd_listen(ns: argparse.Namespace) -> int:
                         source=f"sqs://{name}", output=output, suffixes=parse_suffixes(ns.suffix),
                         buckets=settings.event_buckets, json_lines=ns.json)
     print(f"irlive listen: {queue.url} -> {output} (events queue; Ctrl-C or SIGTERM to stop)", file=sys.stderr)
-    stats = listener.run(stop, wait_s=ns.wait)
-    print(f"\nirlive listen: stopped; {stats.line()}", file=sys.stderr)
-    return EXIT_OK
-
-
     if settings.metrics_port:
         from dataclasses import asdict
 
@@ -539,6 +538,11 @@ def _cmd_listen(ns: argparse.Namespace) -> int:
         serve(settings.metrics_port, None, FleetCollector(clients.store, clients.keys, settings.daily_budget_cents),
               CountsCollector("irlive_listener_events", "What the listener did with the S3 events it received",
                               lambda: asdict(listener.stats)))
+    stats = listener.run(stop, wait_s=ns.wait)
+    print(f"\nirlive listen: stopped; {stats.line()}", file=sys.stderr)
+    return EXIT_OK
+
+
 def _cmd_reindex(ns: argparse.Namespace) -> int:
     from producer.reindex import reindex
 

@@ -330,9 +330,11 @@ class Stack:
         cmd = [
             sys.executable, "-m", "celery", "-A", app, "worker", "--pool", "threads",
             "--concurrency", str(concurrency or self.concurrency), "--loglevel", "INFO",
-            "--without-gossip", "--without-mingle", "--without-heartbeat", "-n", f"{name}@%h",
+            "--without-gossip", "--without-mingle", "-n", f"{name}@%h",
         ]  # fmt: skip
-        env = {**os.environ, **self.env, **(extra_env or {})}
+        # The log file is no terminal, so IRLIVE_LOG_FORMAT's auto would mean JSON: the stack's logs are read by
+        # people and by tests' text checks, so text unless the caller's environment or settings ask for JSON.
+        env = {"IRLIVE_LOG_FORMAT": "text", **os.environ, **self.env, **(extra_env or {})}
         w = WorkerProc(name, procs.spawn(cmd, self.log_path(name), env=env, cwd=_REPO), self.log_path(name))
         self.workers.append(w)
         return w

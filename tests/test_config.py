@@ -51,6 +51,7 @@ ALL_VARS = {
     "IRLIVE_NOTIFY_SECRET": "whsec-not-in-any-view",
     "IRLIVE_MAX_ERROR_RATE": "0.25",
     "IRLIVE_MIN_CALLS": "40",
+    "IRLIVE_LOG_FORMAT": "json",
 }
 
 
@@ -114,6 +115,7 @@ def test_every_irlive_variable_is_parsed() -> None:
         notify_secret="whsec-not-in-any-view",
         max_error_rate=0.25,
         min_calls=40,
+        log_format="json",
     )
 
 

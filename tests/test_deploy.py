@@ -38,7 +38,10 @@ MARGIN_S = 30.0
 IRLIVE_IMAGE = re.compile(r"^irlive:\d+\.\d+\.\d+$")
 REDIS_IMAGE = re.compile(r"^redis:\d+(\.\d+)*$")
 WORKER_ARGS = ["celery", "-A", "worker", "worker", "--pool", "threads"]
-WORKER_FLAGS = {"--without-gossip", "--without-mingle", "--without-heartbeat"}
+WORKER_FLAGS = {"--without-gossip", "--without-mingle"}
+# Flower shows a worker as online only while its heartbeats arrive; irlive's chunk lease is its own (Redis).
+FORBIDDEN_WORKER_FLAGS = {"--without-heartbeat"}
+FLOWER_ARGS = ["celery", "-A", "worker", "flower"]
 
 
 # ---------------------------------------------------------------- helpers
@@ -126,6 +129,10 @@ def _units() -> dict[str, dict[str, dict[str, list[str]]]]:
             current.setdefault(key.strip(), []).append(value.strip())
         units[path.name] = sections
     return units
+
+
+def _worker_flags_ok(argv: list[str]) -> bool:
+    return set(argv) >= WORKER_FLAGS and not set(argv) & FORBIDDEN_WORKER_FLAGS
 
 
 def _deploy_files() -> list[Path]:
@@ -244,7 +251,7 @@ def test_k8s_worker_deployment() -> None:
     _check_timing(_configmap(), spec["terminationGracePeriodSeconds"], "worker Deployment")
     assert spec["securityContext"]["runAsNonRoot"] is True
     (c,) = spec["containers"]
-    assert c["command"][:6] == WORKER_ARGS and set(c["command"]) >= WORKER_FLAGS
+    assert c["command"][:6] == WORKER_ARGS and _worker_flags_ok(c["command"])
     assert c["resources"]["requests"] and c["resources"]["limits"]["memory"]
     assert c["securityContext"]["allowPrivilegeEscalation"] is False
     probes = json.dumps({k: v for k, v in c.items() if k.endswith("Probe")})
@@ -298,6 +305,8 @@ def test_k8s_schemas_offline() -> None:
     # 1.29: the oldest release this targets (CronJob timeZone is GA since 1.27); and the newest bundled.
     for version in ("1.29", kv.latest_version()):
         for doc in docs:
+            if doc["apiVersion"].startswith("keda.sh/"):
+                continue  # KEDA's CRDs: no bundled schema; test_keda_objects_validate_against_the_crd_schemas
             kv.validate(doc, version, strict=True)
 
 
@@ -370,11 +379,13 @@ def test_compose_config_without_engine(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     services = json.loads(out.stdout)["services"]
     assert services["worker"]["deploy"]["replicas"] == 2
-    for name in ("worker", "producer"):
+    for name in ("worker", "producer", "flower"):
         environment = services[name]["environment"]
         assert set(environment) <= ALLOWED_ENV
         assert environment["IRLIVE_REDIS_URL"] == "redis://redis:6379/0"
         Settings.from_env({k: v or "" for k, v in environment.items()})
+    # The env file's API key, emptied (unset) for Flower after compose merged the two.
+    assert not services["flower"]["environment"]["IRLIVE_API_KEY"]
 
 
 # ---------------------------------------------------------------- IAM
@@ -453,7 +464,7 @@ def test_dockerfile() -> None:
                 assert ".env" not in src
     (cmd,) = [ln for ln in final if ln.upper().startswith("CMD ")]
     argv = json.loads(cmd[4:])
-    assert argv[:6] == WORKER_ARGS and set(argv) >= WORKER_FLAGS
+    assert argv[:6] == WORKER_ARGS and _worker_flags_ok(argv)
     ignore = [ln.strip() for ln in (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
               if ln.strip() and not ln.startswith("#")]
     assert ignore[0] == "**", "deny by default, then allow only what `pip install .` needs"
@@ -470,7 +481,7 @@ def test_systemd_units_structure() -> None:
     assert worker["Restart"] == ["always"], "a worker that exits for any reason is restarted"
     _check_timing(_env_file(ENV_EXAMPLE), float(worker["TimeoutStopSec"][-1]), "systemd worker")
     argv = worker["ExecStart"][-1].split()
-    assert Path(argv[0]).name == "celery" and argv[1:6] == WORKER_ARGS[1:] and set(argv) >= WORKER_FLAGS
+    assert Path(argv[0]).name == "celery" and argv[1:6] == WORKER_ARGS[1:] and _worker_flags_ok(argv)
     assert any("%i" in a for a in argv), "each instance needs its own Celery node name"
     assert worker["User"] != ["root"]
 
@@ -558,3 +569,611 @@ def test_cloudformation_lint_offline() -> None:
         pytest.skip("cfn-lint not installed")
     out = _run([tool, str(CLOUDFORMATION / "events.yaml")])
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+# ---------------------------------------------------------------- Flower
+
+
+def _flower_options(argv: list[str]) -> dict[str, str]:
+    return dict(a.removeprefix("--").split("=", 1) for a in argv if a.startswith("--") and "=" in a)
+
+
+def test_k8s_flower() -> None:
+    docs = _k8s_docs()
+    dep = _one(docs, "Deployment", "irlive-flower")
+    spec = _pod_spec(dep)
+    assert dep["spec"]["replicas"] == 1, "Flower's task history is in memory: two replicas show two histories"
+    assert spec["securityContext"]["runAsNonRoot"] is True and spec["automountServiceAccountToken"] is False
+    assert "serviceAccountName" not in spec, "Flower needs no AWS role"
+    (c,) = spec["containers"]
+    assert c["command"][:4] == FLOWER_ARGS
+    options = _flower_options(c["command"])
+    port = int(options["port"])
+    assert {p["containerPort"] for p in c["ports"]} == {port}
+    # The workers' settings (one visibility timeout on the broker), never the API key: Flower never pays.
+    assert [src["configMapRef"]["name"] for src in c["envFrom"]] == ["irlive-config"]
+    assert "IRLIVE_API_KEY" not in {e["name"] for e in c.get("env", ())}
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert c[probe]["httpGet"]["path"] == "/healthcheck"
+    assert c["securityContext"]["allowPrivilegeEscalation"] is False and c["resources"]["limits"]["memory"]
+    service = _one(docs, "Service", "irlive-flower")
+    assert service["spec"].get("type", "ClusterIP") == "ClusterIP", "Flower can stop workers: never exposed as is"
+    assert service["spec"]["selector"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()
+    assert dep["spec"]["selector"]["matchLabels"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()
+    (svc_port,) = service["spec"]["ports"]
+    assert svc_port["targetPort"] in (port, "http") and svc_port["port"] == port
+    # The worker pods' PodDisruptionBudget must not count Flower's pod as a worker.
+    pdb = _one(docs, "PodDisruptionBudget")
+    assert not pdb["spec"]["selector"]["matchLabels"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()
+
+
+def test_compose_flower() -> None:
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    flower, worker = compose["services"]["flower"], compose["services"]["worker"]
+    assert flower["image"] == worker["image"] and flower["env_file"] == worker["env_file"] == ["irlive.env"]
+    assert flower["entrypoint"] == ["celery"] and ["celery", *flower["command"]][:4] == FLOWER_ARGS
+    port = _flower_options(flower["command"])["port"]
+    (published,) = flower["ports"]
+    assert published == f"127.0.0.1:{port}:{port}", "Flower can stop workers: published on the host's loopback only"
+    env = flower["environment"]
+    assert env["IRLIVE_API_KEY"] == "", "an empty value unsets the env file's key: Flower never pays"
+    assert env["IRLIVE_REDIS_URL"] == worker["environment"]["IRLIVE_REDIS_URL"]
+    assert set(env) <= ALLOWED_ENV
+    assert flower["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert "/healthcheck" in " ".join(flower["healthcheck"]["test"])
+    assert "profiles" not in flower, "up with the workers"
+
+
+# ---------------------------------------------------------------- metrics: dashboard and alert rules
+#
+# The metric catalogue of worker/ops/metrics.py. Counters and histograms are per worker process group: summed,
+# and read through rate()/increase(). The gauges are read from Redis at scrape time, so every worker reports the
+# same fleet-wide value: max(), never sum() or avg().
+
+GRAFANA = DEPLOY / "grafana"
+PROMETHEUS = DEPLOY / "prometheus"
+OPERATIONS = ROOT / "docs" / "OPERATIONS.md"
+DEFAULT_METRICS_PORT = 9808
+COUNTERS: dict[str, dict[str, frozenset[str] | None]] = {
+    "irlive_images_total": {"verdict": frozenset({"live", "spoof", "no_face", "rejected", "error", "not_judged",
+                                                  "duplicate"})},
+    "irlive_calls_total": {"outcome": frozenset({"answered", "failed", "unknown", "refused", "throttled"})},
+    "irlive_money_cents_total": {"kind": frozenset({"bought", "spent", "returned", "void", "unknown"})},
+    "irlive_throttles_total": {},
+    "irlive_deliveries_total": {"queue": None},
+    "irlive_dead_letters_total": {},
+    "irlive_answers_lost_total": {},
+}
+HISTOGRAMS = ("irlive_call_duration_seconds", "irlive_chunk_duration_seconds", "irlive_limiter_wait_seconds")
+GAUGES: dict[str, dict[str, frozenset[str] | None]] = {
+    "irlive_calls_in_flight": {},
+    "irlive_limiter_rate_per_s": {},
+    "irlive_queue_depth": {"queue": None},
+    "irlive_token_pool": {},
+    "irlive_budget_left_cents": {"scope": frozenset({"run", "day"}), "run_id": None},
+    "irlive_runs": {"state": None},
+    "irlive_run_images": {"run_id": None, "state": None},
+    "irlive_run_pending_chunks": {"run_id": None},
+}
+# name -> {label: allowed values (None: any)}; a histogram's series carry `le` on _bucket only.
+CATALOGUE: dict[str, dict[str, frozenset[str] | None]] = {
+    **COUNTERS, **GAUGES,
+    **{f"{h}_bucket": {"le": None} for h in HISTOGRAMS},
+    **{f"{h}{suffix}": {} for h in HISTOGRAMS for suffix in ("_sum", "_count")},
+}
+# Labels Prometheus adds to every scraped series.
+TARGET_LABELS = frozenset({"job", "instance", "namespace", "pod", "component"})
+PROMQL_KEYWORDS = frozenset({"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or",
+                             "unless", "offset", "inf", "nan"})
+STRING = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`')
+GROUPING = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)")
+SELECTOR = re.compile(r"(?<![\w:.$])([a-zA-Z_:][\w:]*)\s*\{([^}]*)\}")
+MATCHER = re.compile(r'\s*([a-zA-Z_]\w*)\s*(=~|!~|!=|=)\s*("(?:[^"\\]|\\.)*")\s*,?')
+# Whole names only (no backtracking into `rat` of `rate(`), and not a function call.
+IDENT = re.compile(r"(?<![\w:.$])([a-zA-Z_:][\w:]*)(?![\w:]|\s*\()")
+
+
+def _promql_metrics(expr: str) -> set[str]:
+    """The metric names a PromQL expression selects: identifiers left once strings, label matchers, ranges,
+    grouping clauses, function calls and keywords are taken out."""
+    text = STRING.sub('""', expr)
+    text = re.sub(r"\{[^}]*\}", " ", text)
+    text = re.sub(r"\[[^\]]*\]", " ", text)
+    text = GROUPING.sub(" ", text)
+    return {name for name in IDENT.findall(text) if name.lower() not in PROMQL_KEYWORDS}
+
+
+def _check_promql(expr: str, where: str) -> set[str]:
+    """Every metric is in the catalogue, used with its own labels and values, counters through a rate and
+    fleet gauges never summed; returns the metrics used."""
+    assert expr.count("(") == expr.count(")") and expr.count("{") == expr.count("}"), f"{where}: unbalanced: {expr}"
+    used = _promql_metrics(expr)
+    assert used, f"{where}: selects no metric: {expr}"
+    unknown = used - CATALOGUE.keys()
+    assert not unknown, f"{where}: not in the metric catalogue: {sorted(unknown)} in {expr}"
+    for name, matchers in SELECTOR.findall(expr):
+        if name not in CATALOGUE:
+            continue  # a function's braces cannot occur in PromQL; unknown names failed above
+        assert re.fullmatch(f"(?:{MATCHER.pattern})*\\s*", matchers), f"{where}: unreadable matchers {{{matchers}}}"
+        parsed = MATCHER.findall(matchers)
+        for label, op, quoted in parsed:
+            allowed = CATALOGUE[name]
+            assert label in allowed or label in TARGET_LABELS, f"{where}: {name} has no label {label!r}"
+            values = allowed.get(label)
+            if values is None or "$" in quoted:
+                continue
+            wanted = json.loads(quoted)
+            words = wanted.split("|") if op in ("=~", "!~") else [wanted]
+            assert set(words) <= values, f"{where}: {name}{{{label}}} has no value {sorted(set(words) - values)}"
+    flat = GROUPING.sub(" ", STRING.sub('""', expr))
+    for name in used:
+        if name in COUNTERS or name.endswith(("_bucket", "_sum", "_count")):
+            for m in re.finditer(rf"(?<![\w:]){re.escape(name)}(?![\w:])", flat):
+                assert re.search(r"\b(rate|irate|increase)\(\s*$", flat[:m.start()]), \
+                    f"{where}: counter {name} read without rate()/increase(): {expr}"
+        if name in GAUGES:
+            assert not re.search(rf"\b(sum|avg|count)\s*\(\s*{name}\b", flat), \
+                f"{where}: {name} is fleet-wide (every worker reports it): aggregate with max(), not sum(): {expr}"
+    return used
+
+
+def _panels(panels: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    found = []
+    for panel in panels:
+        found.append(panel)
+        found += _panels(panel.get("panels", []))  # a collapsed row holds its panels
+    return found
+
+
+def _check_dashboard(dashboard: dict[str, Any]) -> set[str]:
+    """Structure of the importable dashboard and the PromQL of every panel and variable; the metrics used."""
+    assert dashboard["schemaVersion"] >= 36
+    (ds_input,) = [i for i in dashboard["__inputs"] if i["name"] == "DS_PROMETHEUS"]
+    assert ds_input["type"] == "datasource" and ds_input["pluginId"] == "prometheus"
+    datasource = {"type": "prometheus", "uid": "${DS_PROMETHEUS}"}
+    used: set[str] = set()
+    panels = _panels(dashboard["panels"])
+    ids = [p["id"] for p in panels]
+    assert len(ids) == len(set(ids)), "panel ids must be unique"
+    for panel in panels:
+        if panel["type"] == "row":
+            continue
+        where = f"panel {panel['title']!r}"
+        assert panel["datasource"] == datasource, where
+        assert panel["targets"], f"{where}: no query"
+        assert set(panel["gridPos"]) == {"h", "w", "x", "y"} and panel["gridPos"]["x"] + panel["gridPos"]["w"] <= 24
+        for target in panel["targets"]:
+            assert target.get("datasource", datasource) == datasource, where
+            used |= _check_promql(target["expr"], where)
+    for var in dashboard.get("templating", {}).get("list", []):
+        if var["type"] == "query":
+            query = var["query"]["query"] if isinstance(var["query"], dict) else var["query"]
+            inner = re.fullmatch(r"label_values\((.+),\s*(\w+)\)", query)
+            assert inner, f"variable {var['name']}: {query}"
+            used |= _check_promql(inner.group(1), f"variable {var['name']}")
+            assert inner.group(2) in CATALOGUE[inner.group(1).strip()], f"variable {var['name']}: label"
+    return used
+
+
+def _load_dashboard() -> dict[str, Any]:
+    return dict(json.loads((GRAFANA / "irlive-dashboard.json").read_text()))
+
+
+def test_grafana_dashboard_uses_only_catalogue_metrics_and_shows_every_one() -> None:
+    used = _check_dashboard(_load_dashboard())
+    # Every metric of the catalogue is on the dashboard (histograms through their buckets).
+    shown = {n.removesuffix("_bucket") for n in used}
+    missing = (set(COUNTERS) | set(HISTOGRAMS) | set(GAUGES)) - shown
+    assert not missing, f"not on the dashboard: {sorted(missing)}"
+
+
+@pytest.mark.parametrize(("old", "new", "complaint"), [
+    ("irlive_images_total", "irlive_image_total", "not in the metric catalogue"),
+    ("max(irlive_token_pool)", "sum(irlive_token_pool)", "fleet-wide"),
+    ("sum by (verdict) (rate(irlive_images_total[$__rate_interval]))", "sum by (verdict) (irlive_images_total)",
+     "without rate"),
+    ('kind=~\\"bought|spent\\"', 'kind=~\\"bought|spend\\"', "has no value"),
+    ('run_id=~\\"$run_id\\"', 'run=~\\"$run_id\\"', "has no label"),
+])
+def test_grafana_dashboard_check_catches_mistakes(old: str, new: str, complaint: str) -> None:
+    # The checker must fail on a wrong dashboard, or the test above proves nothing.
+    text = (GRAFANA / "irlive-dashboard.json").read_text()
+    assert old in text, old
+    with pytest.raises(AssertionError, match=complaint):
+        _check_dashboard(json.loads(text.replace(old, new, 1)))
+
+
+def test_promql_extractor() -> None:
+    expr = ('histogram_quantile(0.95, sum by (le) (rate(irlive_call_duration_seconds_bucket{job="a"}[5m]))) '
+            '/ on() group_left max(irlive_token_pool offset 1h) and absent(irlive_runs{state="x y"})')
+    assert _promql_metrics(expr) == {"irlive_call_duration_seconds_bucket", "irlive_token_pool", "irlive_runs"}
+    assert _promql_metrics('sum(rate(irlive_calls_total{outcome!="answered"}[$__rate_interval])) * 60') == {
+        "irlive_calls_total"}
+
+
+REQUIRED_ALERTS = {"IrliveSellerFailing", "IrliveRunBudgetNearlySpent", "IrliveDailyBudgetNearlySpent",
+                   "IrliveQueueNotDraining", "IrliveTokenPoolEmpty", "IrliveRunStalled", "IrliveAnswersLost"}
+RULE_KEYS = {"alert", "expr", "for", "keep_firing_for", "labels", "annotations"}
+
+
+def _operations_sections() -> set[str]:
+    return {line[3:].strip() for line in OPERATIONS.read_text().splitlines() if line.startswith("## ")}
+
+
+def _check_rules(doc: dict[str, Any]) -> set[str]:
+    """promtool's structure plus ours: severity, an operator's summary and description naming existing
+    docs/OPERATIONS.md sections, catalogue metrics only. Returns the alert names."""
+    assert set(doc) == {"groups"} and doc["groups"]
+    sections = _operations_sections()
+    names: list[str] = []
+    for group in doc["groups"]:
+        assert set(group) <= {"name", "interval", "rules", "limit"} and group["name"] and group["rules"]
+        for rule in group["rules"]:
+            assert "record" not in rule, "alerting rules only"
+            assert set(rule) <= RULE_KEYS, f"unknown keys {set(rule) - RULE_KEYS}"
+            name = rule["alert"]
+            assert re.fullmatch(r"Irlive[A-Z][A-Za-z]+", name), name
+            names.append(name)
+            assert isinstance(rule["expr"], str)
+            _check_promql(rule["expr"], name)
+            if "for" in rule:
+                assert re.fullmatch(r"\d+[smh]", rule["for"]), f"{name}: for {rule['for']!r}"
+            assert rule["labels"]["severity"] in ("critical", "warning"), f"{name}: severity"
+            notes = rule["annotations"]
+            assert notes.get("summary") and len(notes.get("description", "")) > 80, f"{name}: summary/description"
+            refs = re.findall(r"docs/OPERATIONS\.md((?:,? (?:and )?'[^']+')+)", notes["description"])
+            cited = {s for ref in refs for s in re.findall(r"'([^']+)'", ref)}
+            assert cited, f"{name}: the description must point to a docs/OPERATIONS.md section"
+            assert cited <= sections, f"{name}: no such section in docs/OPERATIONS.md: {sorted(cited - sections)}"
+    assert len(names) == len(set(names)), "alert names must be unique"
+    return set(names)
+
+
+def _load_rules() -> dict[str, Any]:
+    return dict(yaml.safe_load((PROMETHEUS / "alerts.yaml").read_text()))
+
+
+def test_prometheus_alert_rules_structure() -> None:
+    names = _check_rules(_load_rules())
+    assert names >= REQUIRED_ALERTS, f"missing alerts: {sorted(REQUIRED_ALERTS - names)}"
+
+
+@pytest.mark.parametrize(("old", "new", "complaint"), [
+    ("irlive_answers_lost_total", "irlive_answer_lost_total", "not in the metric catalogue"),
+    ("max(irlive_token_pool)", "sum(irlive_token_pool)", "fleet-wide"),
+    ("severity: critical", "severity: page", "severity"),
+    ("'Money'", "'Monies'", "no such section"),
+    ('outcome!="answered"', 'outcome!="answerd"', "has no value"),
+])
+def test_prometheus_alert_rules_check_catches_mistakes(old: str, new: str, complaint: str) -> None:
+    text = (PROMETHEUS / "alerts.yaml").read_text()
+    assert old in text, old
+    with pytest.raises(AssertionError, match=complaint):
+        _check_rules(yaml.safe_load(text.replace(old, new, 1)))
+
+
+def _promtool() -> str:
+    tool = shutil.which("promtool")
+    if not tool:
+        pytest.skip("promtool not installed (Debian: apt-get install prometheus; ./dev.sh test does)")
+    return tool
+
+
+def test_promtool_check_rules() -> None:
+    out = _run([_promtool(), "check", "rules", str(PROMETHEUS / "alerts.yaml")])
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_promtool_check_rules_catches_a_bad_expression(tmp_path: Path) -> None:
+    bad = tmp_path / "alerts.yaml"
+    bad.write_text((PROMETHEUS / "alerts.yaml").read_text().replace("> 0.25", "> > 0.25", 1))
+    out = _run([_promtool(), "check", "rules", str(bad)])
+    assert out.returncode != 0
+
+
+def test_promtool_check_scrape_config(tmp_path: Path) -> None:
+    tool = _promtool()
+    config = yaml.safe_load((PROMETHEUS / "scrape.yaml").read_text())
+    assert config["rule_files"] == ["alerts.yaml"]
+    (k8s_job,) = [j for j in config["scrape_configs"] if "kubernetes_sd_configs" in j]
+    keeps = {r["source_labels"][0]: r["regex"] for r in k8s_job["relabel_configs"] if r.get("action") == "keep"}
+    assert keeps == {"__meta_kubernetes_pod_label_app_kubernetes_io_name": "irlive",
+                     "__meta_kubernetes_pod_container_port_name": "metrics"}
+    shutil.copy(PROMETHEUS / "alerts.yaml", tmp_path / "alerts.yaml")
+    (tmp_path / "scrape.yaml").write_text((PROMETHEUS / "scrape.yaml").read_text())
+    out = _run([tool, "check", "config", str(tmp_path / "scrape.yaml")])
+    if out.returncode != 0 and "kubernetes_sd_configs not found" in out.stdout + out.stderr:
+        # Debian's promtool is built without Kubernetes service discovery: check the rest of the file.
+        config["scrape_configs"].remove(k8s_job)
+        (tmp_path / "scrape.yaml").write_text(yaml.safe_dump(config))
+        out = _run([tool, "check", "config", str(tmp_path / "scrape.yaml")])
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def _series(name: str, values: str) -> dict[str, str]:
+    # Two workers report the same fleet-wide gauges: the rules must not double them.
+    return {"series": name, "values": values}
+
+
+def test_promtool_alert_rules_fire_when_they_should(tmp_path: Path) -> None:
+    """promtool's rule unit tests on made-up series: each alert fires on its condition and stays quiet
+    otherwise. Annotations are left out of the copy tested (promtool compares them verbatim; `check rules`
+    validates their templates)."""
+    tool = _promtool()
+    rules = _load_rules()
+    for group in rules["groups"]:
+        for rule in group["rules"]:
+            rule.pop("annotations", None)
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump(rules))
+
+    def alert(name: str, at: str, labels: list[dict[str, str]]) -> dict[str, Any]:
+        return {"eval_time": at, "alertname": name, "exp_alerts": [{"exp_labels": x} for x in labels]}
+
+    crit, warn = {"severity": "critical"}, {"severity": "warning"}
+    tests = [
+        {"interval": "1m", "input_series": [
+            _series('irlive_answers_lost_total{instance="w1"}', "0 0 0 1 1 1"),
+            _series('irlive_answers_lost_total{instance="w2"}', "0x5")],
+         "alert_rule_test": [alert("IrliveAnswersLost", "2m", []), alert("IrliveAnswersLost", "4m", [crit])]},
+        {"interval": "1m", "input_series": [
+            _series('irlive_calls_total{instance="w1",outcome="answered"}', "0+6x30"),
+            _series('irlive_calls_total{instance="w1",outcome="failed"}', "0+60x30"),
+            _series('irlive_calls_total{instance="w2",outcome="answered"}', "0+60x30")],
+         "alert_rule_test": [alert("IrliveSellerFailing", "8m", []), alert("IrliveSellerFailing", "20m", [crit])]},
+        {"interval": "1m", "input_series": [
+            _series('irlive_calls_total{instance="w1",outcome="answered"}', "0+60x30"),
+            _series('irlive_calls_total{instance="w1",outcome="failed"}', "0+3x30")],
+         "alert_rule_test": [alert("IrliveSellerFailing", "20m", [])]},
+        {"interval": "1m", "input_series": [
+            _series('irlive_token_pool{instance="w1"}', "0x20"),
+            _series('irlive_token_pool{instance="w2"}', "0x20"),
+            _series('irlive_runs{instance="w1",state="running"}', "1x20"),
+            _series('irlive_runs{instance="w2",state="running"}', "1x20")],
+         "alert_rule_test": [alert("IrliveTokenPoolEmpty", "5m", []), alert("IrliveTokenPoolEmpty", "15m", [warn])]},
+        {"interval": "1m", "input_series": [
+            _series('irlive_token_pool{instance="w1"}', "0x20"),
+            _series('irlive_runs{instance="w1",state="running"}', "0x20")],
+         "alert_rule_test": [alert("IrliveTokenPoolEmpty", "15m", [])]},
+        {"interval": "1m", "input_series": [
+            _series('irlive_run_images{instance="w1",run_id="r1",state="running"}', "0+10x10 100x30"),
+            _series('irlive_run_images{instance="w2",run_id="r1",state="running"}', "0+10x10 100x30"),
+            _series('irlive_run_pending_chunks{instance="w1",run_id="r1"}', "3x40"),
+            _series('irlive_run_images{instance="w1",run_id="r2",state="running"}', "0+10x40"),
+            _series('irlive_run_pending_chunks{instance="w1",run_id="r2"}', "3x40")],
+         "alert_rule_test": [alert("IrliveRunStalled", "20m", []),
+                             alert("IrliveRunStalled", "30m", [{**warn, "run_id": "r1"}])]},
+        {"interval": "1m", "input_series": [
+            _series('irlive_queue_depth{instance="w1",queue="irlive.nightly"}', "5x50"),
+            _series('irlive_queue_depth{instance="w2",queue="irlive.nightly"}', "5x50"),
+            _series('irlive_queue_depth{instance="w1",queue="irlive.events"}', "50-1x50"),
+            _series('irlive_queue_depth{instance="w1",queue="irlive.backfill"}', "0x50")],
+         "alert_rule_test": [alert("IrliveQueueNotDraining", "20m", []),
+                             alert("IrliveQueueNotDraining", "40m", [{**warn, "queue": "irlive.nightly"}]),
+                             alert("IrliveNoWorkerMetrics", "40m", [])]},
+        {"interval": "1m", "input_series": [
+            _series('irlive_budget_left_cents{instance="w1",scope="run",run_id="r1"}', "900-100x20"),
+            _series('irlive_budget_left_cents{instance="w1",scope="day",run_id=""}', "5000x20")],
+         "alert_rule_test": [alert("IrliveRunBudgetNearlySpent", "3m", []),
+                             alert("IrliveRunBudgetNearlySpent", "12m", [{**warn, "run_id": "r1"}]),
+                             alert("IrliveDailyBudgetNearlySpent", "12m", [])]},
+        {"interval": "1m", "input_series": [_series('irlive_calls_total{instance="w1",outcome="answered"}', "0x20")],
+         "alert_rule_test": [alert("IrliveNoWorkerMetrics", "15m", [crit])]},
+    ]
+    spec = {"rule_files": ["rules.yaml"], "evaluation_interval": "1m", "tests": tests}
+    (tmp_path / "test.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    out = _run([tool, "test", "rules", "test.yaml"], cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_metrics_port_and_pod_monitor() -> None:
+    docs = _k8s_docs()
+    (c,) = _pod_spec(_one(docs, "Deployment", "irlive-worker"))["containers"]
+    (port,) = [p for p in c.get("ports", ()) if p["name"] == "metrics"]
+    configured = _configmap().get("IRLIVE_METRICS_PORT")
+    assert port["containerPort"] == int(configured or Settings().metrics_port or DEFAULT_METRICS_PORT)
+    monitor = yaml.safe_load((PROMETHEUS / "podmonitor.yaml").read_text())
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1" and monitor["kind"] == "PodMonitor"
+    assert "namespace" not in monitor["metadata"]
+    pod_labels = _one(docs, "Deployment", "irlive-worker")["spec"]["template"]["metadata"]["labels"]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    assert endpoint["port"] == port["name"] and endpoint["path"] == "/metrics"
+
+
+# ---------------------------------------------------------------- KEDA
+
+# KEDA's schemas come from npm's @kubernetes-models/keda (generated from KEDA's API types); `./dev.sh test`
+# installs it into .cache/node (git-ignored) when node and npm exist. ESM only: imported, not required.
+KEDA_NODE_PREFIX = ROOT / ".cache" / "node"
+KEDA_MODELS = KEDA_NODE_PREFIX / "node_modules" / "@kubernetes-models" / "keda"
+# One document as JSON on stdin; `new Kind(doc).validate()` throws the model's JSON-schema errors.
+KEDA_VALIDATE_JS = """
+import { readFileSync } from "node:fs";
+const doc = JSON.parse(readFileSync(0, "utf8"));
+let Kind;
+try {
+  ({ [doc.kind]: Kind } = await import(`@kubernetes-models/keda/${doc.apiVersion}/${doc.kind}`));
+} catch (e) {
+  console.error(`no @kubernetes-models/keda model for ${doc.apiVersion} ${doc.kind}: ${e.message}`);
+  process.exit(2);
+}
+try {
+  new Kind(doc).validate();
+} catch (e) {
+  console.error(e.message);
+  process.exit(1);
+}
+"""
+# Trigger metadata keys each scaler reads (KEDA v2.20.2, pkg/scalers/redis_scaler.go and
+# aws_sqs_queue_scaler.go, the `keda:"name=..."` tags whose order includes triggerMetadata). The CRD types
+# metadata as a string map, so a misspelt key passes the schema and fails only in the cluster.
+KEDA_TRIGGER_KEYS = {
+    "redis": {"address", "addresses", "host", "hosts", "port", "ports", "username", "password",
+              "sentinelUsername", "sentinelPassword", "sentinelMaster", "unsafeSsl", "listLength",
+              "activationListLength", "listName", "databaseIndex", "enableTLS"},
+    "aws-sqs-queue": {"queueURL", "queueLength", "activationQueueLength", "awsRegion", "awsEndpoint",
+                      "scaleOnInFlight", "scaleOnDelayed", "identityOwner"},
+}
+
+
+def _keda_docs() -> list[dict[str, Any]]:
+    docs = []
+    for path in sorted(K8S.glob("keda-*.yaml")):
+        docs += [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+    return docs
+
+
+def _keda_schema_error(doc: dict[str, Any]) -> str | None:
+    """None when @kubernetes-models/keda's model for the document's kind accepts it, else its errors."""
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node not on PATH: the KEDA schema checks run @kubernetes-models/keda's validate()")
+    if not (KEDA_MODELS / "package.json").is_file():
+        pytest.skip(f"@kubernetes-models/keda not installed in {KEDA_NODE_PREFIX.relative_to(ROOT)} "
+                    "(`./dev.sh test` installs it with npm)")
+    r = _run([node, "--input-type=module", "-e", KEDA_VALIDATE_JS], input=json.dumps(doc), cwd=KEDA_NODE_PREFIX)
+    if r.returncode == 0:
+        return None
+    return (r.stderr.strip() or r.stdout.strip()) + f" (exit {r.returncode})"
+
+
+def _check_keda_schemas(docs: list[dict[str, Any]]) -> None:
+    for doc in docs:
+        if doc["apiVersion"].startswith("keda.sh/"):
+            error = _keda_schema_error(doc)
+            assert error is None, f"{doc['kind']}/{doc['metadata']['name']}: {error}"
+
+
+def _check_keda_trigger_keys(docs: list[dict[str, Any]]) -> None:
+    for so in (d for d in docs if d["kind"] == "ScaledObject"):
+        for trigger in so["spec"]["triggers"]:
+            keys = set(trigger["metadata"])
+            known = KEDA_TRIGGER_KEYS[trigger["type"]]
+            unknown = {k for k in keys if k not in known and k.removesuffix("FromEnv") not in known}
+            assert not unknown, f"{so['metadata']['name']}: {trigger['type']} reads no {sorted(unknown)}"
+
+
+def test_keda_trigger_metadata_keys_are_read_by_the_scalers() -> None:
+    _check_keda_trigger_keys(_keda_docs())
+
+
+def test_keda_objects_validate_against_the_crd_schemas() -> None:
+    docs = _keda_docs()
+    assert {(d["kind"], d["metadata"]["name"]) for d in docs} >= {
+        ("ScaledObject", "irlive-worker"), ("ScaledObject", "irlive-listener"),
+        ("TriggerAuthentication", "irlive-redis"), ("TriggerAuthentication", "irlive-aws")}
+    _check_keda_schemas(docs)
+
+
+# The models' schemas leave additionalProperties open, so an unknown or misspelt field (minReplicas for
+# minReplicaCount) passes them, as it passes a CRD schema; they catch these.
+@pytest.mark.parametrize(("mistake", "complaint"), [
+    ("missing target", "must have required property scaleTargetRef"),
+    ("bad identity owner", "/podIdentity/identityOwner must be equal to one of the allowed values"),
+    ("number not string", "/triggers/0/metadata/listLength must be string"),
+])
+def test_keda_schema_check_catches_mistakes(mistake: str, complaint: str) -> None:
+    docs = _keda_docs()
+    so = next(d for d in docs if d["kind"] == "ScaledObject")
+    auth = next(d for d in docs if d["kind"] == "TriggerAuthentication" and "podIdentity" in d["spec"])
+    if mistake == "missing target":
+        del so["spec"]["scaleTargetRef"]
+    elif mistake == "bad identity owner":
+        auth["spec"]["podIdentity"]["identityOwner"] = "operator"
+    else:
+        so["spec"]["triggers"][0]["metadata"]["listLength"] = 1
+    with pytest.raises(AssertionError, match=re.escape(complaint)):
+        _check_keda_schemas(docs)
+
+
+def test_keda_trigger_key_check_catches_a_misspelt_key() -> None:
+    docs = _keda_docs()
+    so = next(d for d in docs if d["kind"] == "ScaledObject")
+    so["spec"]["triggers"][0]["metadata"]["listname"] = so["spec"]["triggers"][0]["metadata"].pop("listName")
+    with pytest.raises(AssertionError, match="reads no"):
+        _check_keda_trigger_keys(docs)
+
+
+def _celery_lists() -> set[str]:
+    """The Redis lists kombu LPUSHes irlive's chunks onto: the queue's name for a message without a priority
+    (a priority would go to `<queue>\\x06\\x16<n>`), with no global key prefix."""
+    from unittest import mock
+
+    from kombu.transport.redis import PRIORITY_STEPS, Channel
+
+    from worker.app import make_app, send_chunk, send_finalize
+    from worker.messages import PRIORITIES, QUEUES, Chunk
+
+    app = make_app(Settings())
+    assert app.conf.task_default_priority is None
+    assert not set(app.conf.broker_transport_options) & {"global_keyprefix", "priority_steps", "sep"}
+    sent = []
+    with mock.patch.object(app, "send_task", side_effect=lambda *a, **kw: sent.append(kw)):
+        for priority in PRIORITIES:
+            send_chunk(app, Chunk("r", 0, "bucket", [("k", "e")], priority))
+        send_finalize(app, "r")
+    assert sent and not any("priority" in kw for kw in sent), "a message priority moves it to a sub-list"
+
+    class Lists:  # kombu's own naming, without a connection
+        priority_steps = PRIORITY_STEPS
+        sep = Channel.sep
+        priority = Channel.priority
+        _q_for_pri = Channel._q_for_pri
+
+    lists = {Lists()._q_for_pri(q, 0) for q in QUEUES.values()}
+    assert {kw["queue"] for kw in sent} <= set(QUEUES.values())
+    return lists
+
+
+def test_keda_worker_scaler_reads_the_celery_lists() -> None:
+    from worker.messages import QUEUES
+
+    docs = _k8s_docs()
+    so = _one(_keda_docs(), "ScaledObject", "irlive-worker")
+    target = _one(docs, "Deployment", so["spec"]["scaleTargetRef"]["name"])
+    assert target["metadata"]["name"] == "irlive-worker"
+    assert so["spec"]["minReplicaCount"] >= 1, "the watchdog and event chunks need a worker at all times"
+    assert so["spec"]["maxReplicaCount"] > so["spec"]["minReplicaCount"]
+    triggers = so["spec"]["triggers"]
+    assert all(t["type"] == "redis" for t in triggers)
+    by_list = {t["metadata"]["listName"]: t for t in triggers}
+    assert len(by_list) == len(triggers) and set(by_list) == _celery_lists() == set(QUEUES.values())
+    # The events queue weighs most: the lowest target length, so a backlog there adds workers soonest.
+    lengths = {name: int(t["metadata"]["listLength"]) for name, t in by_list.items()}
+    events = lengths.pop(QUEUES["events"])
+    assert all(events < n for n in lengths.values()), (events, lengths)
+    # Same Redis and database as the workers' broker URL.
+    url = re.fullmatch(r"redis://(?:[^@]*@)?([^:/]+):(\d+)/(\d+)", _configmap()["IRLIVE_REDIS_URL"])
+    assert url
+    service = _one(docs, "Service", url.group(1))
+    (svc_port,) = service["spec"]["ports"]
+    auths = {d["metadata"]["name"]: d for d in _keda_docs() if d["kind"] == "TriggerAuthentication"}
+    for t in triggers:
+        host, _, port = t["metadata"]["address"].rpartition(":")
+        assert host.split(".")[0] == service["metadata"]["name"] and host.endswith(".svc.cluster.local"), host
+        assert int(port) == svc_port["port"] and t["metadata"]["databaseIndex"] == url.group(3)
+        auth = auths[t["authenticationRef"]["name"]]["spec"]
+        assert [(r["parameter"], r["name"]) for r in auth["secretTargetRef"]] == [("password", "irlive-secrets")]
+    # KEDA's operator may reach Redis: a NetworkPolicy on the Redis pods admits it.
+    sts = _one(docs, "StatefulSet", "irlive-redis")
+    policy = _one(docs, "NetworkPolicy", "irlive-redis-keda")
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= sts["spec"]["template"]["metadata"]["labels"].items()
+
+
+def test_keda_listener_scaler_reads_the_event_queue() -> None:
+    docs = _k8s_docs()
+    so = _one(_keda_docs(), "ScaledObject", "irlive-listener")
+    listener = _one(docs, "Deployment", so["spec"]["scaleTargetRef"]["name"])
+    (c,) = _pod_spec(listener)["containers"]
+    queue_name = c["command"][2].removeprefix("sqs://")
+    (trigger,) = so["spec"]["triggers"]
+    assert trigger["type"] == "aws-sqs-queue"
+    url = re.fullmatch(r"https://sqs\.([a-z0-9-]+)\.amazonaws\.com/\d{12}/([\w-]+)", trigger["metadata"]["queueURL"])
+    assert url and url.group(2) == queue_name and url.group(1) == trigger["metadata"]["awsRegion"]
+    assert so["spec"]["minReplicaCount"] >= 2, "a second listener keeps events moving while one restarts"
+    auth = _one(_keda_docs(), "TriggerAuthentication", trigger["authenticationRef"]["name"])
+    # The listener's own role (the irlive ServiceAccount), which iam-policy.json lets read the queue's attributes.
+    assert auth["spec"]["podIdentity"] == {"provider": "aws", "identityOwner": "workload"}
+    assert _pod_spec(listener)["serviceAccountName"] == "irlive"
+    policy = json.loads((DEPLOY / "iam-policy.json").read_text())
+    assert any("sqs:GetQueueAttributes" in _list(st["Action"]) for st in policy["Statement"])

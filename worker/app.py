@@ -6,12 +6,18 @@ import logging
 import sys
 import threading
 from typing import Any
+from urllib.parse import quote
 
 from celery import Celery
+from celery.app.events import Events
 from celery.concurrency import get_implementation
+from celery.events.dispatcher import EventDispatcher
 from celery.signals import (
     after_setup_logger,
     after_setup_task_logger,
+    celeryd_init,
+    task_postrun,
+    task_prerun,
     worker_init,
     worker_process_init,
     worker_process_shutdown,
@@ -19,10 +25,10 @@ from celery.signals import (
 )
 from kombu.entity import Queue
 
-from worker.config import Settings
+from worker.config import SentinelTarget, Settings, is_sentinel_url
 from worker.errors import ConfigError, IrliveError
-from worker.messages import CONTROL_QUEUE, FINALIZE_RUN, PROCESS_CHUNK, QUEUES, Chunk
-from worker.ops import redact
+from worker.messages import CONTROL_QUEUE, FINALIZE_RUN, NOTIFY_RUN, PROCESS_CHUNK, QUEUES, Chunk
+from worker.ops import logs, redact
 
 log = logging.getLogger("irlive.app")
 _lock = threading.Lock()
@@ -31,9 +37,11 @@ _from_env: Celery | None = None
 
 def make_app(settings: Settings) -> Celery:
     """A configured app without tasks: the producer sends tasks by name with it."""
-    app = Celery("irlive", broker=settings.redis_url, set_as_current=False)
+    broker, sentinel_options = broker_url(settings.redis_url)
+    app = Celery("irlive", broker=broker, set_as_current=False, events=_RedactedEvents)
     vt = settings.visibility_timeout
-    transport = {
+    transport: dict[str, Any] = {
+        **sentinel_options,
         "visibility_timeout": vt,
         # kombu scans for unacked messages every interval*throttle seconds; keep it well under vt.
         "unacked_restore_interval": max(1, min(10, vt // 10)),
@@ -56,11 +64,57 @@ def make_app(settings: Settings) -> Celery:
         visibility_timeout=vt,
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=True,
+        # Flower (and `celery events`) see tasks only through these events: PUBLISHes on the broker, each dropped
+        # at once when nobody listens, so on by default. The worker's heartbeats come with them (no
+        # --without-heartbeat): Flower lists a worker as online only while they keep arriving (every 2 s).
+        worker_send_task_events=True,
+        task_send_sent_event=True,
         # Keep running on a broker hiccup: the work is idempotent and recorded per image, and cancelling
         # would throw away calls already paid for; an ack that cannot be sent means a harmless redelivery.
         worker_cancel_long_running_tasks_on_connection_loss=False,
     )
     return app
+
+
+class _RedactingDispatcher(EventDispatcher):  # type: ignore[misc]
+    """Task events reach Flower as they are: a failure's or a retry's exception text and traceback may quote a
+    URL with its password or a token, as log lines may; every text field is redacted the same way first."""
+
+    def send(self, type: str, *args: Any, **fields: Any) -> Any:
+        return super().send(type, *args, **_redacted(fields))
+
+    def publish(self, type: str, fields: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        return super().publish(type, _redacted(fields), *args, **kwargs)
+
+
+class _RedactedEvents(Events):  # type: ignore[misc]
+    dispatcher_cls = _RedactingDispatcher
+
+
+def _redacted(fields: dict[str, Any]) -> dict[str, Any]:
+    return {k: redact.redact(v) if isinstance(v, str) else v for k, v in fields.items()}
+
+
+def broker_url(redis_url: str) -> tuple[str, dict[str, Any]]:
+    """kombu's broker URL and transport options for IRLIVE_REDIS_URL.
+
+    irlive's one sentinel URL (`sentinel://[:pw@]h1:p1,h2:p2/db?master_name=NAME`, also read by the Store)
+    becomes kombu's form: one `sentinel://` URL per sentinel joined by `;`, the master's name and the
+    sentinels' own password as transport options.
+    """
+    if not is_sentinel_url(redis_url):
+        return redis_url, {}
+    target = SentinelTarget.parse(redis_url)
+    auth = ""
+    if target.username or target.password:
+        auth = f"{quote(target.username or '', safe='')}:{quote(target.password or '', safe='')}@"
+    broker = ";".join(f"sentinel://{auth}{f'[{host}]' if ':' in host else host}:{port}/{target.db}"
+                      for host, port in target.sentinels)
+    # As the Store's: a dead sentinel is skipped after seconds, not after the data connection's timeout.
+    sentinel_kwargs: dict[str, Any] = {"socket_timeout": 5.0, "socket_connect_timeout": 5.0}
+    if target.sentinel_password:
+        sentinel_kwargs["password"] = target.sentinel_password
+    return broker, {"master_name": target.master_name, "sentinel_kwargs": sentinel_kwargs}
 
 
 def send_chunk(app: Celery, chunk: Chunk, producer: Any = None) -> None:
@@ -70,7 +124,13 @@ def send_chunk(app: Celery, chunk: Chunk, producer: Any = None) -> None:
     argsrepr is short: Celery otherwise renders a safe repr of every key of the message for its headers (half
     of send_task's CPU), and Flower shows this line for the task."""
     app.send_task(PROCESS_CHUNK, args=[chunk.to_message()], queue=chunk.queue, producer=producer,
-                  argsrepr=f"[chunk {chunk.label()}: {len(chunk.items)} images]", kwargsrepr="{}")
+                  argsrepr=chunk_argsrepr(chunk), kwargsrepr="{}")
+
+
+def chunk_argsrepr(chunk: Chunk) -> str:
+    """What Celery's headers, task events, Flower and task log lines show of a chunk's arguments: which chunk
+    and how big, never its keys (a retry re-sends the message, so it sets this too)."""
+    return f"[chunk {chunk.label()}: {len(chunk.items)} images]"
 
 
 def send_finalize(app: Celery, run_id: str) -> None:
@@ -127,20 +187,58 @@ def _connect_lifecycle(app: Celery, settings: Settings, runtime: Any) -> None:
         runtime.stop()
 
     def install_redaction(logger: logging.Logger, **_: Any) -> None:
+        # The format first: redact.install leaves a JSON formatter unwrapped (it redacts field by field).
+        logs.apply(logger, settings.log_format)
         redact.install(logger)
         # httpx logs every request at INFO: a line per call and per payment, at a cost in CPU per image.
         logging.getLogger("httpx").setLevel(logging.WARNING)
         # Prefork children log through billiard's multiprocessing logger, which Celery sets up on its own.
         from celery.utils.log import get_multiprocessing_logger
 
+        logs.apply(get_multiprocessing_logger(), settings.log_format)
         redact.install(get_multiprocessing_logger())
 
+    def quiet_banner(instance: Any = None, **_: Any) -> None:
+        # Celery prints its startup banner (ASCII art, settings) to stdout past logging: not one JSON event a
+        # line. Its facts are in the worker's own log lines and `irlive config`.
+        if getattr(instance, "app", None) is app and logs.resolve(settings.log_format) == "json":
+            instance.quiet = True
+
+    # The task's log context (run, chunk), from before the task starts to after Celery's own "succeeded",
+    # "retry" or "raised" line: prerun and postrun run on the task's thread around all of them.
+    contexts: dict[str, Any] = {}
+
+    def on_prerun(task_id: str = "", task: Any = None, args: Any = (), **_: Any) -> None:
+        if task_id and getattr(task, "app", None) is app:
+            contexts[task_id] = logs.start(**_task_context(task.name, args))
+
+    def on_postrun(task_id: str = "", **_: Any) -> None:
+        token = contexts.pop(task_id, None)
+        if token is not None:
+            logs.leave(token)
+
+    task_prerun.connect(on_prerun, weak=False)
+    task_postrun.connect(on_postrun, weak=False)
     worker_init.connect(on_worker_init, weak=False)
     worker_shutdown.connect(on_worker_shutdown, weak=False)
     worker_process_init.connect(on_process_init, weak=False)
     worker_process_shutdown.connect(on_process_shutdown, weak=False)
     after_setup_logger.connect(install_redaction, weak=False)
     after_setup_task_logger.connect(install_redaction, weak=False)
+    celeryd_init.connect(quiet_banner, weak=False)
+
+
+def _task_context(name: str, args: Any) -> dict[str, Any]:
+    """The log fields a task's arguments name: a chunk's run and sequence number, a run task's run."""
+    try:
+        if name == PROCESS_CHUNK:
+            chunk = Chunk.from_message(args[0])
+            return {"run_id": chunk.run_id, "chunk": chunk.seq}
+        if name in (FINALIZE_RUN, NOTIFY_RUN):
+            return {"run_id": str(args[0])}
+    except (IrliveError, IndexError, KeyError, TypeError):
+        pass  # a malformed message: the task itself says so
+    return {}
 
 
 def _check_redis(settings: Settings) -> None:
@@ -171,5 +269,9 @@ def app_from_env() -> Celery:
     global _from_env
     with _lock:
         if _from_env is None:
-            _from_env = create_app(Settings.from_env())
+            settings = Settings.from_env()
+            # Until Celery sets up its own handlers (after worker_init), lines such as create_app's warning and
+            # the Redis durability check would reach stderr through Python's last-resort handler, unformatted.
+            logs.configure(settings.log_format)
+            _from_env = create_app(settings)
         return _from_env

@@ -7,7 +7,7 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from worker.errors import ConfigError
 from worker.ops.redact import mask_url
@@ -90,6 +90,8 @@ class Settings:
     # once at least min_calls have ended, stops paying and ends failed; 1 turns it off.
     max_error_rate: float = 0.5
     min_calls: int = 20
+    # Log lines as JSON (one event a line) or text; auto: text when stderr is a terminal, JSON otherwise.
+    log_format: str = "auto"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -235,13 +237,116 @@ def _url(var: str, raw: str) -> str:
     return raw.strip().rstrip("/")
 
 
+SENTINEL_PORT = 26379
+SENTINEL_FORM = "sentinel://[:password@]host:26379[,host:26379...]/db?master_name=NAME"
+# Defaults of the sentinel URL's own options; see SentinelTarget.
+SENTINEL_WAIT_REPLICAS = 1
+SENTINEL_WAIT_TIMEOUT_MS = 500
+
+
+@dataclass(frozen=True)
+class SentinelTarget:
+    """What a `sentinel://` IRLIVE_REDIS_URL names: the sentinels to ask, the master's name, the database.
+
+    The URL's user and password are the Redis nodes' (as on redis://); `sentinel_password` in the query is the
+    sentinels' own, when they require one. `wait_replicas` (default 1) is how many replicas each write must
+    reach (Redis WAIT, within `wait_timeout_ms`) before irlive takes it as made: a write only the failed master
+    held is lost with it, so money is never moved on the strength of one; a write that does not reach them
+    fails as Redis unavailable and is retried. 0 turns the wait off (and accepts losing the last writes).
+    """
+
+    sentinels: tuple[tuple[str, int], ...]
+    master_name: str
+    db: int = 0
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    sentinel_password: str | None = field(default=None, repr=False)
+    wait_replicas: int = SENTINEL_WAIT_REPLICAS
+    wait_timeout_ms: int = SENTINEL_WAIT_TIMEOUT_MS
+
+    @classmethod
+    def parse(cls, url: str, var: str = "IRLIVE_REDIS_URL") -> SentinelTarget:
+        """ConfigError naming `var` (and never the password) for anything but SENTINEL_FORM."""
+        text = url.strip()
+        shown = mask_url(text)
+        scheme, sep, rest = text.partition("://")
+        if scheme.lower() != "sentinel" or not sep:
+            raise ConfigError(f"{var}={shown!r} is not a sentinel URL: expected {SENTINEL_FORM}")
+        rest, _, query = rest.partition("?")
+        netloc, _, path = rest.partition("/")
+        userinfo, at, hosts = netloc.rpartition("@")
+        username = password = None
+        if at:
+            user, colon, pw = userinfo.partition(":")
+            username, password = (unquote(user) or None), (unquote(pw) if colon else None)
+        sentinels = tuple(_host_port(var, shown, h) for h in hosts.split(",") if h.strip())
+        if not sentinels:
+            raise ConfigError(f"{var}={shown!r} names no sentinel: expected {SENTINEL_FORM}")
+        db = path.strip("/") or "0"
+        if not db.isdigit():
+            raise ConfigError(f"{var}={shown!r}: the database ({db!r}) must be a number, e.g. {SENTINEL_FORM}")
+        options = dict(parse_qsl(query, keep_blank_values=True))
+        unknown = sorted(set(options) - {"master_name", "sentinel_password", "wait_replicas", "wait_timeout_ms"})
+        if unknown:
+            raise ConfigError(f"{var}={shown!r}: unknown option(s) {', '.join(unknown)}; a sentinel URL takes "
+                              "master_name, sentinel_password, wait_replicas, wait_timeout_ms")
+        master = options.get("master_name", "").strip()
+        if not master:
+            raise ConfigError(f"{var}={shown!r} names no master: add ?master_name=NAME (the name the sentinels "
+                              f"monitor, `sentinel monitor NAME ...` in their config): {SENTINEL_FORM}")
+        wait_replicas = _option_int(var, shown, options, "wait_replicas", SENTINEL_WAIT_REPLICAS, 0, 16)
+        wait_timeout = _option_int(var, shown, options, "wait_timeout_ms", SENTINEL_WAIT_TIMEOUT_MS, 1, 60_000)
+        return cls(sentinels, master, int(db), username, password, options.get("sentinel_password") or None,
+                   wait_replicas, wait_timeout)
+
+    @property
+    def where(self) -> str:
+        """For messages: the master's name and the sentinels, never a password."""
+        hosts = ",".join(f"{h}:{p}" for h, p in self.sentinels)
+        return f"master {self.master_name} via sentinels {hosts} db {self.db}"
+
+
+def is_sentinel_url(url: str) -> bool:
+    return url.strip().lower().startswith("sentinel://")
+
+
+def _host_port(var: str, shown: str, text: str) -> tuple[str, int]:
+    text = text.strip()
+    if text.startswith("["):  # [ipv6]:port
+        host, _, tail = text[1:].partition("]")
+        port_text = tail.removeprefix(":")
+    else:
+        host, _, port_text = text.partition(":")
+    if not host:
+        raise ConfigError(f"{var}={shown!r} names a sentinel with no host: expected {SENTINEL_FORM}")
+    if not port_text:
+        return host, SENTINEL_PORT
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ConfigError(f"{var}={shown!r} has a sentinel port that is not a port number ({port_text!r})")
+    return host, int(port_text)
+
+
+def _option_int(var: str, shown: str, options: Mapping[str, str], name: str, default: int, low: int,
+                high: int) -> int:
+    raw = options.get(name, "").strip()
+    if not raw:
+        return default
+    if not raw.isdigit() or not low <= int(raw) <= high:
+        raise ConfigError(f"{var}={shown!r}: {name}={raw!r} is not a whole number from {low} to {high}")
+    return int(raw)
+
+
 def _redis_url(var: str, raw: str) -> str:
-    """redis://[user:password@]host[:port][/db], rediss://..., or unix:///path[?db=N]."""
+    """redis://[user:password@]host[:port][/db], rediss://..., unix:///path[?db=N], or SENTINEL_FORM."""
     text = raw.strip()
+    if is_sentinel_url(text):
+        SentinelTarget.parse(text, var)
+        return text
     parts = urlsplit(text)
     shown = mask_url(text)
     if parts.scheme not in ("redis", "rediss", "unix"):
-        raise ConfigError(f"{var}={shown!r} is not a Redis URL: expected redis://host:6379/0 (or rediss://, unix://)")
+        raise ConfigError(f"{var}={shown!r} is not a Redis URL: expected redis://host:6379/0 (or rediss://, "
+                          f"unix://, or {SENTINEL_FORM})")
     try:
         port = parts.port
     except ValueError:
@@ -286,6 +391,16 @@ def _bool(var: str, raw: str) -> bool:
 
 def _text(var: str, raw: str) -> str:
     return raw.strip()
+
+
+def _choice(*allowed: str) -> Callable[[str, str], str]:
+    def parse(var: str, raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in allowed:
+            raise ConfigError(f"{var}={raw!r} is not one of {', '.join(allowed)}")
+        return value
+
+    return parse
 
 
 def _output(var: str, raw: str) -> S3Location:
@@ -333,4 +448,5 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "notify_secret": _text,
     "max_error_rate": _typed(float, "a share between 0 and 1 (0.5 = 50 %)"),
     "min_calls": _typed(int, "a whole number of calls"),
+    "log_format": _choice("auto", "json", "text"),
 }

@@ -8,6 +8,7 @@ from typing import Any
 
 from celery import Celery, Task
 
+from worker.app import chunk_argsrepr
 from worker.config import S3Location
 from worker.errors import (
     BudgetExhausted,
@@ -81,7 +82,7 @@ def register_tasks(app: Celery, runtime: Runtime) -> None:
         try:
             return processor.give_up(chunk, reason)
         except IrliveError:
-            raise task.retry(countdown=max_countdown, queue=chunk.queue) from None
+            raise task.retry(countdown=max_countdown, queue=chunk.queue, argsrepr=chunk_argsrepr(chunk)) from None
 
     def _process(task: Task, deps: Deps, processor: ChunkProcessor, chunk: Chunk,
                  message: dict[str, Any]) -> int | None:
@@ -92,7 +93,7 @@ def register_tasks(app: Celery, runtime: Runtime) -> None:
             # A deferral, not a failure: give the delivery back to the dead-letter count.
             runs.count_delivery(chunk.run_id, chunk.seq, -1)
             countdown = min(max_countdown, getattr(exc, "retry_after", None) or 5.0)
-            raise task.retry(countdown=countdown, queue=chunk.queue) from None
+            raise task.retry(countdown=countdown, queue=chunk.queue, argsrepr=chunk_argsrepr(chunk)) from None
         except RunHeld as exc:
             runs.count_delivery(chunk.run_id, chunk.seq, -1)
             if isinstance(exc, BudgetExhausted) and runs.pause(chunk.run_id, str(exc)):
@@ -100,13 +101,13 @@ def register_tasks(app: Celery, runtime: Runtime) -> None:
                 _announce(chunk.run_id, "paused_budget")
             if not runs.park(chunk.run_id, message):
                 # Resumed (or cancelled) between our failure and the park: go round again.
-                raise task.retry(countdown=1.0, queue=chunk.queue) from None
+                raise task.retry(countdown=1.0, queue=chunk.queue, argsrepr=chunk_argsrepr(chunk)) from None
             return None
         except ConfigError as exc:
             log.error("run %s stopped: %s", chunk.run_id, exc)
             runs.fail(chunk.run_id, str(exc))
             # Failed now: the same chunk winds down (its images `not_judged`), so the run still finalises.
-            raise task.retry(countdown=1.0, queue=chunk.queue) from None
+            raise task.retry(countdown=1.0, queue=chunk.queue, argsrepr=chunk_argsrepr(chunk)) from None
         except Exception as exc:
             known = isinstance(exc, IrliveError)
             what = redact(f"{type(exc).__name__}: {exc}")
@@ -127,7 +128,7 @@ def register_tasks(app: Celery, runtime: Runtime) -> None:
             retries = int(task.request.retries or 0)
             countdown = min(max_countdown, RETRY_CAP_S, 2.0 * 2 ** min(retries, 8))
             log.warning("chunk %s: %s; retrying in %.0fs", chunk.label(), what, countdown)
-            raise task.retry(countdown=countdown, queue=chunk.queue) from None
+            raise task.retry(countdown=countdown, queue=chunk.queue, argsrepr=chunk_argsrepr(chunk)) from None
 
     def _announce(run_id: str, state: str) -> None:
         """Queue the run's end (or budget pause) notification, if anyone is to be told."""

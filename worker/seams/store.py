@@ -3,6 +3,12 @@
 Callers never see `redis.exceptions`: a connection or timeout, a read-only replica during a failover, a
 server still loading, a busy script, or a write refused under `maxmemory` each become one class of the
 error tree. Messages never carry the server's text, which can echo command arguments (tokens).
+
+With a `sentinel://` URL the client finds the master through the sentinels (redis-py's SentinelConnectionPool)
+and finds the new one after a failover by itself: the failover window (the old master gone, no master known
+yet, a demoted master answering READONLY, a promoted one still LOADING) surfaces as StoreUnavailable, which
+the callers' retries and `Store.persist` already ride out. Each write also waits (Redis WAIT) until a replica
+holds it, so what irlive has taken as written survives the failover; see `Replication`.
 """
 
 from __future__ import annotations
@@ -17,7 +23,9 @@ from typing import Any, TypeVar
 
 import redis
 from redis import exceptions as rx
+from redis.sentinel import Sentinel
 
+from worker.config import SentinelTarget, is_sentinel_url
 from worker.errors import ConfigError, IrliveError, StoreRefused, StoreUnavailable
 from worker.ops.redact import mask_url, redact
 
@@ -28,6 +36,16 @@ _UNAVAILABLE_CODES = ("READONLY", "MASTERDOWN", "LOADING", "TRYAGAIN", "BUSY", "
                       "UNBLOCKED", "NOTBUSY")
 _REFUSED_CODES = ("OOM",)
 _ACCESS_CODES = ("NOPERM", "NOAUTH", "WRONGPASS")
+# Commands irlive writes with outside scripts and pipelines: each waits for its replicas (see Replication).
+_WRITE_COMMANDS = frozenset((
+    "set", "setnx", "setex", "psetex", "getset", "getdel", "mset", "msetnx", "incr", "incrby", "decr", "decrby",
+    "delete", "unlink", "expire", "pexpire", "expireat", "pexpireat", "rename", "renamenx", "copy",
+    "hset", "hsetnx", "hincrby", "hincrbyfloat", "hdel", "sadd", "srem", "smove", "spop",
+    "zadd", "zrem", "zincrby", "zremrangebyscore", "zremrangebyrank", "zpopmin", "zpopmax",
+    "lpush", "rpush", "lpop", "rpop", "lrem", "ltrim", "lset", "linsert", "lmove", "rpoplpush", "xadd",
+))
+# A replica missing is said at most this often per process (every write fails meanwhile; one line is enough).
+_ALONE_WARN_S = 30.0
 
 
 def script_source(package: str, name: str) -> str:
@@ -79,23 +97,70 @@ def translated(what: str = "Redis") -> Iterator[None]:
         raise translate(exc, what) from None
 
 
+class Replication:
+    """Redis WAIT after each write, on the write's own connection: a write counts as made only once `replicas`
+    replicas hold it.
+
+    Redis replicates asynchronously and a failover promotes a replica: whatever the old master had not passed
+    on is gone, though it acknowledged it, and a master the sentinels have already replaced (alive, but cut
+    off) keeps acknowledging writes that are discarded when it is demoted. So a write whose WAIT comes back
+    short is in doubt, exactly like one whose connection broke after sending: it fails with StoreUnavailable,
+    nothing is paid on its strength, and the caller's retry (or Store.persist) makes it again, idempotently,
+    wherever the master is by then. The price: with no replica in reach, irlive writes nothing (the run
+    holds, paid answers wait in Store.persist) until one is back, or until `wait_replicas=0` says otherwise.
+    """
+
+    def __init__(self, replicas: int, timeout_ms: int) -> None:
+        self.replicas = replicas
+        self.timeout_ms = timeout_ms
+        self.short = 0  # waits that came back with fewer replicas than wanted
+        self._warned_at = -_ALONE_WARN_S
+
+    def execute(self, pipe: Any) -> list[Any]:
+        """Run a non-transactional redis-py pipeline with a WAIT after its commands; their results."""
+        pipe.execute_command("WAIT", self.replicas, self.timeout_ms)
+        results: list[Any] = pipe.execute()
+        acked = int(results.pop())
+        if acked < self.replicas:
+            self.short += 1
+            if time.monotonic() - self._warned_at >= _ALONE_WARN_S:
+                self._warned_at = time.monotonic()
+                log.warning("Redis: writes reach %s of the %s replicas wanted (wait_replicas in IRLIVE_REDIS_URL) "
+                            "within %s ms; holding them until enough replicas answer", acked, self.replicas,
+                            self.timeout_ms)
+            raise StoreUnavailable(f"Redis: a write reached {acked} of {self.replicas} replicas within "
+                                   f"{self.timeout_ms} ms (a failover under way, or a replica down)")
+        return results
+
+
 class Script:
     """One Lua script from a `.lua` file, run by EVALSHA (redis-py reloads it if the server forgot it)."""
 
-    def __init__(self, client: redis.Redis, name: str, source: str) -> None:
+    def __init__(self, client: redis.Redis, name: str, source: str, replication: Replication | None = None
+                 ) -> None:
         self.name = name
+        self._client = client
         self._script = client.register_script(source)
+        self._replication = replication
 
     def __call__(self, keys: Sequence[str], args: Sequence[Any] = ()) -> Any:
         with translated(f"script {self.name}"):
-            return self._script(keys=list(keys), args=list(args))
+            if self._replication is None:
+                return self._script(keys=list(keys), args=list(args))
+            pipe = self._client.pipeline(transaction=False)
+            self._script(keys=list(keys), args=list(args), client=pipe)
+            return self._replication.execute(pipe)[0]
 
 
 class Pipeline:
     """A redis-py pipeline whose execute() is translated; commands queue as on redis-py's."""
 
-    def __init__(self, pipe: Any) -> None:
+    def __init__(self, pipe: Any, replication: Replication | None = None) -> None:
         self._pipe = pipe
+        # WAIT cannot go inside MULTI, and after EXEC redis-py may hand the next command another connection:
+        # only non-transactional pipelines wait (irlive's one transactional pipeline restores an archived
+        # chunk from S3, which can be done again).
+        self._replication = None if getattr(pipe, "transaction", False) else replication
 
     def __getattr__(self, name: str) -> Any:
         method = getattr(self._pipe, name)
@@ -109,6 +174,8 @@ class Pipeline:
 
     def execute(self) -> list[Any]:
         with translated("pipeline"):
+            if self._replication is not None and len(self._pipe):
+                return self._replication.execute(self._pipe)
             result: list[Any] = self._pipe.execute()
             return result
 
@@ -119,52 +186,104 @@ class Store:
     The client decodes responses to str.
     """
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis, *, sentinel: Any = None,
+                 target: SentinelTarget | None = None) -> None:
         self.client = client
         self._scripts: dict[str, Script] = {}
+        self._sentinel = sentinel
+        self._target = target
+        self.replication = (Replication(target.wait_replicas, target.wait_timeout_ms)
+                            if target is not None and target.wait_replicas > 0 else None)
 
     @classmethod
     def from_url(cls, url: str, *, socket_timeout: float | None = 30.0) -> Store:
+        if is_sentinel_url(url):
+            return cls.from_sentinel(SentinelTarget.parse(url), socket_timeout=socket_timeout)
         try:
             client = redis.Redis.from_url(url, decode_responses=True, health_check_interval=30,
                                           socket_timeout=socket_timeout, socket_connect_timeout=10)
         except ValueError:
             raise ConfigError(f"IRLIVE_REDIS_URL={mask_url(url)!r} is not a Redis URL "
-                              "(redis://[:password@]host:port/db, rediss:// or unix://)") from None
+                              "(redis://[:password@]host:port/db, rediss://, unix:// or sentinel://)") from None
         return cls(client)
+
+    @classmethod
+    def from_sentinel(cls, target: SentinelTarget, *, socket_timeout: float | None = 30.0) -> Store:
+        """A client of whichever node the sentinels name master now (asked again after every failover)."""
+        # The sentinels answer small queries: fail over to the next one quickly rather than wait out a dead one.
+        sentinel_kwargs: dict[str, Any] = {"socket_timeout": 5.0, "socket_connect_timeout": 5.0}
+        if target.sentinel_password:
+            sentinel_kwargs["password"] = target.sentinel_password
+        sentinel: Any = Sentinel(list(target.sentinels), sentinel_kwargs=sentinel_kwargs)  # type: ignore[no-untyped-call]
+        client = sentinel.master_for(target.master_name, db=target.db, username=target.username,
+                                     password=target.password, decode_responses=True, health_check_interval=30,
+                                     socket_timeout=socket_timeout, socket_connect_timeout=10)
+        return cls(client, sentinel=sentinel, target=target)
 
     @property
     def where(self) -> str:
         """Which Redis this is, for messages: host, port and db, never the password."""
+        if self._target is not None:
+            return self._target.where
         kw = self.client.connection_pool.connection_kwargs
         if "path" in kw:
             return f"unix://{kw['path']} db {kw.get('db', 0)}"
         return f"{kw.get('host', '?')}:{kw.get('port', '?')} db {kw.get('db', 0)}"
 
+    def master_address(self) -> tuple[str, int] | None:
+        """The master the sentinels name now (None without sentinels); StoreUnavailable if none can say."""
+        if self._sentinel is None or self._target is None:
+            return None
+        with translated("sentinel"):
+            host, port = self._sentinel.discover_master(self._target.master_name)
+            return str(host), int(port)
+
+    def replicas(self) -> list[Store]:
+        """A Store on each replica the sentinels list as up (none without sentinels): a replica is the next
+        master, so what it keeps matters as much as what the master keeps. Close each after use."""
+        if self._sentinel is None or self._target is None:
+            return []
+        with translated("sentinel"):
+            found = self._sentinel.discover_slaves(self._target.master_name)
+        t = self._target
+        return [Store(redis.Redis(host=str(host), port=int(port), db=t.db, username=t.username, password=t.password,
+                                  decode_responses=True, socket_timeout=10.0, socket_connect_timeout=10.0))
+                for host, port in found]
+
     def script(self, package: str, name: str) -> Script:
         """The script `worker/<package>/scripts/<name>.lua`, loaded once per Store."""
         key = f"{package}/{name}"
         if key not in self._scripts:
-            self._scripts[key] = Script(self.client, key, script_source(package, name))
+            self._scripts[key] = Script(self.client, key, script_source(package, name), self.replication)
         return self._scripts[key]
 
     def pipeline(self, transaction: bool = True) -> Pipeline:
-        return Pipeline(self.client.pipeline(transaction=transaction))
+        return Pipeline(self.client.pipeline(transaction=transaction), self.replication)
 
     def __getattr__(self, name: str) -> Callable[..., Any]:
         method = getattr(self.client, name)
         if not callable(method):
             raise AttributeError(name)
+        replication = self.replication if name in _WRITE_COMMANDS else None
 
         @functools.wraps(method)
         def call(*args: Any, **kwargs: Any) -> Any:
             with translated(name):
-                return method(*args, **kwargs)
+                if replication is None:
+                    return method(*args, **kwargs)
+                pipe = self.client.pipeline(transaction=False)
+                getattr(pipe, name)(*args, **kwargs)
+                return replication.execute(pipe)[0]
 
         return call
 
     def close(self) -> None:
         self.client.close()
+        if self._sentinel is not None:
+            # The Sentinel keeps a client per sentinel node of its own (redis-py >= 8.1 closes them).
+            close = getattr(self._sentinel, "close", None)
+            if callable(close):
+                close()
 
     def persist(self, write: Callable[[], T], hold_s: float, what: str) -> T:
         """Run an idempotent write, retrying over Redis trouble for up to `hold_s`: for what must not be lost
