@@ -344,8 +344,8 @@ class ChunkProcessor:
     # ---- paying -------------------------------------------------------------------------------------------
 
     def _pay_for(self, chunk: Chunk, images: list[_Image]) -> None:
-        """Pay and call for the images; their answers are recorded together, after one check (a listing) that
-        none of their objects was overwritten while the seller fetched it."""
+        """Pay and call for the images; each answer is recorded after a check (a listing) that none of its
+        objects was overwritten while the seller fetched it."""
         per_call = self.deps.settings.images_per_call
         queue = deque(_Group(images[i:i + per_call]) for i in range(0, len(images), per_call))
         throttled = 0
@@ -363,7 +363,10 @@ class ChunkProcessor:
                         raise
                     queue.appendleft(group)
                     self.deps.sleep(UNDECIDED_POLL_S)
-                if not queue and held:
+                if held:
+                    # Recorded at once: an answer held for the chunk's later calls would leave its images
+                    # unrecorded, and their claims lapse with a killed worker's lease, for another run to pay
+                    # for again (CI's overlapping scans with kills caught exactly that).
                     self._record_answers(chunk, held, queue)
                 if throttled > MAX_THROTTLES_PER_CHUNK:
                     raise RateLimited("throttled too often in this chunk; deferring it", retry_after=5.0)

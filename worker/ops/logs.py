@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
+import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar, Token
@@ -185,7 +187,16 @@ def configure(fmt: str, level: int | None = None) -> logging.Handler:
         root.setLevel(logging.WARNING)
     if level is not None:
         logging.getLogger("irlive").setLevel(level)
-    # Warnings (Celery's SecurityWarning as root, deprecations) as records in the same format, not raw stderr.
+    # Warnings (deprecations) as records in the same format, not raw stderr.
     logging.captureWarnings(True)
+
     redact.install(root)
     return handler
+
+
+def say_root_once(fmt: str) -> None:
+    """A worker as root: Celery warns about it from inside its own logging setup, through its text formatter,
+    before the JSON one is in place; in JSON mode it is said here once, as a JSON record, instead."""
+    if resolve(fmt) == "json" and hasattr(os, "geteuid") and os.geteuid() == 0:
+        warnings.filterwarnings("ignore", message=".*superuser privileges.*")
+        logging.getLogger("irlive.logs").warning("the worker runs as root (uid 0); Celery advises against it")
