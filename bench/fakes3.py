@@ -48,7 +48,7 @@ class Bucket:
     def __init__(self, keys: Sequence[str]) -> None:
         self.keys = sorted(keys)
         self.encoded = [_contents(quote(k, safe="/")) for k in self.keys]
-        self.bodies: dict[str, bytes] = {}
+        self.bodies: dict[str, tuple[bytes, str]] = {}  # key -> (body, its ETag)
         self.lock = threading.Lock()
 
     def put(self, key: str, body: bytes) -> str:
@@ -62,7 +62,7 @@ class Bucket:
             else:
                 self.keys.insert(i, key)
                 self.encoded.insert(i, entry)
-            self.bodies[key] = body
+            self.bodies[key] = (body, etag)
         return etag
 
     def page(self, query: dict[str, str]) -> bytes:
@@ -210,11 +210,11 @@ class Handler(BaseHTTPRequestHandler):
             self._error(501, "NotImplemented")
 
     def _object(self, bucket: Bucket, key: str) -> None:
-        body = bucket.bodies.get(key)
-        if body is None:
+        stored = bucket.bodies.get(key)
+        if stored is None:
             self._error(404, "NoSuchKey")
             return
-        etag = f'"{hashlib.md5(body).hexdigest()}"'
+        body, etag = stored[0], f'"{stored[1]}"'
         ranged = self.headers.get("Range", "")
         self.served["ranged_get" if ranged else "get"] += 1
         if not ranged:

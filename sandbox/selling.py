@@ -93,6 +93,21 @@ def payment_required(state: State, service_id: str, resource: str, error: str) -
     return json_answer(402, offer.v1_body(error), {"PAYMENT-REQUIRED": offer.v2_header(error)})
 
 
+def _admit(state: State, load: Callable[[], Any]) -> list[str] | Answer:
+    """The call's image URLs, or the answer that turns it away: 400 for a body that is not Tasks, 429 over the rate
+    limit (both before any payment is taken)."""
+    try:
+        urls = upstream.parse_tasks(load())
+    except ValueError as invalid:
+        state.ledger.count("rejected_400")
+        return json_answer(400, {"error": str(invalid)})
+    wait = state.gcra.acquire(state.config.rate_limit_per_s, state.config.rate_burst)
+    if wait > 0:
+        state.ledger.count("throttled")
+        return throttled(state.config, wait)
+    return urls
+
+
 def token_call(state: State, service_id: str, token: str | None, load: Callable[[], Any], resource: str) -> Answer:
     """A call paid by a marketplace token: settled first, refunded on failure only if the config says so."""
     config = state.config
@@ -101,16 +116,11 @@ def token_call(state: State, service_id: str, token: str | None, load: Callable[
         return payment_required(state, service_id, resource, "payment required")
     try:
         ledger.check(token, service_id)
-        urls = upstream.parse_tasks(load())
     except TokenRefused as refused:
         return payment_required(state, service_id, resource, str(refused))
-    except ValueError as invalid:
-        ledger.count("rejected_400")
-        return json_answer(400, {"error": str(invalid)})
-    wait = state.gcra.acquire(config.rate_limit_per_s, config.rate_burst)
-    if wait > 0:
-        ledger.count("throttled")
-        return throttled(config, wait)
+    urls = _admit(state, load)
+    if isinstance(urls, Answer):
+        return urls
     paths = [upstream.url_path(url) for url in urls]
     try:
         payment = ledger.consume(token, service_id, paths)
@@ -147,15 +157,9 @@ def x402_call(state: State, service_id: str, header: str, value: str, load: Call
         return payment_required(state, service_id, resource, x402_seller.ERR_NONCE_USED)
     settled = False
     try:
-        try:
-            urls = upstream.parse_tasks(load())
-        except ValueError as invalid:
-            ledger.count("rejected_400")
-            return json_answer(400, {"error": str(invalid)})
-        wait = state.gcra.acquire(config.rate_limit_per_s, config.rate_burst)
-        if wait > 0:
-            ledger.count("throttled")
-            return throttled(config, wait)
+        urls = _admit(state, load)
+        if isinstance(urls, Answer):
+            return urls
         status, body = run_upstream(state, config, urls)
         if not 200 <= status < 300:
             ledger.count("x402_unsettled")
