@@ -7,8 +7,9 @@ Faults are switched at run time and apply to connections accepted from then on:
 - `drop_mid_answer(after_bytes=N)`: forward the request, then only the first N bytes of the answer, then close.
 - `reset_on_connect()`: accept, then close at once with a TCP RST.
 - `hold_answer(seconds)`: forward the request, then sit on the answer for that long (a slow or hung peer).
-- `cut_on_send(pattern)`: when the client sends bytes containing `pattern`, drop them and close the
-  connection (for raw protocols such as Redis: fail one chosen command, e.g. by its script SHA).
+- `cut_on_send(pattern)`: when the client sends bytes containing `pattern` (bytes, or a compiled bytes regex
+  for several commands at once), drop them and close the connection (for raw protocols such as Redis: fail
+  one chosen command, e.g. by its script SHA).
 - `http_error(503)` (HTTP targets): answer the request itself with an S3-style XML error body.
 
 Every fault takes `p` (probability per connection or request), and `count` and/or `duration_s` (after that
@@ -60,7 +61,7 @@ class _Fault:
     status: int = 503
     rst: bool = False
     hold_s: float = 0.0
-    pattern: bytes = b""
+    pattern: bytes | re.Pattern[bytes] = b""
     match: Match | None = None
     applied: int = 0
 
@@ -153,7 +154,7 @@ class FaultProxy:
         """Forward the request, then hold the answer `seconds` before passing it on (stop() cuts it short)."""
         self._set(_Fault("hold", p, count, _until(duration_s), hold_s=seconds, match=match))
 
-    def cut_on_send(self, pattern: bytes, *, p: float = 1.0, count: int | None = None,
+    def cut_on_send(self, pattern: bytes | re.Pattern[bytes], *, p: float = 1.0, count: int | None = None,
                     duration_s: float | None = None) -> None:
         """Client bytes containing `pattern` are not forwarded: the connection is closed instead."""
         self._set(_Fault("cut_on_send", p, count, _until(duration_s), pattern=pattern))
@@ -291,7 +292,10 @@ class FaultProxy:
     def _cut_due(self, sent: bytes) -> bool:
         with self._lock:
             fault = self._current()
-            if fault is None or fault.kind != "cut_on_send" or fault.pattern not in sent:
+            if fault is None or fault.kind != "cut_on_send":
+                return False
+            pattern = fault.pattern
+            if not (pattern.search(sent) if isinstance(pattern, re.Pattern) else pattern in sent):
                 return False
             if self._rng.random() >= fault.p:
                 return False

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import random
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -410,3 +411,47 @@ def test_an_answer_is_not_lost_to_a_redis_blip_after_paying(clean_stack: Stack, 
     print(problems)
     assert proxy.stats["cut"] == 1
     assert problems == []
+
+
+def test_a_delivery_whose_first_redis_write_fails_is_retried_not_acked(clean_stack: Stack) -> None:
+    # A chunk task's first write (its delivery count) fails for the first three deliveries. Raising out of the
+    # task would let Celery ack the message with the chunk unstarted: the run would stall until the watchdog's
+    # search for lost chunks (30 s without progress) sent it again. The task must give its delivery back itself.
+    samples = live_samples(30, "firstwrite")
+    upload_samples(clean_stack, samples)
+    redis_port = int(clean_stack.redis_url.rsplit(":", 1)[1].split("/", 1)[0])
+    with FaultProxy("127.0.0.1", redis_port) as proxy:
+        env = {"IRLIVE_REDIS_URL": f"redis://127.0.0.1:{proxy.port}/0", "IRLIVE_CHUNK_SIZE": "10"}
+        proxy.cut_on_send(b":deliveries\r\n", count=3)
+        _workers(clean_stack, 1, env, concurrency=2)
+        run_id = scan(clean_stack, "firstwrite", env=env)
+        drive_to_completion(clean_stack, run_id, deadline_s=120, env=env)
+        problems = check_invariants(clean_stack, run_id, samples, strict_once=True)
+    logs = "".join(p.read_text(errors="replace") for p in clean_stack.workdir.glob("w*.log"))
+    print(problems)
+    assert proxy.stats["cut"] == 3
+    assert problems == []
+    assert "the broker had lost" not in logs, "a chunk was acked unstarted and found again only by the watchdog"
+    assert logs.count(f"chunk {run_id}/") and "retrying in" in logs
+
+
+def test_a_retry_the_broker_would_not_take_leaves_the_delivery_requeued(clean_stack: Stack) -> None:
+    # The first delivery's count fails (so the task retries), then every publish of that retry is cut (Celery
+    # tries four times, then rejects the delivery without requeueing: acked, chunk unstarted). The task turns
+    # that into a requeue of the same delivery.
+    samples = live_samples(10, "noretry")
+    upload_samples(clean_stack, samples)
+    redis_port = int(clean_stack.redis_url.rsplit(":", 1)[1].split("/", 1)[0])
+    with FaultProxy("127.0.0.1", redis_port) as proxy:
+        env = {"IRLIVE_REDIS_URL": f"redis://127.0.0.1:{proxy.port}/0"}
+        _workers(clean_stack, 1, env, concurrency=1)
+        proxy.cut_on_send(re.compile(rb':deliveries\r\n|"retries": 1\b'), count=5)
+        run_id = scan(clean_stack, "noretry", env=env)
+        drive_to_completion(clean_stack, run_id, deadline_s=120, env=env)
+        problems = check_invariants(clean_stack, run_id, samples, strict_once=True)
+    logs = "".join(p.read_text(errors="replace") for p in clean_stack.workdir.glob("w*.log"))
+    print(problems)
+    assert proxy.stats["cut"] == 5
+    assert problems == []
+    assert "could not send its retry" in logs
+    assert "the broker had lost" not in logs, "the delivery was acked unstarted and found again only by the watchdog"

@@ -8,15 +8,13 @@ the ledger counts as lost. Whatever the failover lost (writes the master acknowl
 chunk messages) is found by the watchdog and `irlive reconcile` (run when the run stalls) and by the wallet
 reconciliation the invariant check runs.
 
-IRLIVE_LONG_FAULTS=1 runs a bigger run with several failovers; the smaller one-failover run (< 90 s) meant for
-CI is skipped there for now (see its skip reason).
+IRLIVE_LONG_FAULTS=1 runs a bigger run with several failovers; CI runs the smaller one-failover run (< 90 s).
 The sentinels' short timings are the test's own; the workers run on the shipped settings.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 import random
 import time
 from collections.abc import Iterator
@@ -160,10 +158,6 @@ def _worker_log_count(stack: SentinelStack, needle: str) -> int:
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
-@pytest.mark.skipif(not os.environ.get("IRLIVE_LONG_FAULTS"), reason=(
-    "long mode only (IRLIVE_LONG_FAULTS=1) until a chunk task survives a failover: in CI a run lost two chunk "
-    "deliveries (kombu's consumer crashed restoring unacked messages, tasks acked on a failed first Redis read) "
-    "that reconcile did not find within the test's deadline"))
 def test_master_killed_mid_run_fails_over_and_the_books_balance(ha_stack: SentinelStack) -> None:
     p = plan()
     seed = seed_from_env()

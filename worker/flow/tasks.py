@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 from celery import Celery, Task
+from celery.exceptions import Reject
 
 from worker.app import chunk_argsrepr
 from worker.config import S3Location
@@ -44,14 +45,40 @@ def register_tasks(app: Celery, runtime: Runtime) -> None:
     # Countdowns keep the message unacked on the worker, so they must stay well under the visibility timeout.
     max_countdown = max(1.0, settings.visibility_timeout / 4)
 
+    def _retry(task: Task, chunk: Chunk, countdown: float) -> NoReturn:
+        """Send the chunk again in `countdown` seconds; this delivery is acked once that is sent."""
+        try:
+            raise task.retry(countdown=countdown, queue=chunk.queue, argsrepr=chunk_argsrepr(chunk))
+        except Reject as exc:
+            # Celery acks a delivery whose retry it could not send, chunk unfinished. Requeue it instead; a broker
+            # that cannot take that either keeps it unacked, for the watchdog once the chunk's lease is gone.
+            log.warning("chunk %s: could not send its retry (%s); requeueing the delivery", chunk.label(),
+                        type(exc.reason).__name__)
+            raise Reject(type(exc.reason).__name__, requeue=True) from None
+
+    def _backoff(task: Task) -> float:
+        retries = int(task.request.retries or 0)
+        return float(min(max_countdown, RETRY_CAP_S, 2.0 * 2 ** min(retries, 8)))
+
     @app.task(name=PROCESS_CHUNK, bind=True, max_retries=None)  # type: ignore[untyped-decorator]
     def process_chunk(self: Task, message: dict[str, Any]) -> None:
-        deps = runtime.deps()
         try:
             chunk = Chunk.from_message(message)
         except PermanentInputError as exc:
             log.error("dropping message: %s", exc)
             return
+        try:
+            _handle(self, chunk, message)
+        except TransientError as exc:
+            # Redis (or S3) failed around the pipeline: before it (the first reads, the delivery count) or while
+            # acting on its outcome. An exception out of the task would ack the delivery, chunk unfinished.
+            countdown = _backoff(self)
+            log.warning("chunk %s: %s; retrying in %.0fs", chunk.label(), redact(f"{type(exc).__name__}: {exc}"),
+                        countdown)
+            _retry(self, chunk, countdown)
+
+    def _handle(task: Task, chunk: Chunk, message: dict[str, Any]) -> None:
+        deps = runtime.deps()
         runs = deps.runs
         run = runs.get(chunk.run_id)
         if run is None or run["state"] == RunState.DONE or run.get("finalised_at") \
@@ -65,10 +92,10 @@ def register_tasks(app: Celery, runtime: Runtime) -> None:
         deps.meter.delivery(chunk.queue)
         started = time.monotonic()
         if deliveries > settings.max_deliveries:
-            pending = _dead_letter(self, deps, processor, chunk, deliveries - 1)
+            pending = _dead_letter(task, deps, processor, chunk, deliveries - 1)
         else:
             try:
-                pending = _process(self, deps, processor, chunk, message)
+                pending = _process(task, deps, processor, chunk, message)
             finally:
                 deps.meter.chunk(time.monotonic() - started)
         if pending == 0:
@@ -82,7 +109,7 @@ def register_tasks(app: Celery, runtime: Runtime) -> None:
         try:
             return processor.give_up(chunk, reason)
         except IrliveError:
-            raise task.retry(countdown=max_countdown, queue=chunk.queue, argsrepr=chunk_argsrepr(chunk)) from None
+            _retry(task, chunk, max_countdown)
 
     def _process(task: Task, deps: Deps, processor: ChunkProcessor, chunk: Chunk,
                  message: dict[str, Any]) -> int | None:
@@ -92,8 +119,7 @@ def register_tasks(app: Celery, runtime: Runtime) -> None:
         except (RateLimited, ChunkBusy) as exc:
             # A deferral, not a failure: give the delivery back to the dead-letter count.
             runs.count_delivery(chunk.run_id, chunk.seq, -1)
-            countdown = min(max_countdown, getattr(exc, "retry_after", None) or 5.0)
-            raise task.retry(countdown=countdown, queue=chunk.queue, argsrepr=chunk_argsrepr(chunk)) from None
+            _retry(task, chunk, min(max_countdown, getattr(exc, "retry_after", None) or 5.0))
         except RunHeld as exc:
             runs.count_delivery(chunk.run_id, chunk.seq, -1)
             if isinstance(exc, BudgetExhausted) and runs.pause(chunk.run_id, str(exc)):
@@ -101,13 +127,13 @@ def register_tasks(app: Celery, runtime: Runtime) -> None:
                 _announce(chunk.run_id, "paused_budget")
             if not runs.park(chunk.run_id, message):
                 # Resumed (or cancelled) between our failure and the park: go round again.
-                raise task.retry(countdown=1.0, queue=chunk.queue, argsrepr=chunk_argsrepr(chunk)) from None
+                _retry(task, chunk, 1.0)
             return None
         except ConfigError as exc:
             log.error("run %s stopped: %s", chunk.run_id, exc)
             runs.fail(chunk.run_id, str(exc))
             # Failed now: the same chunk winds down (its images `not_judged`), so the run still finalises.
-            raise task.retry(countdown=1.0, queue=chunk.queue, argsrepr=chunk_argsrepr(chunk)) from None
+            _retry(task, chunk, 1.0)
         except Exception as exc:
             known = isinstance(exc, IrliveError)
             what = redact(f"{type(exc).__name__}: {exc}")
@@ -125,10 +151,9 @@ def register_tasks(app: Celery, runtime: Runtime) -> None:
                     # The same bug will strike again: do not spend ten deliveries finding that out.
                     deliveries = runs.count_delivery(chunk.run_id, chunk.seq, 0)
                     return _dead_letter(task, deps, processor, chunk, deliveries)
-            retries = int(task.request.retries or 0)
-            countdown = min(max_countdown, RETRY_CAP_S, 2.0 * 2 ** min(retries, 8))
+            countdown = _backoff(task)
             log.warning("chunk %s: %s; retrying in %.0fs", chunk.label(), what, countdown)
-            raise task.retry(countdown=countdown, queue=chunk.queue, argsrepr=chunk_argsrepr(chunk)) from None
+            _retry(task, chunk, countdown)
 
     def _announce(run_id: str, state: str) -> None:
         """Queue the run's end (or budget pause) notification, if anyone is to be told."""
