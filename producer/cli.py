@@ -381,8 +381,7 @@ def _price(settings: Settings) -> tuple[int, str]:
     """The seller's price from its free 402 answer; the configured maximum if it cannot be read."""
     from worker.seams.marketplace import Marketplace
 
-    market = Marketplace(settings.marketplace_url, settings.service_id, api_key=settings.api_key,
-                         api_key_header=settings.api_key_header, timeout_s=min(settings.call_timeout_s, 10))
+    market = Marketplace.for_settings(settings, timeout_s=min(settings.call_timeout_s, 10))
     try:
         return market.quote().price_cents, "quoted by the marketplace"
     except IrliveError:

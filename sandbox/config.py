@@ -14,6 +14,9 @@ SERVICE_ID = "infrared-face-liveness-detection"
 # The legacy listing of the same tool: its own service id, so its own payments and tokens.
 LEGACY_SERVICE_ID = "aliyun-facebody-detect-infrared-living-face"
 SERVICE_IDS = (SERVICE_ID, LEGACY_SERVICE_ID)
+# Which tool paths a deployment exposes: "both" listings, each selling its own service id; or "legacy": only
+# the legacy path, selling the main service id (no payment can be bought for the legacy id there).
+TOOL_PATH_MODES = ("both", "legacy")
 # How a judged call's 200 answer is shaped: "normal", or one way a seller can answer badly (the token is
 # settled before the upstream runs, so every one of them is billed like a real answer).
 ANSWER_MODES = (
@@ -84,6 +87,7 @@ class SandboxConfig:
     x402_network: str = "eip155:8453"
     x402_pay_to: str = DEFAULT_PAY_TO
     x402_max_timeout_s: int = 60
+    tool_paths: str = "both"
 
 
 @dataclass(frozen=True)
@@ -148,6 +152,8 @@ KNOBS: dict[str, Knob] = {
     "max_image_pixels": _between("largest width times height decoded, checked from the header, in pixels",
                                  1, 1_000_000_000),
     "fetch_timeout_s": _between("how long one image download may take, in seconds", 0.1, MAX_SLEEP_MS // 1000),
+    "tool_paths": _one_of("tool paths exposed: both listings, or only the legacy path (selling the main "
+                          "service id)", TOOL_PATH_MODES),
     "answer_mode": _one_of("shape of a judged call's 200 answer", ANSWER_MODES),
     "retry_after": _matching("Retry-After header value of every 429 throttle answer, sent verbatim (e.g. 1e400 "
                              "or an HTTP date); empty: the computed wait", f"{_VISIBLE}{{0,{MAX_RETRY_AFTER_CHARS}}}",

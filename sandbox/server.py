@@ -12,7 +12,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType
 from typing import Any
 
-from sandbox.config import SERVICE_IDS, SandboxConfig, add_flags, from_args, public_config
+from sandbox.config import (
+    LEGACY_SERVICE_ID,
+    SERVICE_ID,
+    SERVICE_IDS,
+    SandboxConfig,
+    add_flags,
+    from_args,
+    public_config,
+)
 from sandbox.mcp_seller import MCP_PATH, McpEndpoint, Reply
 from sandbox.selling import Answer, State, token_call, x402_call
 from sandbox.x402_seller import REQUEST_HEADERS
@@ -22,6 +30,19 @@ __all__ = ["TOOL_PATHS", "SandboxConfig", "SandboxServer", "main"]
 # Each tool path is its own listing, named by the service id its payments are created for.
 LISTINGS = {f"/api/tools/{service_id}": service_id for service_id in SERVICE_IDS}
 TOOL_PATHS = frozenset(LISTINGS)
+LEGACY_PATH = f"/api/tools/{LEGACY_SERVICE_ID}"
+
+
+def listing_of(config: SandboxConfig, path: str) -> str | None:
+    """The service id a tool path sells, or None where this deployment exposes no tool."""
+    if config.tool_paths == "legacy":
+        return SERVICE_ID if path == LEGACY_PATH else None
+    return LISTINGS.get(path)
+
+
+def sold(config: SandboxConfig) -> tuple[str, ...]:
+    """The service ids payments can be bought for."""
+    return (SERVICE_ID,) if config.tool_paths == "legacy" else SERVICE_IDS
 _MAX_BODY = 1024 * 1024
 
 
@@ -59,8 +80,8 @@ class _Handler(BaseHTTPRequestHandler):
             body = self._read_body() if method == "POST" else b""
             if path == MCP_PATH:
                 self._mcp(state, method, body)
-            elif method == "POST" and path in LISTINGS:
-                self._tool_call(state, LISTINGS[path], body)
+            elif method == "POST" and listing_of(state.config, path) is not None:
+                self._tool_call(state, str(listing_of(state.config, path)), body)
             elif method == "POST" and path == "/api/payments":
                 self._create_payment(state, body)
             elif method == "GET" and path.startswith("/api/payments/"):
@@ -187,7 +208,7 @@ class _Handler(BaseHTTPRequestHandler):
         service = body.get("serviceId") if isinstance(body, dict) else None
         if not isinstance(service, str):
             self._send(400, {"error": "serviceId is required"})
-        elif service not in SERVICE_IDS:
+        elif service not in sold(config):
             self._send(404, {"error": f"service {service!r} not found"})
         else:
             if config.payment_latency_ms > 0:

@@ -17,6 +17,7 @@ ALL_VARS = {
     "IRLIVE_OUTPUT": "s3://out-bucket/results/nightly/",
     "IRLIVE_MARKETPLACE_URL": "https://market.example.com",
     "IRLIVE_SERVICE_ID": "aliyun-facebody-detect-infrared-living-face",
+    "IRLIVE_TOOL_PATH": "/marketplace/v2/tools/{service_id}/invoke",
     "IRLIVE_API_KEY": " sk_live_abc ",
     "IRLIVE_API_KEY_HEADER": "Authorization",
     "IRLIVE_IMAGES_PER_CALL": "7",
@@ -81,6 +82,7 @@ def test_every_irlive_variable_is_parsed() -> None:
         output=S3Location("out-bucket", "results/nightly"),
         marketplace_url="https://market.example.com",
         service_id="aliyun-facebody-detect-infrared-living-face",
+        tool_path="/marketplace/v2/tools/{service_id}/invoke",
         api_key="sk_live_abc",
         api_key_header="Authorization",
         images_per_call=7,
@@ -145,12 +147,28 @@ def test_the_variable_list_covers_every_settings_field() -> None:
         ("IRLIVE_REDIS_URL", "nonsense"),
         ("IRLIVE_MARKETPLACE_URL", "market.example.com"),
         ("IRLIVE_DAILY_BUDGET_USD", "-1"),
+        ("IRLIVE_TOOL_PATH", "api/tools/x"),
+        ("IRLIVE_TOOL_PATH", "/api/tools/x?key=1"),
+        ("IRLIVE_TOOL_PATH", "/api/tools/{service_id}/{service_id}"),
+        ("IRLIVE_TOOL_PATH", "/api/tools/{service}"),
+        ("IRLIVE_TOOL_PATH", "https://market.example.com/api/tools/x"),
+        ("IRLIVE_TOOL_PATH", "/api/tools/a b"),
     ],
 )
 def test_bad_value_raises_config_error_naming_the_variable(var: str, value: str) -> None:
     with pytest.raises(ConfigError) as info:
         Settings.from_env({var: value})
     assert var in str(info.value)
+
+
+def test_the_tool_path_is_the_listing_s_by_default_and_may_name_another() -> None:
+    assert Settings().tool_endpoint == "/api/tools/infrared-face-liveness-detection"
+    legacy = Settings.from_env({"IRLIVE_TOOL_PATH": "/api/tools/aliyun-facebody-detect-infrared-living-face"})
+    # Payments are still bought for the listing's own id: only the call's path changes.
+    assert legacy.service_id == "infrared-face-liveness-detection"
+    assert legacy.tool_endpoint == "/api/tools/aliyun-facebody-detect-infrared-living-face"
+    assert Settings.from_env(ALL_VARS).tool_endpoint == \
+        "/marketplace/v2/tools/aliyun-facebody-detect-infrared-living-face/invoke"
 
 
 def test_public_view_hides_the_api_key() -> None:

@@ -159,3 +159,31 @@ def test_empty_prefix_finishes_with_zero_images(clean_stack: Stack, irlive: Irli
     clean_stack.start_worker()
     run = read_run(clean_stack, scan_and_wait(irlive, f"s3://{IN_BUCKET}/nothing-here"))
     assert run.manifest["images"] == 0 and run.manifest["calls"] == 0
+
+
+def test_a_deployment_exposing_only_the_legacy_path(clean_stack: Stack, irlive: IrliveRunner) -> None:
+    """Payments bought for the listing's id, calls POSTed to the legacy path (IRLIVE_TOOL_PATH); without the
+    setting the run fails at once saying so, and buys nothing."""
+    corpus = demo_corpus(20, seed=3)
+    upload(clean_stack, corpus)
+    clean_stack.sandbox_config(tool_paths="legacy")
+    clean_stack.start_worker()
+    scanned = irlive("scan", f"s3://{IN_BUCKET}/captures", "--json")
+    assert scanned.returncode == 0, scanned.stderr
+    failed_run = json.loads(scanned.stdout)["run_id"]
+    waited = irlive("status", failed_run, "--wait", "--json", "--timeout", "60", timeout=90)
+    status = json.loads(waited.stdout)
+    assert status["state"] == "failed" and "IRLIVE_TOOL_PATH" in json.dumps(status), waited.stdout
+    assert clean_stack.sandbox_ledger()["payments_created"] == 0
+    clean_stack.stop_workers()
+
+    env = {"IRLIVE_TOOL_PATH": "/api/tools/aliyun-facebody-detect-infrared-living-face"}
+    clean_stack.start_worker(extra_env=env)
+    smoke = irlive("smoke", f"s3://{IN_BUCKET}/{corpus[0].key}", "--json", env=env)
+    assert smoke.returncode == 0, smoke.stdout + smoke.stderr
+    assert json.loads(smoke.stdout)["verdict"] == corpus[0].expected, smoke.stdout
+    run = read_run(clean_stack, scan_and_wait(irlive, f"s3://{IN_BUCKET}/captures"))
+    got = {r["key"]: r["verdict"] for r in run.records}
+    assert got == {s.key: s.expected for s in corpus}
+    # The smoke test's call and the run's, all on the legacy path, none on the main one (it answers 404).
+    assert clean_stack.sandbox_ledger()["calls_billed"] == 1 + run.manifest["calls"] > 1

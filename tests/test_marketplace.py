@@ -315,3 +315,33 @@ def test_no_exception_text_carries_the_token_or_a_presigned_query(status: int, b
     assert TOKEN not in text
     assert SIG_VALUE not in text
     assert "X-Amz-Credential=AKIA" not in text
+
+
+@pytest.mark.parametrize("status", [404, 405])
+def test_no_tool_at_the_path_is_a_config_error_naming_the_tool_path_setting(status: int) -> None:
+    market = client(answer(status, {"error": "no route"}))
+    for attempt in (market.quote, lambda: market.call(TOKEN, [URL])):
+        with pytest.raises(ConfigError) as info:
+            attempt()
+        assert "IRLIVE_TOOL_PATH" in str(info.value) and f"POST {TOOL} ({status})" in str(info.value)
+        assert TOKEN not in str(info.value) and SIG_VALUE not in str(info.value)
+
+
+def test_the_tool_path_is_the_one_configured_and_payments_keep_the_service_id() -> None:
+    legacy = "/api/tools/aliyun-facebody-detect-infrared-living-face"
+    seen: list[tuple[str, str]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append((request.url.path, request.content.decode()))
+        if request.url.path == "/api/payments":
+            return httpx.Response(201, json={"paymentId": "p1", "token": TOKEN, "status": "paid", "amountCents": 20})
+        if request.url.path == legacy and "X-Payment-Token" not in request.headers:
+            return httpx.Response(402, json={"serviceId": SERVICE, "priceCents": 20})
+        return httpx.Response(200, json=envelope({"Data": {"Elements": []}}))
+
+    market = Marketplace("http://market.test", SERVICE, tool_path=legacy, transport=httpx.MockTransport(handler))
+    assert market.quote().price_cents == 20
+    market.create_payment()
+    market.call(TOKEN, [URL])
+    assert [path for path, _ in seen] == [legacy, "/api/payments", legacy]
+    assert json.loads(seen[1][1]) == {"serviceId": SERVICE}

@@ -914,3 +914,16 @@ def test_new_knobs_are_cli_flags_with_their_ranges() -> None:
         done = subprocess.run([sys.executable, "-m", "sandbox", flag, value], capture_output=True, text=True,
                               env=env, cwd=ROOT, timeout=30)  # fmt: skip
         assert done.returncode == 2 and flag.removeprefix("--").replace("-", "_") in done.stderr, done.stderr
+
+
+def test_a_legacy_only_deployment_sells_the_main_service_on_the_legacy_path(
+    sandbox: SandboxServer, client: httpx.Client, host: ImageHost
+) -> None:
+    sandbox.configure(tool_paths="legacy")
+    url = host.put("/legacy-only.png", images.png(64, 64, "live"))
+    assert call(client, None, [url], path=TOOL).status_code == 404
+    assert client.post("/api/payments", json={"serviceId": LEGACY_SERVICE}).status_code == 404
+    offer = call(client, None, [url], path=LEGACY)
+    assert offer.status_code == 402 and offer.json()["serviceId"] == SERVICE
+    assert len(elements(call(client, pay(client, SERVICE)["token"], [url], path=LEGACY))) == 1
+    assert ledger(client)["calls_billed"] == 1

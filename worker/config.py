@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
@@ -11,6 +12,9 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 from worker.errors import ConfigError
 from worker.ops.redact import mask_url
+
+# The listing's tool endpoint, `{service_id}` filled in from IRLIVE_SERVICE_ID.
+TOOL_PATH = "/api/tools/{service_id}"
 
 T = TypeVar("T")
 
@@ -48,6 +52,9 @@ class Settings:
     output: S3Location | None = None
     marketplace_url: str = "http://127.0.0.1:8402"
     service_id: str = "infrared-face-liveness-detection"
+    # The tool endpoint's path; `{service_id}` stands for the service id payments are bought for. A deployment
+    # that only exposes the legacy listing keeps the service id and names the legacy path here.
+    tool_path: str = TOOL_PATH
     api_key: str | None = field(default=None, repr=False)
     api_key_header: str = "X-API-Key"
     images_per_call: int = 10
@@ -116,6 +123,11 @@ class Settings:
     def parse_one(cls, name: str, raw: str) -> Any:
         """One field's value from its variable's text, as from_env reads it; ConfigError naming the variable."""
         return _PARSERS[name]("IRLIVE_" + name.upper(), raw)
+
+    @property
+    def tool_endpoint(self) -> str:
+        """The path the paid calls are POSTed to."""
+        return self.tool_path.replace("{service_id}", self.service_id)
 
     def check(self) -> None:
         """Cross-field and range checks; raise ConfigError naming the variable."""
@@ -403,6 +415,15 @@ def _choice(*allowed: str) -> Callable[[str, str], str]:
     return parse
 
 
+def _tool_path(var: str, raw: str) -> str:
+    path = raw.strip()
+    # Written into the request line as is: a path of printable ASCII, no query, no fragment, no other template.
+    if not re.fullmatch(r"/[A-Za-z0-9._~!$&'()*+,;=:@%/-]*(\{service_id\}[A-Za-z0-9._~!$&'()*+,;=:@%/-]*)?", path):
+        raise ConfigError(f"{var}={raw!r} is not a URL path (it starts with /, may hold {{service_id}} once, and "
+                          "carries no query, fragment, space or other template)")
+    return path
+
+
 def _output(var: str, raw: str) -> S3Location:
     return S3Location.parse(raw.strip(), var)
 
@@ -414,6 +435,7 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "output": _output,
     "marketplace_url": _url,
     "service_id": _text,
+    "tool_path": _tool_path,
     "api_key": _text,
     "api_key_header": _text,
     "images_per_call": _typed(int, "a whole number"),

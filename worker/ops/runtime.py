@@ -36,8 +36,7 @@ def build_deps(settings: Settings, meter: Meter | None = None) -> Deps:
     meter = meter or NullMeter()
     keys = Keys(settings.key_prefix)
     store = Store.from_url(settings.redis_url)
-    market = Marketplace(settings.marketplace_url, settings.service_id, api_key=settings.api_key,
-                         api_key_header=settings.api_key_header, timeout_s=settings.call_timeout_s)
+    market = Marketplace.for_settings(settings)
     budgets = Budgets(store, keys, settings.daily_budget_cents)
     ledger = Ledger(store, keys, market, budgets, max_price_cents=settings.max_price_cents,
                     lease_s=token_lease_s(settings), meter=meter)

@@ -16,6 +16,7 @@ from urllib.parse import parse_qsl, quote, urlsplit
 
 import httpx
 
+from worker.config import TOOL_PATH, Settings
 from worker.errors import (
     ConfigError,
     IrliveError,
@@ -29,7 +30,6 @@ from worker.errors import (
 from worker.judge.verdicts import parse_json_int, safe_text
 from worker.ops.redact import redact
 
-TOOL_PATH = "/api/tools/{service_id}"
 MAX_ANSWER_BYTES = 8 * 1024 * 1024
 _PERMANENT_CODES = ("InvalidImage", "InvalidFile", "IllegalUrlParameter", "ParameterError",
                     "InvalidParameter", "MissingParameter")
@@ -80,13 +80,14 @@ class Marketplace:
         api_key: str | None = None,
         api_key_header: str = "X-API-Key",
         timeout_s: float = 30.0,
+        tool_path: str | None = None,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         headers = {"Accept": "application/json", "User-Agent": "irlive/0.1"}
         if api_key:
             headers[api_key_header] = api_key
         self.service_id = service_id
-        self._tool_path = TOOL_PATH.format(service_id=service_id)
+        self._tool_path = tool_path or TOOL_PATH.replace("{service_id}", service_id)
         self._client = httpx.Client(
             base_url=base_url,
             headers=headers,
@@ -94,6 +95,13 @@ class Marketplace:
             transport=transport,
             limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
         )
+
+    @classmethod
+    def for_settings(cls, settings: Settings, *, timeout_s: float | None = None) -> Marketplace:
+        """The client of the configured deployment: its URL, listing, tool path and API key."""
+        return cls(settings.marketplace_url, settings.service_id, api_key=settings.api_key,
+                   api_key_header=settings.api_key_header, tool_path=settings.tool_endpoint,
+                   timeout_s=settings.call_timeout_s if timeout_s is None else timeout_s)
 
     def close(self) -> None:
         self._client.close()
@@ -103,6 +111,7 @@ class Marketplace:
         probe = {"Tasks": [{"ImageURL": "https://example.com/irlive-price-probe.png"}]}
         with self._translate(sent_means_unknown=False):
             response = self._client.post(self._tool_path, json=probe)
+        self._check_tool_exists(response)
         if response.status_code != 402:
             if response.status_code >= 300:
                 _raise_for(response, _json_or_none(response))
@@ -145,6 +154,7 @@ class Marketplace:
             finally:
                 response.close()
         try:
+            self._check_tool_exists(response)
             body = _json_bytes_or_none(raw)
             if response.status_code >= 300:
                 _raise_for(response, body)
@@ -159,6 +169,16 @@ class Marketplace:
             if response.status_code < 300:
                 raise UnreadableAnswer(f"the answer could not be read ({type(exc).__name__})", raw) from None
             raise TransientError(f"marketplace answered {response.status_code} with an unreadable body") from None
+
+    def _check_tool_exists(self, response: httpx.Response) -> None:
+        if response.status_code in (404, 405):
+            # No tool there: a setting to fix, not trouble to wait out (the deployment may only expose the
+            # legacy listing's path).
+            raise ConfigError(
+                f"the marketplace has no tool at POST {self._tool_path} ({response.status_code}): set "
+                "IRLIVE_TOOL_PATH to the path this deployment exposes (its legacy listing is "
+                "/api/tools/aliyun-facebody-detect-infrared-living-face), keeping IRLIVE_SERVICE_ID the id "
+                "payments are bought for")
 
     @contextmanager
     def _translate(self, *, sent_means_unknown: bool) -> Iterator[None]:
