@@ -187,3 +187,33 @@ def test_a_deployment_exposing_only_the_legacy_path(clean_stack: Stack, irlive: 
     assert got == {s.key: s.expected for s in corpus}
     # The smoke test's call and the run's, all on the legacy path, none on the main one (it answers 404).
     assert clean_stack.sandbox_ledger()["calls_billed"] == 1 + run.manifest["calls"] > 1
+
+
+def test_calls_through_the_marketplace_s_mcp_tool(clean_stack: Stack, irlive: IrliveRunner) -> None:
+    """IRLIVE_PAYMENT_METHOD=mcp-token: tokens bought as for HTTP, every call a `tools/call` of the MCP tool with
+    `paymentToken`; verdicts equal the truth, ten images a call, the bill equal to the manifest, no token out."""
+    corpus = demo_corpus(60, seed=21)
+    upload(clean_stack, corpus)
+    env = {"IRLIVE_PAYMENT_METHOD": "mcp-token"}
+    smoke = irlive("smoke", f"s3://{IN_BUCKET}/{corpus[0].key}", "--json", env=env)
+    assert smoke.returncode == 0, smoke.stdout + smoke.stderr
+    assert json.loads(smoke.stdout)["verdict"] == corpus[0].expected, smoke.stdout
+    assert clean_stack.sandbox_ledger()["mcp_calls"] == 1, "irlive smoke calls through the configured method"
+    clean_stack.start_worker(extra_env=env)
+    clean_stack.start_worker(extra_env=env)
+
+    run = read_run(clean_stack, scan_and_wait(irlive, f"s3://{IN_BUCKET}/captures"))
+
+    got = {r["key"]: r["verdict"] for r in run.records}
+    assert got == {s.key: s.expected for s in corpus}
+    ledger = clean_stack.sandbox_ledger()
+    judged = sum(1 for s in corpus if s.expected != "rejected")
+    # Besides the smoke test's one call of one image.
+    assert ledger["mcp_calls"] - 1 == ledger["calls_billed"] - 1 == run.manifest["calls"] == -(-judged // 10)
+    assert run.manifest["spend_cents"] == 20 * run.manifest["calls"]
+    assert ledger["images_billed"] - 1 == judged
+    tokens = payment_tokens(clean_stack)
+    assert tokens, "the run paid with tokens"
+    text = all_output_text(clean_stack) + "".join(p.read_text() for p in clean_stack.workdir.glob("w*.log"))
+    assert not any(t in text for t in tokens)
+    assert SECRET_PATTERNS.search(all_output_text(clean_stack)) is None

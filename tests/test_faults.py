@@ -119,12 +119,12 @@ class Killer:
         self.next_kill = elapsed + self.rng.choice((0.1, 0.5, 1.0, 2.5)) * self.rng.random() * 2
 
 
-def _kill_trials(stack: Stack, plan: KillPlan, scans: int, name: str) -> None:
+def _kill_trials(stack: Stack, plan: KillPlan, scans: int, name: str, env: dict[str, str] | None = None) -> None:
     """Runs of `plan.images` images (each scanned `scans` times, a second apart) while workers are SIGKILLed."""
     seed = seed_from_env()
     rng = random.Random(seed)
-    print(f"seed={seed} plan={plan} scans per trial={scans}")
-    env: dict[str, str] = {}  # the shipped settings
+    env = env or {}  # the shipped settings, or a payment method's
+    print(f"seed={seed} plan={plan} scans per trial={scans} env={env}")
     wanted = plan.runs * plan.kills_per_run
     total_kills = total_restarts = trial = 0
     failures: list[str] = []
@@ -184,6 +184,15 @@ def test_overlapping_scans_while_workers_are_killed(clean_stack: Stack) -> None:
     plan = (KillPlan(runs=3, kills_per_run=10, redis_restarts_per_run=0, images=400, deadline_s=900.0)
             if long_mode() else KillPlan(runs=1, kills_per_run=8, redis_restarts_per_run=0, images=300))
     _kill_trials(clean_stack, plan, scans=3, name="overlap")
+
+
+@pytest.mark.timeout(3600)
+def test_sigkill_random_workers_paying_through_the_mcp_tool(clean_stack: Stack) -> None:
+    # The same tokens and ledger, the calls sent as MCP tools/call: a kill mid-call leaves the same states.
+    plan = (KillPlan(runs=2, kills_per_run=15, redis_restarts_per_run=0, images=600) if long_mode()
+            else KillPlan(runs=1, kills_per_run=8, redis_restarts_per_run=0, images=300))
+    _kill_trials(clean_stack, plan, scans=1, name="mcp-kill", env={"IRLIVE_PAYMENT_METHOD": "mcp-token"})
+    assert clean_stack.sandbox_ledger()["mcp_calls"] > 0
 
 
 # ---- 2. Redis stopped and restarted mid-run, with AOF ----------------------------------------------

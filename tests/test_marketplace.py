@@ -345,3 +345,28 @@ def test_the_tool_path_is_the_one_configured_and_payments_keep_the_service_id() 
     market.call(TOKEN, [URL])
     assert [path for path, _ in seen] == [legacy, "/api/payments", legacy]
     assert json.loads(seen[1][1]) == {"serviceId": SERVICE}
+
+
+def test_an_mcp_tool_result_reads_as_the_http_answer_it_stands_for() -> None:
+    import mcp_types as types
+
+    from worker.seams.mcp_tool import reply_of
+
+    def result(text: str, is_error: bool, meta: dict[str, Any] | None = None) -> Any:
+        return types.CallToolResult(content=[types.TextContent(text=text)], is_error=is_error, _meta=meta)
+
+    body = json.dumps(envelope({"Data": {"Elements": []}}))
+    assert reply_of(result(body, False)) == mp_reply(200, body)
+    assert reply_of(result('{"error": "x"}', True, {"httpStatus": 429})).status == 429
+    # No status given: a payment request reads as a 402, any other error as a 502, a bogus status is ignored.
+    assert reply_of(result('{"x402Version": 2, "accepts": []}', True)).status == 402
+    assert reply_of(result('{"Code": "Throttling.User"}', True, {"httpStatus": "400"})).status == 502
+    assert reply_of(result("not json", True, {"httpStatus": True})).status == 502
+    structured = types.CallToolResult(content=[], structured_content={"code": "200"}, is_error=False)
+    assert json.loads(reply_of(structured).raw) == {"code": "200"}
+
+
+def mp_reply(status: int, text: str) -> Any:
+    from worker.seams.mcp_tool import ToolReply
+
+    return ToolReply(status, text.encode())

@@ -55,6 +55,9 @@ class Settings:
     # The tool endpoint's path; `{service_id}` stands for the service id payments are bought for. A deployment
     # that only exposes the legacy listing keeps the service id and names the legacy path here.
     tool_path: str = TOOL_PATH
+    # How a call is paid and sent: `token` (X-Payment-Token on the HTTP tool endpoint) or `mcp-token` (the
+    # marketplace's MCP tool, `paymentToken`); tokens are bought and reconciled the same way for both.
+    payment_method: str = "token"
     api_key: str | None = field(default=None, repr=False)
     api_key_header: str = "X-API-Key"
     images_per_call: int = 10
@@ -424,6 +427,14 @@ def _tool_path(var: str, raw: str) -> str:
     return path
 
 
+def _payment_method(var: str, raw: str) -> str:
+    value = raw.strip().lower()
+    if value == "x402":
+        raise ConfigError(f"{var}=x402: paying with x402 signatures is not built into the worker yet; use token "
+                          "or mcp-token")
+    return _choice("token", "mcp-token")(var, raw)
+
+
 def _output(var: str, raw: str) -> S3Location:
     return S3Location.parse(raw.strip(), var)
 
@@ -436,6 +447,7 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "marketplace_url": _url,
     "service_id": _text,
     "tool_path": _tool_path,
+    "payment_method": _payment_method,
     "api_key": _text,
     "api_key_header": _text,
     "images_per_call": _typed(int, "a whole number"),

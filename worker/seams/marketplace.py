@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, quote, urlsplit
 
 import httpx
@@ -29,6 +29,9 @@ from worker.errors import (
 )
 from worker.judge.verdicts import parse_json_int, safe_text
 from worker.ops.redact import redact
+
+if TYPE_CHECKING:
+    from worker.seams.mcp_tool import McpTool
 
 MAX_ANSWER_BYTES = 8 * 1024 * 1024
 _PERMANENT_CODES = ("InvalidImage", "InvalidFile", "IllegalUrlParameter", "ParameterError",
@@ -81,6 +84,7 @@ class Marketplace:
         api_key_header: str = "X-API-Key",
         timeout_s: float = 30.0,
         tool_path: str | None = None,
+        via_mcp: bool = False,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         headers = {"Accept": "application/json", "User-Agent": "irlive/0.1"}
@@ -88,6 +92,12 @@ class Marketplace:
             headers[api_key_header] = api_key
         self.service_id = service_id
         self._tool_path = tool_path or TOOL_PATH.replace("{service_id}", service_id)
+        self._mcp: McpTool | None = None
+        if via_mcp:
+            # Loaded only for this payment method: the SDK (pydantic, anyio) is not free to import.
+            from worker.seams.mcp_tool import McpTool
+
+            self._mcp = McpTool(base_url, headers=headers, timeout_s=timeout_s)
         self._client = httpx.Client(
             base_url=base_url,
             headers=headers,
@@ -101,6 +111,7 @@ class Marketplace:
         """The client of the configured deployment: its URL, listing, tool path and API key."""
         return cls(settings.marketplace_url, settings.service_id, api_key=settings.api_key,
                    api_key_header=settings.api_key_header, tool_path=settings.tool_endpoint,
+                   via_mcp=settings.payment_method == "mcp-token",
                    timeout_s=settings.call_timeout_s if timeout_s is None else timeout_s)
 
     def close(self) -> None:
@@ -139,6 +150,13 @@ class Marketplace:
 
     def call(self, token: str, urls: list[str]) -> CallAnswer:
         """One paid call judging up to 10 images; raises the error tree on anything but a verdict."""
+        if self._mcp is not None:
+            try:
+                reply = self._mcp.call(token, urls)
+            except IrliveError as exc:
+                _scrub(exc, _secrets_of(token, urls))
+                raise
+            return self._answer(httpx.Response(reply.status, content=reply.raw), reply.raw, token, urls)
         payload = {"Tasks": [{"ImageURL": u} for u in urls]}
         try:
             request = self._client.build_request(
@@ -153,8 +171,12 @@ class Marketplace:
                 raw = _read_capped(response)
             finally:
                 response.close()
+        self._check_tool_exists(response)
+        return self._answer(response, raw, token, urls)
+
+    def _answer(self, response: httpx.Response, raw: bytes, token: str, urls: list[str]) -> CallAnswer:
+        """The call's answer read by the error tree (an MCP tool's answer as the HTTP answer it stands for)."""
         try:
-            self._check_tool_exists(response)
             body = _json_bytes_or_none(raw)
             if response.status_code >= 300:
                 _raise_for(response, body)
