@@ -370,3 +370,16 @@ def mp_reply(status: int, text: str) -> Any:
     from worker.seams.mcp_tool import ToolReply
 
     return ToolReply(status, text.encode())
+
+
+def test_the_mcp_tool_missing_or_unreachable_is_said_plainly(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sandbox.server import SandboxConfig, SandboxServer
+    from worker.seams import mcp_tool
+
+    with SandboxServer(SandboxConfig()) as sandbox:
+        monkeypatch.setattr(mcp_tool, "TOOL_NAME", "no_such_tool")
+        with pytest.raises(ConfigError, match="lists no tool 'no_such_tool'"):
+            mcp_tool.McpTool(sandbox.url, headers={}, timeout_s=5).call(TOKEN, [URL])
+    with pytest.raises(TransientError, match="unreachable: ConnectError") as info:
+        mcp_tool.McpTool("http://127.0.0.1:1", headers={}, timeout_s=5).call(TOKEN, [URL])
+    assert TOKEN not in str(info.value)

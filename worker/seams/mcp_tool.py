@@ -71,6 +71,10 @@ class McpTool:
         except IrliveError:
             raise
         except Exception as exc:
+            ours = _irlive_error_in(exc)
+            if ours is not None:
+                # Raised inside the SDK's task groups, which wrap it in exception groups.
+                raise ours from None
             # Neither the SDK's nor httpx2's text is kept: it may quote the request (the token is in it).
             what = _names(exc)
             if got:
@@ -116,6 +120,17 @@ def _status_of(is_error: bool, text: str) -> int:
     if isinstance(doc, dict) and any(f in doc for f in _PAYMENT_FIELDS):
         return 402
     return 502
+
+
+def _irlive_error_in(exc: BaseException) -> IrliveError | None:
+    if isinstance(exc, IrliveError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _irlive_error_in(inner)
+            if found is not None:
+                return found
+    return None
 
 
 def _names(exc: BaseException) -> str:
