@@ -286,13 +286,15 @@ def test_unreachable_s3_endpoint_fails_with_a_clear_message(clean_stack: Stack, 
 # --- malformed seller answers -----------------------------------------------------------------------------
 
 
-def malformed_setup(stack: Stack, irlive: IrliveRunner, mode: str) -> tuple[list[Sample], Sample, RunOutput]:
-    """12 valid images (a call of 10 and one of 2) and a 16x16 one, judged with the sandbox in `mode`."""
+def malformed_setup(stack: Stack, irlive: IrliveRunner, mode: str,
+                    method: str = "token") -> tuple[list[Sample], Sample, RunOutput]:
+    """12 valid images (a call of 10 and one of 2) and a 16x16 one, judged with the sandbox in `mode`, the calls
+    paid and sent by `method`."""
     samples = [good(f"mal/img_{i:02d}.png", i) for i in range(12)]
     tiny = Sample("mal/tiny.png", png(16, 16, "live", seed=5), "rejected")
     upload(stack, [*samples, tiny])
     stack.sandbox_config(answer_mode=mode)
-    stack.start_worker(extra_env=FEW_ATTEMPTS)
+    stack.start_worker(extra_env={**FEW_ATTEMPTS, "IRLIVE_PAYMENT_METHOD": method})
     run = read_run(stack, scan_and_wait(irlive, f"s3://{IN_BUCKET}/mal", timeout=90))
     return samples, tiny, run
 
@@ -303,19 +305,25 @@ REASON_WORDS = {"not_json": "JSON", "result_not_json": "JSON", "huge_body": "lar
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "mode",
+    ("mode", "method"),
     [
-        "not_json",
-        "result_not_json",
-        "huge_body",
-        "unknown_url",
-        "missing_fields",
+        ("not_json", "token"),
+        ("result_not_json", "token"),
+        ("huge_body", "token"),
+        ("unknown_url", "token"),
+        ("missing_fields", "token"),
+        # The MCP tool's answer is read as the HTTP answer it stands for: the same faults, the same records.
+        ("not_json", "mcp-token"),
+        ("huge_body", "mcp-token"),
+        ("result_not_json", "mcp-token"),
+        ("unknown_url", "mcp-token"),
+        ("missing_fields", "mcp-token"),
     ],
 )
 def test_unusable_answer_is_paid_retried_then_error_for_every_image(
-    clean_stack: Stack, irlive: IrliveRunner, mode: str
+    clean_stack: Stack, irlive: IrliveRunner, mode: str, method: str
 ) -> None:
-    samples, tiny, run = malformed_setup(clean_stack, irlive, mode)
+    samples, tiny, run = malformed_setup(clean_stack, irlive, mode, method)
 
     got = check_run(clean_stack, run, {s.key: "error" for s in samples} | {tiny.key: "rejected"})
     assert all(got[s.key]["attempts"] == MAX_ATTEMPTS for s in samples)
@@ -415,11 +423,14 @@ def _check_readable(mode: str, got: Mapping[str, dict[str, Any]], samples: list[
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["nan_rect", "huge_rect", "lone_surrogate", "bad_image_url"])
+@pytest.mark.parametrize(("mode", "method"), [
+    *((mode, "token") for mode in ("nan_rect", "huge_rect", "lone_surrogate", "bad_image_url")),
+    ("nan_rect", "mcp-token"), ("lone_surrogate", "mcp-token"),
+])
 def test_hostile_values_in_a_paid_answer_are_read_and_never_paid_again(
-    clean_stack: Stack, irlive: IrliveRunner, mode: str
+    clean_stack: Stack, irlive: IrliveRunner, mode: str, method: str
 ) -> None:
-    samples, tiny, run = malformed_setup(clean_stack, irlive, mode)
+    samples, tiny, run = malformed_setup(clean_stack, irlive, mode, method)
 
     got = check_run(clean_stack, run, {s.key: s.expected for s in samples} | {tiny.key: "rejected"})
     assert all(got[s.key]["attempts"] == 1 and got[s.key]["request_id"] for s in samples)
@@ -436,10 +447,11 @@ def test_hostile_values_in_a_paid_answer_are_read_and_never_paid_again(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("method", ["token", "mcp-token"])
 def test_an_answer_nested_too_deeply_ends_unreadable_and_is_never_paid_again(
-    clean_stack: Stack, irlive: IrliveRunner
+    clean_stack: Stack, irlive: IrliveRunner, method: str
 ) -> None:
-    samples, tiny, run = malformed_setup(clean_stack, irlive, "nested_json")
+    samples, tiny, run = malformed_setup(clean_stack, irlive, "nested_json", method)
 
     got = check_run(clean_stack, run, {s.key: "error" for s in samples} | {tiny.key: "rejected"})
     assert {got[s.key]["error_code"] for s in samples} == {"unreadable_answer"}

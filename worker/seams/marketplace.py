@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from worker.seams.mcp_tool import McpTool
 
 MAX_ANSWER_BYTES = 8 * 1024 * 1024
+_TOO_LARGE = f"marketplace answer larger than {MAX_ANSWER_BYTES} bytes; dropped"
 _PERMANENT_CODES = ("InvalidImage", "InvalidFile", "IllegalUrlParameter", "ParameterError",
                     "InvalidParameter", "MissingParameter")
 _CONFIG_CODES = ("AuthFailed", "InvalidApi", "Forbidden", "InvalidAccessKeyId", "NoPermission")
@@ -156,6 +157,9 @@ class Marketplace:
             except IrliveError as exc:
                 _scrub(exc, _secrets_of(token, urls))
                 raise
+            if len(reply.raw) > MAX_ANSWER_BYTES:
+                # The SDK has read it whole already; the answer is still judged as the HTTP one would be.
+                raise TransientError(_TOO_LARGE)
             return self._answer(httpx.Response(reply.status, content=reply.raw), reply.raw, token, urls)
         payload = {"Tasks": [{"ImageURL": u} for u in urls]}
         try:
@@ -427,7 +431,7 @@ def _read_capped(response: httpx.Response) -> bytes:
     for chunk in response.iter_bytes():
         size += len(chunk)
         if size > MAX_ANSWER_BYTES:
-            raise TransientError(f"marketplace answer larger than {MAX_ANSWER_BYTES} bytes; dropped")
+            raise TransientError(_TOO_LARGE)
         chunks.append(chunk)
     return b"".join(chunks)
 
