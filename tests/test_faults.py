@@ -254,6 +254,11 @@ SELLER_FAULTS = {
     # token the worker's ledger holds as spent (answered, or reconciled with GET /api/payments/{id}).
     "timeout-after-consuming": SellerFault({"p_timeout": 0.2, "timeout_sleep_s": 3.0},
                                            {"IRLIVE_CALL_TIMEOUT_S": "1"}, strict_once=False),
+    # The same faults with every call sent through the MCP tool.
+    "5xx-30pct-mcp": SellerFault({"p_5xx": 0.3}, {"IRLIVE_PAYMENT_METHOD": "mcp-token"}, strict_once=False),
+    "timeout-after-consuming-mcp": SellerFault({"p_timeout": 0.2, "timeout_sleep_s": 3.0},
+                                               {"IRLIVE_CALL_TIMEOUT_S": "1", "IRLIVE_PAYMENT_METHOD": "mcp-token"},
+                                               strict_once=False),
 }
 
 
@@ -290,14 +295,15 @@ PROXY_FAULTS: dict[str, tuple[Callable[[FaultProxy], None], str]] = {
 }
 
 
-@pytest.mark.parametrize("name", list(PROXY_FAULTS))
-def test_connections_to_the_seller_dropped(clean_stack: Stack, name: str) -> None:
+@pytest.mark.parametrize(("name", "method"), [*((name, "token") for name in PROXY_FAULTS),
+                                              ("drop-mid-answer", "mcp-token")])
+def test_connections_to_the_seller_dropped(clean_stack: Stack, name: str, method: str) -> None:
     switch, stat = PROXY_FAULTS[name]
     seed = seed_from_env()
     samples = live_samples(200, name, seed=3)
     upload_samples(clean_stack, samples)
     with FaultProxy.for_url(clean_stack.sandbox_url, seed=seed) as proxy:
-        env = {**SMALL_CHUNKS, "IRLIVE_MARKETPLACE_URL": proxy.url}
+        env = {**SMALL_CHUNKS, "IRLIVE_MARKETPLACE_URL": proxy.url, "IRLIVE_PAYMENT_METHOD": method}
         switch(proxy)
         _workers(clean_stack, 2, env)
         run_id = scan(clean_stack, name, env=env)
