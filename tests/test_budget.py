@@ -44,11 +44,12 @@ def settled(stack: Stack, run_id: str) -> bool:
     return done + parked == int(run["chunks"]) and r.zcard("irlive:wallet:leases") == 0
 
 
+@pytest.mark.parametrize("method", ["token", "mcp-token"])
 def test_budget_of_n_calls_bills_exactly_n_with_8_workers_then_resume_completes(
-        clean_stack: Stack, irlive: IrliveRunner) -> None:
+        clean_stack: Stack, irlive: IrliveRunner, method: str) -> None:
     upload(clean_stack, clean_samples(200))
     for _ in range(8):
-        clean_stack.start_worker(concurrency=4)
+        clean_stack.start_worker(concurrency=4, extra_env={"IRLIVE_PAYMENT_METHOD": method})
 
     scanned = irlive("scan", f"s3://{IN_BUCKET}/clean", "--budget", "1.40", "--json")
     assert scanned.returncode == 0, scanned.stderr
@@ -76,6 +77,7 @@ def test_budget_of_n_calls_bills_exactly_n_with_8_workers_then_resume_completes(
     assert max(ledger["billed_image_urls_path_counts"].values()) == 1
     assert ledger["images_billed"] == 200
     assert ledger["calls_billed"] == output.manifest["calls"] == 20
+    assert (ledger["mcp_calls"] >= 20) if method == "mcp-token" else ledger["mcp_calls"] == 0
 
 
 def test_daily_cap_stops_purchases(clean_stack: Stack, irlive: IrliveRunner) -> None:
