@@ -43,6 +43,8 @@ def listing_of(config: SandboxConfig, path: str) -> str | None:
 def sold(config: SandboxConfig) -> tuple[str, ...]:
     """The service ids payments can be bought for."""
     return (SERVICE_ID,) if config.tool_paths == "legacy" else SERVICE_IDS
+
+
 _MAX_BODY = 1024 * 1024
 
 
@@ -80,8 +82,8 @@ class _Handler(BaseHTTPRequestHandler):
             body = self._read_body() if method == "POST" else b""
             if path == MCP_PATH:
                 self._mcp(state, method, body)
-            elif method == "POST" and listing_of(state.config, path) is not None:
-                self._tool_call(state, str(listing_of(state.config, path)), body)
+            elif method == "POST" and (service := listing_of(state.config, path)) is not None:
+                self._tool_call(state, service, body)
             elif method == "POST" and path == "/api/payments":
                 self._create_payment(state, body)
             elif method == "GET" and path.startswith("/api/payments/"):
