@@ -9,7 +9,6 @@ and body), so the marketplace client classifies both the same way.
 from __future__ import annotations
 
 import json
-import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,8 +42,8 @@ class McpTool:
         self.url = base_url.rstrip("/") + MCP_PATH
         self._headers = dict(headers)
         self._timeout_s = timeout_s
+        # Read and written by several threads: at worst two first calls both list the tools.
         self._listed = False
-        self._lock = threading.Lock()
 
     def call(self, token: str, urls: list[str]) -> ToolReply:
         """One paid call. TransientError before the call left; OutcomeUnknown once it may have been paid."""
@@ -75,14 +74,12 @@ class McpTool:
             if ours is not None:
                 # Raised inside the SDK's task groups, which wrap it in exception groups.
                 raise ours from None
-            # Neither the SDK's nor httpx2's text is kept: it may quote the request (the token is in it).
-            what = _names(exc)
-            if got:
-                pass  # answered; only closing the session failed
-            elif sent:
-                raise OutcomeUnknown(f"marketplace MCP call failed after it was sent: {what}") from None
-            else:
-                raise TransientError(f"marketplace MCP endpoint unreachable: {what}") from None
+            # Neither the SDK's nor httpx2's text is kept: it may quote the request (the token is in it). With an
+            # answer in hand only closing the session failed: the answer stands.
+            if not got and sent:
+                raise OutcomeUnknown(f"marketplace MCP call failed after it was sent: {_names(exc)}") from None
+            if not got:
+                raise TransientError(f"marketplace MCP endpoint unreachable: {_names(exc)}") from None
         return reply_of(got[0])
 
     async def _find_tool(self, mcp: ClientSession) -> None:
@@ -95,8 +92,7 @@ class McpTool:
         if "Tasks" not in properties or "paymentToken" not in properties:
             raise ConfigError(f"the MCP tool {TOOL_NAME!r} takes no Tasks and paymentToken (its input schema "
                               f"names {sorted(properties)}): irlive cannot call it")
-        with self._lock:
-            self._listed = True
+        self._listed = True
 
 
 def reply_of(result: types.CallToolResult) -> ToolReply:
