@@ -453,7 +453,10 @@ class ResumeWatch:
             still = []
             for killed_at, run_id, seq, mark in self.waiting:
                 holder = client.get(f"irlive:lease:chunk:{run_id}:{seq}")
-                done = client.sismember(f"irlive:run:{run_id}:chunks-done", seq)
+                # A finalised run had every chunk complete; archiving it drops its chunks-done set, which can
+                # happen between two polls when the run's images were all judged by an overlapping run.
+                done = client.sismember(f"irlive:run:{run_id}:chunks-done", seq) \
+                    or client.hexists(f"irlive:run:{run_id}", "finalised_at")
                 if done or (holder is not None and mark not in _s(holder)):
                     self.resumed_s.append(time.monotonic() - killed_at)
                 else:
