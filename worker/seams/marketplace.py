@@ -93,12 +93,9 @@ class Marketplace:
             headers[api_key_header] = api_key
         self.service_id = service_id
         self._tool_path = tool_path or TOOL_PATH.replace("{service_id}", service_id)
-        self._mcp: McpTool | None = None
-        if via_mcp:
-            # Loaded only for this payment method: the SDK (pydantic, anyio) is not free to import.
-            from worker.seams.mcp_tool import McpTool
-
-            self._mcp = McpTool(base_url, headers=headers, timeout_s=timeout_s)
+        self._via_mcp = via_mcp
+        self._mcp_args = (base_url, headers, timeout_s)
+        self._mcp_tool: McpTool | None = None
         self._client = httpx.Client(
             base_url=base_url,
             headers=headers,
@@ -151,9 +148,9 @@ class Marketplace:
 
     def call(self, token: str, urls: list[str]) -> CallAnswer:
         """One paid call judging up to 10 images; raises the error tree on anything but a verdict."""
-        if self._mcp is not None:
+        if self._via_mcp:
             try:
-                reply = self._mcp.call(token, urls)
+                reply = self._mcp().call(token, urls)
             except IrliveError as exc:
                 _scrub(exc, _secrets_of(token, urls))
                 raise
@@ -177,6 +174,16 @@ class Marketplace:
                 response.close()
         self._check_tool_exists(response)
         return self._answer(response, raw, token, urls)
+
+    def _mcp(self) -> McpTool:
+        if self._mcp_tool is None:
+            # Built at the first paid call, not for a price probe (`scan`): the SDK (pydantic, anyio) is not free
+            # to import. Two threads may both build one; either serves.
+            from worker.seams.mcp_tool import McpTool
+
+            base_url, headers, timeout_s = self._mcp_args
+            self._mcp_tool = McpTool(base_url, headers=headers, timeout_s=timeout_s)
+        return self._mcp_tool
 
     def _answer(self, response: httpx.Response, raw: bytes, token: str, urls: list[str]) -> CallAnswer:
         """The call's answer read by the error tree (an MCP tool's answer as the HTTP answer it stands for)."""
