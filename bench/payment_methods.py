@@ -1,9 +1,11 @@
-"""Cost of a paid call by payment method: `mcp-token` (an MCP session per call) against `token` (one HTTP POST).
+"""Cost of a paid call by payment method: `mcp-token` (an MCP session per call) and `x402` (a signature made
+for the call) against `token` (one HTTP POST).
 
 In one invocation: the sandbox (in this process, no latency injected) and a static image server; a token is
-bought per call either way (not timed), then the call alone is timed through worker.seams.marketplace, the
-methods alternating, --calls each per round, best of --rounds. Prints milliseconds per call of each and the
-ratio mcp-token ÷ token.
+bought per call (for x402: a payment id committed, as the ledger does), not timed; then the call alone is timed
+through worker.money.methods (for x402 that includes signing with the SDK and writing the settlement to the
+ledger record, in an in-memory Redis), the methods alternating, --calls each per round, best of --rounds.
+Prints milliseconds per call of each and the ratio of each to token.
 """
 
 from __future__ import annotations
@@ -11,14 +13,21 @@ from __future__ import annotations
 import argparse
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import fakeredis
+
 from sandbox import images
 from sandbox.server import SandboxConfig, SandboxServer
+from worker.keys import Keys
+from worker.money.methods import PaymentMethod, TokenOverHttp, TokenOverMcp
+from worker.money.x402 import X402Payer
 from worker.seams.marketplace import Marketplace
+from worker.seams.store import Store
+from worker.seams.x402_signer import X402Signer
 
 SERVICE = "infrared-face-liveness-detection"
 
@@ -50,14 +59,17 @@ def image_host(count: int) -> Iterator[list[str]]:
         httpd.server_close()
 
 
-def timed_calls(market: Marketplace, urls: list[str], calls: int) -> float:
+# A throwaway payer key: the sandbox settles on no chain.
+PAYER_KEY = "0x" + "5d" * 32
+
+
+def timed_calls(buy: Callable[[], str], method: PaymentMethod, urls: list[str], calls: int) -> float:
     """Seconds per call, purchases excluded."""
     spent = 0.0
     for _ in range(calls):
-        payment = market.create_payment()
-        assert payment.token is not None
+        token = buy()
         started = time.perf_counter()
-        answer = market.call(payment.token, urls)
+        answer = method.call(token, urls)
         spent += time.perf_counter() - started
         assert answer.request_id
     return spent / calls
@@ -70,18 +82,35 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=10, help="images per call (1-10)")
     args = parser.parse_args()
     with SandboxServer(SandboxConfig()) as sandbox, image_host(args.images) as urls:
-        methods = {"token": Marketplace(sandbox.url, SERVICE),
-                   "mcp-token": Marketplace(sandbox.url, SERVICE, via_mcp=True)}
+        market = Marketplace(sandbox.url, SERVICE)
+        store, keys = Store(fakeredis.FakeRedis(decode_responses=True)), Keys()
+        payer = X402Payer(market, X402Signer(PAYER_KEY, network="eip155:8453", assets=("USDC",), pay_to=None,
+                                             max_price_cents=20), store, keys)
+
+        def buy_token() -> str:
+            payment = market.create_payment()
+            assert payment.token is not None
+            return payment.token
+
+        def commit_x402() -> str:
+            # What the ledger writes when it commits a payment id (buy_end.lua), reduced to what the call reads.
+            payment_id = payer.create_payment().payment_id
+            store.hset(keys.payment(payment_id), mapping={"amount_cents": 20, "state": "sent"})
+            return payment_id
+
+        methods: dict[str, tuple[Callable[[], str], PaymentMethod]] = {
+            "token": (buy_token, TokenOverHttp(market)), "mcp-token": (buy_token, TokenOverMcp(market.endpoint)),
+            "x402": (commit_x402, payer)}
         best = {name: float("inf") for name in methods}
         for _ in range(args.rounds):
-            for name, market in methods.items():
-                best[name] = min(best[name], timed_calls(market, urls, args.calls))
-        for market in methods.values():
-            market.close()
+            for name, (buy, method) in methods.items():
+                best[name] = min(best[name], timed_calls(buy, method, urls, args.calls))
+        market.close()
     for name, seconds in best.items():
         print(f"{name:10s} {seconds * 1000:7.1f} ms per call ({args.images} images, best of {args.rounds} rounds "
               f"of {args.calls})")
-    print(f"ratio mcp-token / token: {best['mcp-token'] / best['token']:.2f}")
+    for name in ("mcp-token", "x402"):
+        print(f"ratio {name} / token: {best[name] / best['token']:.2f}")
 
 
 if __name__ == "__main__":

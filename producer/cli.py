@@ -22,12 +22,13 @@ from producer.scan import ScanRequest, ScanResult, estimate, new_run_id, scan, w
 from producer.sources import parse_source
 from producer.status import Samples, follow, pace, render, status_dict, status_samples
 from worker.app import make_app, send_chunk, send_finalize
-from worker.config import S3Location, Settings
+from worker.config import PAYMENT_METHODS, S3Location, Settings, missing_extra
 from worker.errors import ConfigError, IrliveError, StoreUnavailable, UnknownRun
 from worker.flow.claims import Claims
-from worker.flow.runs import Runs
+from worker.flow.runs import Runs, RunStatus
 from worker.flow.states import ACTIVE, HELD
 from worker.flow.watermarks import Watermarks
+from worker.judge.manifest import VERDICTS
 from worker.keys import Keys
 from worker.messages import PRIORITIES, Chunk
 from worker.ops import logs
@@ -43,10 +44,25 @@ _YOUNG_CLAIM_S = 120
 # A source's run that still holds it: judging, or paused and able to resume.
 _ACTIVE_STATES = ACTIVE | HELD
 EXIT_CANCELLED = 5
+# A run done, but some of its images ended `error` (not judged: listed in failed.jsonl, `irlive redrive`).
+EXIT_DONE_WITH_ERRORS = 6
+# A followed run still going when --timeout ran out (as GNU timeout(1) exits).
+EXIT_TIMED_OUT = 124
+# Whoever read our stdout left (`| head`): what a shell reports for a tool SIGPIPE ended, 128 + 13.
+EXIT_BROKEN_PIPE = 141
 _RUN_HELP = "the run id (printed by `irlive scan`)"
 _JSON_HELP = "print the result as JSON (schema in docs/schemas/)"
 _STATE_EXIT = {"done": EXIT_OK, "failed": EXIT_FAILED, "paused_budget": EXIT_PAUSED, "paused": EXIT_PAUSED,
                "cancelled": EXIT_CANCELLED}
+
+
+def _run_exit(status: RunStatus) -> int:
+    """How a command that followed a run to its end exits (the table under "Exit codes" in the README)."""
+    if status.state == "done" and status.counts.get("error", 0):
+        return EXIT_DONE_WITH_ERRORS
+    if status.state in ACTIVE:
+        return EXIT_TIMED_OUT  # the wait's --timeout ran out first
+    return _STATE_EXIT.get(status.state, EXIT_OK)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -77,6 +93,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("irlive: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # `irlive scan … --dry-run | head`: the reader left. Quiet, as a tool killed by SIGPIPE; stdout goes to
+        # /dev/null so the interpreter's last flush cannot raise again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_BROKEN_PIPE
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -88,7 +111,8 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="exit codes: 0 started (or done with --wait), 1 failed, 2 bad usage or configuration, 3 paused (by "
                "its owner or its budget),\n  4 with --since last: another run of the same source is still active "
-               "(it is named; no run is created), 5 cancelled")
+               "(it is named; no run is created), 5 cancelled,\n  6 done but some images ended `error` (with "
+               "--wait; failed.jsonl lists them). The README's \"Exit codes\" has the table for every command.")
     p.add_argument("source", help="s3://bucket/prefix; inventory://bucket/path/manifest.json (S3 Inventory, CSV); "
                                   "file:PATH (.csv bucket,key[,etag] / .jsonl {\"bucket\",\"key\",\"etag\"} / "
                                   "s3://bucket/key lines) or file:- for standard input")
@@ -118,6 +142,9 @@ def _parser() -> argparse.ArgumentParser:
                         "0.5; 1 = never)")
     p.add_argument("--min-calls", type=_positive_int, default=None, metavar="N",
                    help="paid calls that must end before --max-error-rate applies (default IRLIVE_MIN_CALLS, 20)")
+    p.add_argument("--tag", type=_tag, action="append", default=[], metavar="KEY=VALUE",
+                   help="label the run (repeatable): kept in its manifest, webhook and report; `irlive runs --tag` "
+                        "finds it")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(handler=_cmd_scan)
 
@@ -177,6 +204,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--reconcile", action="store_true",
                    help="reconcile tokens whose lease expired (with --all: every open token; only when no worker runs)")
     p.add_argument("--all", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--release-held", action="store_true",
+                   help="put tokens held for costing more than a price cap back into the pool (a worker whose "
+                        "IRLIVE_MAX_PRICE_CENTS is still lower holds them again)")
     p.set_defaults(handler=_cmd_wallet)
 
     p = sub.add_parser("status", help="show a run's progress")
@@ -193,9 +223,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=_positive_int, default=2, metavar="N",
                    help="celery worker processes to start (default 2)")
     p.add_argument("--out-dir", default="irlive-demo-output", help="where to copy the manifests")
+    p.add_argument("--payment-method", choices=PAYMENT_METHODS, default="token",
+                   help="how the workers pay the sandbox (x402 signs with a throwaway key made for the demo)")
     p.add_argument("--json", action="store_true",
                    help="progress on stderr, then one JSON document summarising the run on stdout")
     p.set_defaults(handler=_cmd_demo)
+
+    p = sub.add_parser("stack", help="keep a local stack up (Redis, S3 stand-in, sandbox, workers) and print the "
+                                     "`export` lines to use it from another shell; Ctrl-C stops it (needs the "
+                                     "demo extra)")
+    p.add_argument("--workers", type=_positive_int, default=2, metavar="N", help="worker processes (default 2)")
+    p.add_argument("--env-file", default=None, metavar="FILE", help="also write the export lines here")
+    p.set_defaults(handler=_cmd_stack)
 
     p = sub.add_parser("smoke", help="make exactly one paid call on one image and print what the seller did")
     p.add_argument("image", help="s3://bucket/key of one capture")
@@ -206,14 +245,58 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="print the effective settings (secrets masked), where each came from, the "
                                       "visibility timeout, and run the checks a worker runs at start",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog="exit codes: 0 a worker would start with these settings, 1 problems (listed)")
+                       epilog="exit codes: 0 a worker would start with these settings, 1 problems (listed), 2 the "
+                              "configured way to pay lacks its extra (irlive[mcp], irlive[x402])")
     p.add_argument("--json", action="store_true", help=_JSON_HELP)
     p.add_argument("--no-redis", action="store_true",
                    help="do not contact IRLIVE_REDIS_URL (skips the Redis durability check)")
     p.set_defaults(handler=_cmd_config)
 
+    p = sub.add_parser("report", help="write a run's report.html (what its records say, the captures to review) "
+                                      "from what it left in S3")
+    p.add_argument("run_id", help=_RUN_HELP)
+    p.add_argument("--out", default=None, metavar="FILE",
+                   help="where to write the page (default irlive-report-RUN.html here; - for stdout)")
+    p.add_argument("--open", action="store_true", help="open the page in a browser once written")
+    p.add_argument("--thumbnails", action="store_true",
+                   help="show each capture to review, small, with the seller's face boxes (reads each object; off "
+                        "by default: these are biometric images and a report may outlive them)")
+    p.add_argument("--output", default=None, help="s3://bucket/prefix of the run's manifests when its record is "
+                                                  "gone from Redis (default IRLIVE_OUTPUT)")
+    p.set_defaults(handler=_cmd_report)
+
+    p = sub.add_parser("export", help="one row per image of a run (key, ETag, verdict, confidence, cost share…)")
+    p.add_argument("run_id", help=_RUN_HELP)
+    p.add_argument("--format", choices=("csv", "jsonl", "parquet"), default="csv", help="default csv")
+    p.add_argument("--verdict", choices=VERDICTS, default=None, help="only images with this verdict")
+    p.add_argument("--out", default="-", metavar="FILE", help="default - (stdout; parquet needs a file)")
+    p.add_argument("--output", default=None, help="s3://bucket/prefix of the run's manifests when its record is "
+                                                  "gone from Redis (default IRLIVE_OUTPUT)")
+    p.set_defaults(handler=_cmd_export)
+
+    p = sub.add_parser("runs", help="list runs, newest first")
+    p.add_argument("--state", action="append", default=[], metavar="STATE",
+                   help="only runs in this state (repeatable): listing, running, paused, paused_budget, done, "
+                        "failed, cancelled…")
+    p.add_argument("--source", default=None, metavar="PREFIX", help="only runs whose source starts with this")
+    p.add_argument("--tag", type=_tag, action="append", default=[], metavar="KEY=VALUE",
+                   help="only runs with this tag (repeatable: all must match)")
+    p.add_argument("--since", default=None, metavar="TIME", help="only runs created since TIME (date, ISO, 24h, 7d)")
+    p.add_argument("--limit", type=_positive_int, default=50, help="at most N runs (default 50)")
+    p.add_argument("--json", action="store_true", help=_JSON_HELP)
+    p.set_defaults(handler=_cmd_runs)
+
     sub.add_parser("sandbox", help="serve the local stand-in marketplace (see `irlive sandbox --help`)")
     return parser
+
+
+def _tag(text: str) -> tuple[str, str]:
+    from producer.reports import parse_tag
+
+    try:
+        return parse_tag(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _usd(text: str) -> int:
@@ -283,7 +366,7 @@ def _cmd_scan(ns: argparse.Namespace) -> int:
     request = ScanRequest(source, suffixes, ns.limit, ns.force, ns.budget, ns.priority, since=since, until=until,
                           max_error_rate=settings.max_error_rate if ns.max_error_rate is None else ns.max_error_rate,
                           min_calls=settings.min_calls if ns.min_calls is None else ns.min_calls,
-                          notify_url=_webhook(ns.notify) if ns.notify else None)
+                          notify_url=_webhook(ns.notify) if ns.notify else None, tags=tuple(ns.tag))
     if ns.dry_run or ns.confirm_above is not None:
         price, quoted_by = _price(settings)
         est = estimate(settings, clients.storage(), clients.claims, request, output, price, quoted_by)
@@ -342,8 +425,15 @@ def _cmd_scan(ns: argparse.Namespace) -> int:
         print(f"found {result.found} images: {result.enqueued} enqueued in {result.chunks} chunks, "
               f"{result.skipped} already judged", file=sys.stderr)
     if ns.wait:
-        final = follow(clients.runs, result.run_id, display=display_for(ns.json))
-        return _STATE_EXIT.get(final.state, EXIT_OK)
+        samples = Samples()
+        final = follow(clients.runs, result.run_id, samples=samples, display=display_for(ns.json))
+        report = _report_link(clients.runs, result.run_id)
+        if ns.json:
+            # The started document above, then the end state, as `status --json` prints it: one per line.
+            print(json.dumps({**status_dict(final, pace(final, samples)), "report": report}))
+        elif report:
+            print(f"report: {report}")
+        return _run_exit(final)
     return EXIT_OK
 
 
@@ -403,10 +493,24 @@ def _cmd_resume(ns: argparse.Namespace) -> int:
     clients = _Clients(settings)
     _require_run(clients.runs, ns.run_id)
     parked = clients.runs.resume(ns.run_id, ns.budget)
+    if parked is None:
+        # Not paused: nothing resumed and no cap changed (only a paused run takes a new --budget). Said, not
+        # "0 parked chunks sent again" with exit 0.
+        now = clients.runs.status(ns.run_id)
+        assert now is not None
+        what = "is not paused" if now.state in ACTIVE else "has ended"
+        doc = {"run_id": ns.run_id, "state": now.state, "changed": False, "chunks_resent": 0,
+               "budget_cents": now.budget_cents}
+        if ns.json:
+            print(json.dumps(doc))
+        else:
+            print(f"irlive: run {ns.run_id} {what} ({now.state}): nothing to resume"
+                  + ("; a budget can be raised once it pauses" if ns.budget is not None else ""), file=sys.stderr)
+        return EXIT_USAGE
     _send_parked(make_app(settings), clients.runs, ns.run_id, parked)
     status = clients.runs.status(ns.run_id)
     assert status is not None
-    doc = {"run_id": ns.run_id, "state": status.state, "chunks_resent": len(parked),
+    doc = {"run_id": ns.run_id, "state": status.state, "changed": True, "chunks_resent": len(parked),
            "budget_cents": status.budget_cents}
     print(json.dumps(doc) if ns.json else f"run {ns.run_id}: {status.state}, {len(parked)} parked chunks sent again")
     return EXIT_OK
@@ -450,7 +554,8 @@ def _cmd_cancel(ns: argparse.Namespace) -> int:
     print(json.dumps(doc) if ns.json else f"run {ns.run_id}: {state}" + ("" if cancelled else " (already ended)"))
     if ns.wait and cancelled:
         final = follow(clients.runs, ns.run_id)
-        return _STATE_EXIT.get(final.state, EXIT_OK)
+        # Cancelled is what was asked for: success here (5 is for a followed run someone else cancelled).
+        return EXIT_OK if final.state == "cancelled" else _run_exit(final)
     return EXIT_OK if cancelled or state == "cancelled" else EXIT_USAGE
 
 
@@ -555,7 +660,24 @@ def _cmd_reindex(ns: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cap_source(workers: list[dict[str, Any]], caps: set[int | None], shell_cents: int | None) -> str:
+    """Where the daily cap wallet prints comes from, and what disagrees with it."""
+    def show(cents: int | None) -> str:
+        return f"${usd(cents)}" if cents is not None else "none"
+
+    if not workers:
+        return ", from this shell's IRLIVE_DAILY_BUDGET_USD (no worker has said what it enforces)"
+    if len(caps) > 1:
+        each = ", ".join(f"{w['worker']}: {show(w.get('daily_budget_cents'))}" for w in workers)
+        return f" from this shell; the workers DISAGREE ({each}): restart them with one IRLIVE_DAILY_BUDGET_USD"
+    said = f", enforced by the {len(workers)} worker(s) that said so at start"
+    if shell_cents != next(iter(caps)):
+        said += f" (this shell's IRLIVE_DAILY_BUDGET_USD says {show(shell_cents)}: the workers' is what applies)"
+    return said
+
+
 def _cmd_wallet(ns: argparse.Namespace) -> int:
+    from worker.ops import fleet
     from worker.ops.runtime import build_deps
 
     settings = Settings.from_env()
@@ -566,11 +688,23 @@ def _cmd_wallet(ns: argparse.Namespace) -> int:
     if ns.reconcile and not ns.json:
         print(f"reconciling the ledger in Redis at {where}", file=sys.stderr)
     reconciled = deps.ledger.sweep(everything=ns.all) if ns.reconcile else None
+    released = deps.ledger.release_held() if ns.release_held else None
     totals = deps.ledger.totals()
-    cap_cents = settings.daily_budget_cents
+    # The caps the running workers enforce (each wrote its own at start), not this shell's environment.
+    workers = fleet.enforced(deps.store, Keys(settings.key_prefix))
+    fleet_caps = {w.get("daily_budget_cents") for w in workers}
+    cap_cents = next(iter(fleet_caps)) if len(fleet_caps) == 1 else settings.daily_budget_cents
     over = max(0, totals["spent_today_cents"] - cap_cents) if cap_cents is not None else 0
-    doc: dict[str, Any] = {"totals": totals, "reconciled_now": reconciled, "redis": where,
-                           "daily_budget_cents": cap_cents, "daily_cap_crossed_by_cents": over}
+    doc: dict[str, Any] = {"totals": totals, "reconciled_now": reconciled, "released_now": released, "redis": where,
+                           "daily_budget_cents": cap_cents, "daily_cap_crossed_by_cents": over,
+                           "daily_budget_source": "workers" if len(fleet_caps) == 1 else "this shell",
+                           "workers": workers}
+    if settings.payment_method == "x402":
+        # The payer's address (public), never its key; what is committed today is what was signed and not
+        # released (a signature the seller did not settle gives its commitment back).
+        payer = getattr(deps.method, "signer", None)
+        doc["x402"] = {"payer": getattr(payer, "address", None), "network": settings.x402_network,
+                       "signed_today_cents": totals["spent_today_cents"], "unsettled": totals.get("unsettled", 0)}
     if ns.json:
         print(json.dumps(doc, sort_keys=True))
         return EXIT_OK
@@ -579,9 +713,12 @@ def _cmd_wallet(ns: argparse.Namespace) -> int:
     cap = f"${usd(cap_cents)}" if cap_cents is not None else "none"
     if over:
         cap += f" (CROSSED by ${usd(over)}: the seller charged more than it quoted)"
+    cap += _cap_source(workers, fleet_caps, settings.daily_budget_cents)
     print("\n".join([
         f"redis           {where}",
         f"pool            {totals['pool']} prepaid tokens waiting, {totals['in_flight']} reserved or in flight",
+        f"held            {totals['held']} tokens bought above the price cap, never spent until released "
+        "(--release-held)" + (f"; {released} released now" if released is not None else ""),
         f"bought          {totals.get('bought', 0)} tokens, ${usd(totals.get('bought_cents', 0))}",
         f"spent           {totals.get('spent', 0)} calls, ${usd(totals.get('spent_cents', 0))}",
         f"void            {totals.get('void', 0)} refused or expired, "
@@ -591,6 +728,9 @@ def _cmd_wallet(ns: argparse.Namespace) -> int:
         f"reconciled      {totals.get('reconciled_unspent', 0)} unspent returned, "
         f"{totals.get('reconciled_spent', 0)} found spent; last {when}",
         f"today           ${usd(totals['spent_today_cents'])} bought of daily cap {cap}",
+        *([f"x402            payer {doc['x402']['payer']} on {settings.x402_network}: "
+           f"${usd(totals['spent_today_cents'])} signed today; {doc['x402']['unsettled']} signatures the seller "
+           "did not settle (released, not charged)"] if "x402" in doc else []),
     ]))
     return EXIT_OK
 
@@ -606,9 +746,81 @@ def _cmd_status(ns: argparse.Namespace) -> int:
     if how.rate_per_min is None:
         # Not followed long enough for a recent rate: the average since the run was created.
         how = pace(status, status_samples(status, datetime.now(UTC).timestamp()), window_s=None, basis="average")
-    doc: dict[str, Any] = status_dict(status, how)
+    doc: dict[str, Any] = {**status_dict(status, how), "report": _report_link(clients.runs, ns.run_id)}
     print(json.dumps(doc) if ns.json else render(status, how))
-    return _STATE_EXIT.get(status.state, EXIT_OK) if ns.wait or status.state == "failed" else EXIT_OK
+    if not ns.json and doc["report"]:
+        print(f"report: {doc['report']}")
+    return _run_exit(status) if ns.wait or status.state == "failed" else EXIT_OK
+
+
+def _cmd_report(ns: argparse.Namespace) -> int:
+    from producer.reports import build_report, report_uri, run_output
+
+    settings = Settings.from_env()
+    clients = _Clients(settings)
+    fallback = S3Location.parse(ns.output, "--output") if ns.output else settings.output
+    output = run_output(clients.runs, ns.run_id, fallback)
+    page = build_report(clients.storage(), output, ns.run_id, live_below=settings.review_live_below,
+                        thumbnails=ns.thumbnails)
+    if ns.out == "-":
+        sys.stdout.write(page)
+        return EXIT_OK
+    path = os.path.abspath(ns.out or f"irlive-report-{ns.run_id}.html")
+    with open(path, "w", encoding="utf-8") as out:
+        out.write(page)
+    print(f"report: {path}  (the copy written at the run's end: {report_uri(output, ns.run_id)})")
+    if ns.open:
+        import webbrowser
+
+        webbrowser.open(f"file://{path}")
+    return EXIT_OK
+
+
+def _cmd_export(ns: argparse.Namespace) -> int:
+    from producer.reports import export, run_output
+    from worker.report.publish import load_run
+
+    settings = Settings.from_env()
+    clients = _Clients(settings)
+    fallback = S3Location.parse(ns.output, "--output") if ns.output else settings.output
+    output = run_output(clients.runs, ns.run_id, fallback)
+    if ns.format == "parquet" and ns.out == "-" and sys.stdout.isatty():
+        raise ConfigError("parquet is binary: give --out FILE, or pipe it")
+    body = export(load_run(clients.storage(), output, ns.run_id), ns.format, ns.verdict)
+    if ns.out == "-":
+        sys.stdout.flush()
+        sys.stdout.buffer.write(body)
+        sys.stdout.buffer.flush()
+    else:
+        with open(ns.out, "wb") as out:
+            out.write(body)
+    return EXIT_OK
+
+
+def _cmd_runs(ns: argparse.Namespace) -> int:
+    from producer.reports import RunQuery, find_runs, render_runs
+
+    clients = _Clients(Settings.from_env())
+    since = parse_time(ns.since, datetime.now(UTC)) if ns.since else None
+    rows = find_runs(clients.store, clients.keys, RunQuery(tuple(ns.state), ns.source, tuple(ns.tag), since,
+                                                           ns.limit))
+    if ns.json:
+        print(json.dumps({"schema_version": 1, "runs": [{k: v for k, v in r.items() if k != "created_ms"}
+                                                          for r in rows]}))
+    else:
+        print(render_runs(rows))
+    return EXIT_OK
+
+
+def _report_link(runs: Runs, run_id: str) -> str | None:
+    """Where the run's report.html is, once its finalisation wrote it (with the manifest)."""
+    from producer.reports import report_uri
+
+    run = runs.get(run_id)
+    # `done` is set after the manifest (and the report before it) is written; other ends once finalised.
+    if not run or not (run.get("finalised_at") or run.get("state") == "done") or not run.get("output"):
+        return None
+    return report_uri(S3Location.parse(str(run["output"]), "run output"), run_id)
 
 
 def _cmd_smoke(ns: argparse.Namespace) -> int:
@@ -624,6 +836,8 @@ def _cmd_config(ns: argparse.Namespace) -> int:
 
     report = inspect_settings(dict(os.environ), check_redis=not ns.no_redis)
     print(json.dumps(report.as_dict()) if ns.json else report.render())
+    if report.missing_extra:
+        return EXIT_USAGE
     return EXIT_OK if report.ok else EXIT_FAILED
 
 
@@ -652,6 +866,21 @@ def demo_extra_message(command: str, missing: list[str]) -> str:
             "pip install 'irlive[demo]'  (from a clone: pip install '.[demo]')")
 
 
+def _cmd_stack(ns: argparse.Namespace) -> int:
+    missing = missing_demo_modules()
+    if missing:
+        raise ConfigError(demo_extra_message("stack", missing))
+    import threading
+
+    from producer.devstack import serve
+
+    stop = threading.Event()
+    # Ctrl-C or SIGTERM: stop waiting, then every process of the stack is stopped on the way out.
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    return serve(ns.workers, ns.env_file, stop, lambda line: print(line, flush=True))
+
+
 def _cmd_demo(ns: argparse.Namespace) -> int:
     missing = missing_demo_modules()
     if missing:
@@ -661,4 +890,8 @@ def _cmd_demo(ns: argparse.Namespace) -> int:
     # The stack's processes live in their own sessions: turn SIGTERM into an exit that stops them.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
-    return run_demo(images=ns.images, workers=ns.workers, out_dir=ns.out_dir, json_out=ns.json)
+    missing_pay = missing_extra(ns.payment_method)
+    if missing_pay:
+        raise ConfigError(missing_pay)
+    return run_demo(images=ns.images, workers=ns.workers, out_dir=ns.out_dir, json_out=ns.json,
+                    payment_method=ns.payment_method)

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from worker.config import S3Location, Settings
+from worker.config import S3Location, Settings, missing_extra
 from worker.errors import ConfigError, IrliveError
 from worker.ops.redact import mask_url
 
@@ -43,6 +43,8 @@ class Report:
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     redis: dict[str, Any] = field(default_factory=dict)
+    # What to install for the configured way to pay, when its library is missing (workers refuse to start).
+    missing_extra: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -60,6 +62,7 @@ class Report:
             "redis": self.redis,
             "problems": self.problems,
             "notes": self.notes,
+            "missing_extra": self.missing_extra,
         }
 
     def render(self) -> str:
@@ -96,6 +99,9 @@ def inspect_settings(env: Mapping[str, str], *, check_redis: bool = True) -> Rep
         entries.append(Entry(var, _shown(name, values[name]), "environment"))
     settings = _checked(values, entries, problems)
     report = Report(entries, settings, problems)
+    report.missing_extra = missing_extra(settings.payment_method)
+    if report.missing_extra:
+        problems.append(report.missing_extra)
     _check_visibility(settings, report)
     unknown = sorted(k for k in env if k.startswith("IRLIVE_") and k not in Settings.variables().values()
                      and k not in TOOLING_VARS)

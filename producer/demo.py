@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import sys
 import time
 from collections import Counter
@@ -21,7 +22,7 @@ from worker.app import make_app
 from worker.config import S3Location, Settings
 from worker.flow.claims import Claims
 from worker.flow.runs import Runs
-from worker.judge.manifest import chunk_key, failed_key, run_manifest_key
+from worker.judge.manifest import chunk_key, failed_key, payments_key, run_manifest_key
 from worker.keys import Keys
 from worker.seams.storage import Storage
 from worker.seams.store import Store
@@ -31,7 +32,7 @@ OUTPUT = S3Location("irlive-demo-results", "irlive")
 TRUTHS = ("live", "spoof", "no_face", "rejected")
 
 
-def run_demo(images: int, workers: int, out_dir: str, json_out: bool = False) -> int:
+def run_demo(images: int, workers: int, out_dir: str, json_out: bool = False, payment_method: str = "token") -> int:
     """Returns 0 when every verdict matches the truth and the worker's calls equal the sandbox's bills.
 
     With json_out the running commentary goes to stderr and stdout gets one JSON document (docs/schemas/
@@ -47,8 +48,13 @@ def run_demo(images: int, workers: int, out_dir: str, json_out: bool = False) ->
         "IRLIVE_OUTPUT": str(OUTPUT),
         "IRLIVE_RATE_LIMIT_PER_S": "20",
         "IRLIVE_RATE_BURST": "4",
+        "IRLIVE_PAYMENT_METHOD": payment_method,
     }
-    say(f"starting a local stack: redis, moto_server, the sandbox marketplace, {workers} worker(s)")
+    if payment_method == "x402":
+        # A throwaway payer made for this demo: the sandbox settles on no chain, so it never holds anything.
+        env_extra["IRLIVE_X402_PRIVATE_KEY"] = "0x" + secrets.token_hex(32)
+    say(f"starting a local stack: redis, moto_server, the sandbox marketplace, {workers} worker(s) paying by "
+        f"{payment_method}")
     try:
         with Stack(workers=workers, concurrency=8, settings_env=env_extra) as stack:
             settings = Settings.from_env({**os.environ, **stack.env})
@@ -75,6 +81,9 @@ def run_demo(images: int, workers: int, out_dir: str, json_out: bool = False) ->
             doc["manifests"] = str(copied)
             doc.update(_summary(storage, result.run_id, corpus, ledger, say))
         say(f"manifests copied to {copied}  ({time.monotonic() - started:.1f}s in all)")
+        if (copied / "report.html").exists():
+            doc["report"] = str(copied / "report.html")
+            say(f"report: {copied / 'report.html'}  (open it in a browser: the run, its money and what to review)")
         return 0 if doc["ok"] else 1
     finally:
         doc["elapsed_s"] = round(time.monotonic() - started, 1)
@@ -162,7 +171,8 @@ def _copy_manifests(storage: Storage, run_id: str, out_dir: Path) -> Path:
     target = out_dir / run_id
     (target / "chunks").mkdir(parents=True, exist_ok=True)
     manifest, _ = storage.get_json(OUTPUT.bucket, run_manifest_key(OUTPUT, run_id))
-    keys = [run_manifest_key(OUTPUT, run_id), failed_key(OUTPUT, run_id)]
+    keys = [run_manifest_key(OUTPUT, run_id), failed_key(OUTPUT, run_id), payments_key(OUTPUT, run_id)]
+    keys += [key for key in (manifest.get("report"), (manifest.get("results") or {}).get("csv")) if key]
     keys += [chunk_key(OUTPUT, run_id, c["seq"]) for c in manifest["chunks"]]
     for key in keys:
         relative = key.split(f"/runs/{run_id}/", 1)[1]

@@ -16,6 +16,7 @@ from celery import Celery
 from producer.events import Unparseable, parse_message
 from producer.filters import is_image_key
 from worker.app import send_chunk
+from worker.backoff import Backoff
 from worker.config import S3Location
 from worker.errors import IrliveError
 from worker.flow.intake import EventObject, Intake
@@ -25,6 +26,8 @@ from worker.seams.sqs import EventQueue, Message
 log = logging.getLogger("irlive.listen")
 # How often buffered images are looked at for a chunk to send (a lone event waits IRLIVE_EVENT_MAX_WAIT_S).
 FLUSH_EVERY_S = 0.5
+# A queue that keeps failing is asked again after 0.5 s, 1 s, ... up to 30 s (no jitter: one listener per queue).
+_RECEIVE_BACKOFF = Backoff(base_s=0.5, cap_s=30.0, jitter=False)
 
 
 @dataclass
@@ -80,7 +83,7 @@ class Listener:
             except IrliveError as exc:
                 failures += 1
                 self._emit({"error": redact(str(exc))})
-                stop.wait(min(30.0, 0.5 * 2 ** failures))
+                stop.wait(_RECEIVE_BACKOFF.delay(failures))
         flusher.join(timeout=10)
         self.flush()
         return self.stats

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import secrets
 from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager
@@ -44,6 +45,8 @@ class ScanRequest:
     min_calls: int = 20
     # Where the run's end is POSTed (else IRLIVE_NOTIFY_URL, read by the worker that finalises it).
     notify_url: str | None = None
+    # Labels the user gives the run (`scan --tag k=v`): into its record, manifest, webhook and report.
+    tags: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass
@@ -240,6 +243,8 @@ def _run_fields(request: ScanRequest) -> dict[str, str | int]:
                                     "min_calls": request.min_calls}
     if request.notify_url:
         fields["notify_url"] = request.notify_url
+    if request.tags:
+        fields["tags"] = json.dumps(dict(request.tags), sort_keys=True)
     return fields
 
 

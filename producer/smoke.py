@@ -27,7 +27,7 @@ def smoke(settings: Settings, image: S3Location) -> dict[str, Any]:
     info, fmt = validate(deps.storage, image.bucket, image.prefix, limits)
     report: dict[str, Any] = {"image": str(image), "size": info.size, "format": fmt.format}
     try:
-        quote = deps.market.quote()
+        quote = deps.ledger.seller.quote()
         report["quote_cents"] = quote.price_cents
         if quote.price_cents > settings.max_price_cents:
             report["stopped"] = f"price {quote.price_cents} above IRLIVE_MAX_PRICE_CENTS {settings.max_price_cents}"
@@ -51,7 +51,7 @@ def _call(deps: Any, run_id: str, image: S3Location, etag: str, report: dict[str
     identity = Item(image.bucket, image.prefix, etag).identity
     with ChunkLease(deps.store, deps.runs.keys, run_id, 0) as lease:
         token = deps.ledger.take(run_id, lease.token)
-        payment = deps.market.get_payment(token.payment_id)
+        payment = deps.ledger.seller.get_payment(token.payment_id)
         record = deps.store.hgetall(deps.runs.keys.payment(token.payment_id))
         report["payment"] = {"id": payment.payment_id, "amount_cents": payment.amount_cents,
                              "status": payment.status, "remaining_calls": payment.remaining_calls,
@@ -60,7 +60,7 @@ def _call(deps: Any, run_id: str, image: S3Location, etag: str, report: dict[str
         url = deps.storage.presign_get(image.bucket, image.prefix, settings.presign_ttl)
         with deps.ledger.spend(token, [identity], lease.key, f"{run_id} 0") as spend:
             try:
-                answer = deps.market.call(token.secret, [url])
+                answer = deps.method.call(token.secret, [url])
             except PaymentRejected as exc:
                 spend.refused(str(exc)[:200])
                 report["call_error"] = f"{type(exc).__name__}: {exc}"
@@ -80,8 +80,12 @@ def _call(deps: Any, run_id: str, image: S3Location, etag: str, report: dict[str
         verdict = getattr(judgement, "verdict", None)
         deps.ledger.recorded(token.payment_id, failed=verdict is None)
         report["verdict"] = verdict or f"unusable: {judgement}"
-    after = deps.market.get_payment(token.payment_id)
+    after = deps.ledger.seller.get_payment(token.payment_id)
     report["payment_after"] = {"status": after.status, "remaining_calls": after.remaining_calls}
+    if settings.payment_method == "x402":
+        # What the seller's PAYMENT-RESPONSE said, as the ledger keeps it (public: no signature, no key).
+        kept = deps.store.hgetall(deps.runs.keys.payment(token.payment_id))
+        report["x402"] = {k.removeprefix("x402_"): v for k, v in kept.items() if k.startswith("x402_")}
 
 
 def render(report: dict[str, Any]) -> str:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import IO, Any, TypeVar, cast
 from urllib.parse import unquote_plus, urlsplit
 
-from worker.config import S3Location
+from worker.config import S3Location, is_bucket_name
 from worker.errors import ConfigError, NotFound
 from worker.seams.storage import ObjectInfo, Storage
 
@@ -468,13 +468,17 @@ class FileSource(Source):
             raise ConfigError(f"source file:{self.path}: cannot read it ({exc.strerror})") from None
 
     def _read(self, handle: IO[str]) -> Iterator[Listed]:
+        # Keys are taken literally: S3 keys may hold spaces at either end, "#", "?" and a leading "/", and a key
+        # read otherwise names another object (or none) and that image is lost without a word. Only the line
+        # ending is dropped; a row that cannot be read whole is counted bad with its line number.
         columns = ["bucket", "key", "etag"]
-        for line, text in enumerate(handle, start=1):
-            text = text.strip()
-            if not text or text.startswith("#"):
+        for line, raw in enumerate(handle, start=1):
+            text = raw.rstrip("\r\n")
+            stripped = text.strip()
+            if not stripped or stripped.startswith("#"):
                 continue
-            if text.startswith("{"):
-                listed = _json_row(text)
+            if stripped.startswith("{"):
+                listed = _json_row(stripped)
             elif text.startswith("s3://"):
                 listed = _url_row(text)
             else:
@@ -483,7 +487,7 @@ class FileSource(Source):
                 if "key" in lowered and "bucket" in lowered:
                     columns = lowered  # a header: names the columns of the rows below
                     continue
-                listed = _csv_row(dict(zip(columns, (f.strip() for f in fields), strict=False)))
+                listed = _csv_row(dict(zip(columns, fields, strict=False)))
             if listed is None:
                 self.bad(line)
             else:
@@ -501,13 +505,13 @@ def _json_row(text: str) -> Listed | None:
 
 
 def _url_row(text: str) -> Listed | None:
-    parts = urlsplit(text)
-    key = parts.path.lstrip("/")
-    return Listed(parts.netloc, ObjectInfo(key, 0, "")) if parts.netloc and key else None
+    """s3://bucket/key, the key being everything after the bucket's "/" as written (no URL parsing)."""
+    bucket, slash, key = text.removeprefix("s3://").partition("/")
+    return Listed(bucket, ObjectInfo(key, 0, "")) if slash and key and is_bucket_name(bucket) else None
 
 
 def _csv_row(row: dict[str, str]) -> Listed | None:
-    bucket, key = row.get("bucket", ""), row.get("key", "")
-    if not bucket or not key:
+    bucket, key = row.get("bucket", "").strip(), row.get("key", "")
+    if not is_bucket_name(bucket) or not key:
         return None
-    return Listed(bucket, ObjectInfo(key, 0, row.get("etag", "").strip('"')))
+    return Listed(bucket, ObjectInfo(key, 0, row.get("etag", "").strip().strip('"')))

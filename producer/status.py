@@ -282,6 +282,16 @@ class PlainLines:
             self._out.flush()
 
 
+# How long a followed run may show no sign of a worker before `--wait` says so (once).
+IDLE_HINT_S = 30.0
+
+
+def _untouched(status: RunStatus) -> bool:
+    """No image recorded, no call made, no token bought: no worker has done anything for this run yet."""
+    return (status.state in ("listing", "running") and status.done == 0 and status.calls == 0
+            and status.tokens_bought == 0 and status.progress_ms == 0)
+
+
 def follow(runs: Runs, run_id: str, *, interval_s: float = 0.5, timeout_s: float | None = None,
            out: TextIO = sys.stderr, clock: Callable[[], float] = time.monotonic,
            sleep: Callable[[float], None] = time.sleep, samples: Samples | None = None,
@@ -289,9 +299,11 @@ def follow(runs: Runs, run_id: str, *, interval_s: float = 0.5, timeout_s: float
     """Poll until the run is done, failed or paused (or timeout_s passes); show progress on `display`
     (PlainLines on `out` unless given). `samples` (kept across polls, one per poll) give the rate; pass one
     to read the pace after."""
-    deadline = None if timeout_s is None else clock() + timeout_s
+    started = clock()
+    deadline = None if timeout_s is None else started + timeout_s
     seen = samples if samples is not None else Samples()
     shown_on = display if display is not None else PlainLines(out)
+    hinted = False
     try:
         while True:
             status = runs.status(run_id)
@@ -302,6 +314,12 @@ def follow(runs: Runs, run_id: str, *, interval_s: float = 0.5, timeout_s: float
             shown_on.update(status, pace(status, seen), now)
             if status.stopped or (deadline is not None and clock() >= deadline):
                 return status
+            if not hinted and now - started >= IDLE_HINT_S and _untouched(status):
+                # `0/min | running` for ever says nothing: the likeliest cause is that no worker is running.
+                hinted = True
+                print(f"irlive: nothing of run {run_id} recorded and no call made in {IDLE_HINT_S:.0f}s: is a worker "
+                      "running against this Redis? Start one: celery -A worker worker --pool threads "
+                      "--without-gossip --without-mingle (README: Using it for real)", file=out, flush=True)
             sleep(interval_s)
     finally:
         # Also on Ctrl-C or a lost store: a live display must give the terminal back.

@@ -19,6 +19,16 @@ SERVICE_IDS = (SERVICE_ID, LEGACY_SERVICE_ID)
 TOOL_PATH_MODES = ("both", "legacy")
 # How a judged call's 200 answer is shaped: "normal", or one way a seller can answer badly (the token is
 # settled before the upstream runs, so every one of them is billed like a real answer).
+# How POST /api/payments answers once it has created (and charged) the payment: what a seller's purchase answer
+# can look like when it is not the documented one.
+PAYMENT_ANSWERS = (
+    "normal",
+    "renamed_token",  # 201, the token under a field name the buyer does not know (`tkn`)
+    "empty",  # 201 with an empty body
+    "nested",  # 201, a JSON body nested 100000 levels deep: json.loads raises RecursionError
+    "server_error",  # 500 with a JSON error body
+    "hang",  # no answer for timeout_sleep_s, then the normal one: the buyer's read times out first
+)
 ANSWER_MODES = (
     "normal",
     "not_json",  # the body is not JSON at all
@@ -80,6 +90,7 @@ class SandboxConfig:
     retry_after: str = ""
     # POST /api/payments sleeps this long before creating the payment: a slow purchase.
     payment_latency_ms: int = 0
+    payment_answer: str = "normal"
     # A tool call sleeps this long after its token is consumed and before it downloads the images, so a test
     # can change an object between the worker's validation and the seller's fetch.
     fetch_delay_ms: int = 0
@@ -160,6 +171,8 @@ KNOBS: dict[str, Knob] = {
                              f"at most {MAX_RETRY_AFTER_CHARS} characters, visible ASCII or spaces"),
     "payment_latency_ms": _between("POST /api/payments sleeps this long before creating the payment, in "
                                    "milliseconds", 0, MAX_SLEEP_MS),
+    "payment_answer": _one_of("how POST /api/payments answers after it has created (charged) the payment",
+                              PAYMENT_ANSWERS),
     "fetch_delay_ms": _between("a tool call sleeps this long after consuming its token, before fetching the "
                                "images, in milliseconds", 0, MAX_SLEEP_MS),
     "x402_network": _one_of("CAIP-2 network of the x402 offer", tuple(X402_NETWORKS)),

@@ -164,6 +164,11 @@ def x402_call(state: State, service_id: str, header: str, value: str, load: Call
         if not 200 <= status < 300:
             ledger.count("x402_unsettled")
             return Answer(status, body)
+        if time.time() >= verified.valid_before:
+            # Settled on a chain, an authorization past its validBefore is refused: the answer is not given (the
+            # reference middleware answers 402 when settlement fails).
+            ledger.count("x402_unsettled")
+            return payment_required(state, service_id, resource, x402_seller.ERR_VALID_BEFORE)
         transaction = x402_seller.transaction_hash(offer, verified)
         settlement = Settlement(verified.payer, transaction, offer.amount, offer.network, service_id, time.time())
         ledger.settle_x402(verified.nonce, settlement, [upstream.url_path(url) for url in urls])

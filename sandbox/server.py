@@ -117,10 +117,12 @@ class _Handler(BaseHTTPRequestHandler):
         return self.rfile.read(length) if length > 0 else b""
 
     def _send(self, status: int, doc: Any, headers: dict[str, str] | None = None) -> None:
-        payload = json.dumps(doc).encode()
+        self._send_raw(status, json.dumps(doc).encode(), "application/json", headers)
+
+    def _send_raw(self, status: int, payload: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
         try:
             self.send_response(status)
-            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(payload)))
             for name, value in (headers or {}).items():
                 self.send_header(name, value)
@@ -219,7 +221,26 @@ class _Handler(BaseHTTPRequestHandler):
                 if state.stopping.is_set():
                     self._send(503, {"error": "the sandbox is shutting down"})
                     return
-            self._send(201, state.ledger.create_payment(service, config.price_cents, config.token_ttl_s))
+            created = state.ledger.create_payment(service, config.price_cents, config.token_ttl_s)
+            self._answer_payment(state, created)
+
+    def _answer_payment(self, state: State, created: dict[str, Any]) -> None:
+        """The created (and charged) payment, answered as `payment_answer` says."""
+        mode = state.config.payment_answer
+        if mode == "renamed_token":
+            created = {("tkn" if k in ("token", "paymentToken") else k): v for k, v in created.items()}
+        elif mode == "empty":
+            self._send_raw(201, b"", "application/json")
+            return
+        elif mode == "nested":
+            self._send_raw(201, b"[" * 100_000 + b"]" * 100_000, "application/json")
+            return
+        elif mode == "server_error":
+            self._send(500, {"error": "internal error"})
+            return
+        elif mode == "hang":
+            state.stopping.wait(state.config.timeout_sleep_s)
+        self._send(201, created)
 
     def _read_payment(self, state: State, payment_id: str) -> None:
         if not self._authorized(state.config):

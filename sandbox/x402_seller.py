@@ -210,6 +210,8 @@ class Verified:
     value: int
     digest: str
     payment_id: str | None
+    # Past this (unix seconds) the authorization cannot be settled: a chain refuses transferWithAuthorization.
+    valid_before: int = 0
 
 
 def verify(header: str, version: int, offer: Offer, now: float) -> Verified:
@@ -275,6 +277,7 @@ def verify(header: str, version: int, offer: Offer, now: float) -> Verified:
         value=value,
         digest=hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest(),
         payment_id=_payment_id(doc),
+        valid_before=valid_before,
     )
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 import os
 import subprocess
 import sys
@@ -25,11 +27,66 @@ _STACK_FIXTURES = {"stack", "clean_stack", "irlive"}
 IrliveRunner = Callable[..., "subprocess.CompletedProcess[str]"]
 
 
+# Seconds each test took in a whole `./dev.sh test` (written by `--store-durations`): the order tests are handed to
+# the xdist workers, longest first, so the run does not end waiting on one long test started last.
+DURATIONS = Path(__file__).with_name("durations.json")
+# The slow fault tests run in this many xdist groups, each group in order on one worker: no more of them at once
+# than there are cores, so the timing they provoke (kills, restarts, timeouts) is not stretched by each other.
+SLOW_LANES = 2
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--store-durations", action="store_true",
+                     help=f"write each test's duration to {DURATIONS.name} (the order of the next parallel run)")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's worker suffixes group names to the node ids
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     # Whatever touches the stack is an integration test, so `-m "not integration"` stays server-free.
     for item in items:
         if _STACK_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.integration)
+    known: dict[str, float] = json.loads(DURATIONS.read_text()) if DURATIONS.exists() else {}
+
+    def guess(item: pytest.Item) -> float:
+        # A test not measured yet: as long as its kind usually is.
+        return known.get(item.nodeid, 30.0 if item.get_closest_marker("slow") else
+                         8.0 if item.get_closest_marker("integration") else 0.1)
+
+    items.sort(key=guess, reverse=True)
+    lanes = [0.0] * SLOW_LANES
+    for item in items:  # longest first into the emptiest lane
+        if item.get_closest_marker("slow"):
+            lane = lanes.index(min(lanes))
+            lanes[lane] += guess(item)
+            item.add_marker(pytest.mark.xdist_group(f"slow-{lane}"))
+
+
+class _DurationRecorder:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        nodeid = report.nodeid.split("@")[0] if "@" in report.nodeid.rsplit("]", 1)[-1] else report.nodeid
+        self.seconds[nodeid] = self.seconds.get(nodeid, 0.0) + report.duration
+
+    def pytest_sessionfinish(self) -> None:
+        DURATIONS.write_text(json.dumps({k: round(v, 1) for k, v in sorted(self.seconds.items())}, indent=0) + "\n")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # On the controller only (an xdist worker has workerinput): it sees every worker's reports.
+    if config.getoption("--store-durations") and not hasattr(config, "workerinput"):
+        config.pluginmanager.register(_DurationRecorder(), "irlive-durations")
+
+
+@pytest.fixture(autouse=True)
+def logging_left_on() -> Iterator[None]:
+    """Fails the test that leaves logging switched off: every later test on its xdist worker would read no logs."""
+    yield
+    left = logging.root.manager.disable
+    logging.disable(logging.NOTSET)
+    assert not left, f"the test left logging.disable({logging.getLevelName(left)}) behind"
 
 
 @pytest.fixture(scope="session")
@@ -49,6 +106,12 @@ def clean_stack(stack: Stack) -> Stack:
 def reset_stack(stack: Stack) -> None:
     """What clean_stack does; also for one more trial inside the same test."""
     stack.stop_workers()
+    # Tests read "the workers' logs" as every w*.log of the stack: those of earlier tests (whichever ran before
+    # on this xdist worker) are moved aside, kept for a post-mortem.
+    earlier = stack.workdir / "earlier-tests"
+    earlier.mkdir(exist_ok=True)
+    for log in stack.workdir.glob("w*.log"):
+        log.rename(earlier / log.name)
     if "redis" not in stack.pids():
         # A previous test stopped Redis and failed before starting it again.
         stack.start_redis(appendonly=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from collections.abc import Iterable
@@ -10,10 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
+import pyarrow.parquet as pq
 import referencing
 
 from sandbox.images import Sample
 from sandbox.stack import Stack
+from tests.conftest import IrliveRunner
 
 SCHEMAS = Path(__file__).resolve().parents[1] / "docs" / "schemas"
 OUT_BUCKET, OUT_PREFIX = "irlive-out", "results"
@@ -39,6 +42,16 @@ def upload(stack: Stack, samples: Iterable[Sample], bucket: str = IN_BUCKET) -> 
     s3 = stack.s3_client()
     for sample in samples:
         s3.put_object(Bucket=bucket, Key=sample.key, Body=sample.body)
+
+
+def wait_done(irlive: IrliveRunner, run_id: str, timeout: float = 90) -> dict[str, Any]:
+    """`irlive status RUN --wait --json` until the run is done; its exit code is the README's: 6 when images ended
+    `error`, else 0. Returns the status document."""
+    waited = irlive("status", run_id, "--wait", "--json", "--timeout", str(timeout), timeout=timeout + 30)
+    doc: dict[str, Any] = json.loads(waited.stdout)
+    assert doc["state"] == "done", waited.stdout
+    assert waited.returncode == (6 if doc["errors"] else 0), waited.stdout + waited.stderr
+    return doc
 
 
 def read_run(stack: Stack, run_id: str) -> RunOutput:
@@ -67,12 +80,17 @@ def validator(name: str) -> jsonschema.protocols.Validator:
 
 
 def all_output_text(stack: Stack) -> str:
-    """Every object under the output bucket, concatenated, for leak checks."""
+    """Every object under the output bucket, concatenated, for leak checks (results.parquet read as its rows:
+    its pages are compressed)."""
     s3 = stack.s3_client()
     texts = []
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=OUT_BUCKET):
         for obj in page.get("Contents", ()):
-            texts.append(s3.get_object(Bucket=OUT_BUCKET, Key=obj["Key"])["Body"].read().decode())
+            body = s3.get_object(Bucket=OUT_BUCKET, Key=obj["Key"])["Body"].read()
+            if obj["Key"].endswith(".parquet"):
+                texts.append(json.dumps(pq.read_table(io.BytesIO(body)).to_pylist()))
+            else:
+                texts.append(body.decode())
     return "\n".join(texts)
 
 
@@ -84,3 +102,13 @@ def payment_tokens(stack: Stack) -> list[str]:
         if token:
             tokens.append(token.decode() if isinstance(token, bytes) else token)
     return tokens
+
+
+# A throwaway payer key for x402 runs: the sandbox settles on no chain, so this account never holds anything.
+X402_KEY = "0x" + "5d" * 32
+X402_ENV = {"IRLIVE_PAYMENT_METHOD": "x402", "IRLIVE_X402_PRIVATE_KEY": X402_KEY}
+
+# What must appear nowhere: the key (with or without 0x), an EIP-712 signature (65 bytes in hex), a payment header.
+# A payment header's value is base64 of a JSON document starting {"x402Version": eyJ4NDAy... in any form sent.
+X402_SECRET = re.compile(X402_KEY[2:] + r"|(0x)?[0-9a-fA-F]{130}|PAYMENT-SIGNATURE:\s*\S|X-PAYMENT:\s*\S|eyJ4NDAy",
+                         re.I)

@@ -41,12 +41,14 @@ HEAD_LIMIT = 64 * 1024
 IO_TIMEOUT_S = 120.0
 _CONNECTION_HEADER = re.compile(rb"\r\n(?:connection|keep-alive|proxy-connection):[^\r\n]*", re.IGNORECASE)
 _S3_ERRORS = {
+    403: ("AccessDenied", "Access Denied"),
     500: ("InternalError", "We encountered an internal error. Please try again."),
     502: ("BadGateway", "Bad Gateway."),
     503: ("SlowDown", "Please reduce your request rate."),
     504: ("GatewayTimeout", "Gateway Timeout."),
 }
-_REASONS = {500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout"}
+_REASONS = {403: "Forbidden", 500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable",
+            504: "Gateway Timeout"}
 
 Match = Callable[[bytes], bool]
 
@@ -84,6 +86,8 @@ class FaultProxy:
         self._open: set[socket.socket] = set()
         self._threads: set[threading.Thread] = set()
         self.stats: Counter[str] = Counter()
+        # With http=True: the request line of every request forwarded or answered (what a client asked for).
+        self.request_lines: list[bytes] = []
 
     @classmethod
     def for_url(cls, url: str, *, http: bool = True, seed: int = 0) -> FaultProxy:
@@ -231,6 +235,8 @@ class FaultProxy:
                 if got is None:
                     return
                 head, rest = got
+                with self._lock:
+                    self.request_lines.append(head.partition(b"\r\n")[0])
             fault = self._decide("request", head if self.http else None)
             if fault is not None and fault.kind == "http_error":
                 self._answer_error(client, head, rest, fault.status)

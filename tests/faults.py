@@ -25,6 +25,7 @@ from sandbox.procs import log_tail
 from sandbox.stack import Stack
 from tests.conftest import run_irlive
 from tests.e2e import IN_BUCKET, OUT_BUCKET, OUT_PREFIX, upload
+from worker.judge.manifest import join_identities, split_identities
 
 OPEN_STATES = ("reserved", "sent")
 JUDGED = ("live", "spoof", "no_face")
@@ -234,7 +235,9 @@ def check_invariants(
         problems.append(f"{len(never)} images without a record in any run, e.g. {never[:3]}")
     books.ledger = stack.sandbox_ledger()
     books.payments, books.purchases = _payments(stack, books.manifests)
-    problems += _check_money(stack, runs, books, strict_once)
+    x402 = (env or {}).get("IRLIVE_PAYMENT_METHOD") == "x402"
+    problems += _check_x402(books) if x402 else []
+    problems += _check_money(stack, runs, books, strict_once, x402=x402)
     return problems
 
 
@@ -289,7 +292,30 @@ def _check_outputs(stack: Stack, run_id: str, samples: list[Sample], books: Book
     return problems
 
 
-def _check_money(stack: Stack, runs: list[str], books: Books, strict_once: bool) -> list[str]:
+def _check_x402(books: Books) -> list[str]:
+    """x402 runs: no purchase at all, and irlive's spent signatures are exactly the sandbox's settlements (the
+    answered ones by transaction; one settled whose answer was lost carries none)."""
+    problems: list[str] = []
+    ledger, wallet, payments = books.ledger, books.wallet, books.payments
+    if ledger["payments_created"]:
+        problems.append(f"{ledger['payments_created']} POST /api/payments in an x402 run")
+    settled = Counter(s["transaction"] for s in ledger["x402_settlements"])
+    spent = [p for p in payments.values() if p.get("state") == "spent"]
+    if len(spent) != sum(settled.values()) or wallet.get("spent", 0) != len(spent):
+        problems.append(f"x402: irlive spent {len(spent)} (wallet {wallet.get('spent', 0)}), the sandbox settled "
+                        f"{sum(settled.values())}")
+    ours = Counter(p["x402_transaction"] for p in spent if p.get("x402_transaction"))
+    if ours - settled:
+        problems.append(f"x402: transactions on irlive's ledger the sandbox never settled: {list(ours - settled)[:3]}")
+    if ledger["x402_settled"] != ledger["calls_billed"]:
+        problems.append(f"x402: the sandbox settled {ledger['x402_settled']} but billed {ledger['calls_billed']}")
+    if wallet.get("bought", 0) != len(spent):
+        problems.append(f"x402: {wallet.get('bought', 0)} signatures still committed, {len(spent)} spent")
+    return problems
+
+
+def _check_money(stack: Stack, runs: list[str], books: Books, strict_once: bool, *, x402: bool = False
+                 ) -> list[str]:
     problems: list[str] = []
     ledger, wallet, payments = books.ledger, books.wallet, books.payments
     if ledger["token_uses"] > 1:
@@ -305,10 +331,12 @@ def _check_money(stack: Stack, runs: list[str], books: Books, strict_once: bool)
         problems.append(f"{requested} purchases left in state 'requested' (never resolved to paid/unknown/failed)")
     bought, unknown = wallet.get("bought", 0), wallet.get("unknown_purchases", 0)
     created = ledger["payments_created"]
-    if not bought <= created <= bought + unknown + requested:
+    if x402:
+        pass  # no purchase: _check_x402 compares the signatures with the settlements
+    elif not bought <= created <= bought + unknown + requested:
         problems.append(f"purchases: worker bought {bought} (+{unknown} unknown, +{requested} requested), "
                         f"seller created {created}")
-    consumed = ledger["tokens_consumed"] - ledger["tokens_restored"]
+    consumed = ledger["tokens_consumed"] - ledger["tokens_restored"] + ledger["x402_settled"]
     if wallet.get("spent", 0) != consumed:
         problems.append(f"spent: worker {wallet.get('spent', 0)}, seller consumed {ledger['tokens_consumed']} "
                         f"- restored {ledger['tokens_restored']} = {consumed}")
@@ -354,7 +382,7 @@ def _check_per_image(books: Books, strict_once: bool) -> list[str]:
     for p in books.payments.values():
         if p.get("state") != "spent":
             continue
-        paths = [_path_of(identity) for identity in p.get("images", "").split(",") if identity]
+        paths = [_path_of(identity) for identity in split_identities(p.get("images", ""))]
         spent_all.update(paths)
         if p.get("request_id"):
             spent_answered.update(paths)
@@ -370,7 +398,7 @@ def _check_per_image(books: Books, strict_once: bool) -> list[str]:
     explained: Counter[str] = Counter()
     for p in books.payments.values():
         if p.get("state") == "spent" and not p.get("request_id"):
-            explained.update(_path_of(i) for i in p.get("images", "").split(",") if i)
+            explained.update(_path_of(i) for i in split_identities(p.get("images", "")))
     unexplained = sorted(k for k, n in billed.items() if n - 1 > explained.get(k, 0))
     if unexplained:
         problems.append(f"{len(unexplained)} images paid for again with no lost answer or paid failure to "
@@ -401,13 +429,23 @@ def _payments(stack: Stack, manifests: list[dict[str, Any]]
         for line in body.splitlines():
             if line.strip():
                 doc = json.loads(line)
-                tokens[str(doc["payment_id"])] = {k: str(v) for k, v in doc.items()}
+                tokens[str(doc["payment_id"])] = _ledger_form(doc)
     client = stack.redis_client()
     for key in client.scan_iter("irlive:pay:*", count=1000):
         pid = _s(key).removeprefix("irlive:pay:")
         record = {_s(k): _s(v) for k, v in client.hgetall(key).items()}
         (requests if pid.startswith("req-") else tokens)[pid] = record
     return tokens, requests
+
+
+def _ledger_form(doc: dict[str, Any]) -> dict[str, str]:
+    """A payments.jsonl line as the ledger's record held it in Redis (strings; images comma-joined)."""
+    form = {k: "" if v is None else "1" if v is True else "0" if v is False else str(v) for k, v in doc.items()}
+    if isinstance(doc.get("images"), list):
+        form["images"] = join_identities(doc["images"])
+    if isinstance(doc.get("urls"), list):
+        form["urls"] = "\n".join(doc["urls"])
+    return form
 
 
 def _path_of(identity: str) -> str:

@@ -24,6 +24,7 @@ from worker.flow.runs import Runs
 from worker.keys import Keys
 from worker.money.budgets import Budgets
 from worker.money.ledger import Ledger
+from worker.money.methods import TokenOverHttp
 from worker.seams.marketplace import Marketplace
 from worker.seams.storage import ObjectInfo, Storage
 from worker.seams.store import Store
@@ -187,10 +188,12 @@ def harness(settings: Settings | None = None, seller: StubSeller | None = None) 
     seller = seller or StubSeller()
     market = Marketplace("http://seller.stub", SERVICE, transport=httpx.MockTransport(seller.handle), timeout_s=5)
     ledger = Ledger(store, keys, market, Budgets(store, keys, settings.daily_budget_cents),
-                    max_price_cents=settings.max_price_cents, lease_s=60)
+                    max_price_cents=settings.max_price_cents, lease_s=60,
+                    max_unknown_purchases=settings.max_unknown_purchases)
     storage = StubStorage()
     sleeps: list[float] = []
-    deps = Deps(settings=settings, store=store, storage=cast(Storage, storage), market=market, ledger=ledger,
+    deps = Deps(settings=settings, store=store, storage=cast(Storage, storage), market=market,
+                method=TokenOverHttp(market), ledger=ledger,
                 limiter=RateLimiter(store, keys, RateSpec(settings.rate_limit_per_s, max_in_flight=0),
                                     sleep=sleeps.append),
                 runs=Runs(store, keys), claims=Claims(store, keys), sleep=sleeps.append, rng=random.Random(7))

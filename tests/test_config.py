@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 from worker.config import S3Location, Settings
 from worker.errors import ConfigError
@@ -25,6 +28,7 @@ ALL_VARS = {
     "IRLIVE_CHUNK_SIZE": "200",
     "IRLIVE_PRESIGN_TTL": "600",
     "IRLIVE_MAX_PRICE_CENTS": "25",
+    "IRLIVE_MAX_UNKNOWN_PURCHASES": "4",
     "IRLIVE_RATE_LIMIT_PER_S": "4.5",
     "IRLIVE_RATE_BURST": "3",
     "IRLIVE_MAX_ATTEMPTS": "8",
@@ -54,6 +58,12 @@ ALL_VARS = {
     "IRLIVE_MAX_ERROR_RATE": "0.25",
     "IRLIVE_MIN_CALLS": "40",
     "IRLIVE_LOG_FORMAT": "json",
+    "IRLIVE_REVIEW_LIVE_BELOW": "65.5",
+    "IRLIVE_X402_PRIVATE_KEY": " 0x" + "ab" * 32 + " ",
+    "IRLIVE_X402_KEY_FILE": "/run/secrets/x402.key",
+    "IRLIVE_X402_NETWORK": "eip155:84532",
+    "IRLIVE_X402_ASSETS": "USDC, 0x036CbD53842c5426634e7929541eC2318f3dCF7e",
+    "IRLIVE_X402_PAY_TO": "0x000000000000000000000000000000000000402a",
 }
 
 
@@ -91,6 +101,7 @@ def test_every_irlive_variable_is_parsed() -> None:
         chunk_size=200,
         presign_ttl=600,
         max_price_cents=25,
+        max_unknown_purchases=4,
         rate_limit_per_s=4.5,
         rate_burst=3,
         max_attempts=8,
@@ -120,6 +131,12 @@ def test_every_irlive_variable_is_parsed() -> None:
         max_error_rate=0.25,
         min_calls=40,
         log_format="json",
+        review_live_below=65.5,
+        x402_private_key="0x" + "ab" * 32,
+        x402_key_file="/run/secrets/x402.key",
+        x402_network="eip155:84532",
+        x402_assets=("USDC", "0x036CbD53842c5426634e7929541eC2318f3dCF7e"),
+        x402_pay_to="0x000000000000000000000000000000000000402a",
     )
 
 
@@ -149,7 +166,9 @@ def test_the_variable_list_covers_every_settings_field() -> None:
         ("IRLIVE_REDIS_URL", "nonsense"),
         ("IRLIVE_MARKETPLACE_URL", "market.example.com"),
         ("IRLIVE_DAILY_BUDGET_USD", "-1"),
-        ("IRLIVE_PAYMENT_METHOD", "x402"),
+        ("IRLIVE_X402_NETWORK", "base"),
+        ("IRLIVE_X402_PAY_TO", "0x402a"),
+        ("IRLIVE_X402_ASSETS", " , "),
         ("IRLIVE_PAYMENT_METHOD", "card"),
         ("IRLIVE_TOOL_PATH", "api/tools/x"),
         ("IRLIVE_TOOL_PATH", "/api/tools/x?key=1"),
@@ -218,3 +237,64 @@ def test_a_redis_url_password_is_never_shown() -> None:
     assert "hunter2" not in str(caught.value)
     view = Settings.from_env({"IRLIVE_REDIS_URL": "redis://user:hunter2@host:6379/0"}).public_view()
     assert "hunter2" not in str(view)
+
+
+# Every setting whose field holds a number (int or float, optional or not); bool is not one.
+NUMERIC = sorted(f.name for f in dataclasses.fields(Settings)
+                 if {"int", "float"} & set(str(f.type).replace("|", " ").split()))
+
+
+def test_the_numeric_settings_are_found() -> None:
+    assert {"event_run_window", "since_overlap_s", "daily_budget_usd", "call_timeout_s", "chunk_size"} <= set(NUMERIC)
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "1e400", "-1e400", "1e400s", "infh", "9" * 5000, "0x10",
+                                   "1_0e999"])
+@pytest.mark.parametrize("name", NUMERIC)
+def test_a_number_no_setting_can_hold_is_a_config_error_naming_it(name: str, value: str) -> None:
+    var = "IRLIVE_" + name.upper()
+    with pytest.raises(ConfigError, match=var):
+        Settings.from_env({var: value})
+
+
+@settings(max_examples=300, deadline=None)
+@given(name=st.sampled_from(NUMERIC), value=st.text(max_size=30) | st.floats().map(repr)
+       | st.integers().map(str) | st.sampled_from(["inf", "nan", "1e400", "1e308", "1e-400", "-0", " 7 "]))
+def test_every_numeric_setting_reads_any_text_as_a_value_or_a_config_error(name: str, value: str) -> None:
+    """The fuzz behind `IRLIVE_EVENT_RUN_WINDOW=inf` (OverflowError): nothing but ConfigError escapes."""
+    assume(value.strip() != "" and "\x00" not in value)
+    var = "IRLIVE_" + name.upper()
+    try:
+        s = Settings.from_env({var: value})
+    except ConfigError as exc:
+        assert "IRLIVE_" in str(exc)  # this variable, or the one it is checked against (MIN/MAX_IMAGE_SIDE)
+    else:
+        held = getattr(s, name)
+        assert held is None or math.isfinite(held), f"{var}={value!r} was read as {held!r}"
+
+
+X402_KEY = "0x" + "5d" * 32
+
+
+def test_x402_needs_exactly_one_key_source_and_never_prints_a_bad_key() -> None:
+    with pytest.raises(ConfigError, match="IRLIVE_X402_KEY_FILE"):
+        Settings.from_env({"IRLIVE_PAYMENT_METHOD": "x402"})
+    with pytest.raises(ConfigError, match="both set"):
+        Settings.from_env({"IRLIVE_PAYMENT_METHOD": "x402", "IRLIVE_X402_PRIVATE_KEY": X402_KEY,
+                           "IRLIVE_X402_KEY_FILE": "/k"})
+    near_miss = X402_KEY[:-1] + "z"
+    with pytest.raises(ConfigError, match="IRLIVE_X402_PRIVATE_KEY") as info:
+        Settings.from_env({"IRLIVE_PAYMENT_METHOD": "x402", "IRLIVE_X402_PRIVATE_KEY": near_miss})
+    assert near_miss[2:20] not in str(info.value)
+    assert Settings.from_env({"IRLIVE_PAYMENT_METHOD": "x402", "IRLIVE_X402_KEY_FILE": "/k"}).x402_key_file == "/k"
+
+
+def test_x402_keeps_no_pool_and_its_key_out_of_every_view() -> None:
+    s = Settings.from_env({"IRLIVE_PAYMENT_METHOD": "x402", "IRLIVE_X402_PRIVATE_KEY": X402_KEY,
+                           "IRLIVE_TOKEN_POOL_SIZE": "5"})
+    assert s.pool_size == 0 and s.enforced_view()["token_pool_size"] == 0
+    assert Settings(token_pool_size=5).pool_size == 5
+    for view in (s.public_view(), s.producer_view(), s.enforced_view()):
+        assert X402_KEY[2:] not in json.dumps(view)
+    assert s.public_view()["x402_private_key"] == "***"
+    assert X402_KEY[2:] not in repr(s)

@@ -192,3 +192,47 @@ def test_the_shipped_settings_pass_and_give_the_documented_number() -> None:
         assert report.ok, report.problems
         assert report.as_dict()["visibility_timeout_s"] == DEFAULT_VT == Settings.from_env(env).visibility_timeout
         assert report.as_dict()["settings"]["IRLIVE_API_KEY"]["value"] in (None, "***")
+
+
+# A sitecustomize that makes one top-level module unimportable, as in an image built without its extra.
+_HIDE = '''import sys
+class _Hide:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == {name!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}}")
+        return None
+sys.meta_path.insert(0, _Hide())
+'''
+
+
+@pytest.mark.parametrize(("method", "module", "extra"), [("x402", "x402", "irlive[x402]"),
+                                                        ("mcp-token", "mcp", "irlive[mcp]")])
+def test_a_way_to_pay_without_its_extra_is_named_and_exits_2(tmp_path: Path, method: str, module: str,
+                                                             extra: str) -> None:
+    """`irlive config` and a worker's start both name the extra to install for the configured method, exit 2."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "sitecustomize.py").write_text(_HIDE.format(name=module))
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("IRLIVE_")},
+           "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}", "IRLIVE_PAYMENT_METHOD": method,
+           "IRLIVE_X402_PRIVATE_KEY": "0x" + "5d" * 32, "IRLIVE_REDIS_URL": UNREACHABLE}
+    config = subprocess.run([sys.executable, "-m", "producer", "config", "--no-redis", "--json"], env=env,
+                            capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert config.returncode == 2, config.stdout + config.stderr
+    doc = json.loads(config.stdout)
+    assert extra in doc["missing_extra"] and any(extra in p for p in doc["problems"])
+    assert "5d5d5d" not in config.stdout
+    validator("config").validate(doc)
+    worker = subprocess.run([sys.executable, "-m", "celery", "-A", "worker", "worker", "--pool", "solo"], env=env,
+                            capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert worker.returncode == 2, worker.stdout + worker.stderr
+    assert extra in worker.stderr
+
+
+def test_nothing_is_missing_for_the_token_method_or_here() -> None:
+    from worker.config import missing_extra
+
+    assert missing_extra("token") is None
+    assert missing_extra("x402") is None and missing_extra("mcp-token") is None, "the dev venv holds both extras"

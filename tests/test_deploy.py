@@ -31,7 +31,10 @@ SYSTEMD = DEPLOY / "systemd"
 ENV_EXAMPLE = DEPLOY / "irlive.env.example"
 
 SETTINGS_VARS = frozenset("IRLIVE_" + f.name.upper() for f in fields(Settings))
-SECRET_VARS = frozenset({"IRLIVE_API_KEY", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"})
+# FLOWER_BASIC_AUTH: Flower's own login (user:password), from the same Secret, optional.
+SECRET_VARS = frozenset({"IRLIVE_API_KEY", "IRLIVE_X402_PRIVATE_KEY", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                         "AWS_SESSION_TOKEN",
+                         "FLOWER_BASIC_AUTH"})
 ALLOWED_ENV = SETTINGS_VARS | SECRET_VARS
 PLACEHOLDER = re.compile(r"^(REPLACE_ME|change-me)$")
 MARGIN_S = 30.0
@@ -453,7 +456,7 @@ def test_dockerfile() -> None:
     final = lines[lines.index(froms[-1]):]
     users = [ln.split()[1] for ln in final if ln.upper().startswith("USER ")]
     assert users and users[-1].split(":")[0] not in ("root", "0")
-    assert any("pip install ." in ln for ln in lines)
+    assert any("uv sync --locked" in ln for ln in lines), "installs from uv.lock (tests/test_lock.py checks how)"
     secretish = re.compile(r"KEY|SECRET|TOKEN|PASSWORD|AWS_", re.IGNORECASE)
     for ln in lines:
         if ln.upper().startswith(("ENV ", "ARG ")):
@@ -467,7 +470,7 @@ def test_dockerfile() -> None:
     assert argv[:6] == WORKER_ARGS and _worker_flags_ok(argv)
     ignore = [ln.strip() for ln in (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
               if ln.strip() and not ln.startswith("#")]
-    assert ignore[0] == "**", "deny by default, then allow only what `pip install .` needs"
+    assert ignore[0] == "**", "deny by default, then allow only what the install needs"
     assert not [ln for ln in ignore if ln.startswith("!") and re.search(r"\.venv|\.env|tests", ln)]
 
 
@@ -1177,3 +1180,33 @@ def test_keda_listener_scaler_reads_the_event_queue() -> None:
     assert _pod_spec(listener)["serviceAccountName"] == "irlive"
     policy = json.loads((DEPLOY / "iam-policy.json").read_text())
     assert any("sqs:GetQueueAttributes" in _list(st["Action"]) for st in policy["Statement"])
+
+
+def test_k8s_every_pod_that_reads_the_broker_is_admitted_to_redis() -> None:
+    """A pod with IRLIVE_REDIS_URL (the irlive-config ConfigMap) that the Redis NetworkPolicy does not admit cannot
+    work where policies are enforced: the listener and Flower both were once left out."""
+    docs = _k8s_docs()
+    policy = _one(docs, "NetworkPolicy", "irlive-redis")
+    admitted = [peer["podSelector"]["matchLabels"] for rule in policy["spec"]["ingress"] for peer in rule["from"]
+                if "podSelector" in peer]
+    users = [d for d in docs if d["kind"] in ("Deployment", "StatefulSet", "CronJob")
+             and any(src.get("configMapRef", {}).get("name") == "irlive-config"
+                     for c in _pod_spec(d)["containers"] for src in c.get("envFrom", ()))]
+    assert {d["metadata"]["name"] for d in users} >= {"irlive-worker", "irlive-flower", "irlive-listener"}
+    for d in users:
+        labels = (d["spec"]["jobTemplate"]["spec"]["template"] if d["kind"] == "CronJob"
+                  else d["spec"]["template"])["metadata"]["labels"]
+        assert any(sel.items() <= labels.items() for sel in admitted), f"{d['metadata']['name']} cannot reach Redis"
+
+
+def test_k8s_flower_is_reachable_only_by_its_labelled_clients_and_can_ask_a_password() -> None:
+    docs = _k8s_docs()
+    dep = _one(docs, "Deployment", "irlive-flower")
+    policy = _one(docs, "NetworkPolicy", "irlive-flower")
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    (rule,) = policy["spec"]["ingress"]
+    assert rule["from"] == [{"podSelector": {"matchLabels": {"irlive.dev/flower-access": "true"}}}]
+    (c,) = _pod_spec(dep)["containers"]
+    auth = {e["name"]: e for e in c.get("env", ())}["FLOWER_BASIC_AUTH"]["valueFrom"]["secretKeyRef"]
+    assert auth == {"name": "irlive-secrets", "key": "FLOWER_BASIC_AUTH", "optional": True}

@@ -14,11 +14,14 @@ from tests.conftest import IrliveRunner
 from tests.e2e import (
     IN_BUCKET,
     SECRET_PATTERNS,
+    X402_ENV,
+    X402_SECRET,
     all_output_text,
     payment_tokens,
     read_run,
     upload,
     validator,
+    wait_done,
 )
 from worker.judge.manifest import VERDICTS
 
@@ -29,9 +32,7 @@ def scan_and_wait(irlive: IrliveRunner, source: str, *extra: str, timeout: float
     scanned = irlive("scan", source, "--json", *extra)
     assert scanned.returncode == 0, scanned.stderr
     run_id: str = json.loads(scanned.stdout)["run_id"]
-    waited = irlive("status", run_id, "--wait", "--json", "--timeout", str(timeout), timeout=timeout + 30)
-    assert waited.returncode == 0, waited.stderr
-    assert json.loads(waited.stdout)["state"] == "done", waited.stdout
+    wait_done(irlive, run_id, timeout)
     return run_id
 
 
@@ -217,3 +218,92 @@ def test_calls_through_the_marketplace_s_mcp_tool(clean_stack: Stack, irlive: Ir
     text = all_output_text(clean_stack) + "".join(p.read_text() for p in clean_stack.workdir.glob("w*.log"))
     assert not any(t in text for t in tokens)
     assert SECRET_PATTERNS.search(all_output_text(clean_stack)) is None
+
+
+def test_calls_paid_by_x402_signatures(clean_stack: Stack, irlive: IrliveRunner) -> None:
+    """IRLIVE_PAYMENT_METHOD=x402: no marketplace payment is bought, each call carries an authorization signed for
+    it; verdicts equal the truth, ten images a call, irlive's ledger equal to the sandbox's settlements (payer,
+    transaction, amount), and neither the key nor a signature anywhere in the output, the logs or Redis."""
+    corpus = demo_corpus(60, seed=21)
+    upload(clean_stack, corpus)
+    smoke = irlive("smoke", f"s3://{IN_BUCKET}/{corpus[0].key}", "--json", env=X402_ENV)
+    assert smoke.returncode == 0, smoke.stdout + smoke.stderr
+    assert json.loads(smoke.stdout)["verdict"] == corpus[0].expected, smoke.stdout
+    assert clean_stack.sandbox_ledger()["x402_settled"] == 1, "irlive smoke pays with one signature"
+    smoked = json.loads(smoke.stdout)
+    validator("smoke").validate(smoked)
+    [first] = clean_stack.sandbox_ledger()["x402_settlements"]
+    assert smoked["x402"]["transaction"] == first["transaction"] and smoked["x402"]["outcome"] == "settled"
+    clean_stack.start_worker(extra_env=X402_ENV)
+    clean_stack.start_worker(extra_env=X402_ENV)
+
+    run = read_run(clean_stack, scan_and_wait(irlive, f"s3://{IN_BUCKET}/captures"))
+
+    got = {r["key"]: r["verdict"] for r in run.records}
+    assert got == {s.key: s.expected for s in corpus}
+    ledger = clean_stack.sandbox_ledger()
+    judged = sum(1 for s in corpus if s.expected != "rejected")
+    assert ledger["payments_created"] == 0, "no POST /api/payments on the x402 path"
+    assert ledger["x402_settled"] - 1 == ledger["calls_billed"] - 1 == run.manifest["calls"] == -(-judged // 10)
+    assert run.manifest["spend_cents"] == 20 * run.manifest["calls"]
+    assert ledger["images_billed"] - 1 == judged
+    settled = {s["transaction"]: s for s in ledger["x402_settlements"]}
+    ours = x402_records(clean_stack, run.run_id)
+    assert {r["x402_transaction"] for r in ours} == set(settled) - {smoke_transaction(clean_stack, settled)}
+    for record in ours:
+        seller = settled[record["x402_transaction"]]
+        assert record["state"] == "spent" and record["x402_payer"] == seller["payer"]
+        assert int(record["x402_amount"]) == int(seller["amount"]) == 20 * 10_000
+    wallet = irlive("wallet", "--json", env=X402_ENV)
+    shown = json.loads(wallet.stdout)
+    validator("wallet").validate(shown)
+    assert shown["x402"]["payer"] == ledger["x402_settlements"][0]["payer"]
+    assert shown["x402"]["signed_today_cents"] == 20 * ledger["x402_settled"] and shown["x402"]["unsettled"] == 0
+    text = "\n".join([all_output_text(clean_stack), smoke.stdout, smoke.stderr, wallet.stdout,
+                      irlive("wallet", env=X402_ENV).stdout, irlive("config", env=X402_ENV).stdout,
+                      *(p.read_text() for p in clean_stack.workdir.glob("w*.log")), redis_dump(clean_stack)])
+    assert X402_SECRET.search(text) is None
+    assert SECRET_PATTERNS.search(all_output_text(clean_stack)) is None
+
+
+def x402_records(stack: Stack, run_id: str) -> list[dict[str, str]]:
+    """The run's payments as irlive's ledger archived them (payments.jsonl) or still holds them in Redis."""
+    found: dict[str, dict[str, str]] = {}
+    r = stack.redis_client()
+    for key in r.scan_iter("irlive:pay:x402_*"):
+        record = {_text(k): _text(v) for k, v in r.hgetall(key).items()}
+        if record.get("run_id") == run_id or record.get("state") == "spent":
+            found[_text(key).rsplit(":", 1)[-1]] = record
+    s3 = stack.s3_client()
+    try:
+        body = s3.get_object(Bucket="irlive-out", Key=f"results/runs/{run_id}/payments.jsonl")["Body"].read()
+    except s3.exceptions.NoSuchKey:
+        body = b""
+    for line in body.decode().splitlines():
+        record = json.loads(line)
+        found[record["payment_id"]] = {k: str(v) for k, v in record.items()}
+    return [r for r in found.values() if r.get("run_id") == run_id]
+
+
+def smoke_transaction(stack: Stack, settled: dict[str, dict[str, str]]) -> str:
+    """The smoke test's one settlement (the first the sandbox made)."""
+    return min(settled.values(), key=lambda s: s["settledAt"])["transaction"]
+
+
+def redis_dump(stack: Stack) -> str:
+    """Every string and hash value in Redis, for leak checks."""
+    r = stack.redis_client()
+    texts = []
+    for key in r.scan_iter("*"):
+        kind = _text(r.type(key))
+        if kind == "string":
+            texts.append(_text(r.get(key)))
+        elif kind == "hash":
+            texts.extend(f"{_text(k)}={_text(v)}" for k, v in r.hgetall(key).items())
+        elif kind == "list":
+            texts.extend(_text(v) for v in r.lrange(key, 0, -1))
+    return "\n".join(texts)
+
+
+def _text(value: object) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)

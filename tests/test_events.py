@@ -19,8 +19,9 @@ import pytest
 from sandbox import procs
 from sandbox.images import Sample, png
 from sandbox.stack import Stack
-from tests.conftest import IRLIVE_BIN
+from tests.conftest import IRLIVE_BIN, run_irlive
 from tests.e2e import IN_BUCKET, OUT_BUCKET, OUT_PREFIX
+from worker.judge.manifest import split_identities
 
 QUEUE = "irlive-events"
 
@@ -151,6 +152,10 @@ def test_a_lone_event_is_judged_within_seconds_and_its_window_run_finalises(
         manifest = json.loads(stack.s3_client().get_object(
             Bucket=OUT_BUCKET, Key=f"{OUT_PREFIX}/runs/{runs[0]}/manifest.json")["Body"].read())
         assert manifest["images"] == 1 and manifest["counts"]["live"] == 1 and manifest["calls"] == 1
+        # A window run has its report and results like any other run.
+        page = stack.s3_client().get_object(Bucket=OUT_BUCKET, Key=manifest["report"])["Body"].read().decode()
+        assert runs[0] in page and 'id="images">1<' in page
+        assert manifest["results"]["csv"].endswith(f"runs/{runs[0]}/results.csv")
     finally:
         gen.close()
 
@@ -205,13 +210,19 @@ def test_killing_the_listener_and_a_worker_mid_stream_loses_no_event_and_pays_no
         for gen in listeners:
             gen.close()
     assert {k: len(v) for k, v in found.items() if len(v) != 1} == {}
+    # A call in flight on the killed worker is `sent` until the sweep asks the seller about it (its token's lease
+    # outlasts the chunk's, which another worker resumed): settle every open token, as check_invariants does.
+    stack.stop_workers()
+    rec = run_irlive(stack, "wallet", "--reconcile", "--all", "--json")
+    assert rec.returncode == 0, rec.stderr
     billed = stack.sandbox_ledger()["billed_image_urls_path_counts"]
     client = stack.redis_client()
     lost: Counter[str] = Counter()
     for key in client.scan_iter("irlive:pay:pay_*"):
         payment = {k.decode(): v.decode() for k, v in client.hgetall(key).items()}
         if payment.get("lost") == "1":
-            lost.update("/" + i.rsplit("@", 1)[0].replace(" ", "%20") for i in payment.get("images", "").split(","))
+            lost.update("/" + i.rsplit("@", 1)[0].replace(" ", "%20")
+                        for i in split_identities(payment.get("images", "")))
     twice = {k: n for k, n in billed.items() if n > 1 + lost.get(k, 0)}
     assert len(billed) == 120 and twice == {}, f"paid again with no lost answer to explain it: {twice}"
 

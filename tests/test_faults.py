@@ -24,7 +24,8 @@ from typing import Any
 import pytest
 
 from sandbox.stack import Stack
-from tests.conftest import reset_stack
+from tests.conftest import reset_stack, run_irlive
+from tests.e2e import X402_ENV
 from tests.faultproxy import FaultProxy
 from tests.faults import (
     Books,
@@ -139,10 +140,17 @@ def _kill_trials(stack: Stack, plan: KillPlan, scans: int, name: str, env: dict[
         prefix = f"{name}{trial}"
         samples = live_samples(plan.images, prefix, seed=trial)
         upload_samples(stack, samples)
-        _workers(stack, plan.workers, env, plan.concurrency)
+        # One scan: workers first, so the run is under way from the moment it is queued. Overlapping scans: workers
+        # after the scans, so the first run is still being judged while kills land (started before, they judged
+        # it during the later scans and no kill met a chunk holder). This order found a worker killed between a
+        # paid answer and its record letting another run pay again (seed 975823546; test_claims has that case).
+        if scans == 1:
+            _workers(stack, plan.workers, env, plan.concurrency)
         budget = plan.kills_per_run if trial < plan.runs else wanted - total_kills
         killer = Killer(stack, rng, dataclasses.replace(plan, kills_per_run=budget), env, watch)
         run_ids = [scan(stack, prefix, env=env) for _ in range(scans)]
+        if scans > 1:
+            _workers(stack, plan.workers, env, plan.concurrency)
         drives = [drive_to_completion(stack, run_id, deadline_s=plan.deadline_s, during=killer, env=env)
                   for run_id in run_ids]
         watch.poll()
@@ -193,6 +201,17 @@ def test_sigkill_random_workers_paying_through_the_mcp_tool(clean_stack: Stack) 
             else KillPlan(runs=1, kills_per_run=8, redis_restarts_per_run=0, images=300))
     _kill_trials(clean_stack, plan, scans=1, name="mcp-kill", env={"IRLIVE_PAYMENT_METHOD": "mcp-token"})
     assert clean_stack.sandbox_ledger()["mcp_calls"] > 0
+
+
+@pytest.mark.timeout(3600)
+def test_sigkill_random_workers_paying_by_x402(clean_stack: Stack) -> None:
+    # A signature sent by a worker killed before its answer is settled or not by the sandbox on its own; the
+    # sweep asks by its payment identifier once it expired, so irlive's ledger equals the settlements.
+    plan = (KillPlan(runs=2, kills_per_run=15, redis_restarts_per_run=0, images=600) if long_mode()
+            else KillPlan(runs=1, kills_per_run=8, redis_restarts_per_run=0, images=300))
+    _kill_trials(clean_stack, plan, scans=1, name="x402-kill", env=dict(X402_ENV))
+    ledger = clean_stack.sandbox_ledger()
+    assert ledger["x402_settled"] > 0 and ledger["payments_created"] == 0
 
 
 # ---- 2. Redis stopped and restarted mid-run, with AOF ----------------------------------------------
@@ -259,6 +278,12 @@ SELLER_FAULTS = {
     "timeout-after-consuming-mcp": SellerFault({"p_timeout": 0.2, "timeout_sleep_s": 3.0},
                                                {"IRLIVE_CALL_TIMEOUT_S": "1", "IRLIVE_PAYMENT_METHOD": "mcp-token"},
                                                strict_once=False),
+    # Paid by x402 signatures: a 5xx settles nothing (the reference middleware settles after a 2xx), so every
+    # judged image is billed exactly once; a late answer is asked for again under the same payment identifier
+    # and comes back settled once, so no answer is lost either.
+    "5xx-30pct-x402": SellerFault({"p_5xx": 0.3}, X402_ENV, strict_once=True),
+    "timeout-after-settling-x402": SellerFault({"p_timeout": 0.2, "timeout_sleep_s": 3.0},
+                                               {"IRLIVE_CALL_TIMEOUT_S": "1", **X402_ENV}, strict_once=True),
 }
 
 
@@ -277,7 +302,10 @@ def test_seller_faults(clean_stack: Stack, name: str) -> None:
     problems = check_invariants(clean_stack, run_id, samples, strict_once=fault.strict_once, env=env, books=books)
     _report(name, seed, drive, books, problems)
     assert problems == [], f"seed {seed}: {problems}"
-    if "p_timeout" in fault.sandbox:
+    if "p_timeout" in fault.sandbox and name.endswith("x402"):
+        # Every late answer was fetched again under its identifier: none counted lost.
+        assert books.ledger["timeouts"] > 0 and books.wallet.get("answers_lost", 0) == 0, books.wallet
+    elif "p_timeout" in fault.sandbox:
         assert books.ledger["timeouts"] > 0 and books.wallet.get("reconciled_spent", 0) > 0, books.wallet
     if "p_5xx" in fault.sandbox:
         assert books.ledger["errors_5xx"] > 0
@@ -286,12 +314,14 @@ def test_seller_faults(clean_stack: Stack, name: str) -> None:
 # ---- 4. Connections dropped between the worker and the seller ----------------------------------------
 
 
+# Rates high enough that a run's ~45 requests meet at least one fault whatever the seed (at 15 % one seed in
+# CI, 1815536289, drew none in 44: 0.85^44 is 1 in 1,300; at 25 %, 1 in 300,000).
 PROXY_FAULTS: dict[str, tuple[Callable[[FaultProxy], None], str]] = {
     # Any request (402 quote, purchase, call, payment read-back) may lose its answer after 0..600 bytes.
-    "drop-mid-answer": (lambda p: p.drop_mid_answer(after_bytes=(0, 600), p=0.15), "drop"),
-    "drop-mid-answer-rst": (lambda p: p.drop_mid_answer(after_bytes=(0, 600), p=0.15, rst=True), "drop"),
+    "drop-mid-answer": (lambda p: p.drop_mid_answer(after_bytes=(0, 600), p=0.25), "drop"),
+    "drop-mid-answer-rst": (lambda p: p.drop_mid_answer(after_bytes=(0, 600), p=0.25, rst=True), "drop"),
     # Refused before a byte reaches the seller: nothing can have been billed.
-    "reset-on-connect": (lambda p: p.reset_on_connect(p=0.2), "reset"),
+    "reset-on-connect": (lambda p: p.reset_on_connect(p=0.25), "reset"),
 }
 
 
@@ -302,18 +332,27 @@ def test_connections_to_the_seller_dropped(clean_stack: Stack, name: str, method
     seed = seed_from_env()
     samples = live_samples(200, name, seed=3)
     upload_samples(clean_stack, samples)
+    resumed: list[str] = []
+
+    def person(elapsed: float, snap: dict[str, str]) -> None:
+        # Purchases whose answers were cut off are unknown (charged, maybe bought); three in a row pause the
+        # run for a person, who looks and resumes it, as the pause reason says.
+        if snap.get("state") == "paused" and "no usable token" in snap.get("pause_reason", ""):
+            resumed.append(f"{elapsed:.1f}s")
+            run_irlive(clean_stack, "resume", run_id, env=env)
+
     with FaultProxy.for_url(clean_stack.sandbox_url, seed=seed) as proxy:
         env = {**SMALL_CHUNKS, "IRLIVE_MARKETPLACE_URL": proxy.url, "IRLIVE_PAYMENT_METHOD": method}
         switch(proxy)
         _workers(clean_stack, 2, env)
         run_id = scan(clean_stack, name, env=env)
-        drive = drive_to_completion(clean_stack, run_id, deadline_s=240, env=env)
+        drive = drive_to_completion(clean_stack, run_id, deadline_s=240, env=env, during=person)
         proxy.pass_through()
         books = Books()
         # Reconciliation asks the seller directly (stack env, no proxy) about every token left open.
         problems = check_invariants(clean_stack, run_id, samples, strict_once=name == "reset-on-connect",
                                     books=books)
-        print(f"proxy stats: {dict(proxy.stats)}")
+        print(f"proxy stats: {dict(proxy.stats)}; resumed after unknown purchases at {resumed}")
     _report(name, seed, drive, books, problems)
     assert problems == [], f"seed {seed}: {problems}"
     assert proxy.stats[stat] > 0

@@ -19,7 +19,7 @@ from sandbox import procs
 from sandbox.images import OVERSIZED_BYTES, Sample, jpeg, png
 from sandbox.stack import Stack
 from tests.conftest import IRLIVE_BIN, IrliveRunner
-from tests.e2e import IN_BUCKET, RunOutput, read_run, upload, validator
+from tests.e2e import IN_BUCKET, X402_ENV, RunOutput, read_run, upload, validator, wait_done
 from tests.test_e2e import scan_and_wait
 
 pytestmark = pytest.mark.integration
@@ -42,12 +42,6 @@ def scan(irlive: IrliveRunner, prefix: str) -> str:
     assert scanned.returncode == 0, scanned.stderr
     run_id: str = json.loads(scanned.stdout)["run_id"]
     return run_id
-
-
-def wait_done(irlive: IrliveRunner, run_id: str, timeout: float = 90) -> None:
-    waited = irlive("status", run_id, "--wait", "--json", "--timeout", str(timeout), timeout=timeout + 30)
-    assert waited.returncode == 0, waited.stdout + waited.stderr
-    assert json.loads(waited.stdout)["state"] == "done", waited.stdout
 
 
 def billed_keys(stack: Stack) -> Counter[str]:
@@ -294,7 +288,8 @@ def malformed_setup(stack: Stack, irlive: IrliveRunner, mode: str,
     tiny = Sample("mal/tiny.png", png(16, 16, "live", seed=5), "rejected")
     upload(stack, [*samples, tiny])
     stack.sandbox_config(answer_mode=mode)
-    stack.start_worker(extra_env={**FEW_ATTEMPTS, "IRLIVE_PAYMENT_METHOD": method})
+    stack.start_worker(extra_env={**FEW_ATTEMPTS, "IRLIVE_PAYMENT_METHOD": method,
+                                  **(X402_ENV if method == "x402" else {})})
     run = read_run(stack, scan_and_wait(irlive, f"s3://{IN_BUCKET}/mal", timeout=90))
     return samples, tiny, run
 
@@ -318,6 +313,10 @@ REASON_WORDS = {"not_json": "JSON", "result_not_json": "JSON", "huge_body": "lar
         ("result_not_json", "mcp-token"),
         ("unknown_url", "mcp-token"),
         ("missing_fields", "mcp-token"),
+        # Paid by x402: the sandbox settles every 2xx (PAYMENT-RESPONSE), so each attempt is a settled call.
+        ("not_json", "x402"),
+        ("huge_body", "x402"),
+        ("missing_fields", "x402"),
     ],
 )
 def test_unusable_answer_is_paid_retried_then_error_for_every_image(

@@ -10,7 +10,7 @@ import pytest
 import redis
 
 from sandbox.stack import Stack
-from worker.errors import BudgetExhausted, OutcomeUnknown, TransientError
+from worker.errors import BudgetExhausted, OutcomeUnknown, PaymentNeverPaid
 from worker.flow.leases import Lease
 from worker.flow.runs import Runs
 from worker.keys import Keys
@@ -96,7 +96,8 @@ def test_a_payment_that_expires_while_pending_is_void(env: Env,
     ledger, seller, client, _ = env
     monkeypatch.setattr("worker.money.purchaser.PENDING_POLL_S", 0.0)
     seller.statuses = ["pending", "expired"]
-    with pytest.raises(TransientError):
+    # Not transient: money moved (a payment was created); the outcome table voids the token, then retries.
+    with pytest.raises(PaymentNeverPaid):
         ledger.take("r", HOLDER)
     assert client.hget("irlive:pay:p1", "state") == "void"
 
@@ -109,7 +110,8 @@ def test_a_purchase_whose_answer_was_lost_is_counted_and_not_repeated(
         ledger.take("r", HOLDER)
     assert ledger.totals()["unknown_purchases"] == 1
     assert ledger.totals()["spent_today_cents"] == 20, "it may have been paid: the day cap counts it"
-    assert client.hget("irlive:run:r", "committed_cents") == "0", "the run got no call from it"
+    assert client.hget("irlive:run:r", "committed_cents") == "20", "and the run's cap, though no call came of it"
+    assert client.hget("irlive:run:r", "unknown_purchases") == "1"
 
 
 def test_the_run_budget_stops_the_fourth_call_of_a_60_cent_budget(
@@ -156,3 +158,17 @@ def test_a_dead_workers_tokens_come_back_after_the_lease(env: Env) -> None:
     assert client.hget(f"irlive:pay:{sent.payment_id}", "state") == "paid", "reconciled: remainingCalls was 1"
     assert client.llen("irlive:wallet:pool") == 2
     assert client.hget("irlive:run:r", "committed_cents") == "0"
+
+
+def test_a_kept_answer_names_its_images_even_when_their_keys_hold_commas(env: Env) -> None:
+    ledger, _, client, _runs = env
+    token = ledger.take("r", HOLDER)
+    images = ["in/x/a,b.png@e1", "in/x/100%2C.png@e2", "in/x/c.png@e3"]
+    with ledger.spend(token, images, chunk_lease(client), "r 0") as spend:
+        spend.answered("req-1", b"{}")
+    # What the chunk's next delivery replays (a worker killed before recording): the very images it sent.
+    [kept] = ledger.unrecorded("r", 0)
+    assert kept.identities == images
+    # payments.jsonl keeps them escaped: one comma between images (settle.lua counts images by commas).
+    assert [p["images"] for p in ledger.settled_payments("r")] == ["in/x/a%2Cb.png@e1,in/x/100%252C.png@e2,"
+                                                                     "in/x/c.png@e3"]

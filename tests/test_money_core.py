@@ -18,10 +18,10 @@ import redis
 from sandbox.images import png
 from sandbox.stack import Stack
 from tests.conftest import IrliveRunner
-from tests.e2e import IN_BUCKET, read_run, upload
+from tests.e2e import IN_BUCKET, read_run, upload, validator
 from tests.faults import check_invariants, drive_to_completion, live_samples, upload_samples
 from tests.test_budget import clean_samples, poll, run_hash, settled
-from worker.errors import TransientError
+from worker.errors import NeverSent
 from worker.keys import Keys
 from worker.money import purchaser as purchaser_module
 from worker.money.budgets import Budgets
@@ -128,7 +128,8 @@ class _FailingSeller:
         return Quote(20, self.service_id)
 
     def create_payment(self) -> object:
-        raise TransientError("the seller answered 503")
+        # Certainly not bought (a 503 may have been charged: that one stays charged, as unknown).
+        raise NeverSent("marketplace unreachable: ConnectError")
 
     def get_payment(self, payment_id: str) -> object:
         raise AssertionError("not asked")
@@ -148,7 +149,7 @@ def test_a_purchase_failing_after_midnight_is_released_to_the_day_it_was_charged
     keys = Keys()
     purchaser = Purchaser(store, keys, _FailingSeller(), Budgets(store, keys, 100), max_price_cents=20,
                           lease_ms=60_000)  # type: ignore[arg-type]
-    with pytest.raises(TransientError):
+    with pytest.raises(NeverSent):
         purchaser.buy()
     assert store.hget(keys.day("2026-11-30"), "bought_cents") == "0"
     assert store.hget(keys.day("2026-12-01"), "bought_cents") is None
@@ -309,3 +310,29 @@ def test_an_object_overwritten_while_the_seller_fetches_is_never_recorded_with_t
         assert (record["etag"], record["verdict"]) == (new_etag, "spoof")
         assert billed[f"/{IN_BUCKET}/{swapped}"] == 2 and run.manifest["changed_during_call"] == 1
     assert Counter(r["key"] for r in run.records) == Counter(s.key for s in samples)
+
+
+def test_wallet_shows_the_daily_cap_the_workers_enforce_not_the_shells(clean_stack: Stack,
+                                                                        irlive: IrliveRunner) -> None:
+    clean_stack.start_worker(extra_env={"IRLIVE_DAILY_BUDGET_USD": "2.50"})
+    poll(lambda: clean_stack.redis_client().hlen("irlive:fleet:enforced") == 1, 60, "the worker to say its caps")
+    shell = {"IRLIVE_DAILY_BUDGET_USD": "9.00"}  # what this shell would enforce: not what applies
+    wallet = irlive("wallet", "--json", env=shell)
+    doc = json.loads(wallet.stdout)
+    validator("wallet").validate(doc)
+    assert (doc["daily_budget_cents"], doc["daily_budget_source"]) == (250, "workers")
+    assert [w["daily_budget_cents"] for w in doc["workers"]] == [250]
+    text = irlive("wallet", env=shell).stdout
+    assert "daily cap $2.50, enforced by the 1 worker(s)" in text
+    assert "this shell's IRLIVE_DAILY_BUDGET_USD says $9.00" in text
+
+    # A second worker started with another cap: the wallet says they disagree and who enforces what.
+    clean_stack.start_worker(extra_env={"IRLIVE_DAILY_BUDGET_USD": "4.00"})
+    poll(lambda: clean_stack.redis_client().hlen("irlive:fleet:enforced") == 2, 60, "the second worker")
+    text = irlive("wallet", env=shell).stdout
+    assert "the workers DISAGREE" in text and "$2.50" in text and "$4.00" in text
+
+    # Workers that stop take their entries with them.
+    clean_stack.stop_workers()
+    doc = json.loads(irlive("wallet", "--json", env=shell).stdout)
+    assert (doc["daily_budget_cents"], doc["daily_budget_source"], doc["workers"]) == (900, "this shell", [])

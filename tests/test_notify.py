@@ -16,8 +16,9 @@ from typing import Any
 import pytest
 
 from tests.e2e import validator
+from worker.backoff import Backoff
 from worker.errors import ConfigError, NotifyFailed, NotifyRefused
-from worker.ops.notify import Backoff, body_of, deliver, event_id, run_end_event, sign, verify
+from worker.ops.notify import body_of, deliver, event_id, run_end_event, sign, verify
 from worker.seams.webhook import Notifier
 
 SECRET = "whsec_t0psecretvalue"
@@ -188,11 +189,16 @@ def test_verify_accepts_the_signature_and_refuses_tampering_other_secrets_and_ol
     assert not verify(SECRET, "soon", body, signature, now=1_800_000_010)
 
 
+@pytest.mark.parametrize("garbled", ["sha256=é", "sha256=\u00a0" + "0" * 63, "\ud800", "ünïcode"])
+def test_verify_refuses_a_non_ascii_signature_instead_of_raising(garbled: str) -> None:
+    """A receiver's verify() answers False for any header value; compare_digest would raise TypeError on these."""
+    body = b'{"event": "run.finished"}'
+    assert verify(SECRET, "1800000000", body, garbled, now=1_800_000_010) is False
+
+
 def test_a_real_receiver_gets_a_signed_post_it_can_verify(receiver: Receiver) -> None:
     payload = a_payload()
-    notifier = Notifier(timeout_s=5)
-    notifier.send(receiver.url, SECRET, payload)
-    notifier.close()
+    Notifier(timeout_s=5).send(receiver.url, SECRET, payload)
 
     [got] = receiver.wait_for(1)
     assert got.path == HOOK_PATH + HOOK_QUERY
@@ -315,3 +321,32 @@ def test_no_secret_or_url_path_in_logs_errors_or_outcomes(receiver: Receiver,
     assert f"127.0.0.1:{receiver.port}" in text, "the receiver is named by its host"
     for secret in (SECRET, "T0PSECRETPATH", "QUERYSECRET", "/hooks"):
         assert secret not in text
+
+
+def test_a_receiver_that_drips_its_answer_is_given_up_at_the_attempt_s_deadline() -> None:
+    """One byte every 0.3 s never trips httpx's per-read timeout; the attempt as a whole is bounded all the same
+    (it held a worker thread without end), and the dripping connection is closed, not left behind."""
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    closed = threading.Event()
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 40\r\n\r\n" + b"x" * 40  # ~24 s at this pace
+
+    def drip() -> None:
+        conn, _ = server.accept()
+        conn.recv(65536)
+        try:
+            for byte in answer:
+                conn.sendall(bytes([byte]))
+                time.sleep(0.3)
+        except OSError:
+            closed.set()  # the client hung up mid-drip
+        finally:
+            conn.close()
+
+    threading.Thread(target=drip, daemon=True).start()
+    try:
+        with pytest.raises(NotifyFailed, match="took longer than 2s in all"):
+            Notifier(timeout_s=2).send(f"http://127.0.0.1:{port}/hook", None, a_payload())
+        assert closed.wait(10), "the attempt's connection is closed at the deadline"
+    finally:
+        server.close()

@@ -40,6 +40,7 @@ BAD: dict[str, tuple[Any, ...]] = {
     "max_image_pixels": (0, -1),
     "fetch_timeout_s": (0, -1, 601),
     "answer_mode": ("sometimes", "NORMAL"),
+    "payment_answer": ("lost", "EMPTY"),
     "tool_paths": ("legacy-only", "LEGACY"),
     "retry_after": ("a\tb", "9" * 201, "é"),
     "payment_latency_ms": (-1, 600_001),

@@ -13,7 +13,7 @@ import pytest
 from producer.cli import _parser
 from sandbox.stack import Stack
 from tests.conftest import IrliveRunner
-from tests.e2e import IN_BUCKET, SCHEMAS, read_run, upload, validator
+from tests.e2e import IN_BUCKET, OUT_BUCKET, SCHEMAS, read_run, upload, validator
 from tests.test_budget import clean_samples
 from worker.flow.runs import Runs
 from worker.keys import Keys
@@ -22,7 +22,7 @@ from worker.seams.store import Store
 
 # Output schemas of commands whose name differs from the schema's (one command, two shapes).
 EXTRA_OUTPUTS = {"scan": ("scan-dry-run",)}
-MANIFESTS = ("chunk", "record", "run")
+MANIFESTS = ("chunk", "record", "run", "payment")
 
 
 def json_commands() -> list[str]:
@@ -134,3 +134,39 @@ def test_demo_prints_what_its_schema_says_and_no_visibility_warning(tmp_path: An
     validator("demo").validate(summary)
     assert summary["ok"] and summary["state"] == "done" and summary["records"] == 12
     assert "VISIBILITY_TIMEOUT" not in done.stdout + done.stderr
+
+
+def test_the_chunk_schema_carries_the_record_and_counts_definitions_as_they_are() -> None:
+    chunk = json.loads((SCHEMAS / "chunk.schema.json").read_text())
+    record = json.loads((SCHEMAS / "record.schema.json").read_text())
+    run = json.loads((SCHEMAS / "run.schema.json").read_text())
+    assert chunk["$defs"]["record"] == {k: v for k, v in record.items() if k not in ("$schema", "$id")}
+    assert chunk["$defs"]["counts"] == run["$defs"]["counts"]
+
+
+def test_what_a_run_writes_validates_with_plain_jsonschema_and_no_registry(clean_stack: Stack,
+                                                                           irlive: IrliveRunner) -> None:
+    upload(clean_stack, clean_samples(25, prefix="plain"))
+    clean_stack.start_worker()
+    run_id = ok_json(irlive, "scan", f"s3://{IN_BUCKET}/plain")["run_id"]
+    done = irlive("status", run_id, "--wait", "--json", "--timeout", "90", timeout=120)
+    assert json.loads(done.stdout)["state"] == "done", done.stdout
+    output = read_run(clean_stack, run_id)
+
+    def plain(name: str) -> dict[str, Any]:
+        schema: dict[str, Any] = json.loads((SCHEMAS / f"{name}.schema.json").read_text())
+        return schema
+
+    # What a user does with the shipped files: no registry, no network (a $ref to another file would fail).
+    jsonschema.validate(output.manifest, plain("run"))
+    for chunk in output.chunks:
+        jsonschema.validate(chunk, plain("chunk"))
+    body = clean_stack.s3_client().get_object(Bucket=OUT_BUCKET, Key=output.manifest["payments"]["key"])["Body"]
+    payments = [json.loads(line) for line in body.read().decode().splitlines()]
+    assert len(payments) == output.manifest["calls"] == 3
+    for line in payments:
+        jsonschema.validate(line, plain("payment"))
+    # Numbers as numbers, images as a list of the identities the call carried.
+    carried = sorted(i for p in payments for i in p["images"])
+    assert carried == sorted(f"{r['bucket']}/{r['key']}@{r['etag']}" for r in output.records)
+    assert all(isinstance(p["amount_cents"], int) and p["lost"] is False for p in payments)

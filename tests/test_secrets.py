@@ -26,7 +26,7 @@ import redis
 from sandbox.images import Sample, png
 from sandbox.stack import Stack, WorkerProc
 from tests.conftest import IrliveRunner
-from tests.e2e import IN_BUCKET, all_output_text, payment_tokens, upload
+from tests.e2e import IN_BUCKET, X402_ENV, X402_KEY, X402_SECRET, all_output_text, payment_tokens, upload
 from worker.app import make_app
 from worker.config import Settings
 from worker.flow.runs import Runs
@@ -278,3 +278,53 @@ def _wait(predicate: Callable[[], bool], timeout: float, what: str, worker: Work
             tail = worker.log.read_text(errors="replace")[-3000:]
             raise AssertionError(f"{what}: not after {timeout:.0f} s\n{tail}")
         time.sleep(0.1)
+
+
+def test_no_x402_key_or_signature_leaks(clean_stack: Stack, irlive: IrliveRunner, acl_user: str) -> None:
+    """Paying by x402: the payer's key and every signature (the EIP-712 signature, the base64 payment header that
+    carries it) appear in no manifest, run or payment record, broker message, Redis value, CLI output (`irlive
+    config` masks the key) or worker log; the ledger keeps the payer, nonce and transaction, which are public."""
+    stack = clean_stack
+    env = {"IRLIVE_REDIS_URL": acl_user, "IRLIVE_CHUNK_SIZE": "4", **X402_ENV}
+    stack.sandbox_config(latency_ms=300)
+    samples = [Sample(f"x402/img_{i:02d}.png", png(256, 256, "live", seed=700 + i), "live") for i in range(10)]
+    upload(stack, samples)
+    tap = BrokerTap(redis.Redis.from_url(acl_user))
+    scanned = _cli(irlive, env, "scan", f"s3://{IN_BUCKET}/x402", "--json")
+    run_id: str = json.loads(scanned.stdout)["run_id"]
+    cli_out = [scanned.stdout, scanned.stderr]
+    tap.take()
+    tap.start()
+    try:
+        stack.start_worker(extra_env=env)
+        waited = _cli(irlive, env, "status", run_id, "--wait", "--json", "--timeout", "120", timeout=150)
+    finally:
+        tap.stop()
+    assert json.loads(waited.stdout)["state"] == "done", waited.stdout
+    cli_out += [waited.stdout, waited.stderr]
+    for args in (("status", run_id), ("wallet",), ("wallet", "--json"), ("config", "--json"), ("config",)):
+        done = irlive(*args, env=env)
+        cli_out += [done.stdout, done.stderr]
+    config = json.loads(irlive("config", "--json", env=env).stdout)
+    assert config["settings"]["IRLIVE_X402_PRIVATE_KEY"]["value"] == "***"
+    settled = stack.sandbox_ledger()["x402_settlements"]
+    assert len(settled) == 3, "three chunks, one signed call each"
+
+    def clean(where: str, text: str) -> None:
+        assert_no_secret(where, text, [X402_KEY, X402_KEY[2:]])
+        found = X402_SECRET.search(text)
+        assert found is None, f"{where} holds a key or a signature ({found.group(0)[:12]}...)"
+
+    clean("the output bucket", all_output_text(stack))
+    clean("the CLI's output", "\n".join(cli_out))
+    for text in tap.texts():
+        clean("a broker message", text)
+    admin = stack.redis_client()
+    for key in admin.scan_iter("*"):
+        clean(f"Redis key {_s(key)!r}", json.dumps(_dump(admin, _s(key))))
+    archived = all_output_text(stack)
+    assert all(s["transaction"] in archived and s["payer"] in archived for s in settled), \
+        "the archived ledger names each settlement's transaction and payer"
+    for name, text in _worker_logs(stack).items():
+        clean(f"worker log {name}", text)
+    admin.close()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from sandbox import procs
 from sandbox.config import SandboxConfig
 from tests.conftest import BUCKETS, SETTINGS_ENV
 from tests.faults import (
@@ -39,7 +41,11 @@ from tests.faults import (
 )
 from tests.sentinel import SentinelGroup, SentinelStack
 from worker.errors import ConfigError, StoreUnavailable
+from worker.keys import Keys
+from worker.money.budgets import Budgets, today
+from worker.money.purchaser import Purchaser
 from worker.ops.durability import require_durable
+from worker.seams.marketplace import Payment, Quote
 from worker.seams.store import Store
 
 pytestmark = pytest.mark.integration
@@ -104,6 +110,54 @@ def test_the_store_follows_the_master_and_checks_the_replicas_durability(tmp_pat
             with pytest.raises(ConfigError) as err:
                 require_durable(store, allow_volatile=False, where=store.where)
             assert f"its replica 127.0.0.1:{old}" in str(err.value) and "appendonly" in str(err.value)
+        finally:
+            store.close()
+
+
+class _CountingSeller:
+    """A seller that counts purchases (never reached here: nothing is sent while the ledger cannot confirm)."""
+
+    service_id = "svc"
+
+    def __init__(self) -> None:
+        self.purchases = 0
+
+    def quote(self) -> Quote:
+        return Quote(price_cents=20, service_id="svc")
+
+    def create_payment(self) -> Payment:
+        self.purchases += 1
+        raise AssertionError("a purchase left although its request was never written down")
+
+    def get_payment(self, payment_id: str) -> Payment:
+        raise AssertionError("not asked")
+
+
+def test_a_purchase_begun_while_no_replica_acknowledges_leaves_no_phantom(tmp_path: Path) -> None:
+    """buy_begin applies on the master, then WAIT comes back short: the purchase is not sent, and the request is
+    settled `failed` at once, so when the replica is back nothing is left for the sweep to charge as unknown."""
+    with SentinelGroup(tmp_path) as group:
+        store = Store.from_url(group.url, socket_timeout=5)
+        try:
+            keys = Keys()
+            seller = _CountingSeller()
+            purchaser = Purchaser(store, keys, seller, Budgets(store, keys, daily_cap_cents=100),
+                                  max_price_cents=20, lease_ms=60_000)
+            replica = next(port for port in group.nodes if port != group.master_port())
+            node = group.nodes[replica]
+            assert node.proc is not None
+            procs.kill_group(node.proc, signal.SIGKILL)
+            node.proc = None
+            for _ in range(5):
+                with pytest.raises(StoreUnavailable, match="replicas"):
+                    purchaser.buy()
+            group.rejoin(replica)
+            master = store.client
+            assert seller.purchases == 0
+            assert master.zcard(keys.requests()) == 0, "no purchase request is left open for the sweep"
+            assert int(master.hget(keys.day(today()), "bought_cents") or 0) == 0, "nothing charged to the day"
+            assert purchaser.expire_requests(older_than_ms=2**62) == 0
+            assert int(master.hget(keys.wallet_totals(), "unknown_purchases") or 0) == 0
         finally:
             store.close()
 

@@ -17,9 +17,10 @@ from bench.inventory_memory import PARQUET_SCHEMA, write_inventory
 from producer.filters import modified_between, parse_time
 from producer.scan import per_bucket, watermark_name
 from producer.sources import FileSource, InventorySource, Listed, S3Source, parse_source
+from sandbox.images import png
 from sandbox.stack import AWS_ENV, Stack
 from tests.conftest import IrliveRunner
-from tests.e2e import IN_BUCKET
+from tests.e2e import IN_BUCKET, read_run
 from worker.config import S3Location
 from worker.errors import ConfigError
 from worker.flow.claims import Claims, DoneEntry
@@ -93,25 +94,25 @@ def _read(text: str) -> tuple[list[Listed], FileSource]:
 
 
 def test_csv_rows_with_or_without_a_header_and_an_optional_etag() -> None:
-    rows, source = _read("bucket,key,etag\nb1,a/1.png,abc\nb1,a/2.png\n\"b2\",\"a/3 x.png\",\"def\"\n")
+    rows, source = _read("bucket,key,etag\nbk1,a/1.png,abc\nbk1,a/2.png\n\"bk2\",\"a/3 x.png\",\"def\"\n")
     assert [(r.bucket, r.info.key, r.info.etag) for r in rows] == [
-        ("b1", "a/1.png", "abc"), ("b1", "a/2.png", ""), ("b2", "a/3 x.png", "def")]
+        ("bk1", "a/1.png", "abc"), ("bk1", "a/2.png", ""), ("bk2", "a/3 x.png", "def")]
     assert source.bad_rows == 0
-    rows, _ = _read("key,bucket\na/1.png,b1\n")
-    assert [(r.bucket, r.info.key) for r in rows] == [("b1", "a/1.png")], "the header names the column order"
+    rows, _ = _read("key,bucket\na/1.png,bk1\n")
+    assert [(r.bucket, r.info.key) for r in rows] == [("bk1", "a/1.png")], "the header names the column order"
 
 
 def test_jsonl_and_url_lines_and_bad_rows_are_counted_with_their_line_numbers() -> None:
-    text = ('{"bucket": "b1", "key": "a/1.png", "etag": "e1"}\n'
-            "s3://b2/deep/2.png\n"
-            '{"bucket": "b1", "key": \n'           # line 3: bad JSON
+    text = ('{"bucket": "bk1", "key": "a/1.png", "etag": "e1"}\n'
+            "s3://bk2/deep/2.png\n"
+            '{"bucket": "bk1", "key": \n'           # line 3: bad JSON
             '{"key": "no-bucket.png"}\n'           # line 4: no bucket
             "\n# a comment\n"
             "s3://only-a-bucket\n"                 # line 7: no key
-            '{"bucket": "b1", "key": "a/9.png"}\n')
+            '{"bucket": "bk1", "key": "a/9.png"}\n')
     rows, source = _read(text)
     assert [(r.bucket, r.info.key, r.info.etag) for r in rows] == [
-        ("b1", "a/1.png", "e1"), ("b2", "deep/2.png", ""), ("b1", "a/9.png", "")]
+        ("bk1", "a/1.png", "e1"), ("bk2", "deep/2.png", ""), ("bk1", "a/9.png", "")]
     assert source.bad_rows == 3 and source.bad_lines == [3, 4, 7]
     summary = source.bad_summary()
     assert summary is not None and "3 rows" in summary and "3, 4, 7" in summary
@@ -360,3 +361,54 @@ def test_runs_record_the_watermark_finalisation_advances_except_partial_ones(cle
     assert abs((datetime.fromisoformat(plain["watermark_to"]) - started).total_seconds()) < 30
     assert run_of(f"s3://{IN_BUCKET}/m", "--suffix", ".png")["watermark_source"] == f"s3://{IN_BUCKET}/m?suffix=.png"
     assert "watermark_source" not in run_of(f"s3://{IN_BUCKET}/m", "--limit", "1"), "a partial listing"
+
+
+def test_list_file_keys_are_taken_literally() -> None:
+    """`#`, `?`, a leading `/` and spaces at either end are part of a key; reading them as URL syntax or trimming
+    them named other objects (or none), and the images were lost with `bad_rows: 0`."""
+    text = ("s3://cams/shots/photo#1.png\n"
+            "s3://cams/what?.png\n"
+            "s3://cams//lead/x.png\n"
+            "cams, spaced key .png \n"
+            "cams,\" quoted, with comma .png\"\n"
+            '{"bucket": "cams", "key": " json key "}\n'
+            "s3://ca/x.png\n"                      # line 7: no bucket is 2 characters long
+            "s3://cams/\n"                         # line 8: no key
+            "bad bucket,k.png\n")                  # line 9: not a bucket name
+    rows, source = _read(text)
+    assert [(r.bucket, r.info.key) for r in rows] == [
+        ("cams", "shots/photo#1.png"), ("cams", "what?.png"), ("cams", "/lead/x.png"),
+        ("cams", " spaced key .png "), ("cams", " quoted, with comma .png"), ("cams", " json key ")]
+    assert source.bad_lines == [7, 8, 9]
+
+
+@pytest.mark.parametrize(("text", "prefix"), [("s3://cams/shots#2026", "shots#2026"), ("s3://cams/what?/", "what?"),
+                                              ("s3://cams", ""), ("s3://cams/a/b/", "a/b")])
+def test_an_s3_location_is_read_literally(text: str, prefix: str) -> None:
+    assert S3Location.parse(text) == S3Location("cams", prefix)
+
+
+@pytest.mark.parametrize("text", ["s3://", "s3:///x", "s3://ab/x", "s3://a b/x", "https://cams/x", "s3://ca?s/x"])
+def test_an_s3_location_that_names_no_bucket_is_refused(text: str) -> None:
+    with pytest.raises(ConfigError):
+        S3Location.parse(text)
+
+
+def test_a_list_file_of_odd_keys_judges_each_of_those_images(clean_stack: Stack, irlive: IrliveRunner,
+                                                             tmp_path: Path) -> None:
+    """Through the CLI and real workers: every listed key is the object judged, none lost or swapped."""
+    keys = ["odd/photo#1.png", "odd/what?.png", " odd/spaced.png", "/lead/x.png"]
+    s3 = clean_stack.s3_client()
+    for i, key in enumerate(keys):
+        s3.put_object(Bucket=IN_BUCKET, Key=key, Body=png(96, 96, "live", seed=800 + i))
+    listing = tmp_path / "odd.txt"
+    listing.write_text(f"s3://{IN_BUCKET}/{keys[0]}\ns3://{IN_BUCKET}/{keys[1]}\n{IN_BUCKET},{keys[2]}\n"
+                       f"s3://{IN_BUCKET}/{keys[3]}\n")
+    clean_stack.start_worker()
+    done = irlive("scan", f"file:{listing}", "--wait", "--json", timeout=180)
+    assert done.returncode == 0, done.stderr
+    started, final = (json.loads(line) for line in done.stdout.splitlines())
+    assert (started["found"], started["bad_rows"], final["state"]) == (4, 0, "done")
+    records = read_run(clean_stack, started["run_id"]).records
+    assert sorted(r["key"] for r in records) == sorted(keys)
+    assert all(r["verdict"] == "live" for r in records), records

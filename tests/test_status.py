@@ -148,3 +148,23 @@ def test_follow_keeps_samples_and_draws_the_rate_in_its_bar() -> None:
     assert [s.done for s in kept] == [0, 100, 200, 1000]
     assert "200/min eta 4m30s" in out.getvalue().splitlines()[1]
     assert rate_per_min(kept) == pytest.approx(1000 / 1.5)
+
+
+@pytest.mark.parametrize(("touched", "hinted"), [({}, True), ({"calls": 1}, False), ({"done": 3}, False),
+                                                  ({"tokens_bought": 1}, False)])
+def test_follow_says_once_when_no_worker_has_touched_the_run(touched: dict[str, int], hinted: bool) -> None:
+    untouched = a_status(done=0, calls=0, spend_cents=0, counts=dict.fromkeys(a_status().counts, 0))
+    snapshots = [replace(untouched, **touched)] * 5 + [a_status(state="done", finalised=True)]
+    now = [T0]
+
+    def tick(seconds: float) -> None:
+        now[0] += seconds
+
+    out = io.StringIO()
+    follow(FakeRuns(snapshots), "r1", interval_s=10, out=out,  # type: ignore[arg-type]
+           clock=lambda: now[0], sleep=tick)
+    hints = [line for line in out.getvalue().splitlines() if "is a worker running" in line]
+    assert len(hints) == (1 if hinted else 0), out.getvalue()
+    if hinted:
+        assert "nothing of run r1 recorded and no call made in 30s" in hints[0]
+        assert "celery -A worker worker --pool threads" in hints[0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -97,3 +98,24 @@ def test_only_one_watchdog_acts_at_a_time(clean_stack: Stack) -> None:
 
     assert first.holds_lock() and not second.holds_lock()
     assert first.holds_lock(), "the holder keeps it"
+
+
+def test_a_delivery_without_its_index_entry_is_not_read_as_delivered_in_1970(clean_stack: Stack) -> None:
+    """kombu writes and acks a delivery in the unacked hash and its time index together; a delivery seen in one and
+    not the other (acked between two reads) is skipped, never handed back for 'no lease for 56 years'."""
+    from worker.app import make_app, send_chunk
+    from worker.config import Settings
+    from worker.messages import Chunk
+
+    app = make_app(Settings.from_env(clean_stack.env))
+    send_chunk(app, Chunk("r1", 0, "irlive-in", [("x/a.png", "e1")], "nightly"))
+    client = clean_stack.redis_client()
+    raw = client.lpop("irlive.nightly")
+    assert raw is not None
+    client.hset("unacked", "tag-1", json.dumps([json.loads(raw), "", "irlive.nightly"]))
+    broker = Broker(Store(redis.Redis.from_url(clean_stack.redis_url, decode_responses=True)))
+    assert broker.deliveries() == [], "half of a delivery is not a delivery"
+    client.zadd("unacked_index", {"tag-1": 1_796_000_000.5})
+    [delivery] = broker.deliveries()
+    assert (delivery.tag, delivery.delivered_at, delivery.chunk["seq"] if delivery.chunk else None) == (
+        "tag-1", 1_796_000_000.5, 0)

@@ -169,6 +169,7 @@ def _connect_lifecycle(app: Celery, settings: Settings, runtime: Any) -> None:
     def on_worker_init(sender: Any = None, **_: Any) -> None:
         if getattr(sender, "app", None) is not app:
             return
+        _check_extra(settings)
         _check_redis(settings)
         # Prefork children build their own after the fork (threads and sockets do not survive it).
         if "prefork" not in getattr(get_implementation(sender.pool_cls), "__module__", ""):
@@ -239,6 +240,16 @@ def _task_context(name: str, args: Any) -> dict[str, Any]:
     except (IrliveError, IndexError, KeyError, TypeError):
         pass  # a malformed message: the task itself says so
     return {}
+
+
+def _check_extra(settings: Settings) -> None:
+    """Refuse to start without the library the configured way to pay needs (an image built without its extra)."""
+    from worker.config import missing_extra
+
+    missing = missing_extra(settings.payment_method)
+    if missing:
+        print(f"irlive worker: error: {missing}", file=sys.stderr, flush=True)
+        raise SystemExit(2)
 
 
 def _check_redis(settings: Settings) -> None:

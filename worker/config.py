@@ -7,7 +7,7 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from worker.errors import ConfigError
@@ -16,7 +16,14 @@ from worker.ops.redact import mask_url
 # The listing's tool endpoint, `{service_id}` filled in from IRLIVE_SERVICE_ID.
 TOOL_PATH = "/api/tools/{service_id}"
 
-T = TypeVar("T")
+
+
+_BUCKET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{2,254}")
+
+
+def is_bucket_name(text: str) -> bool:
+    """An S3 bucket name as S3 (and legacy us-east-1 names, with capitals and "_") may have one."""
+    return _BUCKET_NAME.fullmatch(text) is not None
 
 
 @dataclass(frozen=True)
@@ -28,12 +35,18 @@ class S3Location:
 
     @classmethod
     def parse(cls, value: str, name: str = "location") -> S3Location:
-        parts = urlsplit(value)
-        if parts.scheme != "s3" or not parts.netloc:
+        # Literally, not as a URL: a prefix holding "#" or "?" is the prefix (urlsplit would drop the rest and
+        # list a wider folder than asked).
+        if not value.startswith("s3://"):
             raise ConfigError(f"{name}: expected s3://bucket/prefix, got {value!r}")
-        if len(parts.netloc) < 3:
-            raise ConfigError(f"{name}: bucket name {parts.netloc!r} is too short (3 characters at least)")
-        return cls(bucket=parts.netloc, prefix=parts.path.strip("/"))
+        bucket, _, prefix = value.removeprefix("s3://").partition("/")
+        if not bucket:
+            raise ConfigError(f"{name}: expected s3://bucket/prefix, got {value!r}")
+        if len(bucket) < 3:
+            raise ConfigError(f"{name}: bucket name {bucket!r} is too short (3 characters at least)")
+        if not is_bucket_name(bucket):
+            raise ConfigError(f"{name}: {bucket!r} is not a bucket name (letters, digits, '.', '-' and '_')")
+        return cls(bucket=bucket, prefix=prefix.strip("/"))
 
     def key(self, *parts: str) -> str:
         return "/".join(p for p in (self.prefix, *parts) if p)
@@ -55,15 +68,26 @@ class Settings:
     # The tool endpoint's path; `{service_id}` stands for the service id payments are bought for. A deployment
     # that only exposes the legacy listing keeps the service id and names the legacy path here.
     tool_path: str = TOOL_PATH
-    # How a call is paid and sent: `token` (X-Payment-Token on the HTTP tool endpoint) or `mcp-token` (the
-    # marketplace's MCP tool, `paymentToken`); tokens are bought and reconciled the same way for both.
+    # How a call is paid and sent: `token` (X-Payment-Token on the HTTP tool endpoint), `mcp-token` (the
+    # marketplace's MCP tool, `paymentToken`; tokens are bought and reconciled the same way for both), or `x402`
+    # (an EIP-3009 authorization signed locally for each call, PAYMENT-SIGNATURE; no marketplace account).
     payment_method: str = "token"
+    # x402: the payer's key (hex), or a file holding it; exactly one of the two with IRLIVE_PAYMENT_METHOD=x402.
+    x402_private_key: str | None = field(default=None, repr=False)
+    x402_key_file: str | None = None
+    # x402: the chain paid on (CAIP-2), the assets that may be signed for (symbols or contract addresses the x402
+    # SDK knows the decimals of), and, when set, the only address payments may go to.
+    x402_network: str = "eip155:8453"
+    x402_assets: tuple[str, ...] = ("USDC",)
+    x402_pay_to: str | None = None
     api_key: str | None = field(default=None, repr=False)
     api_key_header: str = "X-API-Key"
     images_per_call: int = 10
     chunk_size: int = 50
     presign_ttl: int = 900
     max_price_cents: int = 20
+    # Purchases in a row that may have been charged but brought no usable token before a run pauses.
+    max_unknown_purchases: int = 3
     rate_limit_per_s: float = 2.0
     rate_burst: int = 1
     max_attempts: int = 5
@@ -102,6 +126,9 @@ class Settings:
     min_calls: int = 20
     # Log lines as JSON (one event a line) or text; auto: text when stderr is a terminal, JSON otherwise.
     log_format: str = "auto"
+    # report.html lists a `live` capture for a person to review when the seller's confidence (Rate, 0-100) is
+    # below this.
+    review_live_below: float = 80.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -138,10 +165,12 @@ class Settings:
             # An HTTP header carries printable ASCII only; say so without printing the key.
             raise ConfigError("IRLIVE_API_KEY holds characters an HTTP header cannot carry (non-ASCII or control "
                               "characters): check for a stray space, quote or invisible character")
+        self._check_x402()
         _in_range("IRLIVE_IMAGES_PER_CALL", self.images_per_call, 1, 10)
         _in_range("IRLIVE_CHUNK_SIZE", self.chunk_size, 1, 10_000)
         _in_range("IRLIVE_PRESIGN_TTL", self.presign_ttl, 60, 7 * 24 * 3600)
         _in_range("IRLIVE_MAX_PRICE_CENTS", self.max_price_cents, 0, 100_000)
+        _in_range("IRLIVE_MAX_UNKNOWN_PURCHASES", self.max_unknown_purchases, 1, 1000)
         _in_range("IRLIVE_RATE_LIMIT_PER_S", self.rate_limit_per_s, 0.001, 10_000)
         _in_range("IRLIVE_RATE_BURST", self.rate_burst, 1, 1000)
         _in_range("IRLIVE_MAX_ATTEMPTS", self.max_attempts, 1, 100)
@@ -167,9 +196,27 @@ class Settings:
         _in_range("IRLIVE_LIST_WORKERS", self.list_workers, 1, 64)
         _in_range("IRLIVE_MAX_ERROR_RATE", self.max_error_rate, 0, 1)
         _in_range("IRLIVE_MIN_CALLS", self.min_calls, 1, 1_000_000)
+        _in_range("IRLIVE_REVIEW_LIVE_BELOW", self.review_live_below, 0, 100)
         if 86400 % self.event_run_window and self.event_run_window % 86400:
             raise ConfigError(f"IRLIVE_EVENT_RUN_WINDOW={self.event_run_window} must divide a day (or be whole "
                               "days), so windows start at the same times every day: e.g. 600, 3600, 86400")
+
+    def _check_x402(self) -> None:
+        if self.payment_method != "x402":
+            return
+        if self.x402_private_key and self.x402_key_file:
+            raise ConfigError("IRLIVE_X402_PRIVATE_KEY and IRLIVE_X402_KEY_FILE are both set: keep one")
+        if not (self.x402_private_key or self.x402_key_file):
+            raise ConfigError("IRLIVE_PAYMENT_METHOD=x402 signs with the payer's key: set IRLIVE_X402_KEY_FILE (a "
+                              "file holding it) or IRLIVE_X402_PRIVATE_KEY")
+        if self.x402_private_key is not None and not is_private_key(self.x402_private_key):
+            # Said without the value: a near-miss of a key is still most of a key.
+            raise ConfigError("IRLIVE_X402_PRIVATE_KEY is not a private key (64 hex digits, 0x optional)")
+
+    @property
+    def pool_size(self) -> int:
+        """Tokens bought ahead of need: none for x402, whose signatures live seconds and are made per call."""
+        return 0 if self.payment_method == "x402" else self.token_pool_size
 
     @property
     def daily_budget_cents(self) -> int | None:
@@ -199,11 +246,12 @@ class Settings:
         """What the workers enforce on money (recorded in each run manifest by the worker that finalises it)."""
         return {
             "max_price_cents": self.max_price_cents,
+            "max_unknown_purchases": self.max_unknown_purchases,
             "images_per_call": self.images_per_call,
             "max_attempts": self.max_attempts,
             "daily_budget_cents": self.daily_budget_cents,
             "rate_limit_per_s": self.rate_limit_per_s,
-            "token_pool_size": self.token_pool_size,
+            "token_pool_size": self.pool_size,
         }
 
     def public_view(self) -> dict[str, Any]:
@@ -211,7 +259,7 @@ class Settings:
         view: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name in ("api_key", "notify_secret"):
+            if f.name in ("api_key", "notify_secret", "x402_private_key"):
                 value = "***" if value else None
             elif f.name == "notify_url" and value:
                 # A webhook's path is often its secret (Slack, Teams): keep only where it goes.
@@ -235,14 +283,26 @@ def _in_range(var: str, value: float, low: float, high: float) -> None:
         raise ConfigError(f"{var}={value} is out of range: expected {low} to {high}")
 
 
-def _typed(kind: Callable[[str], T], label: str) -> Callable[[str, str], T]:
-    def parse(var: str, raw: str) -> T:
-        try:
-            return kind(raw.strip())
-        except ValueError:
-            raise ConfigError(f"{var}={raw!r} is not {label}") from None
+def _typed(kind: type[int] | type[float], label: str) -> Callable[[str, str], Any]:
+    def parse(var: str, raw: str) -> int | float:
+        return _number(var, raw, kind, label)
 
     return parse
+
+
+def _number(var: str, raw: str, kind: type[int] | type[float], label: str, scale: float = 1,
+            shown: str | None = None) -> int | float:
+    """The one reader of every numeric setting: a finite number of `kind` (times `scale`), or a ConfigError
+    naming the variable. `inf`, `nan` and `1e400` (which float() reads as inf) are not numbers a setting can
+    hold; int() would raise OverflowError on them, round() too."""
+    text = raw.strip()
+    try:
+        value = kind(text) if kind is int else float(text) * scale
+    except ValueError:
+        raise ConfigError(f"{var}={shown or raw!r} is not {label}") from None
+    if not math.isfinite(value):
+        raise ConfigError(f"{var}={shown or raw!r} is not {label}: it must be a finite number")
+    return value
 
 
 def _url(var: str, raw: str) -> str:
@@ -357,8 +417,12 @@ def _redis_url(var: str, raw: str) -> str:
     if is_sentinel_url(text):
         SentinelTarget.parse(text, var)
         return text
-    parts = urlsplit(text)
     shown = mask_url(text)
+    try:
+        parts = urlsplit(text)
+    except ValueError:  # "Invalid IPv6 URL": a "[" or "]" the parser took for an IPv6 host
+        raise ConfigError(f"{var}={shown!r} cannot be read as a URL: percent-encode any of [ ] / ? # @ in the "
+                          "user name or password (e.g. %5B for [)") from None
     if parts.scheme not in ("redis", "rediss", "unix"):
         raise ConfigError(f"{var}={shown!r} is not a Redis URL: expected redis://host:6379/0 (or rediss://, "
                           f"unix://, or {SENTINEL_FORM})")
@@ -385,10 +449,7 @@ def _duration(var: str, raw: str) -> int:
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
     scale = units.get(text[-1:], 0)
     number = text[:-1] if scale else text
-    try:
-        return round(float(number) * (scale or 1))
-    except ValueError:
-        raise ConfigError(f"{var}={raw!r} is not a duration (e.g. 3600, 10m, 1h, 1d)") from None
+    return round(_number(var, number, float, "a duration (e.g. 3600, 10m, 1h, 1d)", scale or 1, shown=raw))
 
 
 def _names(var: str, raw: str) -> tuple[str, ...]:
@@ -427,12 +488,65 @@ def _tool_path(var: str, raw: str) -> str:
     return path
 
 
+PAYMENT_METHODS = ("token", "mcp-token", "x402")
+# The runtime extra each way to pay needs beyond a plain install, and the modules it brings (import names).
+EXTRAS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "mcp-token": ("mcp", ("mcp",)),
+    "x402": ("x402", ("x402", "eth_account")),
+}
+_PRIVATE_KEY = re.compile(r"(0x)?[0-9a-fA-F]{64}")
+_ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
+_CAIP2 = re.compile(r"eip155:[0-9]{1,12}")
+
+
+def is_private_key(text: str) -> bool:
+    return _PRIVATE_KEY.fullmatch(text.strip()) is not None
+
+
+def missing_extra(method: str) -> str | None:
+    """What to install for `method` when its library is absent (found without importing it), else None."""
+    import importlib.util
+
+    extra, modules = EXTRAS.get(method, ("", ()))
+    for name in modules:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            return (f"IRLIVE_PAYMENT_METHOD={method} needs the {extra!r} extra (module {name!r} is not installed): "
+                    f"pip install 'irlive[{extra}]'")
+    return None
+
+
 def _payment_method(var: str, raw: str) -> str:
-    value = raw.strip().lower()
-    if value == "x402":
-        raise ConfigError(f"{var}=x402: paying with x402 signatures is not built into the worker yet; use token "
-                          "or mcp-token")
-    return _choice("token", "mcp-token")(var, raw)
+    return _choice(*PAYMENT_METHODS)(var, raw)
+
+
+def _private_key(var: str, raw: str) -> str:
+    return raw.strip()
+
+
+def _network(var: str, raw: str) -> str:
+    value = raw.strip()
+    if not _CAIP2.fullmatch(value):
+        raise ConfigError(f"{var}={raw!r} is not a CAIP-2 EVM network: e.g. eip155:8453 (Base) or eip155:84532 "
+                          "(Base Sepolia)")
+    return value
+
+
+def _address(var: str, raw: str) -> str:
+    value = raw.strip()
+    if not _ADDRESS.fullmatch(value):
+        raise ConfigError(f"{var}={raw!r} is not an address (0x and 40 hex digits)")
+    return value
+
+
+def _assets(var: str, raw: str) -> tuple[str, ...]:
+    names = _names(var, raw)
+    if not names:
+        raise ConfigError(f"{var}={raw!r} names no asset: e.g. USDC")
+    return names
 
 
 def _output(var: str, raw: str) -> S3Location:
@@ -448,12 +562,18 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "service_id": _text,
     "tool_path": _tool_path,
     "payment_method": _payment_method,
+    "x402_private_key": _private_key,
+    "x402_key_file": _text,
+    "x402_network": _network,
+    "x402_assets": _assets,
+    "x402_pay_to": _address,
     "api_key": _text,
     "api_key_header": _text,
     "images_per_call": _typed(int, "a whole number"),
     "chunk_size": _typed(int, "a whole number"),
     "presign_ttl": _typed(int, "a whole number of seconds"),
     "max_price_cents": _typed(int, "a whole number of cents"),
+    "max_unknown_purchases": _typed(int, "a whole number of purchases"),
     "rate_limit_per_s": _typed(float, "a number of calls per second"),
     "rate_burst": _typed(int, "a whole number"),
     "max_attempts": _typed(int, "a whole number"),
@@ -483,4 +603,5 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "max_error_rate": _typed(float, "a share between 0 and 1 (0.5 = 50 %)"),
     "min_calls": _typed(int, "a whole number of calls"),
     "log_format": _choice("auto", "json", "text"),
+    "review_live_below": _typed(float, "a confidence between 0 and 100"),
 }

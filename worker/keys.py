@@ -131,6 +131,10 @@ class Keys:
     def pool(self) -> str:
         return f"{self.prefix}:wallet:pool"
 
+    def held(self) -> str:
+        """Tokens bought above the price cap: never lent until a person releases them (`irlive wallet`)."""
+        return f"{self.prefix}:wallet:held"
+
     def leases(self) -> str:
         return f"{self.prefix}:wallet:leases"
 
@@ -142,6 +146,10 @@ class Keys:
 
     def wallet_totals(self) -> str:
         return f"{self.prefix}:wallet:totals"
+
+    def fleet_enforced(self) -> str:
+        """Each running worker's enforced money settings (host:pid -> JSON), for `irlive wallet`."""
+        return f"{self.prefix}:fleet:enforced"
 
     def day(self, day: str) -> str:
         return f"{self.prefix}:day:{day}"

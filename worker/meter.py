@@ -9,8 +9,8 @@ class Meter(Protocol):
     """Implemented by worker.ops.metrics.Metrics; the core never imports a metrics library."""
 
     def money(self, kind: str, cents: int) -> None:
-        """Cents bought, spent, returned (a sent token the seller did not use, back to the pool), void, or
-        unknown (spent, its answer lost)."""
+        """Cents bought, spent, returned (a sent token the seller did not use, back to the pool), released (an
+        x402 commitment the seller did not settle), void, or unknown (spent, its answer lost)."""
 
     def call(self, outcome: str, seconds: float) -> None:
         """A paid call ended: answered, failed, unknown, refused or throttled."""

@@ -10,6 +10,7 @@ from typing import Any
 
 from worker.config import S3Location
 from worker.errors import NotFound, TransientError
+from worker.flow.leases import Lease
 from worker.flow.runs import Runs, now_iso
 from worker.flow.states import ENDING, RunState
 from worker.flow.watermarks import Watermarks
@@ -19,26 +20,48 @@ from worker.judge.manifest import (
     failed_key,
     failed_lines,
     jsonl,
+    payment_document,
     payments_key,
     run_document,
     run_manifest_key,
 )
 from worker.money.ledger import Ledger
+from worker.report.publish import publish_run
 from worker.seams.storage import Storage
 
 log = logging.getLogger("irlive.finalize")
+# Longer than most finalisations take (seconds; a 100,000-image run's can take longer, and a second may then
+# start: harmless, every document is written the same): while held, no other worker finalises the run. Short,
+# because a holder killed mid-way keeps the run from its manifest until it expires.
+FINALIZE_LEASE_S = 30.0
 
 
 def finalize_run(runs: Runs, storage: Storage, ledger: Ledger, run_id: str,
                  enforced: dict[str, Any] | None = None,
-                 on_end: Callable[[str], None] | None = None) -> dict[str, Any] | None:
+                 on_end: Callable[[str], None] | None = None,
+                 review_live_below: float = 80.0) -> dict[str, Any] | None:
     """Write manifest.json, failed.jsonl and payments.jsonl, mark the run done (a cancelled or failed run keeps
     its state), then archive its state.
 
     `enforced` are the money settings the workers applied (they, not the producer, decide what is paid).
+    `review_live_below` is the confidence under which report.html lists a live capture for review.
     `on_end(state)` runs once the manifest is written and before the run is marked finalised, so a crash
     between them repeats it (notifications are at least once, with a stable event id).
+
+    One finalisation of a run at a time (a lease): a second finalize message (the last chunk's and the
+    watchdog's, a cancel's) raises TransientError and is retried, and then finds the run finalised.
     """
+    lease = Lease(runs.store, runs.keys.job_lease(f"finalize:{run_id}"), FINALIZE_LEASE_S)
+    if not lease.take():
+        raise TransientError(f"run {run_id} is being finalised by another worker; trying again later")
+    try:
+        return _finalize_run(runs, storage, ledger, run_id, enforced, on_end, review_live_below)
+    finally:
+        lease.release()
+
+
+def _finalize_run(runs: Runs, storage: Storage, ledger: Ledger, run_id: str, enforced: dict[str, Any] | None,
+                  on_end: Callable[[str], None] | None, review_live_below: float) -> dict[str, Any] | None:
     run = runs.get(run_id)
     if run is None:
         return None
@@ -58,6 +81,7 @@ def finalize_run(runs: Runs, storage: Storage, ledger: Ledger, run_id: str,
     run["finished_at"] = runs.set_once(run_id, "finished_at", now_iso())
     chunks: list[dict[str, Any]] = []
     failed: list[dict[str, Any]] = []
+    everything: list[dict[str, Any]] = []
     summaries = runs.chunk_summaries(run_id)
     for seq in range(int(run["chunks"])):
         key = chunk_key(output, run_id, seq)
@@ -71,6 +95,7 @@ def finalize_run(runs: Runs, storage: Storage, ledger: Ledger, run_id: str,
             records, counts = doc["images"], doc["counts"]
         chunks.append({"seq": seq, "key": key, "etag": etag, "images": len(records), "counts": counts})
         failed.extend(r for r in records if r["verdict"] in UNJUDGED)
+        everything.extend(records)
     body = failed_lines(failed)
     fkey = failed_key(output, run_id)
     storage.put_bytes(output.bucket, fkey, body, "application/x-ndjson")
@@ -78,6 +103,9 @@ def finalize_run(runs: Runs, storage: Storage, ledger: Ledger, run_id: str,
     manifest = run_document(run, chunks, {"key": fkey, "count": len(failed)})
     manifest["payments"] = {"key": payments_key(output, run_id), "count": len(payments)}
     manifest["tokens_bought"] = int(run.get("tokens_bought") or 0)
+    # Purchases made for this run that left and brought no usable token: charged to it, as they may have been.
+    manifest["unknown_purchases"] = int(run.get("unknown_purchases") or 0)
+    manifest["unknown_purchase_cents"] = int(run.get("unknown_purchase_cents") or 0)
     manifest["budget_cents"] = int(run["budget_cents"]) if run.get("budget_cents") else None
     manifest["duplicates"] = int(run.get("duplicates") or 0)
     # Byte-identical copies of an image judged before (recorded `same_content_as`, paid nothing).
@@ -97,6 +125,8 @@ def finalize_run(runs: Runs, storage: Storage, ledger: Ledger, run_id: str,
     manifest["stop_reason"] = run.get("stop_reason") if final in ENDING else None
     # Paid calls that bought no verdict, as the failure threshold counted them.
     manifest["calls_failed"] = int(run.get("calls_failed") or 0)
+    manifest["tags"] = json.loads(run.get("tags") or "{}")
+    manifest.update(_publish(storage, output, manifest, everything, payments, review_live_below))
     storage.put_json(output.bucket, run_manifest_key(output, run_id), manifest)
     if on_end is not None:
         on_end(str(final))
@@ -112,6 +142,20 @@ def finalize_run(runs: Runs, storage: Storage, ledger: Ledger, run_id: str,
         marks.release(run["watermark_source"], run_id)
     archive_run(runs, storage, ledger, run_id, output)
     return manifest
+
+
+def _publish(storage: Storage, output: S3Location, manifest: dict[str, Any], records: list[dict[str, Any]],
+             payments: list[dict[str, Any]], live_below: float) -> dict[str, Any]:
+    """results.csv, report.html and the history page, before the manifest that points at them. A store that
+    fails is retried with the finalisation; a bug here must not keep a paid-for run from its manifest."""
+    try:
+        return publish_run(storage, output, manifest, records, payments, live_below=live_below)
+    except TransientError:
+        raise
+    except Exception:
+        log.exception("run %s: report and results not written; `irlive report %s` writes the report",
+                      manifest["run_id"], manifest["run_id"])
+        return {"report": None, "results": None}
 
 
 def archive_run(runs: Runs, storage: Storage, ledger: Ledger, run_id: str, output: S3Location) -> None:
@@ -133,13 +177,13 @@ def _write_payments(storage: Storage, ledger: Ledger, run_id: str, output: S3Loc
         previous = storage.get_bytes(output.bucket, key)
         for line in previous.decode().splitlines():
             if line.strip():
-                doc = json.loads(line)
+                doc = payment_document(json.loads(line))
                 by_id[str(doc["payment_id"])] = doc
     except NotFound:
         pass
     for record in ledger.settled_payments(run_id):
         # An answer still held here is one irlive could not read: it stays, for a person to look at.
-        by_id[record["payment_id"]] = record
+        by_id[record["payment_id"]] = payment_document(record)
     payments = [by_id[k] for k in sorted(by_id)]
     storage.put_bytes(output.bucket, key, jsonl(payments), "application/x-ndjson")
     return payments

@@ -11,15 +11,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from worker.backoff import Backoff
 from worker.config import S3Location, Settings
 from worker.errors import (
     BudgetExhausted,
     CallsUndecided,
     ChunkBusy,
-    ConfigError,
     IrliveError,
-    OutcomeUnknown,
-    PaymentRejected,
     PermanentInputError,
     RateLimited,
     RunHeld,
@@ -48,14 +46,15 @@ from worker.judge.manifest import (
 from worker.judge.verdicts import AnswerError, ElementError, Judgement, judge_answer
 from worker.messages import Chunk
 from worker.meter import Meter, NullMeter
-from worker.money.ledger import Ledger, Unrecorded
+from worker.money.ledger import Ledger, Spend, Unrecorded
+from worker.money.methods import PaymentMethod
+from worker.outcomes import Action, outcome
 from worker.seams.marketplace import Marketplace, is_permanent_code, parse_answer
 from worker.seams.storage import ObjectInfo, Storage
 from worker.seams.store import Store
 
 log = logging.getLogger("irlive.pipeline")
-BACKOFF_BASE_S = 0.5
-BACKOFF_CAP_S = 20.0
+CALL_BACKOFF = Backoff(base_s=0.5, cap_s=20.0)
 # Beyond this many throttled calls in one chunk the task is deferred with a countdown, freeing the slot.
 MAX_THROTTLES_PER_CHUNK = 50
 # The limiter waits in-process at most this long for a slot; beyond it the task is deferred.
@@ -71,6 +70,9 @@ CHECKED_TTL_S = 7 * 24 * 3600
 # long, polling, for them to end; then the chunk defers itself.
 UNDECIDED_WAIT_S = 10.0
 UNDECIDED_POLL_S = 0.1
+
+# Failures of taking a token that the chunk retries itself (counted attempts); others go up to its task.
+_RETRIED_PURCHASE = frozenset({Action.RETRY, Action.RECONCILE, Action.VOID_AND_RETRY})
 
 __all__ = ["Chunk", "ChunkProcessor", "Deps"]
 
@@ -89,6 +91,8 @@ class Deps:
     store: Store
     storage: Storage
     market: Marketplace
+    # How a call is paid and sent (IRLIVE_PAYMENT_METHOD); the marketplace sells and reconciles the tokens.
+    method: PaymentMethod
     ledger: Ledger
     limiter: RateLimiter
     runs: Runs
@@ -174,6 +178,11 @@ class ChunkProcessor:
         run = self.deps.runs.get(chunk.run_id)
         if run is None:
             return None
+        try:
+            # Answers already paid for are verdicts, not errors (and their records release the claims they pin).
+            self._replay(chunk)
+        except IrliveError as exc:
+            log.warning("chunk %s: paid answers not recorded before dead-lettering: %s", chunk.label(), exc)
         progress = self.deps.runs.progress(chunk.run_id, chunk.seq)
         saves = [Save(index, item, unjudged_record(item, None, "error", reason=f"dead-lettered: {reason}",
                                                    code="dead_letter", attempts=0, judged_at=now_iso()))
@@ -244,32 +253,36 @@ class ChunkProcessor:
         checked_key = self.deps.runs.keys.chunk_checked(chunk.run_id, chunk.seq)
         checked = {} if only is not None else self.deps.store.hgetall(checked_key)
         fresh: dict[int, str] = {}
-        for index, item in enumerate(_items(chunk)):
-            if index in progress or (only is not None and index not in only):
-                continue
-            if str(index) in checked:
-                etag, size, warning, version_id, content = json.loads(checked[str(index)])
-                todo.append(_Image(index, Item(item.bucket, item.key, etag), size, warning, version_id))
+        try:
+            for index, item in enumerate(_items(chunk)):
+                if index in progress or (only is not None and index not in only):
+                    continue
+                if str(index) in checked:
+                    etag, size, warning, version_id, content = json.loads(checked[str(index)])
+                    todo.append(_Image(index, Item(item.bucket, item.key, etag), size, warning, version_id))
+                    self._set_content(index, content)
+                    continue
+                try:
+                    info, image = validate(self.deps.storage, item.bucket, item.key, self._limits)
+                except PermanentInputError as exc:
+                    rejected.append(Save(index, item, unjudged_record(
+                        item, None, "rejected", reason=str(exc), code=exc.code, attempts=0, judged_at=now_iso())))
+                    continue
+                img = _Image(index, Item(item.bucket, item.key, info.etag), info.size, small_image_warning(image),
+                             info.version_id)
+                todo.append(img)
+                content = self._content_of(item.bucket, item.key, info)
                 self._set_content(index, content)
-                continue
-            try:
-                info, image = validate(self.deps.storage, item.bucket, item.key, self._limits)
-            except PermanentInputError as exc:
-                rejected.append(Save(index, item, unjudged_record(
-                    item, None, "rejected", reason=str(exc), code=exc.code, attempts=0, judged_at=now_iso())))
-                continue
-            img = _Image(index, Item(item.bucket, item.key, info.etag), info.size, small_image_warning(image),
-                         info.version_id)
-            todo.append(img)
-            content = self._content_of(item.bucket, item.key, info)
-            self._set_content(index, content)
-            fresh[index] = json.dumps([info.etag, info.size, img.warning, info.version_id, content])
+                fresh[index] = json.dumps([info.etag, info.size, img.warning, info.version_id, content])
+        finally:
+            # Kept even when a read fails midway (S3 flapping): the next delivery goes on from there, instead of
+            # needing every read of the chunk to succeed in one go.
+            if fresh:
+                pipe = self.deps.store.pipeline(transaction=False)
+                pipe.hset(checked_key, mapping={str(i): v for i, v in fresh.items()})
+                pipe.expire(checked_key, CHECKED_TTL_S)
+                _best_effort(pipe.execute, "keeping the validations for a later delivery")
         self._save(chunk, rejected)
-        if fresh:
-            pipe = self.deps.store.pipeline(transaction=False)
-            pipe.hset(checked_key, mapping={str(i): v for i, v in fresh.items()})
-            pipe.expire(checked_key, CHECKED_TTL_S)
-            _best_effort(pipe.execute, "keeping the validations for a later delivery")
         return todo
 
     def _set_content(self, index: int, content: str | None) -> None:
@@ -344,8 +357,8 @@ class ChunkProcessor:
     # ---- paying -------------------------------------------------------------------------------------------
 
     def _pay_for(self, chunk: Chunk, images: list[_Image]) -> None:
-        """Pay and call for the images; each answer is recorded after a check (a listing) that none of its
-        objects was overwritten while the seller fetched it."""
+        """Pay and call for the images; once the calls are made, their answers are recorded after one check
+        (a listing for the chunk) that none of their objects was overwritten while the seller fetched it."""
         per_call = self.deps.settings.images_per_call
         queue = deque(_Group(images[i:i + per_call]) for i in range(0, len(images), per_call))
         throttled = 0
@@ -363,10 +376,10 @@ class ChunkProcessor:
                         raise
                     queue.appendleft(group)
                     self.deps.sleep(UNDECIDED_POLL_S)
-                if held:
-                    # Recorded at once: an answer held for the chunk's later calls would leave its images
-                    # unrecorded, and their claims lapse with a killed worker's lease, for another run to pay
-                    # for again (CI's overlapping scans with kills caught exactly that).
+                if held and not queue:
+                    # Meanwhile each answer waits in the ledger with its images' claims pinned to it (settle.lua):
+                    # a worker killed now leaves it for the chunk's next delivery to record, and no other run
+                    # pays for those images. Retries the answers ask for join the queue.
                     self._record_answers(chunk, held, queue)
                 if throttled > MAX_THROTTLES_PER_CHUNK:
                     raise RateLimited("throttled too often in this chunk; deferring it", retry_after=5.0)
@@ -399,7 +412,11 @@ class ChunkProcessor:
         deps = self.deps
         try:
             token = deps.ledger.take(chunk.run_id, self.lease.token)
-        except (TransientError, OutcomeUnknown) as exc:
+        except IrliveError as exc:
+            # Retried here: what can pass, and purchases settled by the ledger (unknown ones stay charged and
+            # count towards the run's pause). The rest (a hold, a deferral, a stop) is the chunk's to act on.
+            if outcome(exc).action not in _RETRIED_PURCHASE:
+                raise
             self._retry_or_fail(chunk, group, queue, exc, "payment_failed")
             return 0
         try:
@@ -410,47 +427,14 @@ class ChunkProcessor:
             self._retry_or_fail(chunk, group, queue, exc, "presign_failed")
             return 0
         identities = [img.item.identity for img in group.images]
-        with deps.ledger.spend(token, identities, self.lease.key, f"{chunk.run_id} {chunk.seq}") as spend:
+        claim_keys = deps.claims.claim_keys(identities, [self._content.get(img.index) for img in group.images])
+        with deps.ledger.spend(token, identities, self.lease.key, f"{chunk.run_id} {chunk.seq}",
+                               claim_keys, urls) as spend:
             sent = time.monotonic()
             try:
-                answer = deps.market.call(token.secret, urls)
-            except PaymentRejected as exc:
-                spend.refused(str(exc)[:200])
-                deps.meter.call("refused", time.monotonic() - sent)
-                self._retry_or_fail(chunk, group, queue, exc, "payment_rejected")
-                return 0
-            except RateLimited as exc:
-                # Not an attempt: everyone slows down and waits out Retry-After (the limiter's shared cool-down).
-                wait = exc.retry_after
-                _best_effort(lambda: deps.limiter.throttled(wait), "slowing the fleet down")
-                spend.failed()
-                deps.meter.call("throttled", time.monotonic() - sent)
-                queue.appendleft(group)
-                return 1
-            except PermanentInputError as exc:
-                spend.failed()
-                deps.meter.call("failed", time.monotonic() - sent)
-                self._split_or_fail(chunk, group, queue, exc)
-                return 0
-            except OutcomeUnknown as exc:
-                spend.unknown()
-                deps.meter.call("unknown", time.monotonic() - sent)
-                self._retry_or_fail(chunk, group, queue, exc, type(exc).__name__)
-                return 0
-            except TransientError as exc:
-                spend.failed()
-                deps.meter.call("failed", time.monotonic() - sent)
-                self._retry_or_fail(chunk, group, queue, exc, type(exc).__name__)
-                return 0
-            except ConfigError:
-                spend.failed()
-                deps.meter.call("failed", time.monotonic() - sent)
-                raise
-            except UnreadableAnswer as exc:
-                spend.answered(None, exc.raw)
-                deps.meter.call("answered", time.monotonic() - sent)
-                self._unreadable(chunk, group, str(exc), token.payment_id, None)
-                return 0
+                answer = deps.method.call(token.secret, urls)
+            except IrliveError as exc:
+                return self._call_failed(chunk, group, queue, spend, exc, sent)
             judgements = _read_answer(urls, answer.result)
             # Read before it is written down, so the call ends now for the run's failure threshold.
             bought = None if isinstance(judgements, str) else any(isinstance(j, Judgement) for j in judgements)
@@ -458,6 +442,47 @@ class ChunkProcessor:
             deps.meter.call("answered", time.monotonic() - sent)
         _best_effort(deps.limiter.answered, "raising the shared rate")
         held.append(_Answer(group, judgements, answer.request_id, token.payment_id))
+        return 0
+
+    def _call_failed(self, chunk: Chunk, group: _Group, queue: deque[_Group], spend: Spend, exc: IrliveError,
+                     sent: float) -> int:
+        """A paid call that brought no answer to record: the token is settled and the group goes on as the
+        outcome table (worker/outcomes.py) says. Returns 1 if the call was throttled."""
+        deps = self.deps
+        took = time.monotonic() - sent
+        action = outcome(exc).action
+        if action is Action.RECORD_PAID and isinstance(exc, UnreadableAnswer):
+            spend.answered(None, exc.raw)
+            deps.meter.call("answered", took)
+            self._unreadable(chunk, group, str(exc), spend.token.payment_id, None)
+            return 0
+        if action is Action.VOID_AND_RETRY:
+            spend.refused(str(exc)[:200])
+            deps.meter.call("refused", took)
+            self._retry_or_fail(chunk, group, queue, exc, "payment_rejected")
+            return 0
+        if action is Action.RECONCILE:
+            spend.unknown()
+            deps.meter.call("unknown", took)
+            self._retry_or_fail(chunk, group, queue, exc, type(exc).__name__)
+            return 0
+        if action is Action.WAIT and isinstance(exc, RateLimited):
+            # Not an attempt: everyone slows down and waits out Retry-After (the limiter's shared cool-down).
+            wait = exc.retry_after
+            _best_effort(lambda: deps.limiter.throttled(wait), "slowing the fleet down")
+            spend.failed()
+            deps.meter.call("throttled", took)
+            queue.appendleft(group)
+            return 1
+        # The seller answered an error: it is asked whether the token was used (back to the pool if not).
+        spend.failed()
+        deps.meter.call("failed", took)
+        if action in (Action.SPLIT, Action.RECORD) and isinstance(exc, PermanentInputError):
+            self._split_or_fail(chunk, group, queue, exc)
+        elif action is Action.RETRY:
+            self._retry_or_fail(chunk, group, queue, exc, type(exc).__name__)
+        else:
+            raise exc
         return 0
 
     def _record_answers(self, chunk: Chunk, held: list[_Answer], queue: deque[_Group] | None) -> None:
@@ -536,17 +561,28 @@ class ChunkProcessor:
     def _replay(self, chunk: Chunk) -> None:
         """Record answers this chunk paid for and the ledger holds, but a crash or Redis kept from its records."""
         items = {item.identity.rsplit("@", 1)[0]: (index, item) for index, item in enumerate(_items(chunk))}
-        for paid in self.deps.ledger.unrecorded(chunk.run_id, chunk.seq):
+        unrecorded = self.deps.ledger.unrecorded(chunk.run_id, chunk.seq)
+        if unrecorded:
+            # Their content keys, from the validations the earlier delivery kept: the records release the
+            # content claims it pinned, and copies of these images find the judgments.
+            checked = self.deps.store.hgetall(self.deps.runs.keys.chunk_checked(chunk.run_id, chunk.seq))
+            for index, kept in checked.items():
+                self._set_content(int(index), json.loads(kept)[4])
+        for paid in unrecorded:
+            # The answer names the URLs the earlier delivery sent, which another worker may presign differently
+            # (another endpoint): read it back against those, as written down when it was sent.
+            sent = paid.urls if len(paid.urls) == len(paid.identities) else [""] * len(paid.identities)
             images: list[_Image] = []
-            for identity in paid.identities:
+            urls: list[str] = []
+            for identity, url in zip(paid.identities, sent, strict=True):
                 bucket_key, _, etag = identity.rpartition("@")
                 if bucket_key in items:
                     index, item = items[bucket_key]
                     images.append(_Image(index, Item(item.bucket, item.key, etag), None))
+                    urls.append(url or self.deps.storage.presign_get(item.bucket, item.key,
+                                                                     self.deps.settings.presign_ttl))
             log.warning("chunk %s: recording answer %s paid by an earlier delivery", chunk.label(), paid.payment_id)
             group = _Group(images)
-            urls = [self.deps.storage.presign_get(i.item.bucket, i.item.key, self.deps.settings.presign_ttl)
-                    for i in images]
             try:
                 judgements = _read_answer(urls, _result_of(paid))
             except Exception as exc:
@@ -584,8 +620,7 @@ class ChunkProcessor:
             judged_at=now_iso()))])
 
     def _backoff(self, attempt: int) -> float:
-        """Exponential backoff with full jitter."""
-        return self.deps.rng.uniform(0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** attempt))
+        return CALL_BACKOFF.delay(attempt, self.deps.rng.random())
 
     def _save(self, chunk: Chunk, saves: list[Save]) -> None:
         if not saves:

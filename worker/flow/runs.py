@@ -178,8 +178,9 @@ class Runs:
         return bool(self._park([self._keys.run(run_id), self._keys.parked(run_id)],
                                [json.dumps(message, sort_keys=True)]))
 
-    def resume(self, run_id: str, budget_cents: int | None) -> list[dict[str, Any]]:
-        """Raise the cap (if given) and unpause; returns the parked chunk messages to send again (then unpark).
+    def resume(self, run_id: str, budget_cents: int | None) -> list[dict[str, Any]] | None:
+        """Raise the cap (if given) and unpause; returns the parked chunk messages to send again (then unpark),
+        or None if the run is not paused (nothing changed, the cap neither).
 
         ConfigError when the new cap leaves no room for one more call, or no cap is given and the current
         one is what paused the run.
@@ -195,6 +196,8 @@ class Runs:
             committed = int(answer[1])
             raise ConfigError(f"run {run_id} is paused because its budget is spent (${committed / 100:.2f} "
                               f"committed); give a higher one: `irlive resume {run_id} --budget USD`")
+        if status == 0:
+            return None
         return [json.loads(m) for m in answer[1:]]
 
     def unpark(self, run_id: str, count: int) -> None:
@@ -293,7 +296,7 @@ class Runs:
             return 0
         now = now_ms()
         keys = [self._keys.chunk_progress(run_id, seq), self._keys.run(run_id)]
-        args: list[Any] = [now, holder]
+        args: list[Any] = [now, holder, f"{run_id} {seq}"]
         for save in saves:
             verdict = save.record["verdict"]
             image_keys, field, cfield = self._keys.image(save.item.identity, save.content)

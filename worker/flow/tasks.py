@@ -10,15 +10,12 @@ from celery import Celery, Task
 from celery.exceptions import Reject
 
 from worker.app import chunk_argsrepr
+from worker.backoff import Backoff
 from worker.config import S3Location
 from worker.errors import (
     BudgetExhausted,
-    ChunkBusy,
-    ConfigError,
     IrliveError,
     PermanentInputError,
-    RateLimited,
-    RunHeld,
     TransientError,
 )
 from worker.flow.finalize import finalize_run
@@ -29,6 +26,7 @@ from worker.messages import CONTROL_QUEUE, FINALIZE_RUN, NOTIFY_RUN, PROCESS_CHU
 from worker.ops.notify import deliver, run_end_event
 from worker.ops.redact import redact
 from worker.ops.runtime import Runtime
+from worker.outcomes import Action, outcome
 from worker.seams.webhook import Notifier
 
 log = logging.getLogger("irlive.tasks")
@@ -56,9 +54,11 @@ def register_tasks(app: Celery, runtime: Runtime) -> None:
                         type(exc.reason).__name__)
             raise Reject(type(exc.reason).__name__, requeue=True) from None
 
+    # No jitter: a chunk's countdown is already spread by its own history, and must stay under max_countdown.
+    backoff = Backoff(base_s=2.0, cap_s=min(max_countdown, RETRY_CAP_S), jitter=False)
+
     def _backoff(task: Task) -> float:
-        retries = int(task.request.retries or 0)
-        return float(min(max_countdown, RETRY_CAP_S, 2.0 * 2 ** min(retries, 8)))
+        return backoff.delay(int(task.request.retries or 0))
 
     @app.task(name=PROCESS_CHUNK, bind=True, max_retries=None)  # type: ignore[untyped-decorator]
     def process_chunk(self: Task, message: dict[str, Any]) -> None:
@@ -116,44 +116,53 @@ def register_tasks(app: Celery, runtime: Runtime) -> None:
         runs = deps.runs
         try:
             return processor.run(chunk)
-        except (RateLimited, ChunkBusy) as exc:
-            # A deferral, not a failure: give the delivery back to the dead-letter count.
-            runs.count_delivery(chunk.run_id, chunk.seq, -1)
-            _retry(task, chunk, min(max_countdown, getattr(exc, "retry_after", None) or 5.0))
-        except RunHeld as exc:
-            runs.count_delivery(chunk.run_id, chunk.seq, -1)
-            if isinstance(exc, BudgetExhausted) and runs.pause(chunk.run_id, str(exc)):
-                log.warning("run %s paused: %s", chunk.run_id, exc)
-                _announce(chunk.run_id, "paused_budget")
-            if not runs.park(chunk.run_id, message):
-                # Resumed (or cancelled) between our failure and the park: go round again.
-                _retry(task, chunk, 1.0)
-            return None
-        except ConfigError as exc:
+        except IrliveError as exc:
+            action = outcome(exc).action
+            if action not in (Action.WAIT, Action.DEFER, Action.HOLD, Action.STOP):
+                return _failed(task, deps, processor, chunk, exc)
+            if action in (Action.WAIT, Action.DEFER):
+                # A deferral, not a failure: give the delivery back to the dead-letter count.
+                runs.count_delivery(chunk.run_id, chunk.seq, -1)
+                _retry(task, chunk, min(max_countdown, getattr(exc, "retry_after", None) or 5.0))
+            if action is Action.HOLD:
+                runs.count_delivery(chunk.run_id, chunk.seq, -1)
+                if isinstance(exc, BudgetExhausted) and runs.pause(chunk.run_id, str(exc)):
+                    log.warning("run %s paused: %s", chunk.run_id, exc)
+                    _announce(chunk.run_id, "paused_budget")
+                if not runs.park(chunk.run_id, message):
+                    # Resumed (or cancelled) between our failure and the park: go round again.
+                    _retry(task, chunk, 1.0)
+                return None
             log.error("run %s stopped: %s", chunk.run_id, exc)
             runs.fail(chunk.run_id, str(exc))
             # Failed now: the same chunk winds down (its images `not_judged`), so the run still finalises.
             _retry(task, chunk, 1.0)
         except Exception as exc:
-            known = isinstance(exc, IrliveError)
-            what = redact(f"{type(exc).__name__}: {exc}")
-            bugs = 0
-            try:
-                runs.note_error(chunk.run_id, chunk.seq, what)
-                if not known:
-                    bugs = runs.count_bug(chunk.run_id, chunk.seq)
-            except IrliveError as unrecorded:
-                # Redis is down too: the retry below (or, failing that, the watchdog) brings the chunk back.
-                log.warning("chunk %s: could not note the failure: %s", chunk.label(), unrecorded)
+            return _failed(task, deps, processor, chunk, exc)
+
+    def _failed(task: Task, deps: Deps, processor: ChunkProcessor, chunk: Chunk, exc: Exception) -> int | None:
+        """A failure the outcome table retries (or a bug): noted, then the chunk goes again after a backoff;
+        the same bug three times dead-letters it at once."""
+        runs = deps.runs
+        known = isinstance(exc, IrliveError)
+        what = redact(f"{type(exc).__name__}: {exc}")
+        bugs = 0
+        try:
+            runs.note_error(chunk.run_id, chunk.seq, what)
             if not known:
-                log.exception("chunk %s: unexpected failure", chunk.label())
-                if bugs >= BUGS_BEFORE_DEAD_LETTER:
-                    # The same bug will strike again: do not spend ten deliveries finding that out.
-                    deliveries = runs.count_delivery(chunk.run_id, chunk.seq, 0)
-                    return _dead_letter(task, deps, processor, chunk, deliveries)
-            countdown = _backoff(task)
-            log.warning("chunk %s: %s; retrying in %.0fs", chunk.label(), what, countdown)
-            _retry(task, chunk, countdown)
+                bugs = runs.count_bug(chunk.run_id, chunk.seq)
+        except IrliveError as unrecorded:
+            # Redis is down too: the retry below (or, failing that, the watchdog) brings the chunk back.
+            log.warning("chunk %s: could not note the failure: %s", chunk.label(), unrecorded)
+        if not known:
+            log.exception("chunk %s: unexpected failure", chunk.label())
+            if bugs >= BUGS_BEFORE_DEAD_LETTER:
+                # The same bug will strike again: do not spend ten deliveries finding that out.
+                deliveries = runs.count_delivery(chunk.run_id, chunk.seq, 0)
+                return _dead_letter(task, deps, processor, chunk, deliveries)
+        countdown = _backoff(task)
+        log.warning("chunk %s: %s; retrying in %.0fs", chunk.label(), what, countdown)
+        _retry(task, chunk, countdown)
 
     def _announce(run_id: str, state: str) -> None:
         """Queue the run's end (or budget pause) notification, if anyone is to be told."""
@@ -166,7 +175,8 @@ def register_tasks(app: Celery, runtime: Runtime) -> None:
         deps = runtime.deps()
         try:
             finalize_run(deps.runs, deps.storage, deps.ledger, run_id, enforced=settings.enforced_view(),
-                         on_end=lambda state: _announce(run_id, state))
+                         on_end=lambda state: _announce(run_id, state),
+                         review_live_below=settings.review_live_below)
         except TransientError:
             raise self.retry(countdown=5.0) from None
 
@@ -184,9 +194,6 @@ def register_tasks(app: Celery, runtime: Runtime) -> None:
                 manifest, _ = deps.storage.get_json(output.bucket, run_manifest_key(output, run_id))
             except IrliveError as exc:
                 log.warning("run %s: notifying without its manifest (%s)", run_id, exc)
-        notifier = Notifier(timeout_s=NOTIFY_TIMEOUT_S)
-        try:
-            # Retries with backoff inside; never raises: a receiver's trouble never touches the run.
-            deliver(notifier, url, settings.notify_secret, run_end_event(run, manifest, event))
-        finally:
-            notifier.close()
+        # Retries with backoff inside; never raises: a receiver's trouble never touches the run. Each attempt
+        # has its own client, closed when it ends: nothing to close here.
+        deliver(Notifier(timeout_s=NOTIFY_TIMEOUT_S), url, settings.notify_secret, run_end_event(run, manifest, event))

@@ -35,6 +35,42 @@ class Item:
         return f"{self.bucket}/{self.key}@{self.etag}"
 
 
+def join_identities(identities: list[str]) -> str:
+    """A paid call's image identities as one field, comma-separated: an S3 key may hold commas (and `%`), so
+    each is escaped; settle.lua counts the images by their commas."""
+    return ",".join(i.replace("%", "%25").replace(",", "%2C") for i in identities)
+
+
+def split_identities(field: str) -> list[str]:
+    """The identities `join_identities` wrote."""
+    return [i.replace("%2C", ",").replace("%25", "%") for i in field.split(",") if i]
+
+
+# Ledger fields that payments.jsonl writes as numbers, and as true/false.
+_PAYMENT_INTS = ("amount_cents", "price_cents", "created_ms", "updated_ms", "sent_ms", "expires_ms")
+_PAYMENT_FLAGS = ("lost",)
+# Ledger bookkeeping that means nothing once the payment is archived.
+_PAYMENT_DROPPED = ("committed", "call_open")
+
+
+def payment_document(record: dict[str, Any]) -> dict[str, Any]:
+    """One line of payments.jsonl (docs/schemas/payment.schema.json) from the ledger's record (all strings) or
+    from a line an earlier pass wrote: numbers as numbers, images and URLs as lists."""
+    doc: dict[str, Any] = {k: v for k, v in record.items() if k not in _PAYMENT_DROPPED}
+    for name in _PAYMENT_INTS:
+        value = doc.get(name)
+        if isinstance(value, str):
+            doc[name] = int(value) if value.lstrip("-").isdigit() else None
+    for name in _PAYMENT_FLAGS:
+        if isinstance(doc.get(name), str):
+            doc[name] = doc[name] == "1"
+    if isinstance(doc.get("images"), str):
+        doc["images"] = split_identities(doc["images"])
+    if isinstance(doc.get("urls"), str):
+        doc["urls"] = [u for u in doc["urls"].split("\n") if u]
+    return doc
+
+
 def iso_ms(iso: str | None) -> int:
     """An ISO 8601 time ('...Z' or with an offset) as epoch milliseconds; 0 when absent or unreadable."""
     if not iso:
@@ -59,6 +95,27 @@ def failed_key(output: S3Location, run_id: str) -> str:
 
 def payments_key(output: S3Location, run_id: str) -> str:
     return output.key("runs", run_id, "payments.jsonl")
+
+
+def results_key(output: S3Location, run_id: str, fmt: str = "csv") -> str:
+    return output.key("runs", run_id, f"results.{fmt}")
+
+
+def report_key(output: S3Location, run_id: str) -> str:
+    return output.key("runs", run_id, "report.html")
+
+
+def history_prefix(output: S3Location) -> str:
+    return output.key("history") + "/"
+
+
+def history_key(output: S3Location, run_id: str, created_ms: int) -> str:
+    """One small summary per run; the name sorts newest first (S3 lists in ascending order)."""
+    return output.key("history", f"{10**13 - created_ms:013d}-{run_id}.json")
+
+
+def index_key(output: S3Location) -> str:
+    return output.key("index.html")
 
 
 def jsonl(docs: Iterable[dict[str, Any]]) -> bytes:

@@ -170,13 +170,13 @@ def match_elements(urls: list[str], elements: list[dict[str, Any]]) -> list[dict
     by_url: dict[str, list[int]] = {}
     for i, url in enumerate(urls):
         by_url.setdefault(url, []).append(i)
-        plain_url = _plain(url)
-        if plain_url is not None:
-            by_url.setdefault(plain_url, []).append(i)
+        plain = plain_url(url)
+        if plain is not None:
+            by_url.setdefault(plain, []).append(i)
     claims: dict[int, int] = {}
     for j, element in enumerate(elements):
         named = element.get("ImageURL")
-        plain = _plain(named) if isinstance(named, str) and named else None
+        plain = plain_url(named) if isinstance(named, str) and named else None
         if isinstance(named, str) and (named in by_url or plain is not None):
             slots = by_url.get(named) or by_url.get(plain or "") or []
             free = [i for i in dict.fromkeys(slots) if matched[i] is None and i not in claims]
@@ -192,8 +192,9 @@ def match_elements(urls: list[str], elements: list[dict[str, Any]]) -> list[dict
     return [m if claims.get(i, 0) <= 1 else None for i, m in enumerate(matched)]
 
 
-def _plain(url: str) -> str | None:
-    """The URL without its query, path percent-decoded; None if it is not a URL urllib can split."""
+def plain_url(url: str) -> str | None:
+    """The URL without its query (so without a presigned signature), path percent-decoded; None if urllib
+    cannot split it."""
     try:
         parts = urlsplit(url)
         return f"{parts.scheme}://{parts.netloc}{unquote(parts.path)}"

@@ -11,6 +11,8 @@ States of a payment (hash `<prefix>:pay:<id>`):
     requested -> unknown    the purchase request timed out: counted as bought, never repeated
     requested -> failed     the purchase certainly did not happen
     paid/sent -> void       the seller refused the token (expired, used, or never paid)
+    reserved/sent -> unsettled   not stock (`pooled=False`, x402): instead of going back to the pool, the
+                            commitment is released (never sent, or the seller settled nothing)
 
 Callers use one protocol: `token = ledger.take(run, holder)`, then `with ledger.spend(token, ...) as spend:`
 marks it sent (fenced by the chunk lease) and the caller ends it with `spend.answered(...)`, `.failed()`,
@@ -26,17 +28,22 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from worker.errors import CallsUndecided, ChunkBusy, OutcomeUnknown, RunHeld, RunStopped, TransientError
+from worker.errors import (
+    CallsUndecided,
+    ChunkBusy,
+    OutcomeUnknown,
+    PaymentNeverPaid,
+    PaymentStillPending,
+    RunHeld,
+    RunStopped,
+    TransientError,
+)
+from worker.judge.manifest import join_identities, split_identities
+from worker.judge.verdicts import plain_url
 from worker.keys import Keys
 from worker.meter import Meter, NullMeter
 from worker.money.budgets import Budgets
-from worker.money.purchaser import (
-    PaymentNeverPaid,
-    PaymentStillPending,
-    Purchaser,
-    Seller,
-    Token,
-)
+from worker.money.purchaser import Purchaser, Seller, Token
 from worker.ops.redact import redact, scrub_answer
 from worker.seams.marketplace import Payment
 from worker.seams.store import Store
@@ -51,8 +58,13 @@ MAX_ANSWER_KEPT = 256 * 1024
 _POOL_PEEK = 8
 # A call held back by the run's failure threshold waits this long for the calls in flight to end.
 UNDECIDED_WAIT_S = 2.0
+# The image claims of a paid answer not yet recorded are pinned this long: past a killed worker's lease, until
+# the chunk's next delivery records the answer (the watchdog brings it back within a minute). Bounded so that a
+# chunk never resumed cannot hold its images from other runs for ever.
+PAID_CLAIM_TTL_S = 3600.0
 
 __all__ = ["Ledger", "Spend", "Token", "Unrecorded"]
+
 
 
 @dataclass(frozen=True)
@@ -63,15 +75,18 @@ class Unrecorded:
     identities: list[str]
     request_id: str
     raw: str
+    # The URLs as sent, without their queries, one per identity (empty if not written down).
+    urls: list[str]
 
 
 class Spend:
     """One lent token between `sent` and its end; made by Ledger.spend()."""
 
-    def __init__(self, ledger: Ledger, token: Token, chunk_ref: str) -> None:
+    def __init__(self, ledger: Ledger, token: Token, chunk_ref: str, claim_keys: list[str]) -> None:
         self.token = token
         self._ledger = ledger
         self._chunk_ref = chunk_ref
+        self._claim_keys = claim_keys
         self.settled = False
 
     def answered(self, request_id: str | None, raw: bytes, *, bought: bool | None = None) -> None:
@@ -85,7 +100,8 @@ class Spend:
             raw[:MAX_ANSWER_KEPT].decode("utf-8", errors="replace"))
         ended = "" if bought is None else "0" if bought else "1"
         if self._ledger.settle(self.token.payment_id, "spent", request_id=request_id or "-", answer=text,
-                               chunk_ref=self._chunk_ref, hold_s=ANSWER_HOLD_S, ended=ended) == 2:
+                               chunk_ref=self._chunk_ref, hold_s=ANSWER_HOLD_S, ended=ended,
+                               pins=self._claim_keys) == 2:
             log.warning("run %s failed: too many of its paid calls bought no verdict", self.token.run_id)
         self.settled = True
 
@@ -115,7 +131,8 @@ class Ledger:
     """Lends, settles and reconciles tokens; one per worker process, thread-safe."""
 
     def __init__(self, store: Store, keys: Keys, seller: Seller, budgets: Budgets, *, max_price_cents: int,
-                 lease_s: float = 120.0, meter: Meter | None = None) -> None:
+                 lease_s: float = 120.0, meter: Meter | None = None, max_unknown_purchases: int = 3,
+                 pooled: bool = True) -> None:
         self._store = store
         self._keys = keys
         self._seller = seller
@@ -123,14 +140,25 @@ class Ledger:
         self._lease_ms = int(lease_s * 1000)
         self._meter: Meter = meter or NullMeter()
         self.purchaser = Purchaser(store, keys, seller, budgets, max_price_cents=max_price_cents,
-                                   lease_ms=self._lease_ms, meter=self._meter)
+                                   lease_ms=self._lease_ms, meter=self._meter, max_unknown=max_unknown_purchases)
         self._take = store.script("money", "take")
         self._send = store.script("money", "send")
         self._settle = store.script("money", "settle")
         self._give_back = store.script("money", "give_back")
+        self._release = store.script("money", "release")
+        # False for a way to pay whose "token" is a signature made per call (x402): what is not spent is
+        # released, never pooled for another call.
+        self.pooled = pooled
         self._call_end = store.script("money", "call_end")
+        self._release_held = store.script("money", "release_held")
+        self._max_price = max_price_cents
         self._rng = random.Random()
         self.last_take_at = 0.0
+
+    @property
+    def seller(self) -> Seller:
+        """Who the tokens are bought from and reconciled with (the marketplace, or the x402 payer)."""
+        return self._seller
 
     # ---- lending ----------------------------------------------------------------------------------------
 
@@ -147,8 +175,8 @@ class Ledger:
             pid = self._rng.choice(candidates)
             got = self._take(
                 [self._keys.pool(), self._keys.payment(pid), self._keys.leases(), self._keys.run(run_id),
-                 self._keys.wallet_totals()],
-                [pid, run_id, holder, self._lease_ms, EXPIRY_MARGIN_MS])
+                 self._keys.wallet_totals(), self._keys.held()],
+                [pid, run_id, holder, self._lease_ms, EXPIRY_MARGIN_MS, self._max_price])
             status = int(got[0])
             if status == 1:
                 return Token(pid, int(got[2]), run_id, holder, str(got[1]))
@@ -156,7 +184,10 @@ class Ledger:
                 raise self.budgets.run_exhausted(run_id)
             if status in (-4, -5):
                 raise _run_closed(run_id, status == -4)
-            # 0: another worker took that one first; -3: it had expired in the pool. Look again.
+            if status == -6:
+                log.warning("token %s costs more than IRLIVE_MAX_PRICE_CENTS (%d): held for a person "
+                            "(`irlive wallet --release-held`), not spent", pid, self._max_price)
+            # 0: another worker took that one first; -3: it had expired in the pool; -6: held. Look again.
 
     def _buy(self, run_id: str, holder: str) -> Token:
         try:
@@ -171,7 +202,17 @@ class Ledger:
         return token
 
     def refill(self, target: int, still_leader: Callable[[], bool] | None = None) -> int:
-        """Buy tokens into the pool until it holds `target`; stops as soon as `still_leader()` says no."""
+        """Buy tokens into the pool until it holds `target`; stops as soon as `still_leader()` says no.
+
+        Buys nothing after IRLIVE_MAX_UNKNOWN_PURCHASES purchases in a row that may have been charged without a
+        usable token: buying ahead of need must not repeat that without end (a run's own purchase that
+        succeeds, after a person looked, lets it buy again).
+        """
+        in_row = int(self._store.hget(self._keys.wallet_totals(), "unknown_in_row") or 0)
+        if in_row >= self.purchaser.max_unknown:
+            log.warning("the pool is not refilled: the last %d purchases brought no usable token and may have been "
+                        "charged (see `irlive wallet`)", in_row)
+            return 0
         bought = 0
         while int(self._store.llen(self._keys.pool())) < target:
             if still_leader is not None and not still_leader():
@@ -185,8 +226,12 @@ class Ledger:
         return self._back(token.payment_id, token.run_id, "reserved", token.holder, only_if_expired=False)
 
     @contextmanager
-    def spend(self, token: Token, identities: list[str], chunk_lease_key: str, chunk_ref: str) -> Iterator[Spend]:
+    def spend(self, token: Token, identities: list[str], chunk_lease_key: str, chunk_ref: str,
+              claim_keys: list[str] | None = None, urls: list[str] | None = None) -> Iterator[Spend]:
         """Mark the token sent (only its holder, still holding the chunk lease, may) and hand over a Spend.
+
+        `claim_keys`: the chunk's claims on these images, pinned to the answer when one is kept (settle.lua).
+        `urls`: the URLs the call carries; written down without their queries, for reading the answer back.
 
         ChunkBusy if fenced out: the token went back to the pool, or the chunk lease was lost (then the
         token goes back to the pool here). Leaving the block without settling leaves the token `sent`,
@@ -194,7 +239,8 @@ class Ledger:
         """
         sent = int(self._send([self._keys.payment(token.payment_id), self._keys.leases(), chunk_lease_key,
                                self._keys.run(token.run_id)],
-                              [token.payment_id, token.holder, ",".join(identities), self._lease_ms]))
+                              [token.payment_id, token.holder, join_identities(identities), self._lease_ms,
+                               "\n".join(plain_url(u) or "" for u in urls or ())]))
         if sent != 1:
             self.give_back(token)
             if sent in (-1, -2):
@@ -204,7 +250,7 @@ class Ledger:
                                      "another (its failure threshold)", retry_after=UNDECIDED_WAIT_S)
             raise ChunkBusy(f"token {token.payment_id} may not be sent: the chunk lease or the reservation "
                             "was lost")
-        spend = Spend(self, token, chunk_ref)
+        spend = Spend(self, token, chunk_ref, list(claim_keys or ()))
         try:
             yield spend
         finally:
@@ -214,19 +260,23 @@ class Ledger:
     # ---- settling -----------------------------------------------------------------------------------------
 
     def settle(self, payment_id: str, to: str, *, request_id: str = "", answer: str = "", lost: bool = False,
-               chunk_ref: str = "", reason: str = "", hold_s: float = 0.0, ended: str = "") -> int:
+               chunk_ref: str = "", reason: str = "", hold_s: float = 0.0, ended: str = "",
+               pins: list[str] | None = None) -> int:
         """Spent or void, once; the run is charged on the first transition into spent only.
+
+        With an answer kept for `chunk_ref`, the claims `pins` that chunk holds are pinned until it records it.
 
         Returns 0 if it was settled before, 1 if this settled it, 2 if ending its call also failed the run.
         """
-        args = [payment_id, to, request_id, answer, "1" if lost else "0", chunk_ref, reason, ended]
+        args = [payment_id, to, request_id, answer, "1" if lost else "0", chunk_ref, reason, ended,
+                round(PAID_CLAIM_TTL_S * 1000)]
 
         def write() -> int:
             # Read and written under one hold: after a paid answer, no Redis step may give up early.
             run_id = str(self._store.hget(self._keys.payment(payment_id), "run_id") or "")
             keys = [self._keys.payment(payment_id), self._keys.leases(), self._keys.wallet_totals(),
                     self._keys.run(run_id) if run_id else self._keys.no_run(), self._keys.unrecorded(),
-                    self._keys.run_payments(run_id or "-")]
+                    self._keys.run_payments(run_id or "-"), *(pins or ())]
             status, amount = (int(v) for v in self._settle(keys, args))
             if status:
                 self._meter.money(to, amount)
@@ -254,7 +304,8 @@ class Ledger:
             back = self._back(payment_id, record.get("run_id", ""), "sent", "", only_if_expired=only_if_expired)
             if back:
                 self._store.hincrby(self._keys.wallet_totals(), "reconciled_unspent", 1)
-                self._meter.money("returned", int(record.get("amount_cents") or 0))
+                if self.pooled:
+                    self._meter.money("returned", int(record.get("amount_cents") or 0))
             return not back
         if payment.status == "expired" and payment.remaining_calls:
             self.settle(payment_id, "void", reason="expired unused")
@@ -264,6 +315,17 @@ class Ledger:
         return True
 
     def _back(self, payment_id: str, run_id: str, expected: str, holder: str, *, only_if_expired: bool) -> bool:
+        if not self.pooled:
+            day = str(self._store.hget(self._keys.payment(payment_id), "day") or "")
+            released = int(self._release(
+                [self._keys.payment(payment_id), self._keys.leases(),
+                 self._keys.run(run_id) if run_id else self._keys.no_run(), self._keys.day(day or "-"),
+                 self._keys.wallet_totals()],
+                [payment_id, run_id, expected, holder, "1" if only_if_expired else "0"]))
+            if released == 1:
+                self._meter.money("released", int(self._store.hget(self._keys.payment(payment_id),
+                                                                   "amount_cents") or 0))
+            return released == 1
         result = int(self._give_back(
             [self._keys.payment(payment_id), self._keys.leases(), self._keys.pool(),
              self._keys.run(run_id) if run_id else self._keys.no_run()],
@@ -280,8 +342,9 @@ class Ledger:
             if ref != mine:
                 continue
             record: dict[str, str] = self._store.hgetall(self._keys.payment(pid))
-            identities = [i for i in record.get("images", "").split(",") if i]
-            found.append(Unrecorded(pid, identities, record.get("request_id", ""), record.get("answer", "")))
+            identities = split_identities(record.get("images", ""))
+            urls = record.get("urls", "").split("\n") if record.get("urls") else []
+            found.append(Unrecorded(pid, identities, record.get("request_id", ""), record.get("answer", ""), urls))
         return found
 
     def recorded(self, payment_id: str, *, failed: bool, keep_answer: bool = False) -> bool:
@@ -376,10 +439,18 @@ class Ledger:
 
     # ---- reporting ----------------------------------------------------------------------------------------
 
+    def release_held(self) -> int:
+        """Tokens held for costing more than a price cap go back to the pool (a person said so); how many."""
+        pids: list[str] = self._store.lrange(self._keys.held(), 0, -1)
+        if not pids:
+            return 0
+        return int(self._release_held([self._keys.held(), self._keys.pool(), *map(self._keys.payment, pids)], pids))
+
     def totals(self) -> dict[str, int]:
         raw: dict[str, str] = self._store.hgetall(self._keys.wallet_totals())
         totals = {k: int(v) for k, v in raw.items()}
         totals["pool"] = int(self._store.llen(self._keys.pool()))
+        totals["held"] = int(self._store.llen(self._keys.held()))
         totals["in_flight"] = int(self._store.zcard(self._keys.leases()))
         totals["unrecorded_answers"] = int(self._store.hlen(self._keys.unrecorded()))
         totals["spent_today_cents"] = self.budgets.spent_today()

@@ -66,12 +66,19 @@ class Broker:
 
     def deliveries(self) -> list[Delivery]:
         """irlive messages delivered to a worker and not acked yet."""
-        raw: dict[str, str] = self._store.hgetall(UNACKED)
+        # Both in one transaction: kombu writes (and acks) a delivery to the hash and its index together, and
+        # a delivery acked between two separate reads was seen with no time (0: "no lease for 56 years").
+        pipe = self._store.pipeline(transaction=True)
+        pipe.hgetall(UNACKED)
+        pipe.zrange(UNACKED_INDEX, 0, -1, withscores=True)
+        raw, indexed = pipe.execute()
         if not raw:
             return []
-        times = dict(self._store.zrange(UNACKED_INDEX, 0, -1, withscores=True))
+        times = dict(indexed)
         found: list[Delivery] = []
         for tag, value in raw.items():
+            if tag not in times:
+                continue  # being written or acked by kombu right now: the next pass sees it whole
             try:
                 message = json.loads(value)[0]
             except (ValueError, IndexError, KeyError, TypeError):
@@ -80,7 +87,7 @@ class Broker:
             if decoded is None or decoded[0] not in (PROCESS_CHUNK, FINALIZE_RUN):
                 continue
             task, args, eta = decoded
-            found.append(Delivery(tag, task, args, float(times.get(tag, 0.0)), eta))
+            found.append(Delivery(tag, task, args, float(times[tag]), eta))
         return found
 
     def restore(self, tag: str) -> None:

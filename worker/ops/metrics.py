@@ -49,8 +49,8 @@ class Metrics:
                                    "from an earlier judgment at no cost)", ["verdict"], registry=r)
         self._calls = PromCounter("irlive_calls", "Paid calls ended, by outcome", ["outcome"], registry=r)
         self._money = PromCounter("irlive_money_cents", "US cents by what became of them: bought, spent, "
-                                  "returned to the pool unused, void, unknown (spent, answer lost)", ["kind"],
-                                  registry=r)
+                                  "returned to the pool unused, released (x402 signatures the seller did not "
+                                  "settle), void, unknown (spent, answer lost)", ["kind"], registry=r)
         self._throttles = PromCounter("irlive_throttles", "Calls the seller throttled (429)", registry=r)
         self._deliveries = PromCounter("irlive_deliveries", "Chunk deliveries taken, by queue", ["queue"],
                                        registry=r)

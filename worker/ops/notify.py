@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
+from worker.backoff import Backoff
 from worker.config import S3Location
 from worker.errors import ConfigError, NotifyFailed, NotifyRefused
 from worker.judge.manifest import run_manifest_key
@@ -35,15 +36,7 @@ class Sender(Protocol):
     def send(self, url: str, secret: str | None, payload: Mapping[str, Any]) -> None: ...
 
 
-@dataclass(frozen=True)
-class Backoff:
-    """Exponential backoff with full jitter: before retry n (0-based), sleep uniform(0, min(cap, base * 2**n))."""
-
-    base_s: float = 2.0
-    cap_s: float = 60.0
-
-    def delay(self, retry: int, rand: float) -> float:
-        return rand * min(self.cap_s, self.base_s * 2.0 ** retry)
+NOTIFY_BACKOFF = Backoff(base_s=2.0, cap_s=60.0)
 
 
 @dataclass(frozen=True)
@@ -98,6 +91,9 @@ def run_end_event(run: Mapping[str, Any], manifest: Mapping[str, Any] | None, ev
         "budget_cents": budget,
         "budget_usd": f"{budget / 100:.2f}" if budget is not None else None,
         "manifest": _manifest_url(run, manifest),
+        # The page a person opens (written with the manifest), and the labels `scan --tag` gave the run.
+        "report": _report_url(run, manifest),
+        "tags": _tags(run, manifest),
         "created_at": run.get("created_at") or None,
         "finished_at": finished,
         "occurred_at": (now or datetime.now(UTC)).isoformat(timespec="seconds").replace("+00:00", "Z"),
@@ -126,6 +122,9 @@ def verify(secret: str, timestamp: str, body: bytes | str, signature: str, *,
         return False
     if abs((time.time() if now is None else now) - sent) > tolerance_s:
         return False
+    if not signature.isascii():
+        # compare_digest refuses non-ASCII str (TypeError): a header a sender garbled is just not a match.
+        return False
     return hmac.compare_digest(sign(secret, timestamp, body), signature)
 
 
@@ -152,7 +151,7 @@ def safe_target(url: str) -> str:
 
 
 def deliver(notifier: Sender, url: str, secret: str | None, payload: Mapping[str, Any], *, attempts: int = 5,
-            backoff: Backoff = Backoff(), sleep: Callable[[float], None] = time.sleep,
+            backoff: Backoff = NOTIFY_BACKOFF, sleep: Callable[[float], None] = time.sleep,
             rand: Callable[[], float] = random.random) -> Outcome:
     """POST the payload until a receiver takes it, it is refused for good, or `attempts` run out. Never
     raises: a notification is a courtesy and must not fail the run it announces."""
@@ -193,11 +192,34 @@ def _manifest_url(run: Mapping[str, Any], manifest: Mapping[str, Any] | None) ->
     """Where the run manifest is, once it is written (a run that failed or paused has none yet)."""
     if manifest is None and run.get("state") != "done":
         return None
+    return _s3_url(run, lambda output: run_manifest_key(output, str(run["run_id"])))
+
+
+def _report_url(run: Mapping[str, Any], manifest: Mapping[str, Any] | None) -> str | None:
+    """Where the run's report.html is, once the manifest that names it is written."""
+    key = (manifest or {}).get("report")
+    return _s3_url(run, lambda _: str(key)) if key else None
+
+
+def _s3_url(run: Mapping[str, Any], key_in: Callable[[S3Location], str]) -> str | None:
+    """s3:// of a key in the run's output bucket; None when the run names no readable output."""
     try:
         output = S3Location.parse(str(run.get("output") or ""), "run output")
     except ConfigError:
         return None
-    return f"s3://{output.bucket}/{run_manifest_key(output, str(run['run_id']))}"
+    return f"s3://{output.bucket}/{key_in(output)}"
+
+
+def _tags(run: Mapping[str, Any], manifest: Mapping[str, Any] | None) -> dict[str, str]:
+    """The run's `scan --tag` labels: the manifest's once written, else the run record's."""
+    tags = (manifest or {}).get("tags")
+    if isinstance(tags, dict):
+        return {str(k): str(v) for k, v in tags.items()}
+    try:
+        found = json.loads(str(run.get("tags") or "{}"))
+    except ValueError:
+        return {}
+    return {str(k): str(v) for k, v in found.items()} if isinstance(found, dict) else {}
 
 
 def _int(value: Any) -> int:

@@ -6,6 +6,7 @@ import contextlib
 import logging
 import threading
 
+from worker.backoff import Backoff
 from worker.errors import IrliveError
 from worker.flow.leases import Lease
 from worker.keys import Keys
@@ -35,7 +36,9 @@ class Periodic(threading.Thread):
 
     def run(self) -> None:
         failures = 0
-        while not self._stop_event.wait(self._interval * min(2 ** failures, 120)):
+        # A failing loop backs off (no jitter: each process has one loop of each kind) up to 120 intervals.
+        backoff = Backoff(base_s=self._interval, cap_s=self._interval * 120, jitter=False)
+        while not self._stop_event.wait(backoff.delay(failures)):
             try:
                 if self.holds_lock():
                     self.tick()

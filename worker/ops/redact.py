@@ -7,6 +7,7 @@ import logging
 import re
 import sys
 from typing import Any
+from urllib.parse import urlsplit
 
 # A URL's query string is where presigned credentials live; keep the path, drop the query.
 _URL_QUERY = re.compile(r"(https?://[^\s\"'?#]+)\?[^\s\"'#]*")
@@ -24,8 +25,7 @@ _SECRET_FIELD = re.compile(
 # of an odd URL (`https://host?to=a@b`) costs only a less readable line.
 _USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s\"'<>]*@")
 # Query parameters whose value is a credential, in URLs whose query is kept (settings, Redis URLs).
-_QUERY_SECRET = re.compile(r"(?i)([?&;][^=&#\s]*(?:token|key|secret|signature|credential|password|passwd|pwd)"
-                           r"[^=&#\s]*=)[^&#\s]*")
+_SECRET_NAME = re.compile(r"(?i)token|key|secret|signature|credential|password|passwd|pwd")
 # The formatter the filter renders tracebacks with: the stdlib's, which is what every handler's formatter
 # (Celery's ColorFormatter and TaskFormatter included) produces for exc_info.
 _TRACEBACKS = logging.Formatter()
@@ -33,8 +33,48 @@ _TRACEBACKS = logging.Formatter()
 
 def mask_url(url: str) -> str:
     """A URL with its user and password (if any) and secret query values replaced by ***:
-    `redis://***@host:6379/0`, `unix:///run/redis.sock?db=0&password=***`."""
-    return _QUERY_SECRET.sub(r"\1***", _USERINFO.sub(r"\1***@", url))
+    `redis://***@host:6379/0`, `unix:///run/redis.sock?db=0&password=***`.
+
+    From the parsed URL, not a pattern over the text. A URL whose `@` the parser does not place in the authority
+    alone (an unencoded `/`, `?`, `#` in a password, or an `@` in a query value) cannot be split safely: all of
+    it after the scheme is masked.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    if any(c in url for c in "\t\r\n"):
+        # urlsplit drops these, so its netloc would no longer line up with the text.
+        return f"{scheme}://***" if "@" in rest else url
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # e.g. an unclosed "[" of an IPv6 host
+        return f"{scheme}://***" if "@" in rest else url
+    after_netloc = rest[len(parts.netloc):]
+    if "@" in after_netloc:
+        return f"{scheme}://***"
+    netloc = "***@" + parts.netloc.rpartition("@")[2] if "@" in parts.netloc else parts.netloc
+    path, q, query = after_netloc.partition("?")
+    return scheme + sep + netloc + path + (q + _mask_query(query) if q else "")
+
+
+def _mask_query(query: str) -> str:
+    """Values of secret parameters as ***; a piece with no `=` after a secret one is part of its value
+    (`password=a&b`)."""
+    out: list[str] = []
+    in_secret = False
+    for piece in re.split(r"([&;])", query):
+        if piece in ("&", ";"):
+            out.append(piece)
+            continue
+        name, eq, _ = piece.partition("=")
+        if eq:
+            in_secret = bool(_SECRET_NAME.search(name))
+            out.append(f"{name}=***" if in_secret else piece)
+        elif in_secret:
+            out.pop()  # its separator: the piece was the secret's own `&`
+        else:
+            out.append(piece)
+    return "".join(out)
 
 
 def redact(text: str) -> str:

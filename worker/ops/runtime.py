@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from contextlib import suppress
 from typing import Any
 
 from worker.config import Settings
+from worker.errors import IrliveError
 from worker.flow.claims import Claims
 from worker.flow.intake import Intake
 from worker.flow.limiter import RateLimiter, RateSpec
@@ -17,7 +19,10 @@ from worker.keys import Keys
 from worker.meter import Meter, NullMeter
 from worker.money.budgets import Budgets
 from worker.money.ledger import Ledger
+from worker.money.methods import method_for
 from worker.money.pool import PoolKeeper
+from worker.money.x402 import X402Payer
+from worker.ops import fleet
 from worker.ops.broker import Broker, Restore
 from worker.ops.metrics import FleetCollector, Metrics, multiprocess_metrics, serve
 from worker.ops.periodic import Periodic
@@ -38,13 +43,19 @@ def build_deps(settings: Settings, meter: Meter | None = None) -> Deps:
     store = Store.from_url(settings.redis_url)
     market = Marketplace.for_settings(settings)
     budgets = Budgets(store, keys, settings.daily_budget_cents)
-    ledger = Ledger(store, keys, market, budgets, max_price_cents=settings.max_price_cents,
-                    lease_s=token_lease_s(settings), meter=meter)
+    method, seller = method_for(settings, market, store, keys)
+    ledger = Ledger(store, keys, seller, budgets, max_price_cents=settings.max_price_cents,
+                    lease_s=token_lease_s(settings), meter=meter,
+                    max_unknown_purchases=settings.max_unknown_purchases,
+                    pooled=settings.payment_method != "x402")
+    if isinstance(method, X402Payer):
+        method.on_price_change = ledger.purchaser.forget_quote
     return Deps(
         settings=settings,
         store=store,
         storage=Storage(settings.s3_endpoint_url, settings.s3_region, max_connections=64),
         market=market,
+        method=method,
         ledger=ledger,
         limiter=RateLimiter(store, keys, RateSpec(
             settings.rate_limit_per_s, settings.rate_burst, max_in_flight=settings.max_in_flight,
@@ -84,8 +95,8 @@ class Runtime:
                 self._metrics_server = serve(self.settings.metrics_port, metrics,
                                              FleetCollector(deps.store, keys, self.settings.daily_budget_cents))
             deps.ledger.sweep()
-            if self.settings.token_pool_size > 0:
-                self._threads.append(PoolKeeper(deps.ledger, deps.store, keys, size=self.settings.token_pool_size,
+            if self.settings.pool_size > 0:
+                self._threads.append(PoolKeeper(deps.ledger, deps.store, keys, size=self.settings.pool_size,
                                                 low=self.settings.token_pool_low,
                                                 lease_s=token_lease_s(self.settings)))
             self._threads.append(Watchdog(deps.store, keys, deps.runs, Broker(deps.store, restore=self._restore),
@@ -93,6 +104,7 @@ class Runtime:
                                           intake=Intake(deps.store, keys, self.settings)))
             for thread in self._threads:
                 thread.start()
+            fleet.announce(deps.store, keys, self.settings)
             self._deps = deps
             return deps
 
@@ -114,6 +126,9 @@ class Runtime:
 
     def stop(self) -> None:
         with self._lock:
+            if self._deps is not None:
+                with suppress(IrliveError):
+                    fleet.leave(self._deps.store, Keys(self.settings.key_prefix))
             for thread in self._threads:
                 thread.stop()
             for thread in self._threads:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from email.utils import parsedate_to_datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import parse_qsl, quote, urlsplit
 
 import httpx
@@ -20,9 +20,12 @@ from worker.config import TOOL_PATH, Settings
 from worker.errors import (
     ConfigError,
     IrliveError,
+    NeverSent,
     OutcomeUnknown,
     PaymentRejected,
     PermanentInputError,
+    PurchaseRefused,
+    PurchaseUnknown,
     RateLimited,
     TransientError,
     UnreadableAnswer,
@@ -30,11 +33,8 @@ from worker.errors import (
 from worker.judge.verdicts import parse_json_int, safe_text
 from worker.ops.redact import redact
 
-if TYPE_CHECKING:
-    from worker.seams.mcp_tool import McpTool
-
 MAX_ANSWER_BYTES = 8 * 1024 * 1024
-_TOO_LARGE = f"marketplace answer larger than {MAX_ANSWER_BYTES} bytes; dropped"
+TOO_LARGE = f"marketplace answer larger than {MAX_ANSWER_BYTES} bytes; dropped"
 _PERMANENT_CODES = ("InvalidImage", "InvalidFile", "IllegalUrlParameter", "ParameterError",
                     "InvalidParameter", "MissingParameter")
 _CONFIG_CODES = ("AuthFailed", "InvalidApi", "Forbidden", "InvalidAccessKeyId", "NoPermission")
@@ -73,8 +73,28 @@ class CallAnswer:
     raw: bytes = field(default=b"", repr=False)
 
 
+@dataclass(frozen=True)
+class RawAnswer:
+    """A tool endpoint's answer as received: status, headers, body (capped), Retry-After."""
+
+    status: int
+    headers: dict[str, str] = field(repr=False)
+    raw: bytes = field(repr=False)
+    retry_after: float | None = None
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A deployment's base URL, the headers every request carries (the API key among them), the timeout."""
+
+    base_url: str
+    headers: dict[str, str] = field(repr=False)
+    timeout_s: float
+
+
 class Marketplace:
-    """A synchronous client of one marketplace deployment; thread-safe, one per worker process."""
+    """A synchronous client of one marketplace deployment: the price, payments, and the paid call over its HTTP
+    tool endpoint; thread-safe, one per worker process."""
 
     def __init__(
         self,
@@ -85,7 +105,6 @@ class Marketplace:
         api_key_header: str = "X-API-Key",
         timeout_s: float = 30.0,
         tool_path: str | None = None,
-        via_mcp: bool = False,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         headers = {"Accept": "application/json", "User-Agent": "irlive/0.1"}
@@ -93,9 +112,7 @@ class Marketplace:
             headers[api_key_header] = api_key
         self.service_id = service_id
         self._tool_path = tool_path or TOOL_PATH.replace("{service_id}", service_id)
-        self._via_mcp = via_mcp
-        self._mcp_args = (base_url, headers, timeout_s)
-        self._mcp_tool: McpTool | None = None
+        self._endpoint = Endpoint(base_url, dict(headers), timeout_s)
         self._client = httpx.Client(
             base_url=base_url,
             headers=headers,
@@ -109,7 +126,6 @@ class Marketplace:
         """The client of the configured deployment: its URL, listing, tool path and API key."""
         return cls(settings.marketplace_url, settings.service_id, api_key=settings.api_key,
                    api_key_header=settings.api_key_header, tool_path=settings.tool_endpoint,
-                   via_mcp=settings.payment_method == "mcp-token",
                    timeout_s=settings.call_timeout_s if timeout_s is None else timeout_s)
 
     def close(self) -> None:
@@ -117,6 +133,14 @@ class Marketplace:
 
     def quote(self) -> Quote:
         """Ask the tool endpoint without paying; the 402 answer carries the price."""
+        return parse_quote(self._price_probe())
+
+    def offer(self) -> RawAnswer:
+        """The tool endpoint's 402 answer to an unpaid call, as received (for x402: what to sign for)."""
+        response = self._price_probe()
+        return RawAnswer(402, dict(response.headers), response.content)
+
+    def _price_probe(self) -> httpx.Response:
         probe = {"Tasks": [{"ImageURL": "https://example.com/irlive-price-probe.png"}]}
         with self._translate(sent_means_unknown=False):
             response = self._client.post(self._tool_path, json=probe)
@@ -125,47 +149,16 @@ class Marketplace:
             if response.status_code >= 300:
                 _raise_for(response, _json_or_none(response))
             raise ConfigError(f"price probe expected HTTP 402, got {response.status_code}")
-        return parse_quote(response)
+        return response
 
-    def create_payment(self) -> Payment:
-        """Buy one token. A timeout here is OutcomeUnknown: the payment may exist."""
-        with self._translate(sent_means_unknown=True):
-            response = self._client.post("/api/payments", json={"serviceId": self.service_id})
-        body = _json_or_none(response)
-        if response.status_code == 404:
-            raise ConfigError(f"the marketplace does not know service {self.service_id!r} (IRLIVE_SERVICE_ID)")
-        if response.status_code >= 300:
-            _raise_for(response, body)
-        return parse_payment(body)
-
-    def get_payment(self, payment_id: str) -> Payment:
-        with self._translate(sent_means_unknown=False):
-            response = self._client.get(f"/api/payments/{payment_id}")
-        body = _json_or_none(response)
-        if response.status_code >= 300:
-            _raise_for(response, body)
-        return parse_payment(body)
-
-    def call(self, token: str, urls: list[str]) -> CallAnswer:
-        """One paid call judging up to 10 images; raises the error tree on anything but a verdict."""
-        if self._via_mcp:
-            try:
-                reply = self._mcp().call(token, urls)
-            except IrliveError as exc:
-                _scrub(exc, _secrets_of(token, urls))
-                raise
-            if len(reply.raw) > MAX_ANSWER_BYTES:
-                # The SDK has read it whole already; the answer is still judged as the HTTP one would be.
-                raise TransientError(_TOO_LARGE)
-            return self._answer(httpx.Response(reply.status, content=reply.raw), reply.raw, token, urls)
-        payload = {"Tasks": [{"ImageURL": u} for u in urls]}
+    def post_tool(self, payload: Any, headers: dict[str, str]) -> RawAnswer:
+        """POST `payload` to the tool endpoint with extra `headers` (a payment): the answer as received. NeverSent
+        if it certainly never left, OutcomeUnknown if it left and no answer came back; the headers' values never
+        appear in an error."""
         try:
-            request = self._client.build_request(
-                "POST", self._tool_path, json=payload, headers={"X-Payment-Token": token}
-            )
+            request = self._client.build_request("POST", self._tool_path, json=payload, headers=headers)
         except (UnicodeError, ValueError):
-            # The error's text would carry the token: say what is wrong, never with what.
-            raise PaymentRejected("the payment token cannot be sent in an HTTP header") from None
+            raise PaymentRejected("the payment cannot be sent in an HTTP header") from None
         with self._translate(sent_means_unknown=True):
             response = self._client.send(request, stream=True)
             try:
@@ -173,35 +166,60 @@ class Marketplace:
             finally:
                 response.close()
         self._check_tool_exists(response)
-        return self._answer(response, raw, token, urls)
+        return RawAnswer(response.status_code, dict(response.headers), raw, _retry_after(response))
 
-    def _mcp(self) -> McpTool:
-        if self._mcp_tool is None:
-            # Built at the first paid call, not for a price probe (`scan`): the SDK (pydantic, anyio) is not free
-            # to import. Two threads may both build one; either serves.
-            from worker.seams.mcp_tool import McpTool
-
-            base_url, headers, timeout_s = self._mcp_args
-            self._mcp_tool = McpTool(base_url, headers=headers, timeout_s=timeout_s)
-        return self._mcp_tool
-
-    def _answer(self, response: httpx.Response, raw: bytes, token: str, urls: list[str]) -> CallAnswer:
-        """The call's answer read by the error tree (an MCP tool's answer as the HTTP answer it stands for)."""
-        try:
-            body = _json_bytes_or_none(raw)
-            if response.status_code >= 300:
+    def create_payment(self) -> Payment:
+        """Buy one token, with a usable token in the answer, or raise what says whether money may have moved:
+        NeverSent, PurchaseRefused, RateLimited or ConfigError (nothing bought), or OutcomeUnknown (a timeout
+        after sending, a 5xx, an answer without a readable payment and token: it may have been charged)."""
+        with self._translate(sent_means_unknown=True):
+            response = self._client.post("/api/payments", json={"serviceId": self.service_id})
+        status = response.status_code
+        body = _json_or_none(response)
+        if status == 404:
+            raise ConfigError(f"the marketplace does not know service {self.service_id!r} (IRLIVE_SERVICE_ID)")
+        if status >= 500:
+            raise PurchaseUnknown(f"the seller answered a purchase with {status} ({_shape(response, body)}): it "
+                                  "may have charged for it")
+        if status >= 300:
+            try:
                 _raise_for(response, body)
-            return parse_answer(body, raw)
-        except IrliveError as exc:
-            # The seller may echo the token or a URL in free text (or percent-encoded) that redact() misses.
-            _scrub(exc, _secrets_of(token, urls))
-            raise
-        except Exception as exc:
-            # Our reading of the answer failed (a library raised on hostile content): after a 2xx the call is
-            # paid for, so it must end recorded, never retried as if nothing had been bought.
-            if response.status_code < 300:
-                raise UnreadableAnswer(f"the answer could not be read ({type(exc).__name__})", raw) from None
-            raise TransientError(f"marketplace answered {response.status_code} with an unreadable body") from None
+            except (TransientError, PaymentRejected) as exc:
+                raise PurchaseRefused(f"the seller refused the purchase: {exc}") from None
+        try:
+            payment = parse_payment(body)
+        except TransientError:
+            raise PurchaseUnknown(f"the seller answered a purchase with {status} but no readable payment "
+                                  f"({_shape(response, body)})") from None
+        if payment.token is None:
+            raise PurchaseUnknown(f"the seller answered a purchase with {status} and payment {payment.payment_id} "
+                                  f"but no token under `token` or `paymentToken` ({_shape(response, body)})",
+                                  payment.payment_id)
+        return payment
+
+    def get_payment(self, payment_id: str) -> Payment:
+        with self._translate(sent_means_unknown=False):
+            response = self._client.get(f"/api/payments/{payment_id}")
+        body = _json_or_none(response)
+        if response.status_code >= 300:
+            try:
+                _raise_for(response, body)
+            except PaymentRejected as exc:
+                # Reading a payment moves no money: a 402 here is the seller not answering the question.
+                raise TransientError(str(exc)) from None
+        return parse_payment(body)
+
+    @property
+    def endpoint(self) -> Endpoint:
+        """Where this deployment is and what every request carries (its API key): for other ways to call it."""
+        return self._endpoint
+
+    def call(self, token: str, urls: list[str]) -> CallAnswer:
+        """One paid call on the HTTP tool endpoint, the token in X-Payment-Token; raises the error tree on
+        anything but a verdict."""
+        # post_tool never quotes a header's value: a token that cannot be sent is refused without it.
+        answer = self.post_tool({"Tasks": [{"ImageURL": u} for u in urls]}, {"X-Payment-Token": token})
+        return read_answer(answer.status, answer.raw, token, urls, retry_after=answer.retry_after)
 
     def _check_tool_exists(self, response: httpx.Response) -> None:
         if response.status_code in (404, 405):
@@ -218,14 +236,39 @@ class Marketplace:
         try:
             yield
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
-            raise TransientError(f"marketplace unreachable: {type(exc).__name__}") from None
+            raise NeverSent(f"marketplace unreachable: {type(exc).__name__}") from None
         except (httpx.ReadTimeout, httpx.WriteTimeout, httpx.RemoteProtocolError, httpx.ReadError) as exc:
             what = f"marketplace connection failed after the request was sent: {type(exc).__name__}"
             if sent_means_unknown:
                 raise OutcomeUnknown(what) from None
             raise TransientError(what) from None
         except httpx.HTTPError as exc:
-            raise TransientError(f"marketplace transport error: {type(exc).__name__}") from None
+            # Sent or not, we cannot tell (a decoding error comes after the seller answered).
+            what = f"marketplace transport error: {type(exc).__name__}"
+            if sent_means_unknown:
+                raise OutcomeUnknown(what) from None
+            raise TransientError(what) from None
+
+
+def read_answer(status: int, raw: bytes, token: str, urls: list[str], *, retry_after: float | None = None
+                ) -> CallAnswer:
+    """A paid call's answer (its status and body, however it came) read by the error tree; the token and the
+    URLs' signatures are scrubbed from any error's text."""
+    try:
+        body = _json_bytes_or_none(raw)
+        if status >= 300:
+            raise_for_status(status, body, retry_after)
+        return parse_answer(body, raw)
+    except IrliveError as exc:
+        # The seller may echo the token or a URL in free text (or percent-encoded) that redact() misses.
+        scrub(exc, token, urls)
+        raise
+    except Exception as exc:
+        # Our reading of the answer failed (a library raised on hostile content): after a 2xx the call is
+        # paid for, so it must end recorded, never retried as if nothing had been bought.
+        if status < 300:
+            raise UnreadableAnswer(f"the answer could not be read ({type(exc).__name__})", raw) from None
+        raise TransientError(f"marketplace answered {status} with an unreadable body") from None
 
 
 def parse_quote(response: httpx.Response) -> Quote:
@@ -351,12 +394,16 @@ def parse_answer(body: Any, raw: bytes) -> CallAnswer:
 
 
 def _raise_for(response: httpx.Response, body: Any) -> None:
-    status = response.status_code
+    raise_for_status(response.status_code, body, _retry_after(response))
+
+
+def raise_for_status(status: int, body: Any, retry_after: float | None = None) -> None:
+    """Raise the error tree's class for an error answer: its status, its JSON body (or None), its Retry-After."""
     doc = body if isinstance(body, dict) else {}
     code = doc.get("Code") or doc.get("code")
     message = str(doc.get("Message") or doc.get("message") or doc.get("error") or "")
     if status == 429:
-        raise RateLimited(f"marketplace throttled the call: {redact(message)}", _retry_after(response))
+        raise RateLimited(f"marketplace throttled the call: {redact(message)}", retry_after)
     if status in (401, 403):
         raise ConfigError(
             f"marketplace answered {status}: the API key (IRLIVE_API_KEY) is missing, wrong or not allowed "
@@ -365,7 +412,7 @@ def _raise_for(response: httpx.Response, body: Any) -> None:
     if status == 402:
         raise PaymentRejected(f"marketplace refused the payment token: {redact(message) or 'payment required'}")
     if isinstance(code, str) and not code.isdigit():
-        _raise_code(code, message, _retry_after(response))
+        _raise_code(code, message, retry_after)
     if status >= 500:
         raise TransientError(f"marketplace answered {status}: {redact(message)}")
     if status == 400:
@@ -401,8 +448,9 @@ def _secrets_of(token: str, urls: list[str]) -> list[str]:
     return [s for s in found if len(s) >= 4]
 
 
-def _scrub(exc: IrliveError, secrets: list[str]) -> None:
-    """Replace every secret in the exception's text arguments with ***, in place."""
+def scrub(exc: IrliveError, token: str, urls: list[str]) -> None:
+    """Replace the token and the URLs' signatures in the exception's text arguments with ***, in place."""
+    secrets = _secrets_of(token, urls)
     text_args: list[object] = []
     for arg in exc.args:
         if isinstance(arg, str):
@@ -438,7 +486,7 @@ def _read_capped(response: httpx.Response) -> bytes:
     for chunk in response.iter_bytes():
         size += len(chunk)
         if size > MAX_ANSWER_BYTES:
-            raise TransientError(_TOO_LARGE)
+            raise TransientError(TOO_LARGE)
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -446,8 +494,20 @@ def _read_capped(response: httpx.Response) -> bytes:
 def _json_or_none(response: httpx.Response) -> Any:
     try:
         return response.json()
-    except (ValueError, httpx.ResponseNotRead):
+    except (ValueError, RecursionError, httpx.ResponseNotRead):
+        # RecursionError: JSON nested deeper than Python's parser goes is no answer either.
         return None
+
+
+def _shape(response: httpx.Response, body: Any) -> str:
+    """What an answer looked like, without any of its values (a purchase's answer may hold the token)."""
+    size = len(response.content)
+    if isinstance(body, dict):
+        names = ", ".join(redact(safe_text(str(k)))[:40] for k in list(body)[:12])
+        return f"{size} bytes, a JSON object with fields [{names}]"
+    if body is None:
+        return f"{size} bytes, not JSON" if size else "an empty body"
+    return f"{size} bytes, JSON {type(body).__name__}"
 
 
 def _json_bytes_or_none(raw: bytes) -> Any:

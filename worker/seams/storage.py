@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
-import random
 import re
 import time
 from collections.abc import Iterator
@@ -30,16 +30,26 @@ from botocore.httpsession import URLLib3Session
 from botocore.parsers import DEFAULT_TIMESTAMP_PARSER
 from botocore.utils import get_environ_proxies
 
-from worker.errors import ConfigError, NotFound, TransientError
+from worker.backoff import Backoff
+from worker.errors import AccessRefused, ConfigError, NotFound, ObjectRefused, TransientError
 from worker.seams.presign import Presigner
 
 # A validation read signs its own URL; it is used at once, so it need not live long.
 _READ_URL_TTL_S = 300
 # Attempts of a raw ranged read on a connection error or a 5xx, as botocore's standard retry mode makes.
 _READ_ATTEMPTS = 3
+# The most pages one overwrite-check listing reads before asking the keys it has not reached by HEAD.
+LIST_PAGES = 2
+_READ_BACKOFF = Backoff(base_s=0.5, cap_s=8.0)
 _XML_FIELD = "<{0}>([^<]{{0,1024}})</{0}>"
 _CONFIG_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "NoSuchBucket",
                  "InvalidBucketName", "AllAccessDisabled", "ExpiredToken", "InvalidToken"}
+# What S3 answers about one object that it will not serve, whatever the credentials: the image is refused, not
+# the run. (code -> error_code on the record, and what to do.)
+_OBJECT_CODES = {
+    "InvalidObjectState": ("archived", "the object is archived (Glacier / Deep Archive): restore it, then rescan"),
+    "KeyTooLongError": ("key_too_long", "the key is longer than S3 accepts"),
+}
 
 
 @dataclass(frozen=True)
@@ -109,6 +119,7 @@ class Storage:
         except (BotoCoreError, ValueError) as exc:
             raise ConfigError(f"cannot build the S3 client (IRLIVE_S3_ENDPOINT_URL, IRLIVE_S3_REGION): {exc}") from None
         self._presigner = Presigner(self._s3, lambda: _frozen(session))
+        self._reachable: set[str] = set()
         # Validation reads go through the HTTP layer botocore itself uses (its proxies, CA bundle and error
         # classes), without the client's request pipeline: a presigned ranged GET costs a fifth of the CPU.
         self._http = URLLib3Session(
@@ -147,7 +158,33 @@ class Storage:
             return ObjectStream(self._s3.get_object(Bucket=bucket, Key=key)["Body"], where)
 
     def read_head(self, bucket: str, key: str, max_bytes: int) -> tuple[ObjectInfo, bytes]:
-        """The first bytes with the object's size and ETag, in one request (no HEAD); empty objects too."""
+        """The first bytes with the object's size and ETag, in one request (no HEAD); empty objects too.
+
+        An object S3 will not serve alone (archived, denied by its own ACL or a policy on its key, a key too long)
+        is an ObjectRefused; a denial of the whole bucket stays a ConfigError that stops the run.
+        """
+        try:
+            return self._read_head(bucket, key, max_bytes)
+        except AccessRefused as exc:
+            if exc.code not in ("AccessDenied", "403") or not self._bucket_reachable(bucket):
+                raise
+            raise ObjectRefused(f"s3://{bucket}/{key}: S3 denies this object (AccessDenied) though the bucket "
+                                "is readable: check its ACL, KMS key or a policy on its key",
+                                code="access_denied") from None
+
+    def _bucket_reachable(self, bucket: str) -> bool:
+        """Whether the bucket answers HEAD (the workers' ListBucket right). A yes is kept; a no is asked again
+        next time (it may have been a passing network error, and a no stops the run)."""
+        if bucket in self._reachable:
+            return True
+        try:
+            self._s3.head_bucket(Bucket=bucket)
+        except (ClientError, BotoCoreError):
+            return False
+        self._reachable.add(bucket)
+        return True
+
+    def _read_head(self, bucket: str, key: str, max_bytes: int) -> tuple[ObjectInfo, bytes]:
         where = f"s3://{bucket}/{key}"
         with _translate(where, missing_is_object=True):
             for attempt in range(_READ_ATTEMPTS):
@@ -163,7 +200,7 @@ class Storage:
                     if response.status_code < 500 or attempt + 1 == _READ_ATTEMPTS:
                         return _head_of(key, response, max_bytes)
                     _read_up_to(response, 64 * 1024)
-                time.sleep(random.uniform(0, 0.5 * 2 ** attempt))
+                time.sleep(_READ_BACKOFF.delay(attempt))
         raise AssertionError("unreachable")
 
     def read_range(self, bucket: str, key: str, byte_range: str, etag: str | None = None) -> bytes:
@@ -180,26 +217,61 @@ class Storage:
             return self._presigner.get_url(bucket, key, ttl_s, version_id)
 
     def current_etags(self, bucket: str, keys: list[str]) -> dict[str, str]:
-        """The ETags the objects have now, read by listing (one request for keys listed near each other);
-        a key that is gone is absent from the answer."""
-        wanted = set(keys)
-        first, last = min(keys), max(keys)
+        """The ETags the objects have now; a key that is gone is absent from the answer.
+
+        Keys are taken per "directory" (the part before the last `/`: a camera, a day): one listing over the
+        range from its first key to its last reads them together, at most LIST_PAGES pages (the range may hold
+        many older objects: an event chunk's images from two cameras of a million-image bucket); a directory
+        with one key, and keys a listing did not reach within its pages, are asked with a HEAD each.
+        """
+        found: dict[str, str] = {}
+        for _, group in itertools.groupby(sorted(set(keys)), key=lambda k: k.rpartition("/")[0]):
+            wanted = list(group)
+            reached = ""
+            if len(wanted) > 1:
+                listed, reached = self._list_range(bucket, wanted)
+                found.update(listed)
+            for key in wanted:
+                if key in found or key <= reached:
+                    continue  # read, or listed past and absent: gone
+                etag = self._head_etag(bucket, key)
+                if etag is not None:
+                    found[key] = etag
+        return found
+
+    def _list_range(self, bucket: str, wanted: list[str]) -> tuple[dict[str, str], str]:
+        """ETags of `wanted` (sorted, one directory) listed from the first to the last, at most LIST_PAGES
+        pages; and the last key the listing covered (the last wanted one if it got there)."""
+        first, last = wanted[0], wanted[-1]
         # The characters every key starts with (those of the smallest and the largest are those of all).
         prefix = next((first[:i] for i, (a, b) in enumerate(zip(first, last, strict=False)) if a != b),
                       first[:min(len(first), len(last))])
+        members = set(wanted)
         found: dict[str, str] = {}
         paginator = self._s3.get_paginator("list_objects_v2")
         # StartAfter is exclusive: a proper prefix of the first key sorts just before it.
         pages = paginator.paginate(Bucket=bucket, Prefix=prefix, StartAfter=first[:-1],
                                    PaginationConfig={"PageSize": 1000})
         with _translate(f"s3://{bucket}/{prefix}"):
-            for page in pages:
-                for obj in page.get("Contents", ()):
-                    if obj["Key"] in wanted:
+            for n, page in enumerate(pages, start=1):
+                contents = page.get("Contents", ())
+                for obj in contents:
+                    if obj["Key"] in members:
                         found[obj["Key"]] = _etag(obj["ETag"])
                     if obj["Key"] >= last:
-                        return found
-        return found
+                        return found, last
+                if not page.get("IsTruncated"):
+                    return found, last  # the range holds nothing more
+                if n >= LIST_PAGES:
+                    return found, contents[-1]["Key"] if contents else first[:-1]
+        return found, last
+
+    def _head_etag(self, bucket: str, key: str) -> str | None:
+        try:
+            with _translate(f"s3://{bucket}/{key}", missing_is_object=True):
+                return _etag(self._s3.head_object(Bucket=bucket, Key=key)["ETag"])
+        except NotFound:
+            return None
 
     def put_json(self, bucket: str, key: str, doc: Any) -> str:
         body = json.dumps(doc, indent=1, sort_keys=True, ensure_ascii=True).encode()
@@ -261,8 +333,12 @@ def _translate(where: str, *, missing_is_object: bool = False) -> Iterator[None]
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
         if code in ("NoSuchKey", "404", "NotFound", "PreconditionFailed", "412") and missing_is_object:
             raise NotFound(f"{where}: object not found or changed since it was listed") from None
+        if code in _OBJECT_CODES and missing_is_object:
+            error_code, why = _OBJECT_CODES[code]
+            raise ObjectRefused(f"{where}: {why} ({code})", code=error_code) from None
         if code in _CONFIG_CODES or status in (401, 403):
-            raise ConfigError(f"{where}: S3 refused access ({code}); check the bucket name and credentials") from None
+            raise AccessRefused(f"{where}: S3 refused access ({code}); check the bucket name and credentials",
+                                code) from None
         if code in ("InvalidRange", "416"):
             raise NotFound(f"{where}: object is empty or shorter than expected") from None
         if status >= 500 or code in ("SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout"):

@@ -26,7 +26,7 @@ from redis import exceptions as rx
 from redis.sentinel import Sentinel
 
 from worker.config import SentinelTarget, is_sentinel_url
-from worker.errors import ConfigError, IrliveError, StoreRefused, StoreUnavailable
+from worker.errors import ConfigError, IrliveError, StoreBug, StoreRefused, StoreUnavailable
 from worker.ops.redact import mask_url, redact
 
 T = TypeVar("T")
@@ -56,10 +56,6 @@ def script_source(package: str, name: str) -> str:
     text = scripts.joinpath(f"{name}.lua").read_text()
     return "".join(scripts.joinpath("lib", line.split()[1] + ".lua").read_text()
                    if line.startswith("--#include ") else line for line in text.splitlines(keepends=True))
-
-
-class StoreBug(IrliveError):
-    """Redis answered an error that is ours to fix (a script or a command used wrongly)."""
 
 
 def translate(exc: rx.RedisError, what: str = "Redis") -> IrliveError:
@@ -214,7 +210,7 @@ class Store:
         sentinel_kwargs: dict[str, Any] = {"socket_timeout": 5.0, "socket_connect_timeout": 5.0}
         if target.sentinel_password:
             sentinel_kwargs["password"] = target.sentinel_password
-        sentinel: Any = Sentinel(list(target.sentinels), sentinel_kwargs=sentinel_kwargs)  # type: ignore[no-untyped-call]
+        sentinel: Any = Sentinel(list(target.sentinels), sentinel_kwargs=sentinel_kwargs)
         client = sentinel.master_for(target.master_name, db=target.db, username=target.username,
                                      password=target.password, decode_responses=True, health_check_interval=30,
                                      socket_timeout=socket_timeout, socket_connect_timeout=10)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -42,15 +43,24 @@ def _hide_urls_in_httpx_logs() -> None:
 
 
 class Notifier:
-    """POSTs notifications; `transport` replaces the network in tests, `timeout_s` bounds each attempt."""
+    """POSTs notifications; `transport` replaces the network in tests, `timeout_s` bounds each attempt whole.
+
+    httpx's timeouts are per operation: a receiver that drips a byte every few seconds never trips its read
+    timeout and held a worker thread (on the events queue) without end. Each attempt therefore runs on its own
+    client in a helper thread, and is abandoned at `timeout_s`: its client is closed, which ends the read.
+    """
 
     def __init__(self, *, timeout_s: float = 10.0, transport: httpx.BaseTransport | None = None,
                  clock: Callable[[], float] = time.time) -> None:
-        # No redirects: a 3xx would send the signed body (and maybe the URL's credential) somewhere else.
-        self._client = httpx.Client(timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 5.0)),
-                                    transport=transport, follow_redirects=False)
+        self._timeout_s = timeout_s
+        self._transport = transport
         self._clock = clock
         _hide_urls_in_httpx_logs()
+
+    def _client(self) -> httpx.Client:
+        # No redirects: a 3xx would send the signed body (and maybe the URL's credential) somewhere else.
+        return httpx.Client(timeout=httpx.Timeout(self._timeout_s, connect=min(self._timeout_s, 5.0)),
+                            transport=self._transport, follow_redirects=False)
 
     def send(self, url: str, secret: str | None, payload: Mapping[str, Any]) -> None:
         """One attempt: returns on 2xx; NotifyFailed to retry, NotifyRefused never to retry. Messages name
@@ -58,28 +68,46 @@ class Notifier:
         target = safe_target(url)
         body = body_of(payload)
         head = headers(payload, secret, body, int(self._clock()))
-        sending = _SENDING.set((url, target))
-        try:
-            response = self._client.post(url, content=body, headers=head)
-        except httpx.TimeoutException:
+        client = self._client()
+        outcome: list[httpx.Response | BaseException] = []
+
+        def post() -> None:
+            sending = _SENDING.set((url, target))
+            try:
+                response = client.post(url, content=body, headers=head)
+                response.close()
+                outcome.append(response)
+            except BaseException as exc:  # handed to the caller's thread as is
+                outcome.append(exc)
+            finally:
+                _SENDING.reset(sending)
+
+        attempt = threading.Thread(target=post, name="irlive-notify", daemon=True)
+        attempt.start()
+        attempt.join(self._timeout_s)
+        client.close()  # ends a read still dripping in the helper thread; the helper then ends too
+        if not outcome:
+            attempt.join(5.0)
+            raise NotifyFailed(f"{target} took longer than {self._timeout_s:g}s in all")
+        return self._answer(target, outcome[0])
+
+    @staticmethod
+    def _answer(target: str, outcome: httpx.Response | BaseException) -> None:
+        if isinstance(outcome, httpx.TimeoutException):
             raise NotifyFailed(f"{target} timed out") from None
-        except httpx.TransportError as exc:
-            raise NotifyFailed(f"{target} unreachable ({type(exc).__name__})") from None
-        except httpx.HTTPError as exc:
+        if isinstance(outcome, httpx.TransportError):
+            raise NotifyFailed(f"{target} unreachable ({type(outcome).__name__})") from None
+        if isinstance(outcome, httpx.HTTPError):
             # An invalid URL and the like: trying again cannot help.
-            raise NotifyRefused(f"{target}: {type(exc).__name__}") from None
-        finally:
-            _SENDING.reset(sending)
-        status = response.status_code
-        response.close()
+            raise NotifyRefused(f"{target}: {type(outcome).__name__}") from None
+        if isinstance(outcome, BaseException):
+            raise outcome
+        status = outcome.status_code
         if 200 <= status < 300:
             return
         if status >= 500 or status in _RETRYABLE_4XX:
-            raise NotifyFailed(f"{target} answered {status}", status, _retry_after(response))
+            raise NotifyFailed(f"{target} answered {status}", status, _retry_after(outcome))
         raise NotifyRefused(f"{target} answered {status}", status)
-
-    def close(self) -> None:
-        self._client.close()
 
 
 def _retry_after(response: httpx.Response) -> float | None:

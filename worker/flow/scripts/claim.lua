@@ -16,6 +16,8 @@
 --                   1, ''        claimed for the caller (newly, or it already held it)
 --                   2, entry     already judged: the done-set entry
 --                   3, claim     held by another live delivery (or, for content, by another copy): its claim
+-- A claim an earlier delivery of the same chunk took (its lease is gone, as the caller holds it now), or pinned
+-- to an answer it paid for (settle.lua), is the caller's: the chunk's records are its own to write.
 --                   4, entry     another object with the same content was judged: that done-set entry
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {-1} end
 local mine = ARGV[1] .. ' '
@@ -26,6 +28,10 @@ local function fresh(entry)
   local judged_ms = tonumber(string.match(entry, '^[^|]*|(%d+)|') or '')
   if not_before == 0 or (judged_ms and judged_ms >= not_before) then return entry end
   return nil
+end
+local function this_chunk(claim)
+  local rest = string.match(claim, '^%S+ (.*)$')
+  return rest ~= nil and (rest == ARGV[3] or string.sub(rest, 1, #ARGV[3] + 1) == ARGV[3] .. ' ')
 end
 local out = {}
 for i = 1, (#KEYS - 1) / 4 do
@@ -45,7 +51,7 @@ for i = 1, (#KEYS - 1) / 4 do
     -- The content's claim names the identity that holds it, so two copies in one delivery are told apart.
     local cvalue = value .. ' ' .. field
     local cclaimed = cfield ~= '' and redis.call('GET', cclaim) or false
-    if claim and string.sub(claim, 1, #mine) ~= mine then
+    if claim and string.sub(claim, 1, #mine) ~= mine and not this_chunk(claim) then
       table.insert(out, 3)
       table.insert(out, claim)
     elseif cclaimed and string.sub(cclaimed, -(#field + 1)) ~= ' ' .. field then

@@ -6,18 +6,28 @@
 -- KEYS[4i-1..4i+2]     for record i (1-based): its done-set shard hash, its claim key, the content's done-set
 --                      shard hash, the content's claim key (the identity's own again without a content key)
 -- ARGV[1]              now, ms
--- ARGV[2]              the holder's token ('' = none: claims are left alone)
--- ARGV[3..]            nine per record: index, record JSON, verdict, done-set field ('' = none), done-set entry,
+-- ARGV[2]              the holder's token ('' = none)
+-- ARGV[3]              "<run_id> <seq>" of the chunk: a claim is released if the holder took it, or if any
+--                      delivery of this chunk did (a claim pinned to a paid answer outlives its delivery)
+-- ARGV[4..]            nine per record: index, record JSON, verdict, done-set field ('' = none), done-set entry,
 --                      '1' a duplicate of another run's judgment / '2' a copy of judged content / else '0',
 --                      the content's field ('' = none), the identity's field (names the content claim it holds),
 --                      the content's entry (the done-set entry without its time)
 -- Returns              how many records were new (a repeated save changes nothing).
 local mine = ARGV[2] .. ' '
+local chunk = ARGV[3]
+-- A claim's value is "<holder> <run_id> <seq>[ <identity field>]"; the holder is a token or paid:<payment>.
+local function ours(claim)
+  if not claim then return false end
+  if ARGV[2] ~= '' and string.sub(claim, 1, #mine) == mine then return true end
+  local rest = string.match(claim, '^%S+ (.*)$')
+  return rest ~= nil and (rest == chunk or string.sub(rest, 1, #chunk + 1) == chunk .. ' ')
+end
 local saved = 0
 local n = (#KEYS - 2) / 4
 for i = 1, n do
   local shard, claim_key, cshard, cclaim = KEYS[4 * i - 1], KEYS[4 * i], KEYS[4 * i + 1], KEYS[4 * i + 2]
-  local a = 2 + 9 * (i - 1)
+  local a = 3 + 9 * (i - 1)
   local index, record, verdict, field, entry = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5]
   local kind, cfield, owner, centry = ARGV[a + 6], ARGV[a + 7], ARGV[a + 8], ARGV[a + 9]
   if redis.call('HSETNX', KEYS[1], index, record) == 1 then
@@ -32,15 +42,10 @@ for i = 1, n do
     end
     saved = saved + 1
   end
-  if ARGV[2] ~= '' then
-    local claim = redis.call('GET', claim_key)
-    if claim and string.sub(claim, 1, #mine) == mine then redis.call('DEL', claim_key) end
-    if cfield ~= '' then
-      local cclaimed = redis.call('GET', cclaim)
-      if cclaimed and string.sub(cclaimed, 1, #mine) == mine and string.sub(cclaimed, -(#owner + 1)) == ' ' .. owner then
-        redis.call('DEL', cclaim)
-      end
-    end
+  if ours(redis.call('GET', claim_key)) then redis.call('DEL', claim_key) end
+  if cfield ~= '' then
+    local cclaimed = redis.call('GET', cclaim)
+    if ours(cclaimed) and string.sub(cclaimed, -(#owner + 1)) == ' ' .. owner then redis.call('DEL', cclaim) end
   end
 end
 redis.call('HSET', KEYS[2], 'progress_ms', ARGV[1])

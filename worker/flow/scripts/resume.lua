@@ -20,6 +20,8 @@ elseif cap ~= '' then
 end
 redis.call('HSET', KEYS[1], 'state', redis.call('HGET', KEYS[1], 'listed') == '1' and 'running' or 'listing')
 redis.call('HDEL', KEYS[1], 'pause_reason')
+-- A person said go on: unknown purchases are counted in a row afresh (buy_failed.lua).
+redis.call('HSET', KEYS[1], 'unknown_in_row', 0)
 local out = {1}
 for _, m in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do table.insert(out, m) end
 return out

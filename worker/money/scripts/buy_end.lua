@@ -4,13 +4,15 @@
 -- KEYS[2]  the zset of open purchase requests   KEYS[6]  the request's UTC day hash
 -- KEYS[3]  the payment's hash                   KEYS[7]  the run's hash (unused when ARGV[5] is '')
 -- KEYS[4]  the zset of token leases             KEYS[8]  the shared pool (a list of payment ids)
+--                                                KEYS[9]  tokens held for a person: bought above the price cap
 -- ARGV[1]  request id        ARGV[5]  run id, '' for a pool purchase     ARGV[9]   service id
 -- ARGV[2]  payment id        ARGV[6]  holder token (a run's purchase)    ARGV[10]  status (paid | pending)
 -- ARGV[3]  token             ARGV[7]  lease, ms                          ARGV[11]  max price, cents
 -- ARGV[4]  amount, cents     ARGV[8]  token expiry, ms (0 unknown)
 -- Returns  1 reserved for the run (or pooled, for a pool purchase); -2 pooled because the run's cap would be
---          crossed at the real price; -3 pooled because the price is above the allowed maximum; 0 the request
---          was already settled (a repeated answer changes nothing).
+--          crossed at the real price; -3 held (not pooled: no run spends it until a person releases it)
+--          because the price is above the allowed maximum; 0 the request was already settled (a repeated
+--          answer changes nothing).
 if redis.call('HGET', KEYS[1], 'state') ~= 'requested' then return 0 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -24,6 +26,7 @@ redis.call('ZREM', KEYS[2], ARGV[1])
 -- The day is charged what was paid: the quote was committed, the difference follows it.
 redis.call('HINCRBY', KEYS[6], 'bought_cents', amount - price)
 redis.call('HINCRBY', KEYS[5], 'bought', 1)
+redis.call('HSET', KEYS[5], 'unknown_in_row', 0)
 redis.call('HINCRBY', KEYS[5], 'bought_cents', amount)
 redis.call('HSET', KEYS[3], 'state', 'paid', 'token', ARGV[3], 'amount_cents', amount, 'expires_ms', ARGV[8],
            'service', ARGV[9], 'day', day, 'pay_status', ARGV[10], 'purchase_id', ARGV[1],
@@ -31,6 +34,7 @@ redis.call('HSET', KEYS[3], 'state', 'paid', 'token', ARGV[3], 'amount_cents', a
 local result = 1
 if run ~= '' then
   redis.call('HINCRBY', KEYS[7], 'tokens_bought', 1)
+  redis.call('HSET', KEYS[7], 'unknown_in_row', 0)
   redis.call('HSET', KEYS[7], 'price_cents', amount)
   redis.call('HINCRBY', KEYS[7], 'committed_cents', amount - price)
   local cap = redis.call('HGET', KEYS[7], 'budget_cents')
@@ -46,6 +50,11 @@ if run ~= '' then
     return 1
   end
   redis.call('HINCRBY', KEYS[7], 'committed_cents', -amount)
+end
+if amount > tonumber(ARGV[11]) then
+  redis.call('HSET', KEYS[3], 'state', 'held', 'hold_reason', 'bought above the price cap of ' .. ARGV[11] .. ' cents')
+  redis.call('RPUSH', KEYS[9], ARGV[2])
+  return -3
 end
 redis.call('RPUSH', KEYS[8], ARGV[2])
 return result

@@ -13,6 +13,8 @@
 -- ARGV[2]  holder token (the chunk lease's value)
 -- ARGV[3]  the images the call carries (comma-separated identities)
 -- ARGV[4]  lease, ms: how long before the sweep may ask the seller what became of the token
+-- ARGV[5]  the URLs the call carries without their queries (no signature), one per line, in the images' order:
+--          a later delivery reading the answer back matches its elements to these (it may presign elsewhere)
 -- Returns  1 marked sent; 0 fenced out (the caller must not send the token); -1 its owner paused the run;
 --          -2 the run is cancelled, failed or done; -3 wait for calls in flight to end (the failure threshold).
 --#include calls
@@ -26,8 +28,10 @@ local rate = tonumber(redis.call('HGET', KEYS[4], 'max_error_rate') or '1')
 local inflight = tonumber(redis.call('HGET', KEYS[4], 'calls_in_flight') or '0')
 if rate < 1 then
   -- Allowed while, even if every undecided call fails, the run stays at or under its threshold.
-  local n = tonumber(redis.call('HGET', KEYS[4], 'calls_ended') or '0') + inflight + 1
-  local failed = tonumber(redis.call('HGET', KEYS[4], 'calls_failed') or '0') + inflight + 1
+  local ended, nfailed = window(KEYS[4], tonumber(redis.call('HGET', KEYS[4], 'calls_ended') or '0'),
+                                tonumber(redis.call('HGET', KEYS[4], 'calls_failed') or '0'))
+  local n = ended + inflight + 1
+  local failed = nfailed + inflight + 1
   if inflight > 0 and n > tonumber(redis.call('HGET', KEYS[4], 'min_calls') or '0')
       and failed > failure_allowance(rate, n) then
     return -3
@@ -35,8 +39,8 @@ if rate < 1 then
 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('HSET', KEYS[1], 'state', 'sent', 'images', ARGV[3], 'sent_ms', now, 'updated_ms', now,
-           'call_open', '1')
+redis.call('HSET', KEYS[1], 'state', 'sent', 'images', ARGV[3], 'urls', ARGV[5], 'sent_ms', now,
+           'updated_ms', now, 'call_open', '1')
 redis.call('HINCRBY', KEYS[4], 'calls_in_flight', 1)
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[4]), ARGV[1])
 return 1

@@ -13,9 +13,27 @@
 -- ARGV[7]  why (for void), '' if nothing to say
 -- ARGV[8]  with an answer: '0' it bought a verdict, '1' it bought none (the call ends now, counted by the
 --          failure threshold); '' the call stays open until its verdicts are recorded (call_end.lua)
+-- ARGV[9]  how long (ms) the claims of an answer kept here stay pinned
+-- KEYS[7..] the image claims the call's chunk took on its images: with an answer kept, each one still held by
+--          that chunk (ARGV[6]) is pinned to the payment: no longer renewed or released with the chunk lease, it
+--          outlives a killed worker until its chunk's next delivery records the answer (record.lua releases
+--          it), so no other run's delivery pays for those images again meanwhile.
 -- Returns  {status, amount in cents}: status 1 if this call settled the token, 2 if it did and ending the
---          call failed the run (its threshold), 0 if it was settled before.
+--          call failed the run (its threshold), 0 if it was settled before (or its record is gone: archived).
 --#include calls
+local function pin_claims()
+  if ARGV[6] == '' then return end
+  for i = 7, #KEYS do
+    local claim = redis.call('GET', KEYS[i])
+    local rest = claim and string.match(claim, '^%S+ (.*)$')
+    if rest and (rest == ARGV[6] or string.sub(rest, 1, #ARGV[6] + 1) == ARGV[6] .. ' ') then
+      redis.call('SET', KEYS[i], 'paid:' .. ARGV[1] .. ' ' .. rest, 'PX', ARGV[9])
+    end
+  end
+end
+-- A payment with no record was settled, archived and forgotten (forget_settled): a late settlement (an answer,
+-- a reconciliation racing the run's end) must not bring it back half-empty and count it a second time.
+if redis.call('EXISTS', KEYS[1]) == 0 then return {0, 0} end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local state = redis.call('HGET', KEYS[1], 'state')
@@ -26,6 +44,7 @@ if state == 'spent' or state == 'void' then
   if ARGV[4] ~= '' and state == 'spent' and not redis.call('HGET', KEYS[1], 'request_id') then
     redis.call('HSET', KEYS[1], 'request_id', ARGV[3], 'answer', ARGV[4], 'updated_ms', now)
     if ARGV[6] ~= '' then redis.call('HSET', KEYS[5], ARGV[1], ARGV[6]) end
+    pin_claims()
     if redis.call('HGET', KEYS[1], 'lost') == '1' then
       redis.call('HSET', KEYS[1], 'lost', '0')
       redis.call('HINCRBY', KEYS[4], 'answers_lost', -1)
@@ -58,6 +77,7 @@ if ARGV[2] == 'spent' then
   if ARGV[4] ~= '' then
     redis.call('HSET', KEYS[1], 'answer', ARGV[4])
     if ARGV[6] ~= '' then redis.call('HSET', KEYS[5], ARGV[1], ARGV[6]) end
+    pin_claims()
   end
   if ARGV[5] == '1' then
     redis.call('HINCRBY', KEYS[4], 'answers_lost', 1)

@@ -5,14 +5,17 @@
 -- KEYS[3]  the zset of token leases (payment id -> expiry, ms on the Redis clock)
 -- KEYS[4]  the run's hash (committed_cents, budget_cents)
 -- KEYS[5]  wallet totals hash
+-- KEYS[6]  tokens held for a person (a token above the price cap is moved there, never lent)
 -- ARGV[1]  payment id
 -- ARGV[2]  run id
 -- ARGV[3]  holder token (the chunk delivery's lease token): only it may send the token
 -- ARGV[4]  lease, ms
 -- ARGV[5]  a token this close to its expiry (ms) is not lent: the call might outlive it
+-- ARGV[6]  the taker's price cap, cents (IRLIVE_MAX_PRICE_CENTS): a dearer token is held, not lent
 -- Returns  {1, token, amount} lent; {0} someone else took that id first (read the pool again);
 --          {-1} the run's cap would be crossed (the token stays in the pool); {-3} it had expired (voided);
---          {-4} its owner paused the run; {-5} the run is cancelled, failed or done (nothing is lent to it).
+--          {-4} its owner paused the run; {-5} the run is cancelled, failed or done (nothing is lent to it);
+--          {-6} it cost more than the taker's cap (held for a person; read the pool again).
 --          A run paused for budget is held by its cap, checked below.
 local run = redis.call('HGET', KEYS[4], 'state')
 if run == 'paused' then return {-4} end
@@ -30,6 +33,12 @@ if expires > 0 and expires <= now + tonumber(ARGV[5]) then
   return {-3}
 end
 local amount = tonumber(redis.call('HGET', KEYS[2], 'amount_cents') or '0')
+if amount > tonumber(ARGV[6]) then
+  redis.call('HSET', KEYS[2], 'state', 'held', 'updated_ms', now,
+             'hold_reason', 'costs more than the price cap of ' .. ARGV[6] .. ' cents')
+  redis.call('RPUSH', KEYS[6], ARGV[1])
+  return {-6}
+end
 local cap = redis.call('HGET', KEYS[4], 'budget_cents')
 local committed = tonumber(redis.call('HGET', KEYS[4], 'committed_cents') or '0')
 if cap and cap ~= '' and committed + amount > tonumber(cap) then

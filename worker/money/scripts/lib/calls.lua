@@ -12,6 +12,13 @@ local function failure_allowance(rate, n)
   return rate * n + 2 * math.sqrt(n * rate * (1 - rate))
 end
 
+-- The calls the threshold looks at: those ended since the run's last redrive (reopen.lua moves the window's
+-- start), so a run stopped by its threshold can be judged again once the seller is well.
+local function window(run, ended, nfailed)
+  return ended - tonumber(redis.call('HGET', run, 'threshold_ended_base') or '0'),
+         nfailed - tonumber(redis.call('HGET', run, 'threshold_failed_base') or '0')
+end
+
 local function end_call(payment, run, paid, failed)
   if redis.call('HDEL', payment, 'call_open') == 0 then return 0 end
   redis.call('HINCRBY', run, 'calls_in_flight', -1)
@@ -19,6 +26,7 @@ local function end_call(payment, run, paid, failed)
   local ended = redis.call('HINCRBY', run, 'calls_ended', 1)
   local nfailed = tonumber(redis.call('HGET', run, 'calls_failed') or '0')
   if failed then nfailed = redis.call('HINCRBY', run, 'calls_failed', 1) end
+  ended, nfailed = window(run, ended, nfailed)
   local rate = tonumber(redis.call('HGET', run, 'max_error_rate') or '1')
   local min_calls = tonumber(redis.call('HGET', run, 'min_calls') or '0')
   if rate >= 1 or ended < min_calls or nfailed <= failure_allowance(rate, ended) then return 0 end
