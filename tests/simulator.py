@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import multiprocessing
 import os
 import random
 import sys
@@ -621,7 +622,9 @@ def main(argv: list[str] | None = None) -> int:
     ranges = [(s, min(batch, ns.first + ns.seeds - s)) for s in range(ns.first, ns.first + ns.seeds, batch)]
     totals: Counter[str] = Counter()
     bad: list[Report] = []
-    with ProcessPoolExecutor(max_workers=ns.jobs) as pool:
+    # Spawned, not forked: `main` also runs inside pytest, and a child forked from a process with threads (xdist's
+    # channel, logging) can hang at exit on a lock one of them held; the executor then waits for it for ever.
+    with ProcessPoolExecutor(max_workers=ns.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         for reports in pool.map(_run_range, *zip(*ranges, strict=True)):
             for r in reports:
                 totals.update({"seeds": 1, "deliveries": r.deliveries, "crashes": r.crashes, "calls": r.calls,
