@@ -129,11 +129,12 @@ latest_venv() {
   local dir=$CACHE/latest
   mkdir -p "$dir"
   echo "== resolving the newest releases pyproject.toml allows (uv.lock untouched)"
-  UV_PYTHON_DOWNLOADS=never "$UV" pip compile --quiet --upgrade --python "$PY" "${EXTRA_ARGS[@]}" \
+  # --no-config: [tool.uv]'s constraints are for the lock; the newest releases are what a user's install may get.
+  UV_PYTHON_DOWNLOADS=never "$UV" pip compile --no-config --quiet --upgrade --python "$PY" "${EXTRA_ARGS[@]}" \
     --no-header --no-annotate -o "$dir/requirements.txt" pyproject.toml
   rm -rf "$dir/venv"
   "$UV" venv --quiet --python "$PY" "$dir/venv"
-  VIRTUAL_ENV=$dir/venv "$UV" pip install --quiet -r "$dir/requirements.txt"
+  VIRTUAL_ENV=$dir/venv "$UV" pip install --no-config --quiet -r "$dir/requirements.txt"
   VIRTUAL_ENV=$dir/venv "$UV" pip install --quiet --no-deps -e .
   # Compared as installed here (the locked venv was synced just before), so markers are this machine's.
   "$UV" pip freeze --quiet --exclude-editable --python "$VENV/bin/python" >"$dir/locked.txt"

@@ -250,7 +250,7 @@ class Stack:
             client.config_set("appendonly", "yes")
 
             def rewritten() -> bool:
-                info = client.info("persistence")
+                info: Any = client.info("persistence")  # typed as possibly awaitable before redis-py 8
                 return not info["aof_rewrite_in_progress"] and not info["aof_rewrite_scheduled"]
 
             wait_until(rewritten, SERVICE_START_TIMEOUT_S, "redis AOF rewrite", log=self.log_path("redis"))

@@ -210,7 +210,9 @@ class Store:
         sentinel_kwargs: dict[str, Any] = {"socket_timeout": 5.0, "socket_connect_timeout": 5.0}
         if target.sentinel_password:
             sentinel_kwargs["password"] = target.sentinel_password
-        sentinel: Any = Sentinel(list(target.sentinels), sentinel_kwargs=sentinel_kwargs)
+        # Typed from redis-py 8.2 on only; the lock holds 7.4 (pyproject.toml [tool.uv]) and --latest the newest.
+        factory: Any = Sentinel
+        sentinel: Any = factory(list(target.sentinels), sentinel_kwargs=sentinel_kwargs)
         client = sentinel.master_for(target.master_name, db=target.db, username=target.username,
                                      password=target.password, decode_responses=True, health_check_interval=30,
                                      socket_timeout=socket_timeout, socket_connect_timeout=10)
