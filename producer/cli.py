@@ -10,18 +10,12 @@ import signal
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
-
-from celery import Celery
 
 from producer.estimate import Estimate, usd
 from producer.filters import parse_suffixes, parse_time
-from producer.progress import display_for
-from producer.scan import ScanRequest, ScanResult, estimate, new_run_id, scan, watermark_name
-from producer.sources import parse_source
 from producer.status import Samples, follow, pace, render, status_dict, status_samples
-from worker.app import make_app, send_chunk, send_finalize
 from worker.config import PAYMENT_METHODS, S3Location, Settings, missing_extra
 from worker.errors import ConfigError, IrliveError, StoreUnavailable, UnknownRun
 from worker.flow.claims import Claims
@@ -31,13 +25,19 @@ from worker.flow.watermarks import Watermarks
 from worker.judge.manifest import VERDICTS
 from worker.keys import Keys
 from worker.messages import PRIORITIES, Chunk
-from worker.ops import logs
 from worker.ops.durability import require_durable
 from worker.ops.recovery import Reconciled, Recovery
 from worker.ops.redact import redact
-from worker.seams.storage import Storage
 from worker.seams.store import Store
 
+if TYPE_CHECKING:
+    from celery import Celery
+
+    from producer.scan import ScanResult
+    from worker.seams.storage import Storage
+
+# Celery (the broker's client), boto3 (S3) and rich (progress) are imported by the commands that use them: most
+# commands read Redis only, and each CLI call paid ~0.3 s importing the others (docs/TESTING.md).
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PAUSED, EXIT_HELD = 0, 1, 2, 3, 4
 # A source held by a run with no record yet is being created by a scan (claim, then create): not stale.
 _YOUNG_CLAIM_S = 120
@@ -328,6 +328,8 @@ class _Clients:
         self.claims = Claims(self.store, self.keys)
 
     def storage(self) -> Storage:
+        from worker.seams.storage import Storage
+
         return Storage(self.settings.s3_endpoint_url, self.settings.s3_region)
 
     def require_durable_redis(self) -> None:
@@ -342,6 +344,11 @@ class _Clients:
 
 
 def _cmd_scan(ns: argparse.Namespace) -> int:
+    from producer.progress import display_for
+    from producer.scan import ScanRequest, estimate, new_run_id, scan, watermark_name
+    from producer.sources import parse_source
+    from worker.ops import logs
+
     settings = Settings.from_env()
     logs.configure(settings.log_format, logging.INFO)
     clients = _Clients(settings)
@@ -382,7 +389,7 @@ def _cmd_scan(ns: argparse.Namespace) -> int:
                   f"${usd(ns.confirm_above)}", file=sys.stderr)
             return EXIT_USAGE
     clients.require_durable_redis()
-    app = make_app(settings)
+    app = _app(settings)
 
     latest: list[ScanResult] = []
 
@@ -507,7 +514,7 @@ def _cmd_resume(ns: argparse.Namespace) -> int:
             print(f"irlive: run {ns.run_id} {what} ({now.state}): nothing to resume"
                   + ("; a budget can be raised once it pauses" if ns.budget is not None else ""), file=sys.stderr)
         return EXIT_USAGE
-    _send_parked(make_app(settings), clients.runs, ns.run_id, parked)
+    _send_parked(_app(settings), clients.runs, ns.run_id, parked)
     status = clients.runs.status(ns.run_id)
     assert status is not None
     doc = {"run_id": ns.run_id, "state": status.state, "changed": True, "chunks_resent": len(parked),
@@ -521,9 +528,17 @@ def _require_run(runs: Runs, run_id: str) -> None:
         raise UnknownRun(run_id)
 
 
+def _app(settings: Settings) -> Celery:
+    from worker.app import make_app
+
+    return make_app(settings)
+
+
 def _send_parked(app: Celery, runs: Runs, run_id: str, parked: list[dict[str, Any]]) -> None:
     """Send a run's parked chunks again, then drop them from the parking list (a crash between re-sends them;
     a chunk delivered twice is recorded once)."""
+    from worker.app import send_chunk
+
     for message in parked:
         send_chunk(app, Chunk.from_message(message))
     runs.unpark(run_id, len(parked))
@@ -542,8 +557,10 @@ def _cmd_cancel(ns: argparse.Namespace) -> int:
     settings = Settings.from_env()
     clients = _Clients(settings)
     _require_run(clients.runs, ns.run_id)
+    from worker.app import send_finalize
+
     cancelled, state, parked = clients.runs.cancel(ns.run_id)
-    app = make_app(settings)
+    app = _app(settings)
     # Parked chunks wind down like the others: sent again, recorded not_judged, then the run finalises.
     _send_parked(app, clients.runs, ns.run_id, parked)
     status = clients.runs.status(ns.run_id)
@@ -566,8 +583,10 @@ def _recovery(clients: _Clients) -> Recovery:
 def _cmd_reconcile(ns: argparse.Namespace) -> int:
     settings = Settings.from_env()
     clients = _Clients(settings)
+    from worker.app import send_chunk, send_finalize
+
     lost = _recovery(clients).orphans(ns.run_id)
-    app = make_app(settings)
+    app = _app(settings)
     for chunk in lost:
         send_chunk(app, chunk)
     status = clients.runs.status(ns.run_id)
@@ -599,7 +618,9 @@ def _cmd_redrive(ns: argparse.Namespace) -> int:
     clients = _Clients(settings)
     chunks = _recovery(clients).reopen_failed(ns.run_id, include_rejected=ns.include_rejected,
                                               storage=clients.storage())
-    app = make_app(settings)
+    from worker.app import send_chunk
+
+    app = _app(settings)
     for chunk in chunks:
         send_chunk(app, chunk)
     doc = {"run_id": ns.run_id, "chunks_redriven": [c.seq for c in chunks]}
@@ -612,6 +633,7 @@ def _cmd_listen(ns: argparse.Namespace) -> int:
 
     from producer.listen import Listener
     from worker.flow.intake import Intake
+    from worker.ops import logs
     from worker.seams.sqs import EventQueue
 
     settings = Settings.from_env()
@@ -630,7 +652,7 @@ def _cmd_listen(ns: argparse.Namespace) -> int:
     # SIGTERM finishes the messages in hand (buffered, deleted), then stops.
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    listener = Listener(queue, Intake(clients.store, clients.keys, settings), make_app(settings),
+    listener = Listener(queue, Intake(clients.store, clients.keys, settings), _app(settings),
                         source=f"sqs://{name}", output=output, suffixes=parse_suffixes(ns.suffix),
                         buckets=settings.event_buckets, json_lines=ns.json)
     print(f"irlive listen: {queue.url} -> {output} (events queue; Ctrl-C or SIGTERM to stop)", file=sys.stderr)
@@ -738,8 +760,13 @@ def _cmd_wallet(ns: argparse.Namespace) -> int:
 def _cmd_status(ns: argparse.Namespace) -> int:
     clients = _Clients(Settings.from_env())
     samples = Samples()
-    status = (follow(clients.runs, ns.run_id, timeout_s=ns.timeout, samples=samples, display=display_for(ns.json))
-              if ns.wait else clients.runs.status(ns.run_id))
+    status: RunStatus | None
+    if ns.wait:
+        from producer.progress import display_for
+
+        status = follow(clients.runs, ns.run_id, timeout_s=ns.timeout, samples=samples, display=display_for(ns.json))
+    else:
+        status = clients.runs.status(ns.run_id)
     if status is None:
         raise UnknownRun(ns.run_id)
     how = pace(status, samples)

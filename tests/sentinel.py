@@ -23,6 +23,7 @@ from redis.sentinel import Sentinel
 from sandbox import procs
 from sandbox.procs import Proc, wait_until
 from sandbox.stack import Stack
+from worker.seams.store import close_sentinel
 
 MASTER_NAME = "irlive"
 START_TIMEOUT_S = 30.0
@@ -90,7 +91,7 @@ class SentinelGroup:
         running = [n.proc for n in [*self.sentinels, *self.nodes.values()] if n.proc is not None]
         procs.stop_groups(running, timeout=5.0)
         if self._discovery is not None:
-            self._discovery.close()
+            close_sentinel(self._discovery)
             self._discovery = None
 
     def __enter__(self) -> SentinelGroup:

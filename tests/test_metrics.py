@@ -142,12 +142,13 @@ def test_a_scan_that_waits_serves_what_it_listed(clean_stack: Stack) -> None:
                 seen.update(parse(httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text))
             except httpx.HTTPError:
                 return False
-            return value(seen, "irlive_scan_images_total", what="enqueued") == 30
+            # The run turns `running` once its listing is recorded, a moment after the last chunk is enqueued.
+            return (value(seen, "irlive_scan_images_total", what="enqueued") == 30
+                    and value(seen, "irlive_runs", state="running") == 1)
 
         # No worker runs: the scan has listed and enqueued everything and waits, serving its figures.
-        wait_until(listed, 60, "the waiting scan's /metrics to count 30 images enqueued")
+        wait_until(listed, 60, "the waiting scan's /metrics to count 30 images enqueued and its run running")
         assert value(seen, "irlive_scan_images_total", what="chunks") == 1
         assert value(seen, "irlive_queue_depth", queue="irlive.nightly") == 1
-        assert value(seen, "irlive_runs", state="running") == 1
     finally:
         procs.kill_group(scan, signal.SIGTERM, timeout=10)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from worker.config import S3Location
 from worker.errors import ConfigError, UnknownRun
@@ -14,8 +14,10 @@ from worker.judge.manifest import chunk_key
 from worker.keys import Keys
 from worker.messages import DEFAULT_PRIORITY, PRIORITIES, Chunk
 from worker.ops.broker import Broker
-from worker.seams.storage import Storage
 from worker.seams.store import Store
+
+if TYPE_CHECKING:  # boto3 is loaded by whoever builds a Storage, not by the commands that read Redis only
+    from worker.seams.storage import Storage
 
 
 def priority_of(run: dict[str, Any]) -> str:

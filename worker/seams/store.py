@@ -278,10 +278,7 @@ class Store:
     def close(self) -> None:
         self.client.close()
         if self._sentinel is not None:
-            # The Sentinel keeps a client per sentinel node of its own (redis-py >= 8.1 closes them).
-            close = getattr(self._sentinel, "close", None)
-            if callable(close):
-                close()
+            close_sentinel(self._sentinel)
 
     def persist(self, write: Callable[[], T], hold_s: float, what: str) -> T:
         """Run an idempotent write, retrying over Redis trouble for up to `hold_s`: for what must not be lost
@@ -300,3 +297,13 @@ class Store:
                     warned = True
                 time.sleep(delay)
                 delay = min(5.0, delay * 2)
+
+
+def close_sentinel(sentinel: Any) -> None:
+    """Close the client a redis-py Sentinel keeps for each sentinel node (its own close() is 8.1's and later)."""
+    close = getattr(sentinel, "close", None)
+    if callable(close):
+        close()
+        return
+    for node in getattr(sentinel, "sentinels", ()):
+        node.close()
