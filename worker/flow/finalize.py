@@ -26,7 +26,6 @@ from worker.judge.manifest import (
     run_manifest_key,
 )
 from worker.money.ledger import Ledger
-from worker.report.publish import publish_run
 from worker.seams.storage import Storage
 
 log = logging.getLogger("irlive.finalize")
@@ -148,6 +147,9 @@ def _publish(storage: Storage, output: S3Location, manifest: dict[str, Any], rec
              payments: list[dict[str, Any]], live_below: float) -> dict[str, Any]:
     """results.csv, report.html and the history page, before the manifest that points at them. A store that
     fails is retried with the finalisation; a bug here must not keep a paid-for run from its manifest."""
+    # Jinja2, pygal and pyarrow load at the first finalisation, not at every worker's start (~0.1 s of CPU).
+    from worker.report.publish import publish_run
+
     try:
         return publish_run(storage, output, manifest, records, payments, live_below=live_below)
     except TransientError:
