@@ -332,9 +332,8 @@ class Stack:
             "--concurrency", str(concurrency or self.concurrency), "--loglevel", "INFO",
             "--without-gossip", "--without-mingle", "-n", f"{name}@%h",
         ]  # fmt: skip
-        # The log file is no terminal, so IRLIVE_LOG_FORMAT's auto would mean JSON: the stack's logs are read by
-        # people and by tests' text checks, so text unless the caller's environment or settings ask for JSON.
-        env = {"IRLIVE_LOG_FORMAT": "text", **os.environ, **self.env, **(extra_env or {})}
+        # Logs are text unless the caller's environment or settings ask for JSON (IRLIVE_LOG_FORMAT's default).
+        env = {**os.environ, **self.env, **(extra_env or {})}
         w = WorkerProc(name, procs.spawn(cmd, self.log_path(name), env=env, cwd=_REPO), self.log_path(name))
         self.workers.append(w)
         return w

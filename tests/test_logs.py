@@ -102,8 +102,8 @@ def _lines(stream: io.StringIO) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------- the setting
 
 
-def test_log_format_setting_parses_and_defaults_to_auto() -> None:
-    assert Settings().log_format == "auto"
+def test_log_format_setting_parses_and_defaults_to_text() -> None:
+    assert Settings().log_format == "text"
     assert Settings.from_env({"IRLIVE_LOG_FORMAT": " JSON "}).log_format == "json"
     assert Settings.from_env({"IRLIVE_LOG_FORMAT": "text"}).log_format == "text"
     with pytest.raises(ConfigError, match="IRLIVE_LOG_FORMAT"):
@@ -371,3 +371,26 @@ def _fail_a_chunk_quoting(stack: Stack, url: str, text: str) -> str:
     finally:
         app.close()
         store.close()
+
+
+@pytest.mark.integration
+def test_a_worker_and_a_scan_log_text_unless_json_is_asked_for(clean_stack: Stack, irlive: IrliveRunner) -> None:
+    """No IRLIVE_LOG_FORMAT, and neither stderr a terminal (a file, a pipe): text, as a CLI's is; and Celery's
+    root paragraph is not repeated on every start (the tests run as root here)."""
+    upload(clean_stack, [Sample(f"plain/img_{i}.png", png(128, 128, "live", seed=40 + i), "live") for i in range(2)])
+    worker = clean_stack.start_worker()
+    scanned = irlive("scan", f"s3://{IN_BUCKET}/plain", "--wait", timeout=120)
+    assert scanned.returncode == 0, scanned.stderr
+    clean_stack.stop_workers()
+    text = worker.log.read_text()
+    lines = [line for line in text.splitlines() if line.strip()]
+    assert any("ready." in line for line in lines), text
+    assert [line for line in lines if line.lstrip().startswith("{")] == [], "a JSON line nobody asked for"
+    assert [line for line in scanned.stderr.splitlines() if line.lstrip().startswith("{")] == []
+    assert "superuser privileges" not in text
+    # As root, JSON asked for: the root line is INFO, not a WARNING record on every start.
+    json_worker = clean_stack.start_worker(extra_env={"IRLIVE_LOG_FORMAT": "json"})
+    clean_stack.stop_workers()
+    warned = [line for line in json_worker.log.read_text().splitlines()
+              if "runs as root" in line and json.loads(line).get("level") == "WARNING"]
+    assert warned == []

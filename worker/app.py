@@ -284,6 +284,6 @@ def app_from_env() -> Celery:
             # Until Celery sets up its own handlers (after worker_init), lines such as create_app's warning and
             # the Redis durability check would reach stderr through Python's last-resort handler, unformatted.
             logs.configure(settings.log_format)
-            logs.say_root_once(settings.log_format)
+            logs.say_root_once()
             _from_env = create_app(settings)
         return _from_env

@@ -124,8 +124,9 @@ class Settings:
     # once at least min_calls have ended, stops paying and ends failed; 1 turns it off.
     max_error_rate: float = 0.5
     min_calls: int = 20
-    # Log lines as JSON (one event a line) or text; auto: text when stderr is a terminal, JSON otherwise.
-    log_format: str = "auto"
+    # Log lines as text (what a person reading a CLI expects, wherever stderr goes) unless asked: json (one event a
+    # line, what the deploy files set for a collector), or auto (text at a terminal, JSON otherwise).
+    log_format: str = "text"
     # report.html lists a `live` capture for a person to review when the seller's confidence (Rate, 0-100) is
     # below this.
     review_live_below: float = 80.0

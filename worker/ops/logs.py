@@ -194,9 +194,9 @@ def configure(fmt: str, level: int | None = None) -> logging.Handler:
     return handler
 
 
-def say_root_once(fmt: str) -> None:
-    """A worker as root: Celery warns about it from inside its own logging setup, through its text formatter,
-    before the JSON one is in place; in JSON mode it is said here once, as a JSON record, instead."""
-    if resolve(fmt) == "json" and hasattr(os, "geteuid") and os.geteuid() == 0:
+def say_root_once() -> None:
+    """A worker as root: Celery's SecurityWarning is a paragraph on every start (containers often run as root; the
+    deploy files do not), through its own text formatter whatever the format; said here as one INFO line instead."""
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
         warnings.filterwarnings("ignore", message=".*superuser privileges.*")
-        logging.getLogger("irlive.logs").warning("the worker runs as root (uid 0); Celery advises against it")
+        logging.getLogger("irlive.logs").info("the worker runs as root (uid 0); Celery advises against it")
