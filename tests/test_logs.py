@@ -394,3 +394,25 @@ def test_a_worker_and_a_scan_log_text_unless_json_is_asked_for(clean_stack: Stac
     warned = [line for line in json_worker.log.read_text().splitlines()
               if "runs as root" in line and json.loads(line).get("level") == "WARNING"]
     assert warned == []
+
+
+def test_a_broker_retry_is_one_line_at_most_every_30_s() -> None:
+    import redis
+
+    line = logs.BrokerRetryLine(every_s=30.0)
+    refused = redis.exceptions.OutOfMemoryError("command not allowed when used memory > 'maxmemory'")
+    oom = _record("maybe_refresh_binding_expiry: Redis error, will retry", exc=_raised_as(refused))
+    assert line.filter(oom) is True
+    assert oom.exc_info is None and "OutOfMemoryError" in oom.getMessage() and "maxmemory" in oom.getMessage()
+    again = _record("maybe_refresh_binding_expiry: Redis error, will retry",
+                    exc=_raised_as(redis.exceptions.OutOfMemoryError("again")))
+    assert line.filter(again) is False, "said once per 30 s"
+    other = _record("Redis connection lost", exc=_raised_as(ValueError("not redis")))
+    assert line.filter(other) is True and other.exc_info is not None, "anything else is left as it is"
+
+
+def _raised_as(exc: BaseException) -> BaseException:
+    try:
+        raise exc
+    except BaseException as caught:
+        return caught

@@ -273,6 +273,9 @@ def test_a_paid_answer_survives_redis_refusing_writes_and_is_never_paid_again(
     problems = check_invariants(clean_stack, run_id, samples, strict_once=True)
     assert problems == []
     assert clean_stack.sandbox_ledger()["calls_billed"] == 2
+    # A refusal the worker rides out is one line now and then, not kombu's two tracebacks every second.
+    log = worker.log.read_text()
+    assert "Traceback" not in log, log[-3000:]
 
 
 # ---- hole 10: an object overwritten between validation and the seller's fetch --------------------------

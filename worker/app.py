@@ -193,6 +193,7 @@ def _connect_lifecycle(app: Celery, settings: Settings, runtime: Any) -> None:
         redact.install(logger)
         # httpx logs every request at INFO: a line per call and per payment, at a cost in CPU per image.
         logging.getLogger("httpx").setLevel(logging.WARNING)
+        logs.quiet_broker_retries()
         # Prefork children log through billiard's multiprocessing logger, which Celery sets up on its own.
         from celery.utils.log import get_multiprocessing_logger
 

@@ -6,6 +6,7 @@ import logging
 import os
 import re
 import sys
+import time
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -200,3 +201,41 @@ def say_root_once() -> None:
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         warnings.filterwarnings("ignore", message=".*superuser privileges.*")
         logging.getLogger("irlive.logs").info("the worker runs as root (uid 0); Celery advises against it")
+
+
+# kombu's Redis transport logs a refusal it retries itself (out of memory, read-only, a dropped connection) as a
+# WARNING with two chained tracebacks, once a second for as long as it lasts.
+BROKER_LOGGER = "kombu.transport.redis"
+BROKER_RETRY_EVERY_S = 30.0
+
+
+class BrokerRetryLine(logging.Filter):
+    """One line with the reason instead of the tracebacks, at most every BROKER_RETRY_EVERY_S per message."""
+
+    def __init__(self, every_s: float = BROKER_RETRY_EVERY_S) -> None:
+        super().__init__()
+        self._every_s = every_s
+        self._last: dict[str, float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is None or not type(exc).__module__.startswith("redis"):
+            return True
+        what = record.getMessage()
+        now = time.monotonic()
+        if now - self._last.get(what, -self._every_s) < self._every_s:
+            return False
+        self._last[what] = now
+        record.msg = f"{what}: {type(exc).__name__}: {exc} (kombu retries it; said at most every {self._every_s:.0f} s)"
+        record.args = None
+        record.exc_info = None
+        record.exc_text = None
+        return True
+
+
+def quiet_broker_retries() -> None:
+    """Install BrokerRetryLine on kombu's Redis transport logger (once)."""
+    logger = logging.getLogger(BROKER_LOGGER)
+    if not any(isinstance(f, BrokerRetryLine) for f in logger.filters):
+        logger.addFilter(BrokerRetryLine())
+
