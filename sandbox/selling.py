@@ -57,6 +57,15 @@ class State:
         self.stopping = threading.Event()
         # Straight to the image host, like the upstream: a proxy from the environment would not see 127.0.0.1.
         self.client = httpx.Client(trust_env=False)
+        self._refusals_left = self.config.download_refusals
+
+    def take_download_refusal(self) -> bool:
+        """Whether this call's downloads are refused (one of config.download_refusals, counted down)."""
+        with self.rng_lock:
+            if self._refusals_left <= 0:
+                return False
+            self._refusals_left -= 1
+            return True
 
     def rolls(self, n: int) -> list[float]:
         with self.rng_lock:
@@ -64,9 +73,11 @@ class State:
 
     def reconfigure(self, changes: dict[str, Any]) -> SandboxConfig:
         new = updated(self.config, changes)
-        if "seed" in changes:
-            with self.rng_lock:
+        with self.rng_lock:
+            if "seed" in changes:
                 self.rng.seed(new.seed)
+            if "download_refusals" in changes:
+                self._refusals_left = new.download_refusals
         self.config = new
         return new
 
@@ -219,6 +230,10 @@ def run_upstream(state: State, config: SandboxConfig, urls: list[str]) -> tuple[
         state.stopping.wait(config.fetch_delay_ms / 1000)
         if state.stopping.is_set():
             return shutting_down()
+    if state.take_download_refusal():
+        ledger.count("upstream_errors")
+        refused = upstream.UpstreamError("InvalidImage.Download", "Failed to download the image: HTTP 503.")
+        return refused.status, upstream.json_body(refused.body())
     elements: list[dict[str, Any]] = []
     failures: list[upstream.UpstreamError] = []
     for url in urls:

@@ -97,7 +97,8 @@ class StubSeller:
 
     Behaviours: ok, 429, 503 (consumes the token), timeout (consumes, then no answer), 401, 402, garbage (a 200
     whose body is not JSON), nested (a 200 whose Result is too deeply nested to read), missing_last (the last
-    image's element is missing). Any call carrying one of `bad_keys` is refused 400 InvalidImage.Download.
+    image's element is missing), download_refused (400 InvalidImage.Download for the whole call, as a seller
+    fetching from an overloaded store answers). Any call carrying one of `bad_keys` is refused so too.
     """
 
     price_cents: int = 20
@@ -150,7 +151,7 @@ class StubSeller:
             return httpx.Response(503, json={"Code": "ServiceUnavailable", "Message": "try later"})
         if behaviour == "timeout":
             raise httpx.ReadTimeout("the answer never came", request=request)
-        if self.bad_keys & set(keys):
+        if self.bad_keys & set(keys) or behaviour == "download_refused":
             return httpx.Response(400, json={"Code": "InvalidImage.Download", "Message": "cannot fetch"})
         if behaviour == "garbage":
             return httpx.Response(200, content=b"<html>oops</html>")

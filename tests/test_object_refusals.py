@@ -44,3 +44,20 @@ def test_an_archived_or_denied_object_is_rejected_alone_and_the_run_goes_on(clea
     ledger = clean_stack.sandbox_ledger()
     assert ledger["calls_billed"] == 1 and len(ledger["billed_image_urls_path_counts"]) == 3, \
         "one call for the three readable images; nothing for the refused ones"
+
+
+def test_a_call_the_seller_could_not_download_is_sent_once_more_whole_not_bisected(clean_stack: Stack,
+                                                                                   irlive: IrliveRunner) -> None:
+    """The seller's store overloaded for one call (the sandbox refuses every download of the next call): the
+    worker sends the same ten images once more, one extra paid call, instead of 2 x 10 - 1 calls of a bisection."""
+    upload(clean_stack, [Sample(f"blip/img_{i}.png", png(96, 96, "live", seed=720 + i), "live") for i in range(10)])
+    clean_stack.sandbox_config(download_refusals=1)
+    worker = clean_stack.start_worker()
+    done = irlive("scan", f"s3://{IN_BUCKET}/blip", "--wait", "--json", timeout=180)
+    assert done.returncode == 0, done.stderr
+    final = json.loads(done.stdout.splitlines()[-1])
+    records = read_run(clean_stack, final["run_id"]).records
+    assert sorted(r["verdict"] for r in records) == ["live"] * 10
+    ledger = clean_stack.sandbox_ledger()
+    assert ledger["upstream_errors"] == 1 and ledger["calls_billed"] == 2, ledger
+    assert "once more before splitting" in worker.log.read_text()

@@ -119,6 +119,26 @@ def test_a_batch_refused_for_one_image_is_halved_until_that_image_is_found() -> 
     assert Counter(r["verdict"] for r in got.values()) == Counter({"live": 7, "error": 1})
 
 
+def test_a_batch_the_seller_could_not_download_is_sent_once_more_whole_before_it_is_split() -> None:
+    h = harness(settings())
+    h.seller.script.extend(["download_refused"])
+    chunk = chunk_of(h, 8)
+    ChunkProcessor(h.deps).run(chunk)
+    # The storage's blip passed: one extra call, not the eight-image bisection (2 x 8 - 1 calls).
+    assert [len(keys) for keys in h.seller.calls] == [8, 8]
+    assert verdicts(h, chunk) == Counter({"live": 8})
+
+
+def test_a_batch_refused_for_a_download_twice_is_split_and_its_halves_are_not_retried_whole_again() -> None:
+    h = harness(settings())
+    h.seller.script.extend(["download_refused", "download_refused", "download_refused"])
+    chunk = chunk_of(h, 8)
+    ChunkProcessor(h.deps).run(chunk)
+    # 8 refused, 8 again refused, split: the first half refused is halved at once (no second retry), then ok.
+    assert [len(keys) for keys in h.seller.calls] == [8, 8, 4, 2, 2, 4]
+    assert verdicts(h, chunk) == Counter({"live": 8})
+
+
 def test_a_refused_token_is_void_and_another_is_bought() -> None:
     h = harness(settings())
     h.seller.script.append("402")

@@ -45,6 +45,7 @@ BAD: dict[str, tuple[Any, ...]] = {
     "retry_after": ("a\tb", "9" * 201, "é"),
     "payment_latency_ms": (-1, 600_001),
     "fetch_delay_ms": (-1, 600_001),
+    "download_refusals": (-1, 1_000_001),
     "x402_network": ("eip155:1", "base"),
     "x402_pay_to": ("0x123", "0x" + "g" * 40),
     "x402_max_timeout_s": (0, 86_401),
@@ -71,6 +72,7 @@ GOOD: dict[str, tuple[Any, ...]] = {
     "retry_after": ("", "9" * 200, "Wed, 21 Oct 2015 07:28:00 GMT"),
     "payment_latency_ms": (0, 600_000),
     "fetch_delay_ms": (0, 600_000),
+    "download_refusals": (0, 1_000_000),
     "x402_max_timeout_s": (1, 86_400),
 }
 

@@ -26,6 +26,9 @@ class Meter(Protocol):
 
     def dead_letter(self) -> None: ...
 
+    def download_retry(self) -> None:
+        """A batch the seller could download none of, sent once more whole before it is split."""
+
 
 class NullMeter:
     """Counts nothing: what the core uses when no metrics are served."""
@@ -49,4 +52,7 @@ class NullMeter:
         pass
 
     def dead_letter(self) -> None:
+        pass
+
+    def download_retry(self) -> None:
         pass

@@ -51,7 +51,8 @@ class Action(StrEnum):
 
     RETRY = "retry with backoff (counts an attempt)"
     WAIT = "wait out Retry-After and go again (no attempt used; the fleet slows down)"
-    SPLIT = "split the call to find the image (a lone image is recorded with the code)"
+    SPLIT = ("split the call to find the image (a lone image is recorded with the code); a call refused for a "
+             "download is first sent once more whole (the store, more often than the image)")
     RECORD = "record on the image with its code; never retried, never paid"
     RECORD_PAID = "record the paid call's images with the code; never paid again"
     VOID_AND_RETRY = "the token is void (settled with the seller); retry with another (counts an attempt)"

@@ -102,6 +102,9 @@ class Deps:
     meter: Meter = field(default_factory=NullMeter)
 
 
+# The seller's code for a call refused over an image it could not fetch (see _split_or_fail).
+DOWNLOAD_REFUSED = "InvalidImage.Download"
+
 @dataclass
 class _Image:
     index: int
@@ -116,6 +119,8 @@ class _Image:
 class _Group:
     images: list[_Image]
     attempts: int = 0
+    # Sent once more whole after the seller could not download any of its images (its halves inherit this).
+    download_retried: bool = False
 
 
 @dataclass
@@ -606,13 +611,24 @@ class ChunkProcessor:
         queue.append(group)
 
     def _split_or_fail(self, chunk: Chunk, group: _Group, queue: deque[_Group], exc: PermanentInputError) -> None:
-        """A batch refused for one bad image: halve it to find the image (each half is a new, counted call)."""
+        """A batch refused for one bad image: halve it to find the image (each half is a new, counted call).
+
+        A call refused for a download the seller could not make is, more often than not, the storage (an
+        overloaded S3, a blip) and not an image the worker has just read: the whole batch is sent once more
+        after a pause, one extra call, before it is halved (2n - 1 calls for n images if one is truly bad)."""
+        if exc.code.startswith(DOWNLOAD_REFUSED) and not group.download_retried:
+            self.deps.meter.download_retry()
+            log.warning("chunk %s: the seller could not download the images of a call (%s); sending its %d images "
+                        "once more before splitting", chunk.label(), exc.code, len(group.images))
+            self.deps.sleep(self._backoff(group.attempts + 1))
+            queue.appendleft(_Group(group.images, group.attempts, download_retried=True))
+            return
         if len(group.images) > 1:
             mid = len(group.images) // 2
             log.warning("chunk %s: call refused (%s); splitting %d images", chunk.label(), exc.code,
                         len(group.images))
-            queue.appendleft(_Group(group.images[mid:], group.attempts))
-            queue.appendleft(_Group(group.images[:mid], group.attempts))
+            queue.appendleft(_Group(group.images[mid:], group.attempts, group.download_retried))
+            queue.appendleft(_Group(group.images[:mid], group.attempts, group.download_retried))
             return
         img = group.images[0]
         self._save(chunk, [Save(img.index, img.item, unjudged_record(

@@ -55,6 +55,9 @@ class Metrics:
         self._deliveries = PromCounter("irlive_deliveries", "Chunk deliveries taken, by queue", ["queue"],
                                        registry=r)
         self._dead = PromCounter("irlive_dead_letters", "Chunks dead-lettered", registry=r)
+        self._download_retries = PromCounter(
+            "irlive_download_retries", "Batches the seller could download none of, sent once more whole before "
+            "being split (a sign of the storage, not of the images)", registry=r)
         self._lost = PromCounter("irlive_answers_lost", "Paid calls whose answer never reached the ledger",
                                  registry=r)
         self._call_s = PromHistogram("irlive_call_duration_seconds", "Seller call latency", buckets=CALL_BUCKETS,
@@ -90,6 +93,9 @@ class Metrics:
 
     def dead_letter(self) -> None:
         self._dead.inc()
+
+    def download_retry(self) -> None:
+        self._download_retries.inc()
 
 
 class FleetCollector(Collector):
