@@ -645,6 +645,7 @@ COUNTERS: dict[str, dict[str, frozenset[str] | None]] = {
     "irlive_throttles_total": {},
     "irlive_deliveries_total": {"queue": None},
     "irlive_dead_letters_total": {},
+    "irlive_download_retries_total": {},
     "irlive_answers_lost_total": {},
 }
 HISTOGRAMS = ("irlive_call_duration_seconds", "irlive_chunk_duration_seconds", "irlive_limiter_wait_seconds")
