@@ -759,6 +759,7 @@ def _cmd_wallet(ns: argparse.Namespace) -> int:
 
 def _cmd_status(ns: argparse.Namespace) -> int:
     clients = _Clients(Settings.from_env())
+    _say_if_writes_are_held(clients.store)
     samples = Samples()
     status: RunStatus | None
     if ns.wait:
@@ -778,6 +779,16 @@ def _cmd_status(ns: argparse.Namespace) -> int:
     if not ns.json and doc["report"]:
         print(f"report: {doc['report']}")
     return _run_exit(status) if ns.wait or status.state == "failed" else EXIT_OK
+
+
+def _say_if_writes_are_held(store: Store) -> None:
+    """With Sentinel and wait_replicas, a master with too few replicas online holds every write: runs stand
+    still, and nothing else would say why."""
+    replicas = store.replicas_online()
+    if replicas is not None and replicas[0] < replicas[1]:
+        print(f"irlive: warning: Redis at {store.where} has {replicas[0]} replica(s) online and every write waits "
+              f"for {replicas[1]} (wait_replicas in IRLIVE_REDIS_URL): writes are held and runs stand still until "
+              "a replica is back (docs/OPERATIONS.md, 'Redis Sentinel')", file=sys.stderr)
 
 
 def _cmd_report(ns: argparse.Namespace) -> int:

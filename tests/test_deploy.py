@@ -654,6 +654,8 @@ GAUGES: dict[str, dict[str, frozenset[str] | None]] = {
     "irlive_limiter_rate_per_s": {},
     "irlive_queue_depth": {"queue": None},
     "irlive_token_pool": {},
+    "irlive_redis_replicas": {},
+    "irlive_redis_replicas_wanted": {},
     "irlive_budget_left_cents": {"scope": frozenset({"run", "day"}), "run_id": None},
     "irlive_runs": {"state": None},
     "irlive_run_images": {"run_id": None, "state": None},
@@ -962,6 +964,14 @@ def test_promtool_alert_rules_fire_when_they_should(tmp_path: Path) -> None:
                              alert("IrliveDailyBudgetNearlySpent", "12m", [])]},
         {"interval": "1m", "input_series": [_series('irlive_calls_total{instance="w1",outcome="answered"}', "0x20")],
          "alert_rule_test": [alert("IrliveNoWorkerMetrics", "15m", [crit])]},
+        {"interval": "1m", "input_series": [
+            _series('irlive_redis_replicas{instance="w1"}', "1 1 0 0 0 0 1 1"),
+            _series('irlive_redis_replicas{instance="w2"}', "1 1 0 0 0 0 1 1"),
+            _series('irlive_redis_replicas_wanted{instance="w1"}', "1x8"),
+            _series('irlive_redis_replicas_wanted{instance="w2"}', "1x8")],
+         "alert_rule_test": [alert("IrliveRedisReplicasMissing", "2m", []),
+                             alert("IrliveRedisReplicasMissing", "4m", [crit]),
+                             alert("IrliveRedisReplicasMissing", "7m", [])]},
     ]
     spec = {"rule_files": ["rules.yaml"], "evaluation_interval": "1m", "tests": tests}
     (tmp_path / "test.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))

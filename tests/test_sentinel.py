@@ -15,8 +15,10 @@ The sentinels' short timings are the test's own; the workers run on the shipped 
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,7 +28,7 @@ import pytest
 
 from sandbox import procs
 from sandbox.config import SandboxConfig
-from tests.conftest import BUCKETS, SETTINGS_ENV
+from tests.conftest import BUCKETS, IRLIVE_BIN, SETTINGS_ENV
 from tests.faults import (
     Books,
     Drive,
@@ -45,6 +47,7 @@ from worker.keys import Keys
 from worker.money.budgets import Budgets, today
 from worker.money.purchaser import Purchaser
 from worker.ops.durability import require_durable
+from worker.ops.metrics import FleetCollector
 from worker.seams.marketplace import Payment, Quote
 from worker.seams.store import Store
 
@@ -148,6 +151,7 @@ def test_a_purchase_begun_while_no_replica_acknowledges_leaves_no_phantom(tmp_pa
             assert node.proc is not None
             procs.kill_group(node.proc, signal.SIGKILL)
             node.proc = None
+            _the_missing_replica_is_said(group.url, store, keys)
             # Two attempts, as a retry makes: each holds its settlement for SETTLE_HOLD_S while no replica answers
             # (the shipped hold, ~28 s an attempt), so the issue's five would only repeat the second.
             for _ in range(2):
@@ -162,6 +166,16 @@ def test_a_purchase_begun_while_no_replica_acknowledges_leaves_no_phantom(tmp_pa
             assert int(master.hget(keys.wallet_totals(), "unknown_purchases") or 0) == 0
         finally:
             store.close()
+
+
+def _the_missing_replica_is_said(url: str, store: Store, keys: Keys) -> None:
+    """Writes are held now: the store, the fleet's gauges and `irlive status` say why (issue 22, item 9)."""
+    procs.wait_until(lambda: store.replicas_online() == (0, 1), 30, "the master to see its replica gone")
+    gauges = {m.name: m.samples[0].value for m in FleetCollector(store, keys, None).collect() if m.samples}
+    assert gauges["irlive_redis_replicas"] == 0 and gauges["irlive_redis_replicas_wanted"] == 1
+    said = subprocess.run([str(IRLIVE_BIN), "status", "some-run"], env={**os.environ, "IRLIVE_REDIS_URL": url},
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert "0 replica(s) online and every write waits for 1" in said.stderr, said.stderr
 
 
 @dataclass

@@ -124,6 +124,12 @@ class FleetCollector(Collector):
             depth.add_metric([queue], float(store.llen(queue)))
         yield depth
         yield _gauge("irlive_token_pool", "Prepaid tokens waiting in the shared pool", float(store.llen(keys.pool())))
+        replicas = store.replicas_online()
+        if replicas is not None:
+            online, wanted = replicas
+            yield _gauge("irlive_redis_replicas", "Replicas of the Redis master online now (Sentinel)", float(online))
+            yield _gauge("irlive_redis_replicas_wanted", "Replicas every write waits for (wait_replicas): with "
+                         "fewer online, writes are held and runs stand still", float(wanted))
         yield from self._runs()
 
     def _runs(self) -> Iterator[GaugeMetricFamily]:

@@ -255,6 +255,18 @@ class Store:
             self._scripts[key] = Script(self.client, key, script_source(package, name), self.replication)
         return self._scripts[key]
 
+    def replicas_online(self) -> tuple[int, int] | None:
+        """(replicas of the master online now, replicas each write waits for), when writes wait for any
+        (Sentinel with wait_replicas > 0); None otherwise. Fewer online than wanted: every write is held."""
+        if self.replication is None:
+            return None
+        with translated("INFO replication"):
+            info: Any = self.client.info("replication")
+        online = sum(1 for name, value in info.items()
+                     if name.startswith("slave") and name[5:].isdigit() and isinstance(value, dict)
+                     and value.get("state") == "online")
+        return online, self.replication.replicas
+
     def pipeline(self, transaction: bool = True) -> Pipeline:
         return Pipeline(self.client.pipeline(transaction=transaction), self.replication)
 
