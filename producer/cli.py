@@ -788,7 +788,7 @@ def _say_if_writes_are_held(store: Store) -> None:
     if replicas is not None and replicas[0] < replicas[1]:
         print(f"irlive: warning: Redis at {store.where} has {replicas[0]} replica(s) online and every write waits "
               f"for {replicas[1]} (wait_replicas in IRLIVE_REDIS_URL): writes are held and runs stand still until "
-              "a replica is back (docs/OPERATIONS.md, 'Redis Sentinel')", file=sys.stderr)
+              "a replica is back (docs/OPERATIONS.md, 'Redis high availability')", file=sys.stderr)
 
 
 def _cmd_report(ns: argparse.Namespace) -> int:

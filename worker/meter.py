@@ -27,7 +27,7 @@ class Meter(Protocol):
     def dead_letter(self) -> None: ...
 
     def download_retry(self) -> None:
-        """A batch the seller could download none of, sent once more whole before it is split."""
+        """A call refused for a download the seller could not make, sent once more whole before it is split."""
 
 
 class NullMeter:

@@ -105,6 +105,7 @@ class Deps:
 # The seller's code for a call refused over an image it could not fetch (see _split_or_fail).
 DOWNLOAD_REFUSED = "InvalidImage.Download"
 
+
 @dataclass
 class _Image:
     index: int
@@ -119,7 +120,7 @@ class _Image:
 class _Group:
     images: list[_Image]
     attempts: int = 0
-    # Sent once more whole after the seller could not download any of its images (its halves inherit this).
+    # Sent once more whole after a call refused for a download (its halves inherit this: no second time).
     download_retried: bool = False
 
 
@@ -615,7 +616,8 @@ class ChunkProcessor:
 
         A call refused for a download the seller could not make is, more often than not, the storage (an
         overloaded S3, a blip) and not an image the worker has just read: the whole batch is sent once more
-        after a pause, one extra call, before it is halved (2n - 1 calls for n images if one is truly bad)."""
+        after a pause, one extra call, before it is halved (when one image truly is bad, 2n calls for n images
+        instead of 2n - 1)."""
         if exc.code.startswith(DOWNLOAD_REFUSED) and not group.download_retried:
             self.deps.meter.download_retry()
             log.warning("chunk %s: the seller could not download the images of a call (%s); sending its %d images "

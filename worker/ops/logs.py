@@ -238,4 +238,3 @@ def quiet_broker_retries() -> None:
     logger = logging.getLogger(BROKER_LOGGER)
     if not any(isinstance(f, BrokerRetryLine) for f in logger.filters):
         logger.addFilter(BrokerRetryLine())
-

@@ -56,8 +56,8 @@ class Metrics:
                                        registry=r)
         self._dead = PromCounter("irlive_dead_letters", "Chunks dead-lettered", registry=r)
         self._download_retries = PromCounter(
-            "irlive_download_retries", "Batches the seller could download none of, sent once more whole before "
-            "being split (a sign of the storage, not of the images)", registry=r)
+            "irlive_download_retries", "Calls refused for a download the seller could not make, sent once more "
+            "whole before being split (a sign of the storage more often than of the images)", registry=r)
         self._lost = PromCounter("irlive_answers_lost", "Paid calls whose answer never reached the ledger",
                                  registry=r)
         self._call_s = PromHistogram("irlive_call_duration_seconds", "Seller call latency", buckets=CALL_BUCKETS,
