@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import pytest
@@ -119,3 +120,51 @@ def test_a_delivery_without_its_index_entry_is_not_read_as_delivered_in_1970(cle
     [delivery] = broker.deliveries()
     assert (delivery.tag, delivery.delivered_at, delivery.chunk["seq"] if delivery.chunk else None) == (
         "tag-1", 1_796_000_000.5, 0)
+
+
+def test_a_delivery_a_live_worker_holds_without_a_lease_is_not_handed_back(clean_stack: Stack) -> None:
+    """A chunk delivered 60 s ago with no lease yet (waiting for a free thread in its live worker) stays with
+    that worker while the process says it holds it; once its word lapses (the process died), it is handed back."""
+    from worker.app import make_app, send_chunk
+    from worker.config import Settings
+    from worker.messages import Chunk
+    from worker.ops.holding import Holding
+
+    app = make_app(Settings.from_env(clean_stack.env))
+    send_chunk(app, Chunk("r1", 0, "irlive-in", [("x/a.png", "e1")], "nightly"))
+    client = clean_stack.redis_client()
+    raw = client.lpop("irlive.nightly")
+    assert raw is not None
+    client.hset("unacked", "tag-1", json.dumps([json.loads(raw), "", "irlive.nightly"]))
+    client.zadd("unacked_index", {"tag-1": time.time() - 60})
+    store = Store(redis.Redis.from_url(clean_stack.redis_url, decode_responses=True))
+    keys = Keys()
+    runs = Runs(store, keys)
+    restored: list[str] = []
+    broker = Broker(store, restore=restored.append)
+    dog = Watchdog(store, keys, runs, broker, Recovery(store, keys, runs, broker), lambda n, a: None)
+    worker = Holding(store, keys, forget_after_s=3600, process="host-a/41")
+    worker.received("task-1", "tag-1")
+    worker.say()
+
+    assert dog.restore_orphans() == 0 and restored == [], "its live worker holds it"
+    client.delete(keys.holding("host-a/41"))  # the process stopped saying so: it is gone
+    assert dog.restore_orphans() == 1 and restored == ["tag-1"]
+    assert client.smembers(keys.holders()) == set(), "a process gone quiet is dropped from the holders"
+
+
+def test_a_worker_says_what_it_holds_while_it_lives_and_takes_it_back_when_it_stops(clean_stack: Stack) -> None:
+    import socket
+
+    from sandbox import procs
+
+    keys = Keys()
+    client = clean_stack.redis_client()
+    worker = clean_stack.start_worker()
+    me = f"{socket.gethostname()}/{worker.proc.pid}"
+    procs.wait_until(lambda: me.encode() in client.smembers(keys.holders()) and client.exists(keys.holding(me)) == 1,
+                     30, "the worker's word in Redis", log=worker.log)
+    assert json.loads(client.get(keys.holding(me)) or "null") == []
+    assert 0 < client.pttl(keys.holding(me)) <= 15_000
+    clean_stack.stop_workers()
+    assert client.exists(keys.holding(me)) == 0 and me.encode() not in client.smembers(keys.holders())

@@ -18,6 +18,7 @@ from celery.signals import (
     celeryd_init,
     task_postrun,
     task_prerun,
+    task_received,
     worker_init,
     worker_process_init,
     worker_process_shutdown,
@@ -166,11 +167,23 @@ def create_app(settings: Settings) -> Celery:
 
 
 def _connect_lifecycle(app: Celery, settings: Settings, runtime: Any) -> None:
+    # The deliveries this worker's consumer received and its threads have not finished: said to Redis so the
+    # watchdog leaves a chunk waiting for a thread alone (worker/ops/holding.py). The consumer is in the main
+    # process whatever the pool.
+    holding: list[Any] = []
+
     def on_worker_init(sender: Any = None, **_: Any) -> None:
         if getattr(sender, "app", None) is not app:
             return
         _check_extra(settings)
         _check_redis(settings)
+        from worker.keys import Keys
+        from worker.ops.holding import Holding
+        from worker.seams.store import Store
+
+        holding.append(Holding(Store.from_url(settings.redis_url), Keys(settings.key_prefix),
+                               forget_after_s=settings.visibility_timeout))
+        holding[0].start()
         # Prefork children build their own after the fork (threads and sockets do not survive it).
         if "prefork" not in getattr(get_implementation(sender.pool_cls), "__module__", ""):
             runtime.start()
@@ -180,6 +193,13 @@ def _connect_lifecycle(app: Celery, settings: Settings, runtime: Any) -> None:
     def on_worker_shutdown(sender: Any = None, **_: Any) -> None:
         if getattr(sender, "app", None) is app:
             runtime.stop()
+            for h in holding:
+                h.stop()
+
+    def on_received(request: Any = None, **_: Any) -> None:
+        message = getattr(request, "message", None)
+        if holding and message is not None and getattr(request, "name", None) == PROCESS_CHUNK:
+            holding[0].received(str(request.id), str(message.delivery_tag))
 
     def on_process_init(**_: Any) -> None:
         runtime.start()
@@ -218,9 +238,12 @@ def _connect_lifecycle(app: Celery, settings: Settings, runtime: Any) -> None:
         token = contexts.pop(task_id, None)
         if token is not None:
             logs.leave(token)
+        if holding:
+            holding[0].finished(task_id)
 
     task_prerun.connect(on_prerun, weak=False)
     task_postrun.connect(on_postrun, weak=False)
+    task_received.connect(on_received, weak=False)
     worker_init.connect(on_worker_init, weak=False)
     worker_shutdown.connect(on_worker_shutdown, weak=False)
     worker_process_init.connect(on_process_init, weak=False)

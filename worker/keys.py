@@ -102,6 +102,13 @@ class Keys:
     def job_lease(self, name: str) -> str:
         return f"{self.prefix}:lease:job:{name}"
 
+    def holding(self, process: str) -> str:
+        """The delivery tags a worker process holds (worker/ops/holding.py), expiring unless said again."""
+        return f"{self.prefix}:holding:{process}"
+
+    def holders(self) -> str:
+        return f"{self.prefix}:holders"
+
     def claim(self, identity: str) -> str:
         return f"{self.prefix}:claim:{identity}"
 

@@ -1,7 +1,8 @@
 """The run watchdog: hands a dead worker's chunks back within a minute, finalises finished runs, finds lost ones.
 
-Liveness comes from chunk leases, not from the broker: a chunk delivery that is delivered but unacked and
-whose lease has expired (its worker was SIGKILLed, OOM-killed, its host lost) is given back to the head of its
+Liveness comes from chunk leases and the workers' word (worker/ops/holding.py), not from the broker: a chunk
+delivery that is delivered but unacked, whose lease has expired and that no live worker process says it holds
+(its worker was SIGKILLed, OOM-killed, its host lost) is given back to the head of its
 queue with kombu's own restore, without waiting for the broker's visibility timeout (about an hour). The
 broker's late redelivery of anything restored this way finds the chunk complete and does nothing.
 """
@@ -21,6 +22,7 @@ from worker.keys import Keys
 from worker.messages import FINALIZE_RUN, PROCESS_CHUNK
 from worker.money.ledger import Ledger
 from worker.ops.broker import Broker
+from worker.ops.holding import held
 from worker.ops.periodic import Periodic
 from worker.ops.recovery import Recovery
 from worker.seams.store import Store
@@ -81,9 +83,11 @@ class Watchdog(Periodic):
         return len(chunks) + len(closed)
 
     def restore_orphans(self, now: float | None = None) -> int:
-        """Deliveries whose worker is gone (no lease, past their grace and their ETA) go back to their queue."""
+        """Deliveries whose worker is gone (no lease, past their grace and their ETA, and no live process saying
+        it holds them) go back to their queue."""
         now = time.time() if now is None else now
         restored = 0
+        alive: set[str] | None = None  # read once a pass, when a delivery with no lease asks
         for d in self._broker.deliveries():
             if d.eta is not None and d.eta + DELIVERY_GRACE_S > now:
                 continue  # a deferred task its worker is holding until it is due
@@ -97,6 +101,10 @@ class Watchdog(Periodic):
                     continue
                 if self._store.exists(self._keys.chunk_lease(run_id, seq)):
                     continue
+                if alive is None:
+                    alive = held(self._store, self._keys)
+                if d.tag in alive:
+                    continue  # its live worker has it waiting for a thread
                 what = f"chunk {run_id}/{seq}"
             elif d.task == FINALIZE_RUN and now - d.delivered_at >= FINALIZE_GRACE_S:
                 what = f"finalisation of {d.args[0] if d.args else '?'}"
