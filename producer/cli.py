@@ -402,7 +402,8 @@ def _cmd_scan(ns: argparse.Namespace) -> int:
         # A long listing (and --wait) is watched like the workers: its own counts and the fleet's gauges.
         from worker.ops.metrics import CountsCollector, FleetCollector, serve
 
-        serve(settings.metrics_port, None, FleetCollector(clients.store, clients.keys, settings.daily_budget_cents),
+        serve(settings.metrics_port, None, FleetCollector(clients.store, clients.keys, settings.daily_budget_cents,
+                                                           settings.pool_listing),
               CountsCollector("irlive_scan_images", "What this scan listed: found, skipped (judged before), "
                               "enqueued, and chunks", lambda: {name: getattr(latest[0], name) if latest else 0
                                                                for name in ("found", "skipped", "enqueued",
@@ -661,7 +662,8 @@ def _cmd_listen(ns: argparse.Namespace) -> int:
 
         from worker.ops.metrics import CountsCollector, FleetCollector, serve
 
-        serve(settings.metrics_port, None, FleetCollector(clients.store, clients.keys, settings.daily_budget_cents),
+        serve(settings.metrics_port, None, FleetCollector(clients.store, clients.keys, settings.daily_budget_cents,
+                                                           settings.pool_listing),
               CountsCollector("irlive_listener_events", "What the listener did with the S3 events it received",
                               lambda: asdict(listener.stats)))
     stats = listener.run(stop, wait_s=ns.wait)
@@ -717,7 +719,9 @@ def _cmd_wallet(ns: argparse.Namespace) -> int:
     fleet_caps = {w.get("daily_budget_cents") for w in workers}
     cap_cents = next(iter(fleet_caps)) if len(fleet_caps) == 1 else settings.daily_budget_cents
     over = max(0, totals["spent_today_cents"] - cap_cents) if cap_cents is not None else 0
+    other_pools = deps.ledger.other_pools()
     doc: dict[str, Any] = {"totals": totals, "reconciled_now": reconciled, "released_now": released, "redis": where,
+                           "other_pools": other_pools,
                            "daily_budget_cents": cap_cents, "daily_cap_crossed_by_cents": over,
                            "daily_budget_source": "workers" if len(fleet_caps) == 1 else "this shell",
                            "workers": workers}
@@ -739,6 +743,8 @@ def _cmd_wallet(ns: argparse.Namespace) -> int:
     print("\n".join([
         f"redis           {where}",
         f"pool            {totals['pool']} prepaid tokens waiting, {totals['in_flight']} reserved or in flight",
+        *([f"other listings  {n} tokens kept for {listing} (spent only where IRLIVE_SERVICE_ID and IRLIVE_TOOL_PATH "
+           "name that listing again)" for listing, n in sorted(other_pools.items())]),
         f"held            {totals['held']} tokens bought above the price cap, never spent until released "
         "(--release-held)" + (f"; {released} released now" if released is not None else ""),
         f"bought          {totals.get('bought', 0)} tokens, ${usd(totals.get('bought_cents', 0))}",

@@ -5,14 +5,18 @@ from __future__ import annotations
 import base64
 import json
 from collections import Counter
+from typing import Any
 
 import pytest
 
+from sandbox import procs
 from sandbox.images import Sample, demo_corpus, png
 from sandbox.stack import Stack
 from tests.conftest import IrliveRunner
 from tests.e2e import (
     IN_BUCKET,
+    OUT_BUCKET,
+    OUT_PREFIX,
     SECRET_PATTERNS,
     X402_ENV,
     X402_SECRET,
@@ -188,6 +192,53 @@ def test_a_deployment_exposing_only_the_legacy_path(clean_stack: Stack, irlive: 
     assert got == {s.key: s.expected for s in corpus}
     # The smoke test's call and the run's, all on the legacy path, none on the main one (it answers 404).
     assert clean_stack.sandbox_ledger()["calls_billed"] == 1 + run.manifest["calls"] > 1
+
+
+def test_switching_the_listing_leaves_the_other_listing_s_pooled_tokens_unspent(
+        clean_stack: Stack, irlive: IrliveRunner) -> None:
+    """A fleet moved to another listing (IRLIVE_SERVICE_ID) never spends the tokens pooled for the first one, which
+    the seller would refuse (they were voided before, $0.20 each); `irlive wallet` says where they wait, and the
+    first listing spends them again once it is back (issue 22, item 11)."""
+    upload(clean_stack, [Sample(f"first/img_{i:02d}.png", png(96, 96, "live", seed=800 + i), "live")
+                         for i in range(20)])
+    upload(clean_stack, [Sample(f"second/img_{i:02d}.png", png(96, 96, "live", seed=830 + i), "live")
+                         for i in range(20)])
+
+    def wallet(env: dict[str, str] | None = None) -> dict[str, Any]:
+        shown = irlive("wallet", "--json", env=env)
+        assert shown.returncode == 0, shown.stderr
+        doc: dict[str, Any] = json.loads(shown.stdout)
+        return doc
+
+    clean_stack.start_worker()
+    scan_and_wait(irlive, f"s3://{IN_BUCKET}/first")
+    # The pool keeper tops the default listing's pool up while calls are made (IRLIVE_TOKEN_POOL_SIZE 2).
+    procs.wait_until(lambda: wallet()["totals"]["pool"] >= 1, 30, "tokens pooled for the first listing")
+    clean_stack.stop_workers()
+    pooled = wallet()["totals"]["pool"]
+    client = clean_stack.redis_client()
+    kept = [pid.decode() for pid in client.lrange("irlive:wallet:pool", 0, -1)]
+    assert len(kept) == pooled
+
+    other = {"IRLIVE_SERVICE_ID": "aliyun-facebody-detect-infrared-living-face"}
+    clean_stack.start_worker(extra_env=other)
+    scan_and_wait(irlive, f"s3://{IN_BUCKET}/second")
+    clean_stack.stop_workers()
+    seen = wallet(other)
+    assert seen["totals"].get("void", 0) == 0, "no token of the first listing was sent to the second"
+    assert seen["other_pools"] == {"infrared-face-liveness-detection /api/tools/infrared-face-liveness-detection":
+                                   pooled}, seen
+    shown = irlive("wallet", env=other)
+    assert f"other listings  {pooled} tokens kept for infrared-face-liveness-detection" in shown.stdout
+
+    # Back on the first listing: the tokens kept for it are the first it spends.
+    clean_stack.start_worker()
+    again = scan_and_wait(irlive, f"s3://{IN_BUCKET}/first", "--force")
+    clean_stack.stop_workers()
+    body = clean_stack.s3_client().get_object(Bucket=OUT_BUCKET, Key=f"{OUT_PREFIX}/runs/{again}/payments.jsonl")
+    spent = {p["payment_id"] for p in map(json.loads, body["Body"].read().decode().splitlines())
+             if p["state"] == "spent"}
+    assert set(kept) <= spent, (kept, spent)
 
 
 def test_calls_through_the_marketplace_s_mcp_tool(clean_stack: Stack, irlive: IrliveRunner) -> None:

@@ -156,8 +156,38 @@ def test_a_dead_workers_tokens_come_back_after_the_lease(env: Env) -> None:
     assert swept == 2
     assert client.hget(f"irlive:pay:{reserved.payment_id}", "state") == "paid"
     assert client.hget(f"irlive:pay:{sent.payment_id}", "state") == "paid", "reconciled: remainingCalls was 1"
-    assert client.llen("irlive:wallet:pool") == 2
+    assert client.llen(ledger.pool_key) == 2
     assert client.hget("irlive:run:r", "committed_cents") == "0"
+
+
+def test_a_token_waits_for_the_listing_it_was_bought_for(env: Env) -> None:
+    """Switching IRLIVE_SERVICE_ID (or the tool path) leaves the other listing's pooled tokens alone, unspent
+    and not voided, and they are spent again once that listing is back (issue 22, item 11)."""
+    ledger_a, seller, client, _runs = env
+    assert ledger_a.refill(2) == 2
+    market_b = Marketplace("http://seller", "svc-b", transport=httpx.MockTransport(seller.handle))
+    store = Store(client)
+    keys = Keys()
+    ledger_b = Ledger(store, keys, market_b, Budgets(store, keys, daily_cap_cents=100), max_price_cents=20,
+                      lease_s=0.2)
+    try:
+        assert ledger_b.pool_key != ledger_a.pool_key
+        token_b = ledger_b.take("r", HOLDER)
+        assert len(seller.payments) == 3, "listing b bought its own token"
+        assert client.llen(ledger_a.pool_key) == 2, "listing a's tokens were not taken"
+        assert client.hget(f"irlive:pay:{token_b.payment_id}", "listing") == "svc-b /api/tools/svc-b"
+        assert ledger_b.other_pools() == {"svc /api/tools/svc": 2}
+        assert ledger_b.totals()["pool_other_listings"] == 2
+        # Back under listing a: its pooled tokens are spent, nothing more is bought.
+        token_a = ledger_a.take("r", HOLDER)
+        assert len(seller.payments) == 3 and client.llen(ledger_a.pool_key) == 1
+        # A sweep by b of a's lapsed lease puts a's token back into a's pool, not b's.
+        deadline = time.monotonic() + 5
+        while client.zscore("irlive:wallet:leases", token_a.payment_id) is not None and time.monotonic() < deadline:
+            ledger_b.sweep()
+        assert client.llen(ledger_a.pool_key) == 2 and client.llen(ledger_b.pool_key) <= 1
+    finally:
+        market_b.close()
 
 
 def test_a_kept_answer_names_its_images_even_when_their_keys_hold_commas(env: Env) -> None:

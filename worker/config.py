@@ -26,6 +26,18 @@ def is_bucket_name(text: str) -> bool:
     return _BUCKET_NAME.fullmatch(text) is not None
 
 
+
+def listing_name(service_id: str, tool_endpoint: str) -> str:
+    """A listing: the service id tokens are bought for and the path they are spent at (a token bought for one is
+    refused by another: switching IRLIVE_SERVICE_ID or IRLIVE_TOOL_PATH must not spend the old ones)."""
+    return f"{service_id} {tool_endpoint}"
+
+
+def pool_listing(service_id: str, tool_endpoint: str) -> str:
+    """'' for the default listing (its pool keeps its old key), else the listing's name."""
+    name = listing_name(service_id, tool_endpoint)
+    return "" if name == DEFAULT_LISTING else name
+
 @dataclass(frozen=True)
 class S3Location:
     """A bucket and a key prefix (no leading or trailing slash)."""
@@ -159,6 +171,11 @@ class Settings:
     def tool_endpoint(self) -> str:
         """The path the paid calls are POSTed to."""
         return self.tool_path.replace("{service_id}", self.service_id)
+
+    @property
+    def pool_listing(self) -> str:
+        """Which pool this fleet's prepaid tokens wait in: '' for the default listing, else the listing's name."""
+        return pool_listing(self.service_id, self.tool_endpoint)
 
     def check(self) -> None:
         """Cross-field and range checks; raise ConfigError naming the variable."""
@@ -606,3 +623,6 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "log_format": _choice("auto", "json", "text"),
     "review_live_below": _typed(float, "a confidence between 0 and 100"),
 }
+
+
+DEFAULT_LISTING = listing_name(Settings.service_id, TOOL_PATH.replace("{service_id}", Settings.service_id))

@@ -135,8 +135,16 @@ class Keys:
     def payment_pattern(self) -> str:
         return f"{self.prefix}:pay:*"
 
-    def pool(self) -> str:
-        return f"{self.prefix}:wallet:pool"
+    def pool(self, listing: str = "") -> str:
+        """Prepaid tokens waiting for calls, one list per listing they were bought for (another listing refuses
+        them); '' is the default listing, whose list keeps the key it had before listings had one each."""
+        if not listing:
+            return f"{self.prefix}:wallet:pool"
+        return f"{self.prefix}:wallet:pool:{hashlib.sha256(listing.encode()).hexdigest()[:16]}"
+
+    def pools_pattern(self) -> str:
+        """Every listing's pool but the default's (SCAN MATCH)."""
+        return f"{self.prefix}:wallet:pool:*"
 
     def held(self) -> str:
         """Tokens bought above the price cap: never lent until a person releases them (`irlive wallet`)."""

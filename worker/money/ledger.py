@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from worker.config import DEFAULT_LISTING
 from worker.errors import (
     CallsUndecided,
     ChunkBusy,
@@ -139,8 +140,12 @@ class Ledger:
         self.budgets = budgets
         self._lease_ms = int(lease_s * 1000)
         self._meter: Meter = meter or NullMeter()
+        # Tokens wait in the pool of the listing they were bought for: another listing would refuse them.
+        self.pool_listing = str(getattr(seller, "pool_listing", ""))
+        self.pool_key = keys.pool(self.pool_listing)
         self.purchaser = Purchaser(store, keys, seller, budgets, max_price_cents=max_price_cents,
-                                   lease_ms=self._lease_ms, meter=self._meter, max_unknown=max_unknown_purchases)
+                                   lease_ms=self._lease_ms, meter=self._meter, max_unknown=max_unknown_purchases,
+                                   pool_listing=self.pool_listing)
         self._take = store.script("money", "take")
         self._send = store.script("money", "send")
         self._settle = store.script("money", "settle")
@@ -169,12 +174,12 @@ class Ledger:
         """
         self.last_take_at = time.monotonic()
         while True:
-            candidates: list[str] = self._store.lrange(self._keys.pool(), 0, _POOL_PEEK - 1)
+            candidates: list[str] = self._store.lrange(self.pool_key, 0, _POOL_PEEK - 1)
             if not candidates:
                 return self._buy(run_id, holder)
             pid = self._rng.choice(candidates)
             got = self._take(
-                [self._keys.pool(), self._keys.payment(pid), self._keys.leases(), self._keys.run(run_id),
+                [self.pool_key, self._keys.payment(pid), self._keys.leases(), self._keys.run(run_id),
                  self._keys.wallet_totals(), self._keys.held()],
                 [pid, run_id, holder, self._lease_ms, EXPIRY_MARGIN_MS, self._max_price])
             status = int(got[0])
@@ -214,7 +219,7 @@ class Ledger:
                         "charged (see `irlive wallet`)", in_row)
             return 0
         bought = 0
-        while int(self._store.llen(self._keys.pool())) < target:
+        while int(self._store.llen(self.pool_key)) < target:
             if still_leader is not None and not still_leader():
                 break
             self.purchaser.buy()
@@ -326,8 +331,10 @@ class Ledger:
                 self._meter.money("released", int(self._store.hget(self._keys.payment(payment_id),
                                                                    "amount_cents") or 0))
             return released == 1
+        # Back into the pool of the listing it was bought for, whichever listing this process serves.
+        listing = str(self._store.hget(self._keys.payment(payment_id), "listing") or "")
         result = int(self._give_back(
-            [self._keys.payment(payment_id), self._keys.leases(), self._keys.pool(),
+            [self._keys.payment(payment_id), self._keys.leases(), self._keys.pool(listing),
              self._keys.run(run_id) if run_id else self._keys.no_run()],
             [payment_id, run_id, expected, holder, "1" if only_if_expired else "0"]))
         return result == 1
@@ -444,12 +451,39 @@ class Ledger:
         pids: list[str] = self._store.lrange(self._keys.held(), 0, -1)
         if not pids:
             return 0
-        return int(self._release_held([self._keys.held(), self._keys.pool(), *map(self._keys.payment, pids)], pids))
+        by_listing: dict[str, list[str]] = {}
+        for pid in pids:
+            by_listing.setdefault(str(self._store.hget(self._keys.payment(pid), "listing") or ""), []).append(pid)
+        return sum(int(self._release_held([self._keys.held(), self._keys.pool(listing),
+                                           *map(self._keys.payment, group)], group))
+                   for listing, group in by_listing.items())
+
+    def other_pools(self) -> dict[str, int]:
+        """Tokens waiting in the pools of listings other than this process's, by listing (kept for them)."""
+        keys: list[str] = []
+        cursor = 0
+        while True:
+            cursor, batch = self._store.scan(cursor, match=self._keys.pools_pattern(), count=1000)
+            keys += [str(k) for k in batch if k != self.pool_key]
+            if not int(cursor):
+                break
+        if self.pool_listing:
+            keys.append(self._keys.pool())
+        found: dict[str, int] = {}
+        for key in keys:
+            count = int(self._store.llen(key))
+            if count:
+                first = self._store.lindex(key, 0)
+                listing = str(self._store.hget(self._keys.payment(str(first)), "listing") or "") if first else ""
+                name = listing or DEFAULT_LISTING
+                found[name] = found.get(name, 0) + count
+        return found
 
     def totals(self) -> dict[str, int]:
         raw: dict[str, str] = self._store.hgetall(self._keys.wallet_totals())
         totals = {k: int(v) for k, v in raw.items()}
-        totals["pool"] = int(self._store.llen(self._keys.pool()))
+        totals["pool"] = int(self._store.llen(self.pool_key))
+        totals["pool_other_listings"] = sum(self.other_pools().values())
         totals["held"] = int(self._store.llen(self._keys.held()))
         totals["in_flight"] = int(self._store.zcard(self._keys.leases()))
         totals["unrecorded_answers"] = int(self._store.hlen(self._keys.unrecorded()))

@@ -34,6 +34,6 @@ class PoolKeeper(Periodic):
         return time.monotonic() - self._ledger.last_take_at <= DEMAND_WINDOW_S and super().holds_lock()
 
     def tick(self) -> int:
-        if int(self._store.llen(self._keys.pool())) > self._low:
+        if int(self._store.llen(self._ledger.pool_key)) > self._low:
             return 0
         return self._ledger.refill(self._size, self.still_leader)

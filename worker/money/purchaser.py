@@ -75,10 +75,12 @@ class Purchaser:
     """Buys one token at a time, for a run (lent to its holder at once) or for the shared pool."""
 
     def __init__(self, store: Store, keys: Keys, seller: Seller, budgets: Budgets, *, max_price_cents: int,
-                 lease_ms: int, meter: Meter | None = None, max_unknown: int = 3) -> None:
+                 lease_ms: int, meter: Meter | None = None, max_unknown: int = 3, pool_listing: str = "") -> None:
         self._store = store
         self._keys = keys
         self._seller = seller
+        # The listing a pool purchase waits for (worker.config.pool_listing), written on every token bought.
+        self._pool_listing = pool_listing
         self._budgets = budgets
         self._meter: Meter = meter or NullMeter()
         self._max_price = max_price_cents
@@ -169,10 +171,11 @@ class Purchaser:
         day = request.get("day") or today()
         run_key = self._keys.run(run_id) if run_id else self._keys.no_run()
         keys = [self._keys.payment(request_id), self._keys.requests(), self._keys.payment(payment.payment_id),
-                self._keys.leases(), self._keys.wallet_totals(), self._keys.day(day), run_key, self._keys.pool(),
-                self._keys.held()]
+                self._keys.leases(), self._keys.wallet_totals(), self._keys.day(day), run_key,
+                self._keys.pool(self._pool_listing), self._keys.held()]
         args = [request_id, payment.payment_id, payment.token or "", amount, run_id, holder, self._lease_ms,
-                iso_ms(payment.expires_at), self._seller.service_id, payment.status, self._max_price]
+                iso_ms(payment.expires_at), self._seller.service_id, payment.status, self._max_price,
+                self._pool_listing]
         try:
             ended = int(self._store.persist(lambda: self._end(keys, args), PURCHASE_HOLD_S,
                                             f"purchase {payment.payment_id}"))

@@ -101,10 +101,11 @@ class Metrics:
 class FleetCollector(Collector):
     """Gauges read from Redis when Prometheus scrapes; a Redis that does not answer leaves them out."""
 
-    def __init__(self, store: Store, keys: Keys, daily_cap_cents: int | None) -> None:
+    def __init__(self, store: Store, keys: Keys, daily_cap_cents: int | None, pool_listing: str = "") -> None:
         self._store = store
         self._keys = keys
         self._daily_cap = daily_cap_cents
+        self._pool = keys.pool(pool_listing)
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         try:
@@ -123,7 +124,8 @@ class FleetCollector(Collector):
         for queue in QUEUES.values():
             depth.add_metric([queue], float(store.llen(queue)))
         yield depth
-        yield _gauge("irlive_token_pool", "Prepaid tokens waiting in the shared pool", float(store.llen(keys.pool())))
+        yield _gauge("irlive_token_pool", "Prepaid tokens waiting in the shared pool (of this fleet's listing)",
+                     float(store.llen(self._pool)))
         replicas = store.replicas_online()
         if replicas is not None:
             online, wanted = replicas

@@ -93,7 +93,8 @@ class Runtime:
             keys = Keys(self.settings.key_prefix)
             if self.settings.metrics_port and not multiprocess_metrics():
                 self._metrics_server = serve(self.settings.metrics_port, metrics,
-                                             FleetCollector(deps.store, keys, self.settings.daily_budget_cents))
+                                             FleetCollector(deps.store, keys, self.settings.daily_budget_cents,
+                                                            self.settings.pool_listing))
             deps.ledger.sweep()
             if self.settings.pool_size > 0:
                 self._threads.append(PoolKeeper(deps.ledger, deps.store, keys, size=self.settings.pool_size,
@@ -115,7 +116,7 @@ class Runtime:
             return
         store = Store.from_url(self.settings.redis_url)
         self._metrics_server = serve(self.settings.metrics_port, None, FleetCollector(
-            store, Keys(self.settings.key_prefix), self.settings.daily_budget_cents))
+            store, Keys(self.settings.key_prefix), self.settings.daily_budget_cents, self.settings.pool_listing))
 
     def deps(self) -> Deps:
         return self._deps if self._deps is not None else self.start()

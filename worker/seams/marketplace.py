@@ -16,7 +16,7 @@ from urllib.parse import parse_qsl, quote, urlsplit
 
 import httpx
 
-from worker.config import TOOL_PATH, Settings
+from worker.config import TOOL_PATH, Settings, pool_listing
 from worker.errors import (
     ConfigError,
     IrliveError,
@@ -112,6 +112,8 @@ class Marketplace:
             headers[api_key_header] = api_key
         self.service_id = service_id
         self._tool_path = tool_path or TOOL_PATH.replace("{service_id}", service_id)
+        # Which pool its tokens wait in ('' for the default listing): worker.config.listing_name.
+        self.pool_listing = pool_listing(service_id, self._tool_path)
         self._endpoint = Endpoint(base_url, dict(headers), timeout_s)
         self._client = httpx.Client(
             base_url=base_url,

@@ -3,12 +3,13 @@
 -- KEYS[1]  the purchase request's hash          KEYS[5]  wallet totals hash
 -- KEYS[2]  the zset of open purchase requests   KEYS[6]  the request's UTC day hash
 -- KEYS[3]  the payment's hash                   KEYS[7]  the run's hash (unused when ARGV[5] is '')
--- KEYS[4]  the zset of token leases             KEYS[8]  the shared pool (a list of payment ids)
+-- KEYS[4]  the zset of token leases             KEYS[8]  its listing's pool (a list of payment ids)
 --                                                KEYS[9]  tokens held for a person: bought above the price cap
 -- ARGV[1]  request id        ARGV[5]  run id, '' for a pool purchase     ARGV[9]   service id
 -- ARGV[2]  payment id        ARGV[6]  holder token (a run's purchase)    ARGV[10]  status (paid | pending)
 -- ARGV[3]  token             ARGV[7]  lease, ms                          ARGV[11]  max price, cents
--- ARGV[4]  amount, cents     ARGV[8]  token expiry, ms (0 unknown)
+-- ARGV[4]  amount, cents     ARGV[8]  token expiry, ms (0 unknown)      ARGV[12]  its listing's pool name
+--                                                                        ('' the default listing)
 -- Returns  1 reserved for the run (or pooled, for a pool purchase); -2 pooled because the run's cap would be
 --          crossed at the real price; -3 held (not pooled: no run spends it until a person releases it)
 --          because the price is above the allowed maximum; 0 the request was already settled (a repeated
@@ -30,7 +31,7 @@ redis.call('HSET', KEYS[5], 'unknown_in_row', 0)
 redis.call('HINCRBY', KEYS[5], 'bought_cents', amount)
 redis.call('HSET', KEYS[3], 'state', 'paid', 'token', ARGV[3], 'amount_cents', amount, 'expires_ms', ARGV[8],
            'service', ARGV[9], 'day', day, 'pay_status', ARGV[10], 'purchase_id', ARGV[1],
-           'created_ms', now, 'updated_ms', now, 'committed', '0', 'run_id', '')
+           'created_ms', now, 'updated_ms', now, 'committed', '0', 'run_id', '', 'listing', ARGV[12] or '')
 local result = 1
 if run ~= '' then
   redis.call('HINCRBY', KEYS[7], 'tokens_bought', 1)
