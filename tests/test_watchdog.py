@@ -101,19 +101,25 @@ def test_only_one_watchdog_acts_at_a_time(clean_stack: Stack) -> None:
     assert first.holds_lock(), "the holder keeps it"
 
 
-def test_a_delivery_without_its_index_entry_is_not_read_as_delivered_in_1970(clean_stack: Stack) -> None:
-    """kombu writes and acks a delivery in the unacked hash and its time index together; a delivery seen in one and
-    not the other (acked between two reads) is skipped, never handed back for 'no lease for 56 years'."""
+def _delivered_by_hand(stack: Stack, tag: str) -> redis.Redis:
+    """A chunk message moved from its queue into kombu's unacked hash as `tag` (its time index left to the test),
+    as a worker's fetch leaves it; the stack's Redis client."""
     from worker.app import make_app, send_chunk
     from worker.config import Settings
     from worker.messages import Chunk
 
-    app = make_app(Settings.from_env(clean_stack.env))
-    send_chunk(app, Chunk("r1", 0, "irlive-in", [("x/a.png", "e1")], "nightly"))
-    client = clean_stack.redis_client()
+    send_chunk(make_app(Settings.from_env(stack.env)), Chunk("r1", 0, "irlive-in", [("x/a.png", "e1")], "nightly"))
+    client = stack.redis_client()
     raw = client.lpop("irlive.nightly")
     assert raw is not None
-    client.hset("unacked", "tag-1", json.dumps([json.loads(raw), "", "irlive.nightly"]))
+    client.hset("unacked", tag, json.dumps([json.loads(raw), "", "irlive.nightly"]))
+    return client
+
+
+def test_a_delivery_without_its_index_entry_is_not_read_as_delivered_in_1970(clean_stack: Stack) -> None:
+    """kombu writes and acks a delivery in the unacked hash and its time index together; a delivery seen in one and
+    not the other (acked between two reads) is skipped, never handed back for 'no lease for 56 years'."""
+    client = _delivered_by_hand(clean_stack, "tag-1")
     broker = Broker(Store(redis.Redis.from_url(clean_stack.redis_url, decode_responses=True)))
     assert broker.deliveries() == [], "half of a delivery is not a delivery"
     client.zadd("unacked_index", {"tag-1": 1_796_000_000.5})
@@ -125,17 +131,9 @@ def test_a_delivery_without_its_index_entry_is_not_read_as_delivered_in_1970(cle
 def test_a_delivery_a_live_worker_holds_without_a_lease_is_not_handed_back(clean_stack: Stack) -> None:
     """A chunk delivered 60 s ago with no lease yet (waiting for a free thread in its live worker) stays with
     that worker while the process says it holds it; once its word lapses (the process died), it is handed back."""
-    from worker.app import make_app, send_chunk
-    from worker.config import Settings
-    from worker.messages import Chunk
     from worker.ops.holding import Holding
 
-    app = make_app(Settings.from_env(clean_stack.env))
-    send_chunk(app, Chunk("r1", 0, "irlive-in", [("x/a.png", "e1")], "nightly"))
-    client = clean_stack.redis_client()
-    raw = client.lpop("irlive.nightly")
-    assert raw is not None
-    client.hset("unacked", "tag-1", json.dumps([json.loads(raw), "", "irlive.nightly"]))
+    client = _delivered_by_hand(clean_stack, "tag-1")
     client.zadd("unacked_index", {"tag-1": time.time() - 60})
     store = Store(redis.Redis.from_url(clean_stack.redis_url, decode_responses=True))
     keys = Keys()
