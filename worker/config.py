@@ -26,7 +26,6 @@ def is_bucket_name(text: str) -> bool:
     return _BUCKET_NAME.fullmatch(text) is not None
 
 
-
 def listing_name(service_id: str, tool_endpoint: str) -> str:
     """A listing: the service id tokens are bought for and the path they are spent at (a token bought for one is
     refused by another: switching IRLIVE_SERVICE_ID or IRLIVE_TOOL_PATH must not spend the old ones)."""
@@ -37,6 +36,7 @@ def pool_listing(service_id: str, tool_endpoint: str) -> str:
     """'' for the default listing (its pool keeps its old key), else the listing's name."""
     name = listing_name(service_id, tool_endpoint)
     return "" if name == DEFAULT_LISTING else name
+
 
 @dataclass(frozen=True)
 class S3Location:
