@@ -195,6 +195,7 @@ def _connect_lifecycle(app: Celery, settings: Settings, runtime: Any) -> None:
             runtime.stop()
             for h in holding:
                 h.stop()
+                h.store.close()
 
     def on_received(request: Any = None, **_: Any) -> None:
         message = getattr(request, "message", None)

@@ -39,7 +39,7 @@ class Holding(threading.Thread):
 
     def __init__(self, store: Store, keys: Keys, *, forget_after_s: float, process: str | None = None) -> None:
         super().__init__(name="holding", daemon=True)
-        self._store = store
+        self.store = store
         self._keys = keys
         self._process = process or process_name()
         # A task's end is not seen here under prefork (it ends in a child): a tag is also forgotten once the
@@ -66,7 +66,7 @@ class Holding(threading.Thread):
 
     def say(self) -> None:
         """Write this process's tags (an empty list too: the process is alive) with their expiry."""
-        pipe = self._store.pipeline(transaction=False)
+        pipe = self.store.pipeline(transaction=False)
         pipe.set(self._keys.holding(self._process), json.dumps(self.tags()), px=int(TTL_S * 1000))
         pipe.sadd(self._keys.holders(), self._process)
         pipe.execute()
@@ -89,7 +89,7 @@ class Holding(threading.Thread):
         """A clean stop: the process's word is taken back at once (the broker restores its unacked messages)."""
         self._stop_event.set()
         try:
-            pipe = self._store.pipeline(transaction=False)
+            pipe = self.store.pipeline(transaction=False)
             pipe.delete(self._keys.holding(self._process))
             pipe.srem(self._keys.holders(), self._process)
             pipe.execute()
