@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import pytest
+from hypothesis import settings as hypothesis_settings
 
 from sandbox.config import SandboxConfig
 from sandbox.stack import Stack
@@ -33,6 +34,13 @@ DURATIONS = Path(__file__).with_name("durations.json")
 # The slow fault tests run in this many xdist groups, each group in order on one worker: no more of them at once
 # than there are cores, so the timing they provoke (kills, restarts, timeouts) is not stretched by each other.
 SLOW_LANES = 2
+
+
+# CI draws the property tests' examples from a fixed seed: the commit that lands is the commit that was tested.
+# Every other run draws new ones, which is how new counterexamples are found (each then pinned with @example).
+hypothesis_settings.register_profile("ci", derandomize=True)
+if os.environ.get("CI"):
+    hypothesis_settings.load_profile("ci")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -59,11 +59,12 @@ def mask_url(url: str) -> str:
 
 def _mask_query(query: str) -> str:
     """Values of secret parameters as ***; a piece with no `=` after a secret one is part of its value
-    (`password=a&b`)."""
+    (`password=a&b`). Split on `&` alone, as redis-py and kombu read the query (`parse_qs`: `;` has not separated
+    parameters since Python 3.10), so `password=;x=1` is one password, all of it masked."""
     out: list[str] = []
     in_secret = False
-    for piece in re.split(r"([&;])", query):
-        if piece in ("&", ";"):
+    for piece in re.split(r"(&)", query):
+        if piece == "&":
             out.append(piece)
             continue
         name, eq, _ = piece.partition("=")
