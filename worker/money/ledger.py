@@ -451,9 +451,12 @@ class Ledger:
         pids: list[str] = self._store.lrange(self._keys.held(), 0, -1)
         if not pids:
             return 0
-        by_listing: dict[str, list[str]] = {}
+        pipe = self._store.pipeline(transaction=False)
         for pid in pids:
-            by_listing.setdefault(str(self._store.hget(self._keys.payment(pid), "listing") or ""), []).append(pid)
+            pipe.hget(self._keys.payment(pid), "listing")
+        by_listing: dict[str, list[str]] = {}
+        for pid, listing in zip(pids, pipe.execute(), strict=True):
+            by_listing.setdefault(str(listing or ""), []).append(pid)
         return sum(int(self._release_held([self._keys.held(), self._keys.pool(listing),
                                            *map(self._keys.payment, group)], group))
                    for listing, group in by_listing.items())
