@@ -56,6 +56,8 @@ class Result:
     ideal_s: float | None = None
     # CPU seconds of the stack's own processes during the scenario: what the two cores were shared with.
     services_cpu: dict[str, float] | None = None
+    # Redis commands served during the scenario, by command (everything: workers, the CLI, the bench's sampler).
+    redis_cmds: Counter[str] | None = None
 
     def row(self, baseline_s: float) -> list[str]:
         own = sum(self.s3_own.values()) if self.s3_own is not None else None
@@ -67,6 +69,7 @@ class Result:
             f"{own / self.images:.3f}" if own is not None else "-",
             f"{self.s3_seller / self.images:.3f}",
             f"{self.redis_bytes:.0f}" if self.redis_bytes is not None else "-",
+            f"{sum(self.redis_cmds.values()) / self.images:.1f}" if self.redis_cmds is not None else "-",
         ]  # fmt: skip
 
 
@@ -194,6 +197,12 @@ def plain_batched(stack: Stack, prefix: str, threads: int, endpoint: str | None)
     return Result("plain batched script (baseline)", len(keys), wall, cpu, services_cpu=svc)
 
 
+def redis_commands(client: redis.Redis) -> Counter[str]:
+    """Calls per command since the server's last CONFIG RESETSTAT (INFO commandstats)."""
+    stats = client.info("commandstats")
+    return Counter({name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()})
+
+
 def irlive_run(stack: Stack, name: str, ns: argparse.Namespace, rate: float | None, moto: Requests) -> Result:
     env = {"IRLIVE_RATE_LIMIT_PER_S": str(rate or common.NEUTRAL_RATE)}
     if rate is None:
@@ -204,7 +213,9 @@ def irlive_run(stack: Stack, name: str, ns: argparse.Namespace, rate: float | No
     pids = [w.pid for w in stack.workers]
     cpu0, svc0 = cpu_seconds(pids), services_cpu(services(stack))
     moto.mark()
+    client.config_resetstat()
     run = common.drive_run(stack, env, common.source(), timeout_s=900)
+    cmds = redis_commands(client)
     cpu = cpu_seconds(pids) - cpu0
     svc = {name: t - svc0[name] for name, t in services_cpu(services(stack)).items()}
     own, seller = moto.since_mark()
@@ -216,7 +227,7 @@ def irlive_run(stack: Stack, name: str, ns: argparse.Namespace, rate: float | No
     if judged != ns.images:
         raise RuntimeError(f"{name}: {judged} of {ns.images} images judged ({run.status.counts})")
     ideal = ns.images / PER_CALL / rate if rate else None
-    return Result(name, ns.images, run.wall_s, cpu, own, seller, left / judged, ideal, svc)
+    return Result(name, ns.images, run.wall_s, cpu, own, seller, left / judged, ideal, svc, cmds)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -224,7 +235,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=5000, help="distinct 64x64 PNG captures to judge")
     p.add_argument("--workers", type=int, default=2, help="celery worker processes")
-    p.add_argument("--concurrency", type=int, default=8, help="threads per worker (the baseline uses all of them)")
+    p.add_argument("--concurrency", type=int, default=32,
+                   help="threads per worker, as the README's worker command (the baseline uses all of them)")
     p.add_argument("--rates", default="none,5,10,20", help="irlive scenarios: 'none' (no limit) or calls/s")
     p.add_argument("--latency-ms", type=int, default=0,
                    help="the sandbox seller's time per call (0: answers at once, so the stack's CPU is the bound)")
@@ -256,7 +268,8 @@ def measure(ns: argparse.Namespace, endpoint: str | None, counter: Requests | No
     print(f"{ns.images} images, {ns.workers} workers x {ns.concurrency} threads, seller latency {ns.latency_ms} ms, "
           f"S3: {'bench.fakes3' if endpoint else 'moto_server'} ({common.machine()}, {common.today()})")
     print(common.table(["scenario", "wall s", "÷ baseline", "ideal s", "÷ ideal", "CPU ms/image",
-                        "S3 req/image (own)", "S3 req/image (seller)", "Redis B/image after"],
+                        "S3 req/image (own)", "S3 req/image (seller)", "Redis B/image after",
+                        "Redis cmds/image"],
                        [r.row(baseline.wall_s) for r in results]))
     print()
     print(common.table(["scenario", "S3 server CPU ms/image", "sandbox CPU ms/image", "redis CPU ms/image"], [
@@ -265,6 +278,10 @@ def measure(ns: argparse.Namespace, endpoint: str | None, counter: Requests | No
     print()
     print("S3 requests by kind (own): " + "; ".join(
         f"{r.name}: {dict(sorted((r.s3_own or Counter()).items()))}" for r in results))
+    for r in results:
+        if r.redis_cmds:
+            top = ", ".join(f"{c} {n / r.images:.2f}" for c, n in r.redis_cmds.most_common(12))
+            print(f"Redis commands per image, {r.name}: {top}")
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -183,6 +184,7 @@ def _check_redis(settings: Settings, report: Report) -> dict[str, Any]:
         # Workers wait for an unreachable broker and check at their next start: not a settings problem.
         report.notes.append(f"Redis durability not checked: {exc}")
         return {"checked": False, "where": where, "summary": f"{where}: not reachable"}
+        report.notes.append(_in_flight_note(settings, store))
     finally:
         store.close()
     if not found.checked:
@@ -193,12 +195,44 @@ def _check_redis(settings: Settings, report: Report) -> dict[str, Any]:
     return {"checked": found.checked, "where": where, "summary": f"{where}: {found.describe()}"}
 
 
+def _in_flight_note(settings: Settings, store: Any) -> str:
+    """Little's law for this rate: the calls in flight the seller's latency asks for, the cap the workers apply,
+    and the worker threads in the fleet (each carries one call at a time), from what the workers said."""
+    from worker.flow.limiter import RateLimiter, RateSpec
+    from worker.keys import Keys
+    from worker.ops import fleet
+
+    keys = Keys(settings.key_prefix)
+    limiter = RateLimiter(store, keys, RateSpec(settings.rate_limit_per_s, max_in_flight=settings.max_in_flight,
+                                                listing=settings.pool_listing))
+    latency = limiter.stats()["latency_s"]
+    learned = latency == latency  # not NaN
+    rate = settings.rate_limit_per_s
+    need = math.ceil(rate * (latency if learned else 2.0))
+    cap = limiter.in_flight_cap()
+    how = (f"learned {latency:.2f} s" if learned else "2 s assumed until the seller's first answers")
+    note = (f"in flight: {rate:g} calls/s x the seller's latency ({how}) needs {need} calls in flight; "
+            f"the cap is {cap or 'none'}{' (auto)' if settings.max_in_flight is None else ''}")
+    if 0 < cap < need:
+        note += f"; IRLIVE_MAX_IN_FLIGHT={cap} keeps the fleet under the rate (leave it unset: auto)"
+    workers = fleet.enforced(store, keys)
+    threads = sum(int(w.get("threads") or 0) for w in workers)
+    if threads:
+        note += f"; the {len(workers)} running workers have {threads} threads"
+        if threads < need:
+            note += (f", fewer than {need}: start more workers or raise --concurrency (each thread carries one "
+                     "call at a time)")
+    return note
+
+
 def is_secret(name: str) -> bool:
     return bool(_SECRET_NAME.search(name))
 
 
 def _shown(name: str, value: Any) -> Any:
     """A value as it may be printed: secrets as ***, URL credentials masked, a webhook's path hidden."""
+    if name == "max_in_flight" and value is None:
+        return "auto"
     if value is None or value == "":
         return value
     if is_secret(name):

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import multiprocessing
+import threading
 import time
+from collections import Counter
 
 import pytest
 import redis
 
+from sandbox.procs import wait_until
 from sandbox.stack import Stack
 from worker.errors import RateLimited
-from worker.flow.limiter import RateLimiter, RateSpec, YieldToEvents
+from worker.flow.limiter import RESERVE_AHEAD_S, RateLimiter, RateSpec, YieldToEvents, auto_cap
 from worker.keys import Keys
 from worker.messages import QUEUES
 from worker.seams.store import Store
@@ -58,7 +61,7 @@ def test_throttling_cuts_the_rate_and_answers_raise_it_back(clean_stack: Stack) 
     after = limiter.throttled(None)
     assert after == pytest.approx(50 * 0.85)
     for _ in range(200):
-        limiter.answered()
+        limiter.done("", 0.1)
     assert after < limiter.effective_rate() <= 50
 
 
@@ -72,32 +75,116 @@ def test_retry_after_makes_every_worker_wait(clean_stack: Stack) -> None:
     one = RateLimiter(_client(clean_stack), Keys(), RateSpec(1000))
     other = RateLimiter(_client(clean_stack), Keys(), RateSpec(1000))
     one.throttled(0.5)
-    wait = other.try_acquire()
-    assert 0.3 < wait <= 0.5
+    placed, wait = other.reserve()
+    assert placed and 0.3 < wait <= 0.5, "no place in line comes before the end of the Retry-After"
+
+
+def test_a_place_taken_before_a_throttle_does_not_call_during_it(clean_stack: Stack) -> None:
+    one = RateLimiter(_client(clean_stack), Keys(), RateSpec(2))
+    one.acquire()  # the next place is half a second away: whoever asks now sleeps to it
+    throttles: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        if not throttles:  # the seller says 'too fast' while this caller sleeps to its place
+            throttles.append(one.throttled(1.0))
+        time.sleep(seconds)
+
+    other = RateLimiter(_client(clean_stack), Keys(), RateSpec(2), sleep=sleep)
+    started = time.monotonic()
+    other.admit(max_wait_s=3).release()
+    assert throttles and time.monotonic() - started >= 0.95, "it called inside the Retry-After"
 
 
 def test_in_flight_cap_and_dead_slots_come_back(clean_stack: Stack) -> None:
     limiter = RateLimiter(_client(clean_stack), Keys(), RateSpec(1000, max_in_flight=2))
-    limiter.slot(lease_s=60)
-    release = limiter.slot(lease_s=0.3)  # a worker that will die holding it
+    limiter.admit(lease_s=60)
+    limiter.admit(lease_s=0.3)  # a worker that will die holding it
     with pytest.raises(RateLimited):
-        limiter.slot(lease_s=60, max_wait_s=0.05)
-    del release
-    got = limiter.slot(lease_s=60, max_wait_s=2.0)  # the dead slot's lease expires
-    got()
+        limiter.admit(lease_s=60, max_wait_s=0.05)
+    got = limiter.admit(lease_s=60, max_wait_s=2.0)  # the dead slot's lease expires
+    got.release()
     assert limiter.stats()["in_flight"] == 1
 
 
-def test_event_calls_go_first_and_other_calls_yield_to_them(clean_stack: Stack) -> None:
-    store = _client(clean_stack)
-    limiter = RateLimiter(store, Keys(), RateSpec(1.0, burst=1))
-    limiter.acquire(max_wait_s=1)  # the one call of this second: whoever asks next must wait
-    assert limiter.try_acquire(urgent=True, member="ev-1") > 0  # an event call now waits its turn ...
-    with pytest.raises(YieldToEvents):  # ... and while it waits, other work steps aside at once
-        limiter.try_acquire()
-    limiter.acquire(max_wait_s=3, urgent=True)  # the event caller is admitted when the next slot comes
-    store.zrem(Keys().ratelimit_urgent(), "ev-1")  # the first caller gave up (its registration also lapses)
-    assert limiter.try_acquire() > 0  # no urgent caller left: others wait, they are not told to yield
+def _commands(stack: Stack) -> Counter[str]:
+    stats = stack.redis_client().info("commandstats")
+    return Counter({name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()})
+
+
+def test_a_caller_waiting_for_a_slot_is_woken_by_its_release_and_does_not_poll(clean_stack: Stack) -> None:
+    limiter = RateLimiter(_client(clean_stack), Keys(), RateSpec(1000, max_in_flight=1))
+    held = limiter.admit(lease_s=60)
+    before = _commands(clean_stack)
+    got: list[float] = []
+    waiter = threading.Thread(target=lambda: (limiter.admit(max_wait_s=8, lease_s=60), got.append(time.monotonic())))
+    waiter.start()
+    wait_until(lambda: clean_stack.redis_client().zcard(Keys().ratelimit_waiting()) == 1, 5, "the caller to wait")
+    time.sleep(0.5)  # the quiet half second under test: a polling waiter would ask ten times in it
+    released = time.monotonic()
+    held.release()
+    waiter.join(5)
+    assert got and got[0] - released < 0.5, "the waiter was woken by the release, not by the lease lapsing"
+    used = _commands(clean_stack) - before
+    # reserve, go (full), BLPOP, done (the release), go (admitted); the rest are INFO and the test's ZCARDs
+    assert used["evalsha"] == 4 and used["blpop"] == 1, used
+
+
+def test_the_commands_per_call_do_not_grow_with_the_threads_waiting(clean_stack: Stack) -> None:
+    rate, calls_each, threads = 40.0, 5, 16
+    before = _commands(clean_stack)
+
+    def caller() -> None:
+        limiter = RateLimiter(_client(clean_stack), Keys(), RateSpec(rate, max_in_flight=0))
+        for _ in range(calls_each):
+            limiter.admit(max_wait_s=10).release()
+
+    pool = [threading.Thread(target=caller) for _ in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join(30)
+    used = _commands(clean_stack) - before
+    calls = threads * calls_each
+    # 80 calls at 40/s by 16 threads: 2 s of waiting in line; each call reserves, goes and is done, nothing more
+    assert used["evalsha"] <= calls * 3 + 2, used
+    assert used["get"] <= calls + 2, used  # the TAT, read once per place taken
+
+
+def test_the_in_flight_cap_follows_the_rate_and_the_seller_latency(clean_stack: Stack) -> None:
+    limiter = RateLimiter(_client(clean_stack), Keys(), RateSpec(20))
+    assert limiter.in_flight_cap() == auto_cap(20, None) == 60  # a 2 s seller assumed until one answers
+    for _ in range(200):
+        limiter.done("", 1.0)
+    assert limiter.stats()["latency_s"] == pytest.approx(1.0, abs=0.01)
+    assert limiter.in_flight_cap() == 30  # 20 calls/s x 1 s, with half again for the spread
+    slow = RateLimiter(_client(clean_stack), Keys(), RateSpec(2))
+    for _ in range(200):
+        slow.done("", 0.1)
+    assert slow.in_flight_cap() == 4  # the least cap: 2/s x 0.1 s would be one
+    permits = [slow.admit(max_wait_s=5, lease_s=60) for _ in range(4)]
+    with pytest.raises(RateLimited):
+        slow.admit(max_wait_s=0.6, lease_s=60)
+    for p in permits:
+        p.release()
+
+
+def test_a_seller_latency_is_learned_per_listing(clean_stack: Stack) -> None:
+    a = RateLimiter(_client(clean_stack), Keys(), RateSpec(20, listing="a /api/tools/a"))
+    b = RateLimiter(_client(clean_stack), Keys(), RateSpec(20, listing="b /api/tools/b"))
+    for _ in range(100):
+        a.done("", 0.2)
+    assert a.in_flight_cap() == auto_cap(20, a.stats()["latency_s"] * 1000) < 10
+    assert b.in_flight_cap() == 60
+
+
+def test_event_calls_queue_ahead_of_other_work(clean_stack: Stack) -> None:
+    limiter = RateLimiter(_client(clean_stack), Keys(), RateSpec(10.0))
+    places = 0
+    while limiter.reserve()[0]:  # other work takes every place within its horizon ...
+        places += 1
+    assert places == pytest.approx(RESERVE_AHEAD_S * 10, abs=1)
+    placed, wait = limiter.reserve(urgent=True, horizon_s=10)  # ... an event call still gets one right after
+    assert placed and wait <= RESERVE_AHEAD_S + 0.2
 
 
 def test_event_chunks_waiting_in_their_queue_make_other_calls_yield(clean_stack: Stack) -> None:
@@ -105,7 +192,7 @@ def test_event_chunks_waiting_in_their_queue_make_other_calls_yield(clean_stack:
     limiter = RateLimiter(_client(clean_stack), Keys(), RateSpec(100.0, burst=10))
     client.rpush(QUEUES["events"], "an event chunk no worker has fetched yet")
     with pytest.raises(YieldToEvents):
-        limiter.try_acquire()
-    assert limiter.try_acquire(urgent=True, member="ev") == 0.0  # the event chunk's own call is admitted
+        limiter.reserve()
+    assert limiter.reserve(urgent=True) == (True, 0.0)  # the event chunk's own call is admitted
     client.delete(QUEUES["events"])
-    assert limiter.try_acquire() == 0.0
+    assert limiter.reserve() == (True, 0.0)

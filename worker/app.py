@@ -186,6 +186,7 @@ def _connect_lifecycle(app: Celery, settings: Settings, runtime: Any) -> None:
         holding[0].start()
         # Prefork children build their own after the fork (threads and sockets do not survive it).
         if "prefork" not in getattr(get_implementation(sender.pool_cls), "__module__", ""):
+            runtime.threads = getattr(sender, "concurrency", None)
             runtime.start()
         else:
             runtime.serve_pool_metrics()
@@ -203,6 +204,7 @@ def _connect_lifecycle(app: Celery, settings: Settings, runtime: Any) -> None:
             holding[0].received(str(request.id), str(message.delivery_tag))
 
     def on_process_init(**_: Any) -> None:
+        runtime.threads = 1
         runtime.start()
 
     def on_process_shutdown(**_: Any) -> None:

@@ -115,7 +115,8 @@ class Settings:
     token_pool_size: int = 2
     token_pool_low: int = 1
     max_deliveries: int = 10
-    max_in_flight: int = 16
+    # Calls in flight across the fleet: None (`auto`) follows the rate and the seller's learned latency.
+    max_in_flight: int | None = None
     rate_adaptive: bool = True
     allow_volatile_redis: bool = False
     max_retry_after_s: float = 300.0
@@ -206,7 +207,8 @@ class Settings:
         if self.token_pool_size > 0:  # with no pool (0), LOW means nothing and its default must not get in the way
             _in_range("IRLIVE_TOKEN_POOL_LOW", self.token_pool_low, 0, self.token_pool_size)
         _in_range("IRLIVE_MAX_DELIVERIES", self.max_deliveries, 1, 1000)
-        _in_range("IRLIVE_MAX_IN_FLIGHT", self.max_in_flight, 0, 10_000)
+        if self.max_in_flight is not None:
+            _in_range("IRLIVE_MAX_IN_FLIGHT", self.max_in_flight, 0, 10_000)
         _in_range("IRLIVE_MAX_RETRY_AFTER_S", self.max_retry_after_s, 1, 24 * 3600)
         _in_range("IRLIVE_EVENT_MAX_WAIT_S", self.event_max_wait_s, 0.1, 3600)
         _in_range("IRLIVE_EVENT_RUN_WINDOW", self.event_run_window, 60, 7 * 24 * 3600)
@@ -487,6 +489,14 @@ def _text(var: str, raw: str) -> str:
     return raw.strip()
 
 
+def _auto_or(parse: Callable[[str, str], Any]) -> Callable[[str, str], Any]:
+    """`auto` (None: the worker works it out), else what `parse` reads."""
+    def read(var: str, raw: str) -> Any:
+        return None if raw.strip().lower() == "auto" else parse(var, raw)
+
+    return read
+
+
 def _choice(*allowed: str) -> Callable[[str, str], str]:
     def parse(var: str, raw: str) -> str:
         value = raw.strip().lower()
@@ -606,7 +616,7 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "token_pool_size": _typed(int, "a whole number of tokens"),
     "token_pool_low": _typed(int, "a whole number of tokens"),
     "max_deliveries": _typed(int, "a whole number"),
-    "max_in_flight": _typed(int, "a whole number of calls (0 = no cap)"),
+    "max_in_flight": _auto_or(_typed(int, "a whole number of calls (0 = no cap) or auto")),
     "rate_adaptive": _bool,
     "allow_volatile_redis": _bool,
     "max_retry_after_s": _typed(float, "a number of seconds"),

@@ -179,9 +179,13 @@ class Keys:
     def ratelimit_slots(self) -> str:
         return f"{self.prefix}:ratelimit:in-flight"
 
-    def ratelimit_urgent(self) -> str:
-        """Event callers waiting for a slot: while any does, other calls yield."""
-        return f"{self.prefix}:ratelimit:urgent"
+    def ratelimit_waiting(self) -> str:
+        """Callers waiting for an in-flight slot (member -> registration expiry): a slot given back wakes one."""
+        return f"{self.prefix}:ratelimit:waiting"
+
+    def ratelimit_freed(self) -> str:
+        """The list callers waiting for an in-flight slot block on (BLPOP) instead of asking again and again."""
+        return f"{self.prefix}:ratelimit:freed"
 
 
 def _digest(text: str) -> str:

@@ -3,11 +3,21 @@
 GCRA spaces calls at the *effective* rate. Throttling from the seller cuts the effective rate multiplicatively
 and makes every worker wait out the Retry-After together; each answered call raises it additively back towards
 the configured ceiling (AIMD), so an unknown seller limit is found instead of hammered.
+
+Waiting costs no Redis traffic: a caller is given its place in line (the time it may call at) and sleeps until
+then; a caller waiting for an in-flight slot blocks on a list that a slot given back wakes (BLPOP). So the
+commands per call stay three (reserve, go, done) however many threads wait.
+
+The in-flight cap follows Little's law unless set: in flight = rate x latency. The limiter learns the seller's
+latency (an average over answered calls, per listing) and allows the ceiling rate times that, with headroom, so
+raising the rate limit is the one setting a user changes. Hand-written: no library limits a fleet on a shared
+Redis with a learned concurrency and blocking waiters (dramatiq's limiters poll).
 """
 
 from __future__ import annotations
 
 import math
+import random
 import time
 import uuid
 from collections.abc import Callable
@@ -20,15 +30,25 @@ from worker.seams.store import Store
 
 # A chunk that steps aside for event work comes back this soon (its progress is kept).
 YIELD_S = 1.0
+# Calls other than event calls take a place at most this far ahead: an event call waits behind no more.
+RESERVE_AHEAD_S = 2.0
+# The automatic in-flight cap: ceiling rate x learned latency x headroom, within these bounds.
+AUTO_HEADROOM = 1.5
+AUTO_MIN = 4
+AUTO_MAX = 512
+# The latency assumed for a seller until its first answers are in.
+ASSUMED_LATENCY_MS = 2000.0
+# The weight of each new answer's latency in the learned average.
+LATENCY_WEIGHT = 0.05
 
 
 class YieldToEvents(RateLimited):
-    """Event work waits for a worker slot or a call: a nightly or backfill chunk steps aside (deferred)."""
+    """Event work waits for a worker slot: a nightly or backfill chunk steps aside (deferred)."""
 
 
 @dataclass(frozen=True)
 class RateSpec:
-    """The ceiling (configured rate), burst, and how the effective rate adapts below it."""
+    """The ceiling (configured rate), burst, the in-flight cap, and how the effective rate adapts below it."""
 
     per_second: float
     burst: int = 1
@@ -37,52 +57,128 @@ class RateSpec:
     # Per answered call, as a fraction of the current rate: about +0.1 %/call, so a cycle is long and rare.
     increase: float = 0.001
     decrease_guard_s: float = 0.05
-    max_in_flight: int = 0
+    # Calls in flight across the fleet: None follows the rate and the seller's latency; 0 is no cap.
+    max_in_flight: int | None = None
     adaptive: bool = True
     # A seller's Retry-After is obeyed up to this; beyond it (or unreadable) the fleet waits this long.
     max_retry_after_s: float = 300.0
+    # The seller (listing) whose latency is learned: each its own.
+    listing: str = ""
+
+    @property
+    def latency_field(self) -> str:
+        return f"latency_ms:{self.listing}" if self.listing else "latency_ms"
+
+
+def auto_cap(rate: float, latency_ms: float | None) -> int:
+    """The in-flight cap Little's law asks for at `rate` calls/s and this latency (as limiter_go.lua has it)."""
+    latency = ASSUMED_LATENCY_MS if latency_ms is None else latency_ms
+    return max(AUTO_MIN, min(AUTO_MAX, math.ceil(rate * latency / 1000 * AUTO_HEADROOM)))
+
+
+class Permit:
+    """An admitted call: `answered(latency)` once the seller answered, then `release()` (always) gives its
+    in-flight slot back and teaches the limiter what the call took."""
+
+    def __init__(self, limiter: RateLimiter, member: str) -> None:
+        self._limiter = limiter
+        self._member = member
+        self._latency_s: float | None = None
+
+    def answered(self, latency_s: float) -> None:
+        self._latency_s = latency_s
+
+    def release(self) -> float:
+        """Returns the effective rate after it."""
+        return self._limiter.done(self._member, self._latency_s)
 
 
 class RateLimiter:
-    """acquire() returns once a call may go; it never waits longer than max_wait_s in-process."""
+    """admit() returns once a call may go; it never waits longer than max_wait_s in-process."""
 
     def __init__(self, store: Store, keys: Keys, spec: RateSpec, *,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 sleep: Callable[[float], None] = time.sleep, rng: random.Random | None = None) -> None:
         self._store = store
         self._tat = keys.ratelimit()
         self._state = keys.ratelimit_state()
         self._slots = keys.ratelimit_slots()
-        self._urgent = keys.ratelimit_urgent()
+        self._waiting = keys.ratelimit_waiting()
+        self._freed = keys.ratelimit_freed()
         self._events_queue = QUEUES["events"]
         self.spec = spec
-        self._acquire = store.script("flow", "limiter_acquire")
+        self._reserve = store.script("flow", "limiter_reserve")
+        self._go = store.script("flow", "limiter_go")
+        self._done = store.script("flow", "limiter_done")
         self._penalize = store.script("flow", "limiter_penalize")
-        self._reward = store.script("flow", "limiter_reward")
-        self._slot = store.script("flow", "limiter_slot")
         self._sleep = sleep
+        self._rng = rng or random.Random()
 
-    def try_acquire(self, urgent: bool = False, member: str = "") -> float:
-        """0.0 when admitted, else the seconds to wait before asking again; YieldToEvents for a call that is
-        not urgent while event work waits."""
-        allowed, wait_us = self._acquire(
-            [self._tat, self._state, self._urgent, self._events_queue],
-            [self.spec.per_second, self.spec.burst, "1" if urgent else "0", member])
-        if int(allowed) == 2:
+    def reserve(self, urgent: bool = False, horizon_s: float = RESERVE_AHEAD_S) -> tuple[bool, float]:
+        """Take a place in line within horizon_s: (True, seconds until it comes), or (False, seconds after which
+        one may be had); YieldToEvents for a call that is not urgent while event chunks wait in their queue."""
+        state, wait_us = self._reserve([self._tat, self._state, self._events_queue],
+                                       [self.spec.per_second, self.spec.burst, "1" if urgent else "0",
+                                        round(horizon_s * 1_000_000)])
+        if int(state) == 2:
             raise YieldToEvents("event work is waiting: this chunk steps aside", retry_after=YIELD_S)
-        return 0.0 if int(allowed) == 1 else int(wait_us) / 1_000_000
+        return int(state) == 1, int(wait_us) / 1_000_000
+
+    def admit(self, max_wait_s: float = 10.0, *, urgent: bool = False, lease_s: float = 60.0) -> Permit:
+        """Wait (in-process, at most max_wait_s) for a place in line and an in-flight slot; beyond it raise
+        RateLimited so the task is deferred. An event call may queue up to max_wait_s ahead, others up to
+        RESERVE_AHEAD_S: an event call goes after at most that much other work."""
+        deadline = time.monotonic() + max_wait_s
+        member = uuid.uuid4().hex
+        while True:
+            left = deadline - time.monotonic()
+            placed, wait = self.reserve(urgent, max(0.0, left if urgent else min(left, RESERVE_AHEAD_S)))
+            if not placed:
+                # Others hold the places within the horizon: come back when one may be had, spread out so
+                # the waiters do not all ask at the same moment.
+                wait += self._rng.uniform(0, RESERVE_AHEAD_S / 2)
+                self._give_up_after(wait, deadline, "global rate limit", max_wait_s)
+                self._sleep(wait)
+                continue
+            if wait > 0:
+                self._sleep(wait)
+            if self._take_slot(member, lease_s, deadline, max_wait_s):
+                return Permit(self, member)
+
+    def _take_slot(self, member: str, lease_s: float, deadline: float, max_wait_s: float) -> bool:
+        """At the caller's place in line: True once it holds an in-flight slot; False when the seller said
+        'too fast' meanwhile (the caller takes a new place after the cooldown)."""
+        cap = "auto" if self.spec.max_in_flight is None else str(self.spec.max_in_flight)
+        registered = False
+        while True:
+            answer = self._go([self._state, self._slots, self._waiting], [
+                cap, member, round(lease_s * 1000), self.spec.per_second, self.spec.latency_field,
+                ASSUMED_LATENCY_MS, AUTO_HEADROOM, AUTO_MIN, AUTO_MAX, "1" if registered else "0"])
+            if int(answer[0]) == 1:
+                return True
+            wait = int(answer[1]) / 1000
+            if answer[2] == "cooldown":
+                self._give_up_after(wait, deadline, "the seller's Retry-After", max_wait_s)
+                self._sleep(wait)
+                return False
+            registered = True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self._store.zrem(self._waiting, member)
+                raise RateLimited(f"in-flight cap: no slot within {max_wait_s:.0f}s", retry_after=wait)
+            # Woken by a slot given back, or when the first slot's lease lapses, or at the deadline.
+            self._store.blpop([self._freed], timeout=max(0.01, min(wait, left)))
+
+    def done(self, member: str, latency_s: float | None) -> float:
+        """A call ended (member: its slot, '' for none): the slot back, and an answer's latency learned."""
+        latency = "" if latency_s is None else f"{latency_s * 1000:.1f}"
+        step = str(self.spec.increase) if self.spec.adaptive else ""
+        rate = self._done([self._state, self._slots, self._waiting, self._freed],
+                          [member, latency, self.spec.latency_field, LATENCY_WEIGHT, self.spec.per_second, step])
+        return min(self.spec.per_second, float(rate))
 
     def acquire(self, max_wait_s: float = 10.0, *, urgent: bool = False) -> None:
-        """Wait (briefly, in-process) for a slot; beyond max_wait_s raise RateLimited so the task is deferred.
-
-        An urgent (event) call goes before every other: while it waits, and while event chunks wait in their
-        queue, other calls raise YieldToEvents at once, so their chunk frees its worker slot too.
-        """
-        member = uuid.uuid4().hex if urgent else ""
-        try:
-            self._wait_for(lambda: self.try_acquire(urgent, member), max_wait_s, "global rate limit")
-        finally:
-            if urgent:
-                self._store.zrem(self._urgent, member)
+        """Admission for a call that holds no in-flight slot afterwards (a probe, a test): the rate alone."""
+        self.admit(max_wait_s, urgent=urgent).release()
 
     def throttled(self, retry_after_s: float | None) -> float:
         """The seller said 'too fast': slow everyone down; returns the new effective rate."""
@@ -94,12 +190,6 @@ class RateLimiter:
             round(self.spec.decrease_guard_s * 1_000_000), wait_us])
         return float(rate)
 
-    def answered(self) -> float:
-        """A call went through: creep back towards the ceiling."""
-        if not self.spec.adaptive:
-            return self.spec.per_second
-        return float(self._reward([self._tat, self._state], [self.spec.per_second, self.spec.increase]))
-
     def bounded_wait(self, retry_after_s: float | None) -> float:
         """A seller's Retry-After in seconds, kept within [0, max_retry_after_s]; 0 when absent."""
         if retry_after_s is None or math.isnan(retry_after_s):
@@ -110,31 +200,22 @@ class RateLimiter:
         raw = self._store.hget(self._state, "rate")
         return min(self.spec.per_second, float(raw)) if raw else self.spec.per_second
 
+    def in_flight_cap(self) -> int:
+        """The in-flight cap now (0: none): the fixed one, or Little's law on the latency learned so far."""
+        if self.spec.max_in_flight is not None:
+            return self.spec.max_in_flight
+        raw = self._store.hget(self._state, self.spec.latency_field)
+        return auto_cap(self.spec.per_second, float(raw) if raw else None)
+
     def stats(self) -> dict[str, float]:
         raw: dict[str, str] = self._store.hgetall(self._state)
+        latency = raw.get(self.spec.latency_field)
         return {"rate": self.effective_rate(), "throttled": float(raw.get("throttled", 0)),
-                "decreases": float(raw.get("decreases", 0)), "in_flight": float(self._store.zcard(self._slots))}
+                "decreases": float(raw.get("decreases", 0)), "in_flight": float(self._store.zcard(self._slots)),
+                "in_flight_cap": float(self.in_flight_cap()),
+                "latency_s": float(latency) / 1000 if latency else float("nan")}
 
-    def slot(self, lease_s: float, max_wait_s: float = 10.0) -> Callable[[], None]:
-        """Take an in-flight slot (no-op when uncapped); returns the function that gives it back."""
-        if self.spec.max_in_flight <= 0:
-            return lambda: None
-        member = uuid.uuid4().hex
-        lease_ms = round(lease_s * 1000)
-
-        def attempt() -> float:
-            ok, wait_ms = self._slot([self._slots], [self.spec.max_in_flight, member, lease_ms])
-            return 0.0 if int(ok) == 1 else min(max(int(wait_ms), 1), 50) / 1000
-
-        self._wait_for(attempt, max_wait_s, "in-flight cap")
-        return lambda: self._store.zrem(self._slots, member)
-
-    def _wait_for(self, attempt: Callable[[], float], max_wait_s: float, what: str) -> None:
-        deadline = time.monotonic() + max_wait_s
-        while True:
-            wait = attempt()
-            if wait == 0.0:
-                return
-            if time.monotonic() + wait > deadline:
-                raise RateLimited(f"{what}: no slot within {max_wait_s:.0f}s", retry_after=wait)
-            self._sleep(wait)
+    @staticmethod
+    def _give_up_after(wait: float, deadline: float, what: str, max_wait_s: float) -> None:
+        if time.monotonic() + wait > deadline:
+            raise RateLimited(f"{what}: no slot within {max_wait_s:.0f}s", retry_after=wait)

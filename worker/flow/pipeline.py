@@ -27,7 +27,7 @@ from worker.errors import (
 )
 from worker.flow.claims import Claims, DoneEntry
 from worker.flow.leases import ChunkLease
-from worker.flow.limiter import RateLimiter
+from worker.flow.limiter import Permit, RateLimiter
 from worker.flow.runs import Runs, Save, now_iso
 from worker.flow.states import ENDING, HELD, RunState
 from worker.flow.validate import Limits, small_image_warning, validate
@@ -405,16 +405,17 @@ class ChunkProcessor:
         if not self.lease.held:
             raise ChunkBusy(f"chunk {chunk.label()}: lease lost to another delivery")
         waited = time.monotonic()
-        release_slot = deps.limiter.slot(lease_s=deps.settings.call_timeout_s + 30, max_wait_s=MAX_SLOT_WAIT_S)
+        permit = deps.limiter.admit(MAX_SLOT_WAIT_S, urgent=chunk.priority == "events",
+                                    lease_s=deps.settings.call_timeout_s + 30)
         try:
-            deps.limiter.acquire(MAX_SLOT_WAIT_S, urgent=chunk.priority == "events")
             deps.meter.limiter_wait(time.monotonic() - waited)
-            return self._pay_and_call(chunk, group, queue, held)
+            return self._pay_and_call(chunk, group, queue, held, permit)
         finally:
             # A slot not given back lapses with its lease; it must not hide what happened to the call.
-            _best_effort(release_slot, "giving the in-flight slot back")
+            _best_effort(permit.release, "giving the in-flight slot back")
 
-    def _pay_and_call(self, chunk: Chunk, group: _Group, queue: deque[_Group], held: list[_Answer]) -> int:
+    def _pay_and_call(self, chunk: Chunk, group: _Group, queue: deque[_Group], held: list[_Answer],
+                      permit: Permit) -> int:
         deps = self.deps
         try:
             token = deps.ledger.take(chunk.run_id, self.lease.token)
@@ -445,8 +446,10 @@ class ChunkProcessor:
             # Read before it is written down, so the call ends now for the run's failure threshold.
             bought = None if isinstance(judgements, str) else any(isinstance(j, Judgement) for j in judgements)
             spend.answered(answer.request_id, answer.raw, bought=bought)
-            deps.meter.call("answered", time.monotonic() - sent)
-        _best_effort(deps.limiter.answered, "raising the shared rate")
+            took = time.monotonic() - sent
+            deps.meter.call("answered", took)
+            # Given back with the slot: the seller's latency (the in-flight cap follows it) and the AIMD step.
+            permit.answered(took)
         held.append(_Answer(group, judgements, answer.request_id, token.payment_id))
         return 0
 

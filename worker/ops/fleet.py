@@ -21,10 +21,13 @@ def me() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def announce(store: Store, keys: Keys, settings: Settings, *, now: float | None = None) -> None:
-    """This worker's enforced settings, under its host and pid; entries older than FORGET_AFTER_S go."""
+def announce(store: Store, keys: Keys, settings: Settings, *, now: float | None = None,
+             threads: int | None = None) -> None:
+    """This worker's enforced settings (and its threads: calls it can carry at once), under its host and pid;
+    entries older than FORGET_AFTER_S go."""
     at = time.time() if now is None else now
-    entry = {**settings.enforced_view(), "payment_method": settings.payment_method, "at": round(at)}
+    entry = {**settings.enforced_view(), "payment_method": settings.payment_method, "at": round(at),
+             "threads": threads}
     store.hset(keys.fleet_enforced(), me(), json.dumps(entry, sort_keys=True))
     for name, raw in store.hgetall(keys.fleet_enforced()).items():
         try:

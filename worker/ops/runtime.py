@@ -59,7 +59,8 @@ def build_deps(settings: Settings, meter: Meter | None = None) -> Deps:
         ledger=ledger,
         limiter=RateLimiter(store, keys, RateSpec(
             settings.rate_limit_per_s, settings.rate_burst, max_in_flight=settings.max_in_flight,
-            adaptive=settings.rate_adaptive, max_retry_after_s=settings.max_retry_after_s)),
+            adaptive=settings.rate_adaptive, max_retry_after_s=settings.max_retry_after_s,
+            listing=settings.pool_listing)),
         runs=Runs(store, keys),
         claims=Claims(store, keys),
         meter=meter,
@@ -83,6 +84,8 @@ class Runtime:
         self._deps: Deps | None = None
         self._threads: list[Periodic] = []
         self._metrics_server: Any = None
+        # Tasks this process runs at once (Celery's concurrency for the threads pool, 1 in a prefork child).
+        self.threads: int | None = None
 
     def start(self) -> Deps:
         with self._lock:
@@ -105,7 +108,7 @@ class Runtime:
                                           intake=Intake(deps.store, keys, self.settings)))
             for thread in self._threads:
                 thread.start()
-            fleet.announce(deps.store, keys, self.settings)
+            fleet.announce(deps.store, keys, self.settings, threads=self.threads)
             self._deps = deps
             return deps
 

@@ -24,6 +24,9 @@ local function ours(claim)
   return rest ~= nil and (rest == chunk or string.sub(rest, 1, #chunk + 1) == chunk .. ' ')
 end
 local saved = 0
+-- The run's counters, added up here and written once each: one HINCRBY per counter, not per record.
+local counts = {}
+local function count(name) counts[name] = (counts[name] or 0) + 1 end
 local n = (#KEYS - 2) / 4
 for i = 1, n do
   local shard, claim_key, cshard, cclaim = KEYS[4 * i - 1], KEYS[4 * i], KEYS[4 * i + 1], KEYS[4 * i + 2]
@@ -31,10 +34,10 @@ for i = 1, n do
   local index, record, verdict, field, entry = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5]
   local kind, cfield, owner, centry = ARGV[a + 6], ARGV[a + 7], ARGV[a + 8], ARGV[a + 9]
   if redis.call('HSETNX', KEYS[1], index, record) == 1 then
-    redis.call('HINCRBY', KEYS[2], verdict, 1)
-    redis.call('HINCRBY', KEYS[2], 'done', 1)
-    if kind == '1' then redis.call('HINCRBY', KEYS[2], 'duplicates', 1) end
-    if kind == '2' then redis.call('HINCRBY', KEYS[2], 'same_content', 1) end
+    count(verdict)
+    count('done')
+    if kind == '1' then count('duplicates') end
+    if kind == '2' then count('same_content') end
     if field ~= '' then
       redis.call('HSET', shard, field, entry)
       -- The first judgment of a content stays its reference.
@@ -48,5 +51,6 @@ for i = 1, n do
     if ours(cclaimed) and string.sub(cclaimed, -(#owner + 1)) == ' ' .. owner then redis.call('DEL', cclaim) end
   end
 end
+for name, by in pairs(counts) do redis.call('HINCRBY', KEYS[2], name, by) end
 redis.call('HSET', KEYS[2], 'progress_ms', ARGV[1])
 return saved
