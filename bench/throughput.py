@@ -237,6 +237,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2, help="celery worker processes")
     p.add_argument("--concurrency", type=int, default=32,
                    help="threads per worker, as the README's worker command (the baseline uses all of them)")
+    p.add_argument("--baseline-threads", type=int, default=0,
+                   help="the baseline's threads, i.e. its calls in flight (default: workers x concurrency)")
     p.add_argument("--rates", default="none,5,10,20", help="irlive scenarios: 'none' (no limit) or calls/s")
     p.add_argument("--latency-ms", type=int, default=0,
                    help="the sandbox seller's time per call (0: answers at once, so the stack's CPU is the bound)")
@@ -257,7 +259,7 @@ def measure(ns: argparse.Namespace, endpoint: str | None, counter: Requests | No
         moto = counter or MotoRequests(stack.log_path("moto"))
         common.reset(stack, latency_ms=ns.latency_ms)
         moto.mark()
-        baseline = plain_batched(stack, "bench/", ns.workers * ns.concurrency, endpoint)
+        baseline = plain_batched(stack, "bench/", ns.baseline_threads or ns.workers * ns.concurrency, endpoint)
         baseline.s3_own, baseline.s3_seller = moto.since_mark()
         results = [baseline]
         for spec in ns.rates.split(","):
@@ -265,7 +267,9 @@ def measure(ns: argparse.Namespace, endpoint: str | None, counter: Requests | No
             name = "irlive, no rate limit" if rate is None else f"irlive, R = {rate:g}/s"
             results.append(irlive_run(stack, name, ns, rate, moto))
             print(f"  {name}: {results[-1].wall_s:.1f} s", file=sys.stderr)
-    print(f"{ns.images} images, {ns.workers} workers x {ns.concurrency} threads, seller latency {ns.latency_ms} ms, "
+    threads = ns.baseline_threads or ns.workers * ns.concurrency
+    print(f"{ns.images} images, {ns.workers} workers x {ns.concurrency} threads (baseline: {threads} threads), "
+          f"seller latency {ns.latency_ms} ms, "
           f"S3: {'bench.fakes3' if endpoint else 'moto_server'} ({common.machine()}, {common.today()})")
     print(common.table(["scenario", "wall s", "÷ baseline", "ideal s", "÷ ideal", "CPU ms/image",
                         "S3 req/image (own)", "S3 req/image (seller)", "Redis B/image after",

@@ -184,7 +184,11 @@ def _check_redis(settings: Settings, report: Report) -> dict[str, Any]:
         # Workers wait for an unreachable broker and check at their next start: not a settings problem.
         report.notes.append(f"Redis durability not checked: {exc}")
         return {"checked": False, "where": where, "summary": f"{where}: not reachable"}
-        report.notes.append(_in_flight_note(settings, store))
+    else:
+        try:
+            report.notes.append(_in_flight_note(settings, store))
+        except IrliveError as exc:
+            report.notes.append(f"calls in flight not worked out: {exc}")
     finally:
         store.close()
     if not found.checked:

@@ -12,6 +12,7 @@ import redis
 
 from sandbox.procs import wait_until
 from sandbox.stack import Stack
+from tests.conftest import IrliveRunner
 from worker.errors import RateLimited
 from worker.flow.limiter import RESERVE_AHEAD_S, RateLimiter, RateSpec, YieldToEvents, auto_cap
 from worker.keys import Keys
@@ -196,3 +197,19 @@ def test_event_chunks_waiting_in_their_queue_make_other_calls_yield(clean_stack:
     assert limiter.reserve(urgent=True) == (True, 0.0)  # the event chunk's own call is admitted
     client.delete(QUEUES["events"])
     assert limiter.reserve() == (True, 0.0)
+
+
+def test_config_says_what_the_rate_needs_in_flight_and_when_the_threads_fall_short(
+        clean_stack: Stack, irlive: IrliveRunner) -> None:
+    clean_stack.start_worker(concurrency=4)
+    client = clean_stack.redis_client()
+    wait_until(lambda: client.hlen(Keys().fleet_enforced()) == 1, 30, "the worker to say what it runs")
+    out = irlive("config", env={"IRLIVE_RATE_LIMIT_PER_S": "20"}).stdout
+    assert "IRLIVE_MAX_IN_FLIGHT" in out and " auto " in out
+    assert ("20 calls/s x the seller's latency (2 s assumed until the seller's first answers) needs 40 calls in "
+            "flight; the cap is 60 (auto)") in out
+    assert "the 1 running workers have 4 threads, fewer than 40: start more workers or raise --concurrency" in out
+    # Once answers taught it a 0.5 s seller, the same rate needs 10, and 4 threads still fall short.
+    client.hset(Keys().ratelimit_state(), "latency_ms", "500.0")
+    out = irlive("config", env={"IRLIVE_RATE_LIMIT_PER_S": "20"}).stdout
+    assert "(learned 0.50 s) needs 10 calls in flight; the cap is 15 (auto)" in out
