@@ -58,6 +58,10 @@ class Result:
     services_cpu: dict[str, float] | None = None
     # Redis commands served during the scenario, by command (everything: workers, the CLI, the bench's sampler).
     redis_cmds: Counter[str] | None = None
+    # Paid calls, chunks the watchdog handed back while their workers lived, calls the seller refused to download.
+    calls: int | None = None
+    handed_back: int = 0
+    download_refused: int = 0
 
     def row(self, baseline_s: float) -> list[str]:
         own = sum(self.s3_own.values()) if self.s3_own is not None else None
@@ -211,11 +215,13 @@ def irlive_run(stack: Stack, name: str, ns: argparse.Namespace, rate: float | No
     client = redis.Redis.from_url(stack.redis_url)
     common.start_workers(stack, ns.workers, ns.concurrency, env)
     pids = [w.pid for w in stack.workers]
+    logs = {w.log: w.log.stat().st_size for w in stack.workers}
     cpu0, svc0 = cpu_seconds(pids), services_cpu(services(stack))
     moto.mark()
     client.config_resetstat()
     run = common.drive_run(stack, env, common.source(), timeout_s=900)
     cmds = redis_commands(client)
+    calls = int(client.hget("irlive:wallet:totals", "spent") or 0)
     cpu = cpu_seconds(pids) - cpu0
     svc = {name: t - svc0[name] for name, t in services_cpu(services(stack)).items()}
     own, seller = moto.since_mark()
@@ -227,7 +233,15 @@ def irlive_run(stack: Stack, name: str, ns: argparse.Namespace, rate: float | No
     if judged != ns.images:
         raise RuntimeError(f"{name}: {judged} of {ns.images} images judged ({run.status.counts})")
     ideal = ns.images / PER_CALL / rate if rate else None
-    return Result(name, ns.images, run.wall_s, cpu, own, seller, left / judged, ideal, svc, cmds)
+    text = "".join(_tail(path, offset) for path, offset in logs.items())
+    return Result(name, ns.images, run.wall_s, cpu, own, seller, left / judged, ideal, svc, cmds, calls,
+                  text.count("handed back to the queue"), text.count("the seller could not download the images"))
+
+
+def _tail(path: Path, offset: int) -> str:
+    with path.open("rb") as f:
+        f.seek(offset)
+        return f.read().decode("utf-8", "replace")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -282,6 +296,10 @@ def measure(ns: argparse.Namespace, endpoint: str | None, counter: Requests | No
     print()
     print("S3 requests by kind (own): " + "; ".join(
         f"{r.name}: {dict(sorted((r.s3_own or Counter()).items()))}" for r in results))
+    for r in results:
+        if r.calls is not None:
+            print(f"{r.name}: {r.calls} paid calls ({r.calls - -(-r.images // PER_CALL)} beyond one per ten images), "
+                  f"{r.download_refused} refused for downloads, {r.handed_back} chunks handed back by the watchdog")
     for r in results:
         if r.redis_cmds:
             top = ", ".join(f"{c} {n / r.images:.2f}" for c, n in r.redis_cmds.most_common(12))
