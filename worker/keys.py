@@ -97,7 +97,11 @@ class Keys:
 
     # ---- leases and claims ----
     def chunk_lease(self, run_id: str, seq: int) -> str:
-        return f"{self.prefix}:lease:chunk:{run_id}:{seq}"
+        return f"{self.chunk_lease_prefix()}{run_id}:{seq}"
+
+    def chunk_lease_prefix(self) -> str:
+        """What every chunk lease key starts with (claim.lua finds a claim's lease from it)."""
+        return f"{self.prefix}:lease:chunk:"
 
     def job_lease(self, name: str) -> str:
         return f"{self.prefix}:lease:job:{name}"

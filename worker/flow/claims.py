@@ -1,9 +1,9 @@
 """Image claims across runs and the done-set: an identity is paid for by one delivery, judged once, reused after.
 
 Before an image is packed into a paid call, its identity (`bucket/key@etag`) is claimed for the chunk delivery
-that holds the chunk's lease (the claim carries the lease's token and expires with it). Another run's delivery
-that meets a claimed identity waits for its judgment and records it as a duplicate, at no cost; one that meets
-a judged identity records it straight away. The done-set keeps one short entry per judged identity.
+that holds the chunk's lease (the claim carries the lease's token and holds while that lease does). Another
+run's delivery that meets a claimed identity waits for its judgment and records it as a duplicate, at no cost;
+one that meets a judged identity records it straight away. The done-set keeps one short entry per judged identity.
 """
 
 from __future__ import annotations
@@ -91,7 +91,8 @@ class Claims:
             image_keys, field_, cfield = self._keys.image(identity, content)
             keys += image_keys
             fields += [field_, cfield]
-        answer = self._claim(keys, [lease.token, lease.ttl_ms, f"{run_id} {seq}", not_before_ms, *fields])
+        answer = self._claim(keys, [lease.token, lease.claim_ttl_ms, f"{run_id} {seq}", not_before_ms,
+                                    self._keys.chunk_lease_prefix(), *fields])
         if answer and int(answer[0]) == -1:
             raise ChunkBusy(f"chunk {run_id}/{seq}: lease lost before its images could be claimed")
         mine_keys: list[str] = []

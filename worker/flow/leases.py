@@ -17,6 +17,10 @@ from worker.seams.store import Store
 log = logging.getLogger("irlive.leases")
 # Short, because a heartbeat renews it: a killed worker's chunk (and its claims) are free again this soon.
 CHUNK_LEASE_S = 15.0
+# An image claim holds while the lease it was taken under does (claim.lua asks the lease), so a heartbeat renews
+# the lease alone; the claims' own expiry is a backstop, renewed every CLAIM_RENEW_BEATS beats.
+CLAIM_TTL_S = 20 * CHUNK_LEASE_S
+CLAIM_RENEW_BEATS = 20
 
 
 def new_token() -> str:
@@ -40,9 +44,9 @@ class Lease:
         """Take the lease, or extend it if this token holds it already."""
         return int(self._take([self.key], [self.token, self._ttl_ms])) == 1
 
-    def renew(self, claims: Iterable[str] = ()) -> bool:
-        """Extend the lease and the claims held under it; False (and nothing extended) if it was lost."""
-        return int(self._renew([self.key, *claims], [self.token, self._ttl_ms])) == 1
+    def renew(self, claims: Iterable[str] = (), claim_ttl_ms: int = 0) -> bool:
+        """Extend the lease and the claims given; False (and nothing extended) if it was lost."""
+        return int(self._renew([self.key, *claims], [self.token, self._ttl_ms, claim_ttl_ms or self._ttl_ms])) == 1
 
     def release(self, claims: Iterable[str] = ()) -> bool:
         """Give it back, with the claims still held under it; False if it had already been lost."""
@@ -50,8 +54,8 @@ class Lease:
 
 
 class ChunkLease:
-    """`with ChunkLease(...)`: one delivery of a chunk works at a time; a heartbeat renews the lease and every
-    image claim taken under it, so a killed worker's chunk and claims come free within CHUNK_LEASE_S.
+    """`with ChunkLease(...)`: one delivery of a chunk works at a time; a heartbeat renews the lease, and the image
+    claims taken under it hold while it does, so a killed worker's chunk and claims come free within CHUNK_LEASE_S.
 
     Raises ChunkBusy on entry if another delivery holds the chunk; `held` turns False if the lease is lost.
     """
@@ -77,6 +81,11 @@ class ChunkLease:
     @property
     def ttl_ms(self) -> int:
         return round(self._ttl * 1000)
+
+    @property
+    def claim_ttl_ms(self) -> int:
+        """The claims' own expiry: a backstop (a claim holds while this lease does)."""
+        return round(max(CLAIM_TTL_S, self._ttl * CLAIM_RENEW_BEATS) * 1000)
 
     @property
     def held(self) -> bool:
@@ -113,9 +122,12 @@ class ChunkLease:
             log.warning("chunk %s: lease not released (%s); it expires in %.0fs", self._label, err, self._ttl)
 
     def _beat(self) -> None:
+        beats = 0
         while not self._stop.wait(self._ttl / 3):
+            beats += 1
+            claims = self._claim_keys() if beats % CLAIM_RENEW_BEATS == 0 else []
             try:
-                renewed = self._lease.renew(self._claim_keys())
+                renewed = self._lease.renew(claims, self.claim_ttl_ms)
             except IrliveError:
                 # Redis unreachable for a moment: keep trying until the lease would have run out.
                 continue

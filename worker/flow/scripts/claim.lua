@@ -6,12 +6,15 @@
 -- KEYS[4i-2..4i+1]  for identity i (1-based): its done-set shard hash, its claim key, the content's done-set
 --                   shard hash, the content's claim key (the identity's own again when it has no content key)
 -- ARGV[1]           the holder's token (the chunk lease value)
--- ARGV[2]           claim time to live, ms (the lease's: a claim expires with the lease that renews it)
+-- ARGV[2]           claim time to live, ms (long: a claim holds while its delivery's lease does, see below)
 -- ARGV[3]           what the claim says after the token: "<run_id> <seq>"
 -- ARGV[4]           judgments recorded before this time (ms) are ignored (a --force run, which also ignores
 --                   content entries: they carry no time); 0 = all count
--- ARGV[3+2i]        identity i's field in its done-set shard
--- ARGV[4+2i]        the content's field in its shard, '' when the identity has no content key
+-- ARGV[5]           the chunk lease keys' prefix: a claim "<token> <run_id> <seq>" holds while the key
+--                   ARGV[5] .. "<run_id>:<seq>" holds <token> (a killed worker's claims come free with its lease,
+--                   and a heartbeat renews the lease alone, not every claim under it)
+-- ARGV[4+2i]        identity i's field in its done-set shard
+-- ARGV[5+2i]        the content's field in its shard, '' when the identity has no content key
 -- Returns           {-1} if the caller does not hold the lease; else two entries per identity:
 --                   1, ''        claimed for the caller (newly, or it already held it)
 --                   2, entry     already judged: the done-set entry
@@ -29,6 +32,12 @@ local function fresh(entry)
   if not_before == 0 or (judged_ms and judged_ms >= not_before) then return entry end
   return nil
 end
+-- Another delivery's claim holds while its lease does, or while it is pinned to a paid answer (settle.lua).
+local function held(claim)
+  local holder, run, seq = string.match(claim, '^(%S+) (%S+) (%S+)')
+  if not holder or string.sub(holder, 1, 5) == 'paid:' then return true end
+  return redis.call('GET', ARGV[5] .. run .. ':' .. seq) == holder
+end
 local function this_chunk(claim)
   local rest = string.match(claim, '^%S+ (.*)$')
   return rest ~= nil and (rest == ARGV[3] or string.sub(rest, 1, #ARGV[3] + 1) == ARGV[3] .. ' ')
@@ -36,7 +45,7 @@ end
 local out = {}
 for i = 1, (#KEYS - 1) / 4 do
   local shard, claim_key, cshard, cclaim = KEYS[4 * i - 2], KEYS[4 * i - 1], KEYS[4 * i], KEYS[4 * i + 1]
-  local field, cfield = ARGV[3 + 2 * i], ARGV[4 + 2 * i]
+  local field, cfield = ARGV[4 + 2 * i], ARGV[5 + 2 * i]
   local entry = fresh(redis.call('HGET', shard, field))
   local centry = nil
   if not entry and cfield ~= '' and not_before == 0 then centry = redis.call('HGET', cshard, cfield) end
@@ -51,10 +60,10 @@ for i = 1, (#KEYS - 1) / 4 do
     -- The content's claim names the identity that holds it, so two copies in one delivery are told apart.
     local cvalue = value .. ' ' .. field
     local cclaimed = cfield ~= '' and redis.call('GET', cclaim) or false
-    if claim and string.sub(claim, 1, #mine) ~= mine and not this_chunk(claim) then
+    if claim and string.sub(claim, 1, #mine) ~= mine and not this_chunk(claim) and held(claim) then
       table.insert(out, 3)
       table.insert(out, claim)
-    elseif cclaimed and string.sub(cclaimed, -(#field + 1)) ~= ' ' .. field then
+    elseif cclaimed and string.sub(cclaimed, -(#field + 1)) ~= ' ' .. field and held(cclaimed) then
       table.insert(out, 3)
       table.insert(out, cclaimed)
     else

@@ -1,0 +1,69 @@
+"""Image claims hold while the chunk lease they were taken under does: a heartbeat renews the lease alone (one
+round trip, whatever the chunk holds), and a killed worker's claims come free with its lease. Real Redis."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import redis
+
+from sandbox.procs import wait_until
+from sandbox.stack import Stack
+from worker.flow.claims import Claims
+from worker.flow.leases import CLAIM_TTL_S, ChunkLease
+from worker.keys import Keys
+from worker.seams.store import Store
+
+pytestmark = pytest.mark.integration
+
+IMAGES = [f"cams/shot-{i}.png@etag{i}" for i in range(50)]
+CONTENTS = [f"md5:{i:032x}:100" for i in range(50)]
+
+
+def _store(stack: Stack) -> Store:
+    return Store(redis.Redis.from_url(stack.redis_url, decode_responses=True))
+
+
+def _commands(stack: Stack) -> Counter[str]:
+    stats = stack.redis_client().info("commandstats")
+    return Counter({name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()})
+
+
+def test_a_claim_holds_while_its_lease_does_and_comes_free_with_it(clean_stack: Stack) -> None:
+    store, keys = _store(clean_stack), Keys()
+    claims = Claims(store, keys)
+    first = ChunkLease(store, keys, "run-a", 0).__enter__()
+    assert claims.claim(first, "run-a", 0, IMAGES, contents=CONTENTS).mine == list(range(50))
+    second = ChunkLease(store, keys, "run-b", 0).__enter__()
+    try:
+        held = claims.claim(second, "run-b", 0, IMAGES, contents=CONTENTS)
+        assert held.mine == [] and set(held.busy.values()) == {("run-a", 0)}
+        # The first worker is killed: its heartbeat stops and its lease lapses (deleted here, as expiry would).
+        # Its claims are still in Redis, for minutes: they hold no longer than the lease did.
+        first._stop.set()
+        clean_stack.redis_client().delete(keys.chunk_lease("run-a", 0))
+        assert clean_stack.redis_client().exists(keys.claim(IMAGES[0]))
+        assert claims.claim(second, "run-b", 0, IMAGES, contents=CONTENTS).mine == list(range(50))
+    finally:
+        second.__exit__(None, None, None)
+
+
+def test_a_heartbeat_renews_the_lease_alone_and_the_claims_still_hold(clean_stack: Stack) -> None:
+    store, keys = _store(clean_stack), Keys()
+    claims = Claims(store, keys)
+    with ChunkLease(store, keys, "run-a", 0, ttl_s=0.3) as lease:  # a beat every 0.1 s
+        claims.claim(lease, "run-a", 0, IMAGES, contents=CONTENTS)
+        before = _commands(clean_stack)
+        client = clean_stack.redis_client()
+        wait_until(lambda: (_commands(clean_stack) - before)["evalsha"] >= 10, 10, "ten heartbeats", interval=0.05)
+        used = _commands(clean_stack) - before
+        # One script a beat: GET and PEXPIRE of the lease; the 100 claims under it are not read each time.
+        assert used["get"] <= used["evalsha"] + 1 and used["pexpire"] <= used["evalsha"] + 1, used
+        # Ten beats (a second: three lease lifetimes) later every claim still holds against another run.
+        other = ChunkLease(store, keys, "run-b", 0).__enter__()
+        try:
+            assert claims.claim(other, "run-b", 0, IMAGES, contents=CONTENTS).mine == []
+        finally:
+            other.__exit__(None, None, None)
+        assert 0 < client.pttl(keys.claim(IMAGES[0])) <= CLAIM_TTL_S * 1000
