@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing
+import signal
 import threading
 import time
 from collections import Counter
@@ -13,6 +15,8 @@ import redis
 from sandbox.procs import wait_until
 from sandbox.stack import Stack
 from tests.conftest import IrliveRunner
+from tests.e2e import IN_BUCKET
+from tests.faults import check_invariants, drive_to_completion, live_samples, upload_samples
 from worker.errors import RateLimited
 from worker.flow.limiter import RESERVE_AHEAD_S, RateLimiter, RateSpec, YieldToEvents, auto_cap
 from worker.keys import Keys
@@ -213,3 +217,26 @@ def test_config_says_what_the_rate_needs_in_flight_and_when_the_threads_fall_sho
     client.hset(Keys().ratelimit_state(), "latency_ms", "500.0")
     out = irlive("config", env={"IRLIVE_RATE_LIMIT_PER_S": "20"}).stdout
     assert "(learned 0.50 s) needs 10 calls in flight; the cap is 15 (auto)" in out
+
+
+def test_a_warm_shutdown_hands_back_a_chunk_waiting_in_line_instead_of_waiting_its_turn(
+        clean_stack: Stack, irlive: IrliveRunner) -> None:
+    samples = live_samples(30, "line")
+    upload_samples(clean_stack, samples)
+    slow = {"IRLIVE_RATE_LIMIT_PER_S": "0.1", "IRLIVE_TOKEN_POOL_SIZE": "0"}  # one place in line every 10 s
+    first = clean_stack.start_worker(extra_env=slow, concurrency=2)
+    run_id = json.loads(irlive("scan", f"s3://{IN_BUCKET}/line", "--json").stdout)["run_id"]
+    client = clean_stack.redis_client()
+
+    def spent() -> int:
+        return int(client.hget(Keys().wallet_totals(), "spent") or 0)
+
+    wait_until(lambda: spent() >= 1, 60, "the chunk's first call")
+    # SIGTERM: Celery's warm shutdown waits for the running chunk. Its next call's place is 10 s away; the chunk
+    # gives up its wait and goes back to the queue instead of making (and paying for) its other two calls first.
+    clean_stack.kill_worker(first, signal.SIGTERM, timeout=60)
+    assert spent() == 1, "the stopping worker paid for calls it waited in line for"
+    clean_stack.start_worker(extra_env={"IRLIVE_RATE_LIMIT_PER_S": "5"}, concurrency=2)
+    drive_to_completion(clean_stack, run_id, deadline_s=120)
+    assert check_invariants(clean_stack, run_id, samples) == []
+    assert spent() == 3

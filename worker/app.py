@@ -23,6 +23,7 @@ from celery.signals import (
     worker_process_init,
     worker_process_shutdown,
     worker_shutdown,
+    worker_shutting_down,
 )
 from kombu.entity import Queue
 
@@ -203,6 +204,12 @@ def _connect_lifecycle(app: Celery, settings: Settings, runtime: Any) -> None:
         if holding and message is not None and getattr(request, "name", None) == PROCESS_CHUNK:
             holding[0].received(str(request.id), str(message.delivery_tag))
 
+    def on_shutting_down(**_: Any) -> None:
+        # A warm shutdown waits for running chunks: those waiting in line for the seller give up their wait and go
+        # back to the queue, so the shutdown takes one call's time, not a queue's. (Prefork children learn of it
+        # by their own exit: their Runtime is another process's.)
+        runtime.stopping.set()
+
     def on_process_init(**_: Any) -> None:
         runtime.threads = 1
         runtime.start()
@@ -249,6 +256,7 @@ def _connect_lifecycle(app: Celery, settings: Settings, runtime: Any) -> None:
     task_received.connect(on_received, weak=False)
     worker_init.connect(on_worker_init, weak=False)
     worker_shutdown.connect(on_worker_shutdown, weak=False)
+    worker_shutting_down.connect(on_shutting_down, weak=False)
     worker_process_init.connect(on_process_init, weak=False)
     worker_process_shutdown.connect(on_process_shutdown, weak=False)
     after_setup_logger.connect(install_redaction, weak=False)

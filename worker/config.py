@@ -26,6 +26,12 @@ def is_bucket_name(text: str) -> bool:
     return _BUCKET_NAME.fullmatch(text) is not None
 
 
+# How long a call may wait in-process for its place in line and an in-flight slot before its chunk is deferred:
+# a sleeping thread costs nothing, while a deferral makes the chunk's next delivery claim its images again (at
+# the default 2 calls/s, 64 threads queue 32 s deep). Event work does not wait behind it: other calls queue at
+# most 2 s ahead of an event call and step aside while event chunks wait (worker/flow/limiter.py).
+MAX_LIMITER_WAIT_S = 60.0
+
 def listing_name(service_id: str, tool_endpoint: str) -> str:
     """A listing: the service id tokens are bought for and the path they are spent at (a token bought for one is
     refused by another: switching IRLIVE_SERVICE_ID or IRLIVE_TOOL_PATH must not spend the old ones)."""
@@ -246,7 +252,7 @@ class Settings:
     def worst_chunk_s(self) -> float:
         """How long one chunk can take when every call fails slowly until its attempts run out."""
         calls = math.ceil(self.chunk_size / self.images_per_call) + 4  # + the splits that hunt a bad image
-        per_attempt = self.call_timeout_s + 20.0 + 10.0  # the call, the backoff cap, the limiter's wait
+        per_attempt = self.call_timeout_s + 20.0 + MAX_LIMITER_WAIT_S  # the call, the backoff cap, the line
         validation = self.chunk_size * 2 * 2.0  # two ranged GETs per image, slow S3
         return calls * self.max_attempts * per_attempt + validation
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import random
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -40,6 +41,8 @@ AUTO_MAX = 512
 ASSUMED_LATENCY_MS = 2000.0
 # The weight of each new answer's latency in the learned average.
 LATENCY_WEIGHT = 0.05
+# A caller blocked waiting for an in-flight slot looks for a warm shutdown this often.
+STOP_CHECK_S = 2.0
 
 
 class YieldToEvents(RateLimited):
@@ -97,7 +100,8 @@ class RateLimiter:
     """admit() returns once a call may go; it never waits longer than max_wait_s in-process."""
 
     def __init__(self, store: Store, keys: Keys, spec: RateSpec, *,
-                 sleep: Callable[[float], None] = time.sleep, rng: random.Random | None = None) -> None:
+                 sleep: Callable[[float], None] = time.sleep, rng: random.Random | None = None,
+                 stopping: threading.Event | None = None) -> None:
         self._store = store
         self._tat = keys.ratelimit()
         self._state = keys.ratelimit_state()
@@ -112,6 +116,9 @@ class RateLimiter:
         self._penalize = store.script("flow", "limiter_penalize")
         self._sleep = sleep
         self._rng = rng or random.Random()
+        # Set when the worker begins a warm shutdown: a call waiting in line gives up its wait (its chunk is
+        # deferred to another worker) instead of holding the shutdown for up to max_wait_s per call.
+        self._stopping = stopping
 
     def reserve(self, urgent: bool = False, horizon_s: float = RESERVE_AHEAD_S) -> tuple[bool, float]:
         """Take a place in line within horizon_s: (True, seconds until it comes), or (False, seconds after which
@@ -137,10 +144,10 @@ class RateLimiter:
                 # the waiters do not all ask at the same moment.
                 wait += self._rng.uniform(0, RESERVE_AHEAD_S / 2)
                 self._give_up_after(wait, deadline, "global rate limit", max_wait_s)
-                self._sleep(wait)
+                self._pause(wait)
                 continue
             if wait > 0:
-                self._sleep(wait)
+                self._pause(wait)
             if self._take_slot(member, lease_s, deadline, max_wait_s):
                 return Permit(self, member)
 
@@ -158,15 +165,17 @@ class RateLimiter:
             wait = int(answer[1]) / 1000
             if answer[2] == "cooldown":
                 self._give_up_after(wait, deadline, "the seller's Retry-After", max_wait_s)
-                self._sleep(wait)
+                self._pause(wait)
                 return False
             registered = True
             left = deadline - time.monotonic()
             if left <= 0:
                 self._store.zrem(self._waiting, member)
                 raise RateLimited(f"in-flight cap: no slot within {max_wait_s:.0f}s", retry_after=wait)
-            # Woken by a slot given back, or when the first slot's lease lapses, or at the deadline.
-            self._store.blpop([self._freed], timeout=max(0.01, min(wait, left)))
+            # Woken by a slot given back, or when the first slot's lease lapses, or at the deadline (or, to notice a
+            # warm shutdown, within STOP_CHECK_S).
+            self._stop_check()
+            self._store.blpop([self._freed], timeout=max(0.01, min(wait, left, STOP_CHECK_S)))
 
     def done(self, member: str, latency_s: float | None) -> float:
         """A call ended (member: its slot, '' for none): the slot back, and an answer's latency learned."""
@@ -214,6 +223,17 @@ class RateLimiter:
                 "decreases": float(raw.get("decreases", 0)), "in_flight": float(self._store.zcard(self._slots)),
                 "in_flight_cap": float(self.in_flight_cap()),
                 "latency_s": float(latency) / 1000 if latency else float("nan")}
+
+    def _pause(self, seconds: float) -> None:
+        """Sleep, unless the worker is stopping: then the call gives up its wait (RateLimited, deferred)."""
+        if self._stopping is None:
+            self._sleep(seconds)
+        elif self._stopping.wait(seconds):
+            self._stop_check()
+
+    def _stop_check(self) -> None:
+        if self._stopping is not None and self._stopping.is_set():
+            raise RateLimited("the worker is stopping: the chunk goes back to the queue", retry_after=1.0)
 
     @staticmethod
     def _give_up_after(wait: float, deadline: float, what: str, max_wait_s: float) -> None:

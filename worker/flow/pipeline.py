@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from worker.backoff import Backoff
-from worker.config import S3Location, Settings
+from worker.config import MAX_LIMITER_WAIT_S, S3Location, Settings
 from worker.errors import (
     BudgetExhausted,
     CallsUndecided,
@@ -58,7 +58,7 @@ CALL_BACKOFF = Backoff(base_s=0.5, cap_s=20.0)
 # Beyond this many throttled calls in one chunk the task is deferred with a countdown, freeing the slot.
 MAX_THROTTLES_PER_CHUNK = 50
 # The limiter waits in-process at most this long for a slot; beyond it the task is deferred.
-MAX_SLOT_WAIT_S = 10.0
+MAX_SLOT_WAIT_S = MAX_LIMITER_WAIT_S
 # An object overwritten while its call was under way is judged again, up to this many times.
 MAX_REJUDGE = 2
 # Images another delivery holds are waited for this long in-process, then the chunk defers itself.

@@ -36,8 +36,9 @@ log = logging.getLogger("irlive.runtime")
 Send = Callable[[str, list[Any]], None]
 
 
-def build_deps(settings: Settings, meter: Meter | None = None) -> Deps:
-    """Every long-lived client one worker process needs (also what `irlive wallet` and `smoke` use)."""
+def build_deps(settings: Settings, meter: Meter | None = None, stopping: threading.Event | None = None) -> Deps:
+    """Every long-lived client one worker process needs (also what `irlive wallet` and `smoke` use); `stopping`
+    is set when the worker begins a warm shutdown (calls waiting in line give up their wait)."""
     meter = meter or NullMeter()
     keys = Keys(settings.key_prefix)
     store = Store.from_url(settings.redis_url)
@@ -60,7 +61,7 @@ def build_deps(settings: Settings, meter: Meter | None = None) -> Deps:
         limiter=RateLimiter(store, keys, RateSpec(
             settings.rate_limit_per_s, settings.rate_burst, max_in_flight=settings.max_in_flight,
             adaptive=settings.rate_adaptive, max_retry_after_s=settings.max_retry_after_s,
-            listing=settings.pool_listing)),
+            listing=settings.pool_listing), stopping=stopping),
         runs=Runs(store, keys),
         claims=Claims(store, keys),
         meter=meter,
@@ -86,13 +87,15 @@ class Runtime:
         self._metrics_server: Any = None
         # Tasks this process runs at once (Celery's concurrency for the threads pool, 1 in a prefork child).
         self.threads: int | None = None
+        # Set by Celery's worker_shutting_down: running chunks stop waiting in line (see RateLimiter).
+        self.stopping = threading.Event()
 
     def start(self) -> Deps:
         with self._lock:
             if self._deps is not None:
                 return self._deps
             metrics = Metrics() if self.settings.metrics_port else None
-            deps = build_deps(self.settings, metrics)
+            deps = build_deps(self.settings, metrics, self.stopping)
             keys = Keys(self.settings.key_prefix)
             if self.settings.metrics_port and not multiprocess_metrics():
                 self._metrics_server = serve(self.settings.metrics_port, metrics,
