@@ -393,7 +393,10 @@ class World:
         ledger._rng = random.Random(self.rng.random())  # which pooled token is taken: the seed's choice too
         return Deps(settings=self.settings, store=store, storage=cast(Storage, self.storage), market=market,
                     method=TokenOverHttp(market), ledger=ledger,
-                    limiter=RateLimiter(store, self.keys, RateSpec(1000.0, max_in_flight=0), sleep=self.clock.sleep),
+                    # Not adaptive: a throttle's cool-down runs on the Redis clock, which the simulated time does
+                    # not move (a caller in line would spin through a 30 s Retry-After in real time).
+                    limiter=RateLimiter(store, self.keys, RateSpec(1000.0, max_in_flight=0, adaptive=False),
+                                        sleep=self.clock.sleep),
                     runs=Runs(store, self.keys), claims=Claims(store, self.keys), sleep=self.clock.sleep,
                     rng=random.Random(self.rng.random()))
 
