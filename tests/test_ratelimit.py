@@ -155,6 +155,26 @@ def test_the_commands_per_call_do_not_grow_with_the_threads_waiting(clean_stack:
     assert used["get"] <= calls + 2, used  # the TAT, read once per place taken
 
 
+def test_callers_beyond_the_horizon_come_back_one_place_apart_not_all_at_once(clean_stack: Stack) -> None:
+    rate, calls_each, threads = 10.0, 2, 40  # a line 4 s deep: half the callers find no place within 2 s
+    before = _commands(clean_stack)
+
+    def caller() -> None:
+        limiter = RateLimiter(_client(clean_stack), Keys(), RateSpec(rate, max_in_flight=0))
+        for _ in range(calls_each):
+            limiter.admit(max_wait_s=30).release()
+
+    pool = [threading.Thread(target=caller) for _ in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join(60)
+    used = _commands(clean_stack) - before
+    calls = threads * calls_each
+    # reserve, go, done a call, and about one return from the waiting room for the callers who had to wait
+    assert used["evalsha"] <= calls * 4, used
+
+
 def test_the_in_flight_cap_follows_the_rate_and_the_seller_latency(clean_stack: Stack) -> None:
     limiter = RateLimiter(_client(clean_stack), Keys(), RateSpec(20))
     assert limiter.in_flight_cap() == auto_cap(20, None) == 60  # a 2 s seller assumed until one answers

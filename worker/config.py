@@ -32,6 +32,7 @@ def is_bucket_name(text: str) -> bool:
 # most 2 s ahead of an event call and step aside while event chunks wait (worker/flow/limiter.py).
 MAX_LIMITER_WAIT_S = 60.0
 
+
 def listing_name(service_id: str, tool_endpoint: str) -> str:
     """A listing: the service id tokens are bought for and the path they are spent at (a token bought for one is
     refused by another: switching IRLIVE_SERVICE_ID or IRLIVE_TOOL_PATH must not spend the old ones)."""

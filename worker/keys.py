@@ -183,6 +183,10 @@ class Keys:
     def ratelimit_slots(self) -> str:
         return f"{self.prefix}:ratelimit:in-flight"
 
+    def ratelimit_returns(self) -> str:
+        """The limiter's waiting room: the next return time given to a caller with no place yet (us)."""
+        return f"{self.prefix}:ratelimit:returns"
+
     def ratelimit_waiting(self) -> str:
         """Callers waiting for an in-flight slot (member -> registration expiry): a slot given back wakes one."""
         return f"{self.prefix}:ratelimit:waiting"

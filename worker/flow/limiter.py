@@ -17,7 +17,6 @@ Redis with a learned concurrency and blocking waiters (dramatiq's limiters poll)
 from __future__ import annotations
 
 import math
-import random
 import threading
 import time
 import uuid
@@ -100,10 +99,11 @@ class RateLimiter:
     """admit() returns once a call may go; it never waits longer than max_wait_s in-process."""
 
     def __init__(self, store: Store, keys: Keys, spec: RateSpec, *,
-                 sleep: Callable[[float], None] = time.sleep, rng: random.Random | None = None,
+                 sleep: Callable[[float], None] = time.sleep,
                  stopping: threading.Event | None = None) -> None:
         self._store = store
         self._tat = keys.ratelimit()
+        self._returns = keys.ratelimit_returns()
         self._state = keys.ratelimit_state()
         self._slots = keys.ratelimit_slots()
         self._waiting = keys.ratelimit_waiting()
@@ -115,17 +115,18 @@ class RateLimiter:
         self._done = store.script("flow", "limiter_done")
         self._penalize = store.script("flow", "limiter_penalize")
         self._sleep = sleep
-        self._rng = rng or random.Random()
         # Set when the worker begins a warm shutdown: a call waiting in line gives up its wait (its chunk is
         # deferred to another worker) instead of holding the shutdown for up to max_wait_s per call.
         self._stopping = stopping
 
-    def reserve(self, urgent: bool = False, horizon_s: float = RESERVE_AHEAD_S) -> tuple[bool, float]:
+    def reserve(self, urgent: bool = False, horizon_s: float = RESERVE_AHEAD_S,
+                patience_s: float = 60.0) -> tuple[bool, float]:
         """Take a place in line within horizon_s: (True, seconds until it comes), or (False, seconds after which
-        one may be had); YieldToEvents for a call that is not urgent while event chunks wait in their queue."""
-        state, wait_us = self._reserve([self._tat, self._state, self._events_queue],
+        to ask again: a return time, taken if within patience_s); YieldToEvents for a call that is not urgent
+        while event chunks wait in their queue."""
+        state, wait_us = self._reserve([self._tat, self._state, self._events_queue, self._returns],
                                        [self.spec.per_second, self.spec.burst, "1" if urgent else "0",
-                                        round(horizon_s * 1_000_000)])
+                                        round(horizon_s * 1_000_000), round(patience_s * 1_000_000)])
         if int(state) == 2:
             raise YieldToEvents("event work is waiting: this chunk steps aside", retry_after=YIELD_S)
         return int(state) == 1, int(wait_us) / 1_000_000
@@ -138,11 +139,11 @@ class RateLimiter:
         member = uuid.uuid4().hex
         while True:
             left = deadline - time.monotonic()
-            placed, wait = self.reserve(urgent, max(0.0, left if urgent else min(left, RESERVE_AHEAD_S)))
+            placed, wait = self.reserve(urgent, max(0.0, left if urgent else min(left, RESERVE_AHEAD_S)),
+                                        max(0.0, left))
             if not placed:
-                # Others hold the places within the horizon: come back when one may be had, spread out so
-                # the waiters do not all ask at the same moment.
-                wait += self._rng.uniform(0, RESERVE_AHEAD_S / 2)
+                # Others hold the places within the horizon: come back at the return time given (one emission
+                # after the previous caller's), when a place is likely free.
                 self._give_up_after(wait, deadline, "global rate limit", max_wait_s)
                 self._pause(wait)
                 continue
