@@ -17,7 +17,7 @@ from worker.keys import Keys
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-IMAGES = 300
+IMAGES = 200
 # Today's figure is about 30 commands an image at these sizes (docs/SCALE.md); a change that makes an image cost
 # much more, or makes the cost grow with the hosts, fails here.
 MOST_PER_IMAGE = 40
@@ -37,7 +37,7 @@ def _run(stack: Stack, irlive: IrliveRunner, hosts: int, prefix: str) -> tuple[f
     stack.stop_workers()
     stack.redis_client().flushall()
     stack.reset_sandbox()
-    stack.sandbox_config(latency_ms=300)
+    stack.sandbox_config(latency_ms=200)
     for _ in range(hosts):
         stack.start_worker(extra_env=ENV, concurrency=8)
     before = _commands(stack)

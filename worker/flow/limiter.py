@@ -32,9 +32,11 @@ from worker.seams.store import Store
 YIELD_S = 1.0
 # Calls other than event calls take a place at most this far ahead: an event call waits behind no more.
 RESERVE_AHEAD_S = 2.0
-# The automatic in-flight cap: ceiling rate x learned latency x headroom, within these bounds.
+# The automatic in-flight cap: ceiling rate x learned latency x headroom, within these bounds. The least is the
+# old fixed cap: calls that hang until their timeout hold slots their answered latency never asked for, and at
+# low rates a few of them must not stop the rest.
 AUTO_HEADROOM = 1.5
-AUTO_MIN = 4
+AUTO_MIN = 16
 AUTO_MAX = 512
 # The latency assumed for a seller until its first answers are in.
 ASSUMED_LATENCY_MS = 2000.0
