@@ -42,7 +42,7 @@ AUTO_MAX = 512
 ASSUMED_LATENCY_MS = 2000.0
 # The weight of each new answer's latency in the learned average.
 LATENCY_WEIGHT = 0.05
-# A caller blocked waiting for an in-flight slot looks for a warm shutdown this often.
+# A caller waiting in line or for an in-flight slot looks for a warm shutdown this often.
 STOP_CHECK_S = 2.0
 
 
@@ -228,11 +228,18 @@ class RateLimiter:
                 "latency_s": float(latency) / 1000 if latency else float("nan")}
 
     def _pause(self, seconds: float) -> None:
-        """Sleep, unless the worker is stopping: then the call gives up its wait (RateLimited, deferred)."""
+        """Sleep, unless the worker is stopping: then the call gives up its wait (RateLimited, deferred).
+
+        Slices of sleep looking at the flag, not Event.wait(timeout): that waits on the wall clock's absolute
+        time, which a worker whose clock is faked (libfaketime in tests/test_money_core.py) misreads by minutes."""
         if self._stopping is None:
             self._sleep(seconds)
-        elif self._stopping.wait(seconds):
+            return
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0:
             self._stop_check()
+            self._sleep(min(left, STOP_CHECK_S))
+        self._stop_check()
 
     def _stop_check(self) -> None:
         if self._stopping is not None and self._stopping.is_set():
