@@ -5,8 +5,10 @@ and makes every worker wait out the Retry-After together; each answered call rai
 the configured ceiling (AIMD), so an unknown seller limit is found instead of hammered.
 
 Waiting costs no Redis traffic: a caller is given its place in line (the time it may call at) and sleeps until
-then; a caller waiting for an in-flight slot blocks on a list that a slot given back wakes (BLPOP). So the
-commands per call stay three (reserve, go, done) however many threads wait.
+then; a caller with no place within its horizon is given a return time one place after the previous one (a
+waiting room), and a caller waiting for an in-flight slot blocks on a list that a slot given back wakes (BLPOP).
+So a call costs three scripts (reserve, go, done), and one more for a caller who had to come back, however many
+threads wait.
 
 The in-flight cap follows Little's law unless set: in flight = rate x latency. The limiter learns the seller's
 latency (an average over answered calls, per listing) and allows the ceiling rate times that, with headroom, so
