@@ -134,33 +134,12 @@ def test_a_caller_waiting_for_a_slot_is_woken_by_its_release_and_does_not_poll(c
     assert used["evalsha"] == 4 and used["blpop"] == 1, used
 
 
-def test_the_commands_per_call_do_not_grow_with_the_threads_waiting(clean_stack: Stack) -> None:
-    rate, calls_each, threads = 40.0, 5, 16
-    before = _commands(clean_stack)
+def _callers(stack: Stack, rate: float, threads: int, calls_each: int) -> tuple[int, Counter[str]]:
+    """`threads` callers making `calls_each` calls each at `rate`: the calls, and the Redis commands they cost."""
+    before = _commands(stack)
 
     def caller() -> None:
-        limiter = RateLimiter(_client(clean_stack), Keys(), RateSpec(rate, max_in_flight=0))
-        for _ in range(calls_each):
-            limiter.admit(max_wait_s=10).release()
-
-    pool = [threading.Thread(target=caller) for _ in range(threads)]
-    for t in pool:
-        t.start()
-    for t in pool:
-        t.join(30)
-    used = _commands(clean_stack) - before
-    calls = threads * calls_each
-    # 80 calls at 40/s by 16 threads: 2 s of waiting in line; each call reserves, goes and is done, nothing more
-    assert used["evalsha"] <= calls * 3 + 2, used
-    assert used["get"] <= calls + 2, used  # the TAT, read once per place taken
-
-
-def test_callers_beyond_the_horizon_come_back_one_place_apart_not_all_at_once(clean_stack: Stack) -> None:
-    rate, calls_each, threads = 10.0, 2, 40  # a line 4 s deep: half the callers find no place within 2 s
-    before = _commands(clean_stack)
-
-    def caller() -> None:
-        limiter = RateLimiter(_client(clean_stack), Keys(), RateSpec(rate, max_in_flight=0))
+        limiter = RateLimiter(_client(stack), Keys(), RateSpec(rate, max_in_flight=0))
         for _ in range(calls_each):
             limiter.admit(max_wait_s=30).release()
 
@@ -169,8 +148,19 @@ def test_callers_beyond_the_horizon_come_back_one_place_apart_not_all_at_once(cl
         t.start()
     for t in pool:
         t.join(60)
-    used = _commands(clean_stack) - before
-    calls = threads * calls_each
+    return threads * calls_each, _commands(stack) - before
+
+
+def test_the_commands_per_call_do_not_grow_with_the_threads_waiting(clean_stack: Stack) -> None:
+    calls, used = _callers(clean_stack, rate=40.0, threads=16, calls_each=5)
+    # 80 calls at 40/s by 16 threads: 2 s of waiting in line; each call reserves, goes and is done, nothing more
+    assert used["evalsha"] <= calls * 3 + 2, used
+    assert used["get"] <= calls + 2, used  # the TAT, read once per place taken
+
+
+def test_callers_beyond_the_horizon_come_back_one_place_apart_not_all_at_once(clean_stack: Stack) -> None:
+    # A line 4 s deep: half the callers find no place within 2 s.
+    calls, used = _callers(clean_stack, rate=10.0, threads=40, calls_each=2)
     # reserve, go, done a call, and about one return from the waiting room for the callers who had to wait
     assert used["evalsha"] <= calls * 4, used
 
