@@ -148,13 +148,16 @@ def _callers(stack: Stack, rate: float, threads: int, calls_each: int) -> tuple[
         t.start()
     for t in pool:
         t.join(60)
-    return threads * calls_each, _commands(stack) - before
+    used = _commands(stack) - before
+    # A script the server does not know yet answers NOSCRIPT and is loaded and sent again: not the limiter's cost.
+    used["evalsha"] -= used["script|load"]
+    return threads * calls_each, used
 
 
 def test_the_commands_per_call_do_not_grow_with_the_threads_waiting(clean_stack: Stack) -> None:
     calls, used = _callers(clean_stack, rate=40.0, threads=16, calls_each=5)
     # 80 calls at 40/s by 16 threads: 2 s of waiting in line; each call reserves, goes and is done, nothing more
-    assert used["evalsha"] <= calls * 3 + 2, used
+    assert used["evalsha"] <= calls * 3, used
     assert used["get"] <= calls + 2, used  # the TAT, read once per place taken
 
 
