@@ -713,13 +713,13 @@ def _cmd_wallet(ns: argparse.Namespace) -> int:
         print(f"reconciling the ledger in Redis at {where}", file=sys.stderr)
     reconciled = deps.ledger.sweep(everything=ns.all) if ns.reconcile else None
     released = deps.ledger.release_held() if ns.release_held else None
-    totals = deps.ledger.totals()
+    other_pools = deps.ledger.other_pools()
+    totals = deps.ledger.totals(other_pools)
     # The caps the running workers enforce (each wrote its own at start), not this shell's environment.
     workers = fleet.enforced(deps.store, Keys(settings.key_prefix))
     fleet_caps = {w.get("daily_budget_cents") for w in workers}
     cap_cents = next(iter(fleet_caps)) if len(fleet_caps) == 1 else settings.daily_budget_cents
     over = max(0, totals["spent_today_cents"] - cap_cents) if cap_cents is not None else 0
-    other_pools = deps.ledger.other_pools()
     doc: dict[str, Any] = {"totals": totals, "reconciled_now": reconciled, "released_now": released, "redis": where,
                            "other_pools": other_pools,
                            "daily_budget_cents": cap_cents, "daily_cap_crossed_by_cents": over,

@@ -118,7 +118,7 @@ def _finalize_run(runs: Runs, storage: Storage, ledger: Ledger, run_id: str, enf
     if enforced:
         manifest["enforced"] = enforced
     # Prepaid tokens still in the shared pool when the run ended (money paid, not yet used by any run).
-    manifest["tokens_unspent"] = int(runs.set_once(run_id, "tokens_unspent", str(ledger.totals()["pool"])))
+    manifest["tokens_unspent"] = int(runs.set_once(run_id, "tokens_unspent", str(ledger.tokens_pooled())))
     final = RunState(run["state"]) if run["state"] in ENDING else RunState.DONE
     manifest["state"] = str(final)
     manifest["stop_reason"] = run.get("stop_reason") if final in ENDING else None

@@ -79,10 +79,6 @@ class ChunkLease:
         return self._lease.token
 
     @property
-    def ttl_ms(self) -> int:
-        return round(self._ttl * 1000)
-
-    @property
     def claim_ttl_ms(self) -> int:
         """The claims' own expiry: a backstop (a claim holds while this lease does)."""
         return round(max(CLAIM_TTL_S, self._ttl * CLAIM_RENEW_BEATS) * 1000)

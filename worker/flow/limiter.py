@@ -214,19 +214,21 @@ class RateLimiter:
         raw = self._store.hget(self._state, "rate")
         return min(self.spec.per_second, float(raw)) if raw else self.spec.per_second
 
-    def in_flight_cap(self) -> int:
-        """The in-flight cap now (0: none): the fixed one, or Little's law on the latency learned so far."""
+    def in_flight_cap(self, latency_ms: str | None = None) -> int:
+        """The in-flight cap now (0: none): the fixed one, or Little's law on the latency learned so far (read
+        here unless the caller has read it)."""
         if self.spec.max_in_flight is not None:
             return self.spec.max_in_flight
-        raw = self._store.hget(self._state, self.spec.latency_field)
+        raw = latency_ms if latency_ms is not None else self._store.hget(self._state, self.spec.latency_field)
         return auto_cap(self.spec.per_second, float(raw) if raw else None)
 
     def stats(self) -> dict[str, float]:
         raw: dict[str, str] = self._store.hgetall(self._state)
         latency = raw.get(self.spec.latency_field)
-        return {"rate": self.effective_rate(), "throttled": float(raw.get("throttled", 0)),
+        rate = min(self.spec.per_second, float(raw["rate"])) if raw.get("rate") else self.spec.per_second
+        return {"rate": rate, "throttled": float(raw.get("throttled", 0)),
                 "decreases": float(raw.get("decreases", 0)), "in_flight": float(self._store.zcard(self._slots)),
-                "in_flight_cap": float(self.in_flight_cap()),
+                "in_flight_cap": float(self.in_flight_cap(latency or "")),
                 "latency_s": float(latency) / 1000 if latency else float("nan")}
 
     def _pause(self, seconds: float) -> None:

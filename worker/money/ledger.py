@@ -482,11 +482,17 @@ class Ledger:
                 found[name] = found.get(name, 0) + count
         return found
 
-    def totals(self) -> dict[str, int]:
+    def tokens_pooled(self) -> int:
+        """Prepaid tokens waiting in this listing's pool."""
+        return int(self._store.llen(self.pool_key))
+
+    def totals(self, other_pools: dict[str, int] | None = None) -> dict[str, int]:
+        """The wallet's counters; `other_pools` as other_pools() returned it, if the caller has it (a SCAN)."""
         raw: dict[str, str] = self._store.hgetall(self._keys.wallet_totals())
         totals = {k: int(v) for k, v in raw.items()}
-        totals["pool"] = int(self._store.llen(self.pool_key))
-        totals["pool_other_listings"] = sum(self.other_pools().values())
+        totals["pool"] = self.tokens_pooled()
+        others = self.other_pools() if other_pools is None else other_pools
+        totals["pool_other_listings"] = sum(others.values())
         totals["held"] = int(self._store.llen(self._keys.held()))
         totals["in_flight"] = int(self._store.zcard(self._keys.leases()))
         totals["unrecorded_answers"] = int(self._store.hlen(self._keys.unrecorded()))

@@ -24,8 +24,6 @@ class PoolKeeper(Periodic):
                  interval_s: float = 0.5) -> None:
         super().__init__("pool-keeper", store, keys, interval_s=interval_s, lease_s=lease_s)
         self._ledger = ledger
-        self._store = store
-        self._keys = keys
         self._size = size
         self._low = low
 
@@ -34,6 +32,6 @@ class PoolKeeper(Periodic):
         return time.monotonic() - self._ledger.last_take_at <= DEMAND_WINDOW_S and super().holds_lock()
 
     def tick(self) -> int:
-        if int(self._store.llen(self._ledger.pool_key)) > self._low:
+        if self._ledger.tokens_pooled() > self._low:
             return 0
         return self._ledger.refill(self._size, self.still_leader)
