@@ -3,6 +3,7 @@ round trip, whatever the chunk holds), and a killed worker's claims come free wi
 
 from __future__ import annotations
 
+import signal
 from collections import Counter
 
 import pytest
@@ -10,8 +11,13 @@ import redis
 
 from sandbox.procs import wait_until
 from sandbox.stack import Stack
+from tests.conftest import IrliveRunner
+from tests.e2e import IN_BUCKET
+from tests.faults import live_samples, upload_samples
+from worker.errors import RateLimited
 from worker.flow.claims import Claims
-from worker.flow.leases import CLAIM_TTL_S, ChunkLease
+from worker.flow.leases import CHUNK_LEASE_S, CLAIM_TTL_S, ChunkLease
+from worker.flow.limiter import RateLimiter, RateSpec
 from worker.keys import Keys
 from worker.seams.store import Store
 
@@ -67,3 +73,42 @@ def test_a_heartbeat_renews_the_lease_alone_and_the_claims_still_hold(clean_stac
         finally:
             other.__exit__(None, None, None)
         assert 0 < client.pttl(keys.claim(IMAGES[0])) <= CLAIM_TTL_S * 1000
+
+
+def test_a_calls_in_flight_slot_beats_with_its_chunk_lease_and_lapses_with_it(clean_stack: Stack) -> None:
+    store, keys = _store(clean_stack), Keys()
+    limiter = RateLimiter(store, keys, RateSpec(1000, max_in_flight=1))
+    lease = ChunkLease(store, keys, "run-a", 0, ttl_s=0.3).__enter__()  # a beat every 0.1 s
+    permit = limiter.admit(lease_s=lease.ttl_s)
+    lease.hold_slot(permit.member)
+    before = _commands(clean_stack)
+    wait_until(lambda: (_commands(clean_stack) - before)["evalsha"] >= 10, 10, "ten heartbeats", interval=0.05)
+    # Three lease lifetimes later the call still holds the fleet's only slot.
+    assert limiter.stats()["in_flight"] == 1
+    with pytest.raises(RateLimited):
+        limiter.admit(max_wait_s=0.05)
+    # The worker is killed: its heartbeat stops. The slot lapses with the lease, not a call timeout later.
+    lease._stop.set()
+    lease._thread.join(5)
+    client = clean_stack.redis_client()
+    seconds, micros = client.time()
+    expiry = client.zscore(keys.ratelimit_slots(), permit.member)
+    assert expiry is not None and expiry - (seconds * 1000 + micros // 1000) <= lease.ttl_s * 1000
+    limiter.admit(max_wait_s=5).release()
+
+
+def test_a_worker_killed_mid_call_frees_its_in_flight_slot_with_its_chunk_lease(
+        clean_stack: Stack, irlive: IrliveRunner) -> None:
+    """Through a real worker: a SIGKILLed call's slot held the shipped cap for the call timeout + 30 s (60 s);
+    kills landing every few seconds filled the cap with dead slots and stalled the fleet (CI's kill trial)."""
+    upload_samples(clean_stack, live_samples(10, "slot"))
+    clean_stack.sandbox_config(latency_ms=20_000)  # the call is on the wire when the worker dies
+    worker = clean_stack.start_worker(concurrency=1)
+    irlive("scan", f"s3://{IN_BUCKET}/slot", "--json")
+    client = clean_stack.redis_client()
+    slots = Keys().ratelimit_slots()
+    wait_until(lambda: client.zcard(slots) >= 1, 60, "a call in flight")
+    clean_stack.kill_worker(worker, signal.SIGKILL)
+    seconds, micros = client.time()
+    [(_, expiry)] = client.zrange(slots, 0, -1, withscores=True)
+    assert expiry - (seconds * 1000 + micros // 1000) <= CHUNK_LEASE_S * 1000

@@ -44,9 +44,14 @@ class Lease:
         """Take the lease, or extend it if this token holds it already."""
         return int(self._take([self.key], [self.token, self._ttl_ms])) == 1
 
-    def renew(self, claims: Iterable[str] = (), claim_ttl_ms: int = 0) -> bool:
-        """Extend the lease and the claims given; False (and nothing extended) if it was lost."""
-        return int(self._renew([self.key, *claims], [self.token, self._ttl_ms, claim_ttl_ms or self._ttl_ms])) == 1
+    def renew(self, claims: Iterable[str] = (), claim_ttl_ms: int = 0, slots_key: str = "",
+              slots: Iterable[str] = ()) -> bool:
+        """Extend the lease, the limiter's in-flight slots given (members of `slots_key`) and the claims given;
+        False (and nothing extended) if it was lost."""
+        members = list(slots) if slots_key else []
+        keys = [self.key, slots_key, *claims] if members else [self.key, *claims]
+        return int(self._renew(keys, [self.token, self._ttl_ms, claim_ttl_ms or self._ttl_ms, len(members),
+                                      *members])) == 1
 
     def release(self, claims: Iterable[str] = ()) -> bool:
         """Give it back, with the claims still held under it; False if it had already been lost."""
@@ -56,12 +61,15 @@ class Lease:
 class ChunkLease:
     """`with ChunkLease(...)`: one delivery of a chunk works at a time; a heartbeat renews the lease, and the image
     claims taken under it hold while it does, so a killed worker's chunk and claims come free within CHUNK_LEASE_S.
+    The in-flight slots of its calls are renewed with it, so they come free as soon (not a call timeout later).
 
     Raises ChunkBusy on entry if another delivery holds the chunk; `held` turns False if the lease is lost.
     """
 
     def __init__(self, store: Store, keys: Keys, run_id: str, seq: int, ttl_s: float = CHUNK_LEASE_S) -> None:
         self._lease = Lease(store, keys.chunk_lease(run_id, seq), ttl_s)
+        self._slots_key = keys.ratelimit_slots()
+        self._slots: set[str] = set()
         self._label = f"{run_id}/{seq}"
         self._ttl = ttl_s
         self._claims: set[str] = set()
@@ -84,6 +92,11 @@ class ChunkLease:
         return round(max(CLAIM_TTL_S, self._ttl * CLAIM_RENEW_BEATS) * 1000)
 
     @property
+    def ttl_s(self) -> float:
+        """How long the lease (and an in-flight slot held under it) outlives a silent heartbeat."""
+        return self._ttl
+
+    @property
     def held(self) -> bool:
         return not self._lost.is_set()
 
@@ -96,6 +109,16 @@ class ChunkLease:
         """Claims released by a record (the record script releases them in Redis)."""
         with self._claims_lock:
             self._claims.difference_update(claim_keys)
+
+    def hold_slot(self, member: str) -> None:
+        """A call under this lease holds this in-flight slot (taken with a lease of ttl_s): renewed with the lease
+        until `drop_slot`."""
+        with self._claims_lock:
+            self._slots.add(member)
+
+    def drop_slot(self, member: str) -> None:
+        with self._claims_lock:
+            self._slots.discard(member)
 
     def _claim_keys(self) -> list[str]:
         with self._claims_lock:
@@ -122,8 +145,10 @@ class ChunkLease:
         while not self._stop.wait(self._ttl / 3):
             beats += 1
             claims = self._claim_keys() if beats % CLAIM_RENEW_BEATS == 0 else []
+            with self._claims_lock:
+                slots = sorted(self._slots)
             try:
-                renewed = self._lease.renew(claims, self.claim_ttl_ms)
+                renewed = self._lease.renew(claims, self.claim_ttl_ms, self._slots_key, slots)
             except IrliveError:
                 # Redis unreachable for a moment: keep trying until the lease would have run out.
                 continue

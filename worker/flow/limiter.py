@@ -91,6 +91,11 @@ class Permit:
         self._member = member
         self._latency_s: float | None = None
 
+    @property
+    def member(self) -> str:
+        """Its in-flight slot's name (a chunk's lease heartbeat renews the slot while the call runs)."""
+        return self._member
+
     def answered(self, latency_s: float) -> None:
         self._latency_s = latency_s
 

@@ -405,12 +405,15 @@ class ChunkProcessor:
         if not self.lease.held:
             raise ChunkBusy(f"chunk {chunk.label()}: lease lost to another delivery")
         waited = time.monotonic()
-        permit = deps.limiter.admit(MAX_SLOT_WAIT_S, urgent=chunk.priority == "events",
-                                    lease_s=deps.settings.call_timeout_s + 30)
+        # The slot lives as long as the chunk's lease and is renewed with it: a killed worker's slots come free
+        # with its chunks instead of starving the fleet's in-flight cap for a call timeout.
+        permit = deps.limiter.admit(MAX_SLOT_WAIT_S, urgent=chunk.priority == "events", lease_s=self.lease.ttl_s)
+        self.lease.hold_slot(permit.member)
         try:
             deps.meter.limiter_wait(time.monotonic() - waited)
             return self._pay_and_call(chunk, group, queue, held, permit)
         finally:
+            self.lease.drop_slot(permit.member)
             # A slot not given back lapses with its lease; it must not hide what happened to the call.
             _best_effort(permit.release, "giving the in-flight slot back")
 
