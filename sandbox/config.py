@@ -97,6 +97,9 @@ class SandboxConfig:
     # The next this-many tool calls find every image download refused (HTTP 503), as a seller fetching from an
     # overloaded store does: the whole call fails InvalidImage.Download. Counted down; setting it starts again.
     download_refusals: int = 0
+    # The next this-many tool calls hang for timeout_sleep_s after settling, whatever p_timeout draws: a test of
+    # the timeout path that must meet one. Counted down; setting it starts again.
+    forced_timeouts: int = 0
     # x402: the chain (CAIP-2) and address the sandbox asks to be paid on, and how long a signature may live.
     x402_network: str = "eip155:8453"
     x402_pay_to: str = DEFAULT_PAY_TO
@@ -180,6 +183,8 @@ KNOBS: dict[str, Knob] = {
                                "images, in milliseconds", 0, MAX_SLEEP_MS),
     "download_refusals": _between("the next N tool calls find every image download refused (HTTP 503 from an "
                                   "overloaded store) and fail InvalidImage.Download", 0, 1_000_000),
+    "forced_timeouts": _between("the next N tool calls hang for timeout_sleep_s after settling, whatever p_timeout "
+                                "draws", 0, 1_000_000),
     "x402_network": _one_of("CAIP-2 network of the x402 offer", tuple(X402_NETWORKS)),
     "x402_pay_to": _matching("the sandbox's own x402 receiving address", r"0x[0-9a-fA-F]{40}",
                              "0x and 40 hex digits"),

@@ -17,6 +17,9 @@ from sandbox.config import SandboxConfig, updated
 from sandbox.ledger import CachedAnswer, Ledger, Settlement, TokenRefused
 from sandbox.x402_seller import X402Refused
 
+# The knobs that make the next N tool calls fail one way, counted down as calls meet them.
+COUNTDOWNS = frozenset({"download_refusals", "forced_timeouts"})
+
 __all__ = ["Answer", "State", "payment_required", "token_call", "x402_call"]
 
 
@@ -57,14 +60,22 @@ class State:
         self.stopping = threading.Event()
         # Straight to the image host, like the upstream: a proxy from the environment would not see 127.0.0.1.
         self.client = httpx.Client(trust_env=False)
-        self._refusals_left = self.config.download_refusals
+        # The knobs that count the next N calls down: what each has left.
+        self._left = {name: getattr(self.config, name) for name in COUNTDOWNS}
 
     def take_download_refusal(self) -> bool:
         """Whether this call's downloads are refused (one of config.download_refusals, counted down)."""
+        return self._take("download_refusals")
+
+    def take_forced_timeout(self) -> bool:
+        """Whether this call hangs after settling (one of config.forced_timeouts, counted down)."""
+        return self._take("forced_timeouts")
+
+    def _take(self, name: str) -> bool:
         with self.rng_lock:
-            if self._refusals_left <= 0:
+            if self._left[name] <= 0:
                 return False
-            self._refusals_left -= 1
+            self._left[name] -= 1
             return True
 
     def rolls(self, n: int) -> list[float]:
@@ -76,8 +87,8 @@ class State:
         with self.rng_lock:
             if "seed" in changes:
                 self.rng.seed(new.seed)
-            if "download_refusals" in changes:
-                self._refusals_left = new.download_refusals
+            for name in COUNTDOWNS & changes.keys():
+                self._left[name] = getattr(new, name)
         self.config = new
         return new
 
@@ -212,7 +223,7 @@ def run_upstream(state: State, config: SandboxConfig, urls: list[str]) -> tuple[
     fail_roll, timeout_roll, kind_roll = state.rolls(3)
     if config.latency_ms > 0:
         state.stopping.wait(config.latency_ms / 1000)
-    if timeout_roll < config.p_timeout:
+    if timeout_roll < config.p_timeout or state.take_forced_timeout():
         ledger.count("timeouts")
         # Longer than any sane client timeout: the caller sees a read timeout on a spent token.
         state.stopping.wait(config.timeout_sleep_s)

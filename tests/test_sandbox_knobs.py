@@ -46,6 +46,7 @@ BAD: dict[str, tuple[Any, ...]] = {
     "payment_latency_ms": (-1, 600_001),
     "fetch_delay_ms": (-1, 600_001),
     "download_refusals": (-1, 1_000_001),
+    "forced_timeouts": (-1, 1_000_001),
     "x402_network": ("eip155:1", "base"),
     "x402_pay_to": ("0x123", "0x" + "g" * 40),
     "x402_max_timeout_s": (0, 86_401),
@@ -73,6 +74,7 @@ GOOD: dict[str, tuple[Any, ...]] = {
     "payment_latency_ms": (0, 600_000),
     "fetch_delay_ms": (0, 600_000),
     "download_refusals": (0, 1_000_000),
+    "forced_timeouts": (0, 1_000_000),
     "x402_max_timeout_s": (1, 86_400),
 }
 
