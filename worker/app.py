@@ -30,7 +30,7 @@ from kombu.entity import Queue
 from worker.config import SentinelTarget, Settings, is_sentinel_url
 from worker.errors import ConfigError, IrliveError
 from worker.messages import CONTROL_QUEUE, FINALIZE_RUN, NOTIFY_RUN, PROCESS_CHUNK, QUEUES, Chunk
-from worker.ops import logs, redact
+from worker.ops import kombu_guards, logs, redact
 
 log = logging.getLogger("irlive.app")
 _lock = threading.Lock()
@@ -39,6 +39,8 @@ _from_env: Celery | None = None
 
 def make_app(settings: Settings) -> Celery:
     """A configured app without tasks: the producer sends tasks by name with it."""
+    # Before any connection: a broker failover must not crash the consumer (worker/ops/kombu_guards.py).
+    kombu_guards.install()
     broker, sentinel_options = broker_url(settings.redis_url)
     app = Celery("irlive", broker=broker, set_as_current=False, events=_RedactedEvents)
     vt = settings.visibility_timeout
