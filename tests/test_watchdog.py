@@ -166,3 +166,34 @@ def test_a_worker_says_what_it_holds_while_it_lives_and_takes_it_back_when_it_st
     assert 0 < client.pttl(keys.holding(me)) <= 15_000
     clean_stack.stop_workers()
     assert client.exists(keys.holding(me)) == 0 and me.encode() not in client.smembers(keys.holders())
+
+
+def test_a_worker_stops_saying_it_holds_a_delivery_its_broker_connection_loss_let_go(clean_stack: Stack) -> None:
+    """A chunk waiting in its worker for a retry's countdown when the broker connection drops: Celery lets the
+    request go (its delivery tag belongs to the lost channel; the broker gives it out again), so the worker must
+    stop saying it holds it, or the watchdog leaves it alone until the visibility timeout (about three hours:
+    a Sentinel failover that the workers rode out left a run one chunk short)."""
+    import socket
+
+    from sandbox import procs
+    from worker.app import make_app
+    from worker.config import Settings
+    from worker.messages import PROCESS_CHUNK, Chunk
+
+    keys = Keys()
+    clean_stack.restart_redis(appendonly=True)  # the broker's deliveries survive the crash below
+    worker = clean_stack.start_worker()
+    me = f"{socket.gethostname()}/{worker.proc.pid}"
+    chunk = Chunk("r1", 0, "irlive-in", [("x/a.png", "e1")], "nightly")
+    make_app(Settings.from_env(clean_stack.env)).send_task(PROCESS_CHUNK, args=[chunk.to_message()],
+                                                           queue=chunk.queue, countdown=3600)
+
+    def said() -> list[str]:
+        raw = clean_stack.redis_client().get(keys.holding(me))
+        return list(json.loads(raw)) if raw else []
+
+    procs.wait_until(lambda: len(said()) == 1, 30, "the worker to say it holds the chunk", log=worker.log)
+    [tag] = said()
+    clean_stack.restart_redis(appendonly=True)
+    procs.wait_until(lambda: clean_stack.redis_client().hexists("unacked", tag) and said() == [], 40,
+                     "the worker to stop saying it holds the delivery it let go", log=worker.log)

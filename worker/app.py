@@ -180,12 +180,14 @@ def _connect_lifecycle(app: Celery, settings: Settings, runtime: Any) -> None:
             return
         _check_extra(settings)
         _check_redis(settings)
+        from celery.worker import state as celery_state
+
         from worker.keys import Keys
         from worker.ops.holding import Holding
         from worker.seams.store import Store
 
         holding.append(Holding(Store.from_url(settings.redis_url), Keys(settings.key_prefix),
-                               forget_after_s=settings.visibility_timeout))
+                               forget_after_s=settings.visibility_timeout, tracked=lambda: celery_state.requests))
         holding[0].start()
         # Prefork children build their own after the fork (threads and sockets do not survive it).
         if "prefork" not in getattr(get_implementation(sender.pool_cls), "__module__", ""):

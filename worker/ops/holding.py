@@ -18,6 +18,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable, Container
 
 from worker.errors import IrliveError
 from worker.keys import Keys
@@ -37,11 +38,17 @@ def process_name() -> str:
 class Holding(threading.Thread):
     """This process's deliveries received and not yet finished, said to Redis every REFRESH_S."""
 
-    def __init__(self, store: Store, keys: Keys, *, forget_after_s: float, process: str | None = None) -> None:
+    def __init__(self, store: Store, keys: Keys, *, forget_after_s: float, process: str | None = None,
+                 tracked: Callable[[], Container[str]] | None = None) -> None:
         super().__init__(name="holding", daemon=True)
         self.store = store
         self._keys = keys
         self._process = process or process_name()
+        # The task ids the worker still tracks (Celery's worker state). On a broker connection loss Celery drops
+        # every request not running (waiting for a thread, or for a retry's countdown): their delivery tags
+        # belong to the lost channel and the broker must give them out again. A tag still said after that held
+        # its chunk off the watchdog until the visibility timeout (a Sentinel failover stalled a run ~3 hours).
+        self._tracked = tracked
         # A task's end is not seen here under prefork (it ends in a child): a tag is also forgotten once the
         # broker would redeliver it anyway (its visibility timeout), and an acked tag is simply never asked about.
         self._forget_after_s = forget_after_s
@@ -59,9 +66,13 @@ class Holding(threading.Thread):
 
     def tags(self) -> list[str]:
         now = time.monotonic()
+        tracked = self._tracked() if self._tracked is not None else None
         with self._lock:
-            for task_id in [t for t, (_, at) in self._tags.items() if now - at > self._forget_after_s]:
-                del self._tags[task_id]
+            for task_id, (_, at) in list(self._tags.items()):
+                # A tag received an instant ago may not be tracked yet: kept until the next word, a refresh away.
+                dropped = tracked is not None and task_id not in tracked and now - at > REFRESH_S
+                if dropped or now - at > self._forget_after_s:
+                    del self._tags[task_id]
             return sorted(tag for tag, _ in self._tags.values())
 
     def say(self) -> None:
