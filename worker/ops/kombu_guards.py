@@ -11,8 +11,9 @@ remote-control socket reports the loss first, Celery's reconnect handler closes 
    connection error, so Celery logs "Unrecoverable error" and the worker exits (and "Error on stopping Hub"
    when the acks queued by the pool's threads meet the same None).
 
-Guard 1 makes a channel whose connection is gone raise a redis `ConnectionError` from `_connparams`, which every
-caller (kombu's `ignore_errors`, `Message.ack_log_error`, Celery's consumer restart) treats as recoverable.
+Guard 1 makes a channel whose connection is gone raise a `ConnectionError` (an OSError, one of the transport's
+connection errors) from `_connparams`, which every caller (kombu's `ignore_errors`, `Message.ack_log_error`,
+Celery's consumer restart) treats as recoverable.
 Guard 2 lets `close()` go on when draining the pending BRPOP fails with a connection error, so the first close
 completes while the transport is alive and the later acks reach the new master. No upstream fix exists in the
 releases the lock allows (kombu 5.7.0 is the newest; celery/kombu#582 is the same AttributeError from another
@@ -33,7 +34,6 @@ _MARK = "_irlive_guard"
 
 def install() -> bool:
     """Guard kombu's Redis channels (idempotent); True if this call installed the guards."""
-    import redis.exceptions
     from kombu.transport import redis as kombu_redis
 
     channel: Any = kombu_redis.Channel  # SentinelChannel inherits both methods
@@ -45,7 +45,7 @@ def install() -> bool:
     def guarded_connparams(self: Any, asynchronous: bool = False) -> Any:
         transport = self.connection
         if transport is None or transport.client is None:
-            raise redis.exceptions.ConnectionError("the broker channel's connection was released (reconnecting)")
+            raise ConnectionError("the broker channel's connection was released (reconnecting)")
         return connparams(self, asynchronous=asynchronous)
 
     def guarded_close(self: Any) -> Any:
