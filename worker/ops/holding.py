@@ -47,7 +47,7 @@ class Holding(threading.Thread):
         # The task ids the worker still tracks (Celery's worker state). On a broker connection loss Celery drops
         # every request not running (waiting for a thread, or for a retry's countdown): their delivery tags
         # belong to the lost channel and the broker must give them out again. A tag still said after that held
-        # its chunk off the watchdog until the visibility timeout (a Sentinel failover stalled a run ~3 hours).
+        # its chunk off the watchdog until the visibility timeout (~3 hours; a run left one chunk short by a failover).
         self._tracked = tracked
         # A task's end is not seen here under prefork (it ends in a child): a tag is also forgotten once the
         # broker would redeliver it anyway (its visibility timeout), and an acked tag is simply never asked about.
