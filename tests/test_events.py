@@ -71,8 +71,9 @@ def event_records(stack: Stack) -> dict[str, list[dict[str, Any]]]:
         for obj in page.get("Contents", ()):
             if "/chunks/" in obj["Key"]:
                 doc = json.loads(s3.get_object(Bucket=OUT_BUCKET, Key=obj["Key"])["Body"].read())
+                run_id = obj["Key"].removeprefix(f"{OUT_PREFIX}/runs/").split("/", 1)[0]
                 for record in doc["images"]:
-                    found.setdefault(record["key"], []).append(record)
+                    found.setdefault(record["key"], []).append({**record, "_run": run_id})
     return found
 
 
@@ -116,7 +117,16 @@ def test_a_stream_of_events_ends_in_one_record_each_at_the_call_floor(
         time.sleep(max(0.0, started + 20 * (n + 1) / len(puts) - time.monotonic()))
 
     found = wait_for_records(stack, {s.key for s in [*images, *junk]}, deadline_s=120)
-    assert {k: len(v) for k, v in found.items() if len(v) != 1} == {}, "one record each"
+    # One record each in a window's run. Windows follow the clock's hours: a stream that crosses hh:00 (a CI run
+    # at 09:00 did) puts a re-announced image into the next window's run as well, recorded there as a duplicate
+    # of the first judgment (paid once: the bill is checked below), and only those.
+    twice = {k: v for k, v in found.items() if len(v) != 1}
+    for key, records in twice.items():
+        assert len(records) == 2 and key in {s.key for s in again}, f"one record each: {key} has {len(records)}"
+        first, later = sorted(records, key=lambda r: str(r["_run"]))
+        assert first["_run"] != later["_run"] and later.get("duplicate_of"), f"{key} judged twice: {records}"
+        found[key] = [first]
+    print(f"{len(twice)} re-announced images also in the next window's run")
     assert all(found[s.key][0]["verdict"] == s.expected for s in images)
     assert all(found[s.key][0]["verdict"] == "rejected" for s in junk)
     ledger = stack.sandbox_ledger()
