@@ -73,7 +73,7 @@ class ChunkLease:
         self._label = f"{run_id}/{seq}"
         self._ttl = ttl_s
         self._claims: set[str] = set()
-        self._claims_lock = threading.Lock()
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._lost = threading.Event()
         self._thread = threading.Thread(target=self._beat, name=f"lease-{run_id}-{seq}", daemon=True)
@@ -102,26 +102,26 @@ class ChunkLease:
 
     def hold_claims(self, claim_keys: Iterable[str]) -> None:
         """Claims taken under this lease: renewed with it, released with it."""
-        with self._claims_lock:
+        with self._lock:
             self._claims.update(claim_keys)
 
     def drop_claims(self, claim_keys: Iterable[str]) -> None:
         """Claims released by a record (the record script releases them in Redis)."""
-        with self._claims_lock:
+        with self._lock:
             self._claims.difference_update(claim_keys)
 
     def hold_slot(self, member: str) -> None:
         """A call under this lease holds this in-flight slot (taken with a lease of ttl_s): renewed with the lease
         until `drop_slot`."""
-        with self._claims_lock:
+        with self._lock:
             self._slots.add(member)
 
     def drop_slot(self, member: str) -> None:
-        with self._claims_lock:
+        with self._lock:
             self._slots.discard(member)
 
     def _claim_keys(self) -> list[str]:
-        with self._claims_lock:
+        with self._lock:
             return sorted(self._claims)
 
     def __enter__(self) -> ChunkLease:
@@ -145,7 +145,7 @@ class ChunkLease:
         while not self._stop.wait(self._ttl / 3):
             beats += 1
             claims = self._claim_keys() if beats % CLAIM_RENEW_BEATS == 0 else []
-            with self._claims_lock:
+            with self._lock:
                 slots = sorted(self._slots)
             try:
                 renewed = self._lease.renew(claims, self.claim_ttl_ms, self._slots_key, slots)

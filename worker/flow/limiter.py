@@ -216,7 +216,10 @@ class RateLimiter:
         return min(max(0.0, retry_after_s), self.spec.max_retry_after_s)
 
     def effective_rate(self) -> float:
-        raw = self._store.hget(self._state, "rate")
+        return self._rate(self._store.hget(self._state, "rate"))
+
+    def _rate(self, raw: str | None) -> float:
+        """The effective rate from the state's `rate` field: never above the ceiling, the ceiling until set."""
         return min(self.spec.per_second, float(raw)) if raw else self.spec.per_second
 
     def in_flight_cap(self, latency_ms: str | None = None) -> int:
@@ -230,8 +233,7 @@ class RateLimiter:
     def stats(self) -> dict[str, float]:
         raw: dict[str, str] = self._store.hgetall(self._state)
         latency = raw.get(self.spec.latency_field)
-        rate = min(self.spec.per_second, float(raw["rate"])) if raw.get("rate") else self.spec.per_second
-        return {"rate": rate, "throttled": float(raw.get("throttled", 0)),
+        return {"rate": self._rate(raw.get("rate")), "throttled": float(raw.get("throttled", 0)),
                 "decreases": float(raw.get("decreases", 0)), "in_flight": float(self._store.zcard(self._slots)),
                 "in_flight_cap": float(self.in_flight_cap(latency or "")),
                 "latency_s": float(latency) / 1000 if latency else float("nan")}
