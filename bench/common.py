@@ -155,6 +155,8 @@ class DrivenRun:
     scan: dict[str, Any]
     wall_s: float
     samples: list[Sample] = field(default_factory=list)
+    # time.monotonic() when the scan command started: samples' times are on the same clock.
+    started: float = 0.0
 
     def time_at(self, spent: int) -> float | None:
         """When the wallet's spent count first reached `spent` (to within one sampling interval)."""
@@ -189,7 +191,7 @@ def drive_run(stack: Stack, env: Mapping[str, str], src: str, timeout_s: float,
 
             wait_until(stopped, timeout_s, f"run {run_id} to stop", interval=STATUS_INTERVAL_S)
             wall = time.monotonic() - started
-        return DrivenRun(run_id, final[0], scanned, wall, sampler.samples)
+        return DrivenRun(run_id, final[0], scanned, wall, sampler.samples, started)
     finally:
         client.close()
 

@@ -62,6 +62,9 @@ class Result:
     calls: int | None = None
     handed_back: int = 0
     download_refused: int = 0
+    # Seconds from the scan command to the first paid call and to the last (the wallet's count, sampled).
+    first_call_s: float | None = None
+    last_call_s: float | None = None
 
     def row(self, baseline_s: float) -> list[str]:
         own = sum(self.s3_own.values()) if self.s3_own is not None else None
@@ -234,8 +237,11 @@ def irlive_run(stack: Stack, name: str, ns: argparse.Namespace, rate: float | No
         raise RuntimeError(f"{name}: {judged} of {ns.images} images judged ({run.status.counts})")
     ideal = ns.images / PER_CALL / rate if rate else None
     text = "".join(_tail(path, offset) for path, offset in logs.items())
+    first, last = run.time_at(1), run.time_at(calls)
     return Result(name, ns.images, run.wall_s, cpu, own, seller, left / judged, ideal, svc, cmds, calls,
-                  text.count("handed back to the queue"), text.count("the seller could not download the images"))
+                  text.count("handed back to the queue"), text.count("the seller could not download the images"),
+                  first - run.started if first is not None else None,
+                  last - run.started if last is not None else None)
 
 
 def _tail(path: Path, offset: int) -> str:
@@ -300,6 +306,9 @@ def measure(ns: argparse.Namespace, endpoint: str | None, counter: Requests | No
         if r.calls is not None:
             print(f"{r.name}: {r.calls} paid calls ({r.calls - -(-r.images // PER_CALL)} beyond one per ten images), "
                   f"{r.download_refused} refused for downloads, {r.handed_back} chunks handed back by the watchdog")
+            if r.first_call_s is not None and r.last_call_s is not None:
+                print(f"  {r.name}: first paid call {r.first_call_s:.1f} s after the scan began, "
+                      f"last {r.last_call_s:.1f} s, run stopped at {r.wall_s:.1f} s (±{common.SAMPLE_INTERVAL_S:g} s)")
     for r in results:
         if r.redis_cmds:
             top = ", ".join(f"{c} {n / r.images:.2f}" for c, n in r.redis_cmds.most_common(12))

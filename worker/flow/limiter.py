@@ -86,10 +86,13 @@ class Permit:
     """An admitted call: `answered(latency)` once the seller answered, then `release()` (always) gives its
     in-flight slot back and teaches the limiter what the call took."""
 
-    def __init__(self, limiter: RateLimiter, member: str) -> None:
+    def __init__(self, limiter: RateLimiter, member: str, prompt: bool = False) -> None:
         self._limiter = limiter
         self._member = member
         self._latency_s: float | None = None
+        # Placed in line within the horizon at the first ask and given a slot at once: the fleet has room for
+        # more calls than it is making (a chunk may send its next call alongside this one).
+        self.prompt = prompt
 
     @property
     def member(self) -> str:
@@ -140,12 +143,15 @@ class RateLimiter:
             raise YieldToEvents("event work is waiting: this chunk steps aside", retry_after=YIELD_S)
         return int(state) == 1, int(wait_us) / 1_000_000
 
-    def admit(self, max_wait_s: float = 10.0, *, urgent: bool = False, lease_s: float = 60.0) -> Permit:
+    def admit(self, max_wait_s: float = 10.0, *, urgent: bool = False, lease_s: float = 60.0,
+              cancel: threading.Event | None = None) -> Permit:
         """Wait (in-process, at most max_wait_s) for a place in line and an in-flight slot; beyond it raise
         RateLimited so the task is deferred. An event call may queue up to max_wait_s ahead, others up to
-        RESERVE_AHEAD_S: an event call goes after at most that much other work."""
+        RESERVE_AHEAD_S: an event call goes after at most that much other work. A set `cancel` ends the wait
+        (RateLimited) within STOP_CHECK_S, as a warm shutdown does."""
         deadline = time.monotonic() + max_wait_s
         member = uuid.uuid4().hex
+        prompt = True
         while True:
             left = deadline - time.monotonic()
             placed, wait = self.reserve(urgent, max(0.0, left if urgent else min(left, RESERVE_AHEAD_S)),
@@ -153,17 +159,22 @@ class RateLimiter:
             if not placed:
                 # Others hold the places within the horizon: come back at the return time given (one emission
                 # after the previous caller's), when a place is likely free.
+                prompt = False
                 self._give_up_after(wait, deadline, "global rate limit", max_wait_s)
-                self._pause(wait)
+                self._pause(wait, cancel)
                 continue
             if wait > 0:
-                self._pause(wait)
-            if self._take_slot(member, lease_s, deadline, max_wait_s):
-                return Permit(self, member)
+                self._pause(wait, cancel)
+            taken = self._take_slot(member, lease_s, deadline, max_wait_s, cancel)
+            if taken is not None:
+                return Permit(self, member, prompt and taken)
+            prompt = False
 
-    def _take_slot(self, member: str, lease_s: float, deadline: float, max_wait_s: float) -> bool:
-        """At the caller's place in line: True once it holds an in-flight slot; False when the seller said
-        'too fast' meanwhile (the caller takes a new place after the cooldown)."""
+    def _take_slot(self, member: str, lease_s: float, deadline: float, max_wait_s: float,
+                   cancel: threading.Event | None = None) -> bool | None:
+        """At the caller's place in line: once it holds an in-flight slot, whether it got one at once (True) or
+        waited for one (False); None when the seller said 'too fast' meanwhile (the caller takes a new place
+        after the cooldown)."""
         cap = "auto" if self.spec.max_in_flight is None else str(self.spec.max_in_flight)
         registered = False
         while True:
@@ -171,12 +182,12 @@ class RateLimiter:
                 cap, member, round(lease_s * 1000), self.spec.per_second, self.spec.latency_field,
                 ASSUMED_LATENCY_MS, AUTO_HEADROOM, AUTO_MIN, AUTO_MAX, "1" if registered else "0"])
             if int(answer[0]) == 1:
-                return True
+                return not registered
             wait = int(answer[1]) / 1000
             if answer[2] == "cooldown":
                 self._give_up_after(wait, deadline, "the seller's Retry-After", max_wait_s)
-                self._pause(wait)
-                return False
+                self._pause(wait, cancel)
+                return None
             registered = True
             left = deadline - time.monotonic()
             if left <= 0:
@@ -184,7 +195,7 @@ class RateLimiter:
                 raise RateLimited(f"in-flight cap: no slot within {max_wait_s:.0f}s", retry_after=wait)
             # Woken by a slot given back, or when the first slot's lease lapses, or at the deadline (or, to notice a
             # warm shutdown, within STOP_CHECK_S).
-            self._stop_check()
+            self._stop_check(cancel)
             self._store.blpop([self._freed], timeout=max(0.01, min(wait, left, STOP_CHECK_S)))
 
     def done(self, member: str, latency_s: float | None) -> float:
@@ -238,23 +249,26 @@ class RateLimiter:
                 "in_flight_cap": float(self.in_flight_cap(latency or "")),
                 "latency_s": float(latency) / 1000 if latency else float("nan")}
 
-    def _pause(self, seconds: float) -> None:
-        """Sleep, unless the worker is stopping: then the call gives up its wait (RateLimited, deferred).
+    def _pause(self, seconds: float, cancel: threading.Event | None = None) -> None:
+        """Sleep, unless the worker is stopping (or the caller cancels): then the call gives up its wait
+        (RateLimited, deferred).
 
         Slices of sleep looking at the flag, not Event.wait(timeout): that waits on the wall clock's absolute
         time, which a worker whose clock is faked (libfaketime in tests/test_money_core.py) misreads by minutes."""
-        if self._stopping is None:
+        if self._stopping is None and cancel is None:
             self._sleep(seconds)
             return
         end = time.monotonic() + seconds
         while (left := end - time.monotonic()) > 0:
-            self._stop_check()
+            self._stop_check(cancel)
             self._sleep(min(left, STOP_CHECK_S))
-        self._stop_check()
+        self._stop_check(cancel)
 
-    def _stop_check(self) -> None:
+    def _stop_check(self, cancel: threading.Event | None = None) -> None:
         if self._stopping is not None and self._stopping.is_set():
             raise RateLimited("the worker is stopping: the chunk goes back to the queue", retry_after=1.0)
+        if cancel is not None and cancel.is_set():
+            raise RateLimited("the chunk stopped paying: this call's wait ends", retry_after=1.0)
 
     @staticmethod
     def _give_up_after(wait: float, deadline: float, what: str, max_wait_s: float) -> None:

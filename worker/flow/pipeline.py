@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import random
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from queue import SimpleQueue
 from typing import Any
 
 from worker.backoff import Backoff
@@ -55,6 +59,8 @@ from worker.seams.store import Store
 
 log = logging.getLogger("irlive.pipeline")
 CALL_BACKOFF = Backoff(base_s=0.5, cap_s=20.0)
+# The most calls one chunk sends at once (its images / images per call: 5 for the default chunk).
+MAX_CALLS_PER_CHUNK = 10
 # Beyond this many throttled calls in one chunk the task is deferred with a countdown, freeing the slot.
 MAX_THROTTLES_PER_CHUNK = 50
 # The limiter waits in-process at most this long for a slot; beyond it the task is deferred.
@@ -364,31 +370,74 @@ class ChunkProcessor:
 
     def _pay_for(self, chunk: Chunk, images: list[_Image]) -> None:
         """Pay and call for the images; once the calls are made, their answers are recorded after one check
-        (a listing for the chunk) that none of their objects was overwritten while the seller fetched it."""
+        (a listing for the chunk) that none of their objects was overwritten while the seller fetched it.
+
+        One call at a time, and one more alongside for every call the limiter admitted promptly (a place in
+        line within its horizon, a slot at once): while the fleet has room a chunk's calls go together, so the
+        last chunks of a run keep the rate filled instead of sending their calls one latency apart. When the
+        line is long, a chunk waits in it with one call, as before."""
         per_call = self.deps.settings.images_per_call
         queue = deque(_Group(images[i:i + per_call]) for i in range(0, len(images), per_call))
-        throttled = 0
+        width = max(1, min(MAX_CALLS_PER_CHUNK, len(queue)))
         held: list[_Answer] = []
+        events: SimpleQueue[Future[int] | None] = SimpleQueue()
+        running: dict[Future[int], _Group] = {}
+        stop = threading.Event()
+        failure: BaseException | None = None
+        throttled = 0
         undecided_since: float | None = None
+
+        def send(pool: ThreadPoolExecutor, group: _Group) -> None:
+            def admitted() -> None:
+                events.put(None)
+            call = pool.submit(contextvars.copy_context().run, self._call, chunk, group, queue, held, stop, admitted)
+            running[call] = group
+            call.add_done_callback(events.put)
+
         try:
-            while queue:
-                group = queue.popleft()
+            with ThreadPoolExecutor(max_workers=width, thread_name_prefix="irlive-call") as pool:
                 try:
-                    throttled += self._call(chunk, group, queue, held)
-                    undecided_since = None
-                except CallsUndecided:
-                    undecided_since = undecided_since or time.monotonic()
-                    if time.monotonic() - undecided_since > UNDECIDED_WAIT_S:
-                        raise
-                    queue.appendleft(group)
-                    self.deps.sleep(UNDECIDED_POLL_S)
-                if held and not queue:
-                    # Meanwhile each answer waits in the ledger with its images' claims pinned to it (settle.lua):
-                    # a worker killed now leaves it for the chunk's next delivery to record, and no other run
-                    # pays for those images. Retries the answers ask for join the queue.
-                    self._record_answers(chunk, held, queue)
-                if throttled > MAX_THROTTLES_PER_CHUNK:
-                    raise RateLimited("throttled too often in this chunk; deferring it", retry_after=5.0)
+                    while queue or running:
+                        if failure is None and queue and not running:
+                            send(pool, queue.popleft())
+                        if not running:
+                            break
+                        done = events.get()
+                        if done is None:
+                            # A call admitted promptly: the next one goes alongside it.
+                            if failure is None and queue and len(running) < width:
+                                send(pool, queue.popleft())
+                            continue
+                        if done not in running:
+                            continue
+                        group = running.pop(done)
+                        try:
+                            throttled += done.result()
+                            undecided_since = None
+                        except CallsUndecided as exc:
+                            undecided_since = undecided_since or time.monotonic()
+                            if time.monotonic() - undecided_since > UNDECIDED_WAIT_S:
+                                failure = failure or exc
+                            else:
+                                queue.appendleft(group)
+                                if not running:
+                                    self.deps.sleep(UNDECIDED_POLL_S)
+                        except BaseException as exc:  # the first failure is raised once the others end
+                            failure = failure or exc
+                            # Calls still waiting in line give up; those already sent finish and are recorded.
+                            stop.set()
+                        if failure is None and throttled > MAX_THROTTLES_PER_CHUNK:
+                            failure = RateLimited("throttled too often in this chunk; deferring it", retry_after=5.0)
+                            stop.set()
+                        if failure is None and held and not queue and not running:
+                            # Meanwhile each answer waits in the ledger with its images' claims pinned to it
+                            # (settle.lua): a worker killed now leaves it for the chunk's next delivery to record,
+                            # and no other run pays for those images. Retries the answers ask for join the queue.
+                            self._record_answers(chunk, held, queue)
+                finally:
+                    stop.set()
+            if failure is not None:
+                raise failure
         finally:
             if held:
                 # Leaving early (a deferral, a lost lease, a stopped run): what was bought is recorded now, or
@@ -399,18 +448,23 @@ class ChunkProcessor:
                     log.warning("chunk %s: %d paid answers left for the next delivery to record: %s",
                                 chunk.label(), len(held), exc)
 
-    def _call(self, chunk: Chunk, group: _Group, queue: deque[_Group], held: list[_Answer]) -> int:
-        """One paid call for the group; failures requeue it by the error tree. Returns 1 if throttled."""
+    def _call(self, chunk: Chunk, group: _Group, queue: deque[_Group], held: list[_Answer],
+              stop: threading.Event | None = None, admitted: Callable[[], None] | None = None) -> int:
+        """One paid call for the group; failures requeue it by the error tree. Returns 1 if throttled.
+        `admitted` is told when the limiter let the call go promptly; a set `stop` ends its wait in line."""
         deps = self.deps
         if not self.lease.held:
             raise ChunkBusy(f"chunk {chunk.label()}: lease lost to another delivery")
         waited = time.monotonic()
         # The slot lives as long as the chunk's lease and is renewed with it: a killed worker's slots come free
         # with its chunks instead of starving the fleet's in-flight cap for a call timeout.
-        permit = deps.limiter.admit(MAX_SLOT_WAIT_S, urgent=chunk.priority == "events", lease_s=self.lease.ttl_s)
+        permit = deps.limiter.admit(MAX_SLOT_WAIT_S, urgent=chunk.priority == "events", lease_s=self.lease.ttl_s,
+                                    cancel=stop)
         self.lease.hold_slot(permit.member)
         try:
             deps.meter.limiter_wait(time.monotonic() - waited)
+            if admitted is not None and permit.prompt:
+                admitted()
             return self._pay_and_call(chunk, group, queue, held, permit)
         finally:
             self.lease.drop_slot(permit.member)
