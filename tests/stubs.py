@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import threading
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -112,10 +113,17 @@ class StubSeller:
     # The marketplace may send data.Result as a JSON-encoded string (the docs say either).
     result_as_string: bool = False
 
+    # A chunk's calls may run together (worker/flow/pipeline.py): the seller's books change under one lock.
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
     def handle(self, request: httpx.Request) -> httpx.Response:
         path = request.url.path
         if path.startswith("/api/tools/"):
             return self._tool(request)
+        with self._lock:
+            return self._payments(request, path)
+
+    def _payments(self, request: httpx.Request, path: str) -> httpx.Response:
         if path == "/api/payments" and request.method == "POST":
             pid = f"pay_{len(self.payments) + 1}"
             self.payments[pid] = {"paymentId": pid, "token": f"tok-{pid}", "amountCents": self.price_cents,
@@ -132,19 +140,21 @@ class StubSeller:
         if not token:
             return httpx.Response(402, json={"x402Version": 1, "serviceId": SERVICE, "priceCents": self.price_cents,
                                              "currency": "USD"})
-        payment = next((p for p in self.payments.values() if p["token"] == token), None)
-        behaviour = self.script.popleft() if self.script else "ok"
-        if behaviour == "402" or payment is None or not payment["remainingCalls"]:
-            return httpx.Response(402, json={"error": "payment token already used"})
-        if behaviour == "429":
-            return httpx.Response(429, json={"error": "slow down"}, headers={"Retry-After": "0.01"})
-        if behaviour == "401":
-            return httpx.Response(401, json={"error": "API key missing or invalid"})
         urls = [t["ImageURL"] for t in json.loads(request.content)["Tasks"]]
         keys = [unquote(urlsplit(u).path).split("/", 2)[2] for u in urls]
-        payment["remainingCalls"] = 0  # settle first: from here on the call is paid for
-        self.calls.append(keys)
-        self.billed.update(keys)
+        with self._lock:
+            payment = next((p for p in self.payments.values() if p["token"] == token), None)
+            behaviour = self.script.popleft() if self.script else "ok"
+            if behaviour == "402" or payment is None or not payment["remainingCalls"]:
+                return httpx.Response(402, json={"error": "payment token already used"})
+            if behaviour == "429":
+                return httpx.Response(429, json={"error": "slow down"}, headers={"Retry-After": "0.01"})
+            if behaviour == "401":
+                return httpx.Response(401, json={"error": "API key missing or invalid"})
+            payment["remainingCalls"] = 0  # settle first: from here on the call is paid for
+            self.calls.append(keys)
+            self.billed.update(keys)
+            request_id = f"req-{len(self.calls)}"
         if self.on_call is not None:
             self.on_call(keys)
         if behaviour == "503":
@@ -165,7 +175,7 @@ class StubSeller:
             result = "[" * 100_000 + "]" * 100_000
         if self.result_as_string and not isinstance(result, str):
             result = json.dumps(result)
-        body = {"code": "200", "message": "success", "requestId": f"req-{len(self.calls)}", "content": "",
+        body = {"code": "200", "message": "success", "requestId": request_id, "content": "",
                 "data": {"Action": "DetectInfraredLivingFace", "Result": result}}
         return httpx.Response(200, json=body)
 

@@ -4,6 +4,7 @@ ledger protocol and the claims, in milliseconds. The same paths run on real proc
 from __future__ import annotations
 
 import json
+import threading
 from collections import Counter
 from typing import Any
 
@@ -17,6 +18,7 @@ from worker.flow import pipeline
 from worker.flow.finalize import finalize_run
 from worker.flow.leases import Lease
 from worker.flow.pipeline import ChunkProcessor, ClaimsHeld
+from worker.keys import Keys
 from worker.messages import Chunk
 
 BUCKET = "in-bucket"
@@ -68,6 +70,49 @@ def test_a_clean_chunk_pays_one_call_per_ten_images_and_records_every_image() ->
     assert (totals(h)["spent"], run_hash(h, "run-a")["calls"], run_hash(h, "run-a")["spend_cents"]) == (3, "3", "60")
     assert h.redis.keys("irlive:claim:*") == [], "every claim released with its record"
     assert totals(h)["unrecorded_answers"] == 0 and totals(h)["in_flight"] == 0
+
+
+def test_a_chunk_sends_its_calls_together_while_the_limiter_admits_them_at_once() -> None:
+    # The harness's limiter has room (1,000 calls/s, no in-flight cap): every call is admitted promptly, so the
+    # chunk's five calls are in flight together. The seller holds each call until five are in (or 10 s: then a
+    # chunk sending one call at a time shows a most of 1).
+    h = harness(settings())
+    books = threading.Condition()
+    in_flight, most = [0], [0]
+
+    def hold(keys: list[str]) -> None:
+        with books:
+            in_flight[0] += 1
+            most[0] = max(most[0], in_flight[0])
+            books.notify_all()
+            books.wait_for(lambda: most[0] >= 5, timeout=10)
+            in_flight[0] -= 1
+
+    h.seller.on_call = hold
+    chunk = chunk_of(h, 50)
+    ChunkProcessor(h.deps).run(chunk)
+    assert most[0] == 5
+    assert verdicts(h, chunk) == Counter({"live": 50})
+    assert sorted(len(c) for c in h.seller.calls) == [10] * 5 and totals(h)["spent"] == 5
+    assert totals(h)["unrecorded_answers"] == 0 and totals(h)["in_flight"] == 0
+
+
+def test_a_failure_in_one_of_a_chunks_calls_ends_its_others_and_is_raised_once_they_end() -> None:
+    # Five calls together; the first to reach the seller is told the API key is wrong (the run stops), the others
+    # are answered: every answer bought is recorded before the failure goes up, and nothing is paid twice.
+    h = harness(settings())
+    h.seller.script.append("401")
+    chunk = chunk_of(h, 50)
+    with pytest.raises(ConfigError):
+        ChunkProcessor(h.deps).run(chunk)
+    paid = totals(h)["spent"]
+    assert len(records_in_progress(h, chunk)) == 10 * paid
+    assert sum(h.seller.billed.values()) == 10 * paid and max(h.seller.billed.values(), default=1) == 1
+    assert totals(h)["unrecorded_answers"] == 0 and totals(h)["in_flight"] == 0
+
+
+def records_in_progress(h: Harness, chunk: Chunk) -> dict[str, str]:
+    return dict(h.redis.hgetall(Keys().chunk_progress(chunk.run_id, chunk.seq)))
 
 
 def test_images_that_fail_validation_are_rejected_and_never_paid_for() -> None:

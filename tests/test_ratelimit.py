@@ -111,6 +111,34 @@ def test_in_flight_cap_and_dead_slots_come_back(clean_stack: Stack) -> None:
     assert limiter.stats()["in_flight"] == 1
 
 
+def test_a_call_admitted_at_once_says_so_and_one_that_waited_for_its_turn_does_not(clean_stack: Stack) -> None:
+    # What lets a chunk send its next call alongside (worker/flow/pipeline.py): a place within the horizon at the
+    # first ask and a slot at once.
+    spaced = RateLimiter(_client(clean_stack), Keys(), RateSpec(1 / (RESERVE_AHEAD_S + 0.5)))
+    first = spaced.admit(max_wait_s=10)
+    first.release()
+    assert first.prompt
+    second = spaced.admit(max_wait_s=10)
+    second.release()
+    assert not second.prompt, "its place was beyond the horizon: it came back for it"
+    capped = RateLimiter(_client(clean_stack), Keys(), RateSpec(1000, max_in_flight=1))
+    first = capped.admit(max_wait_s=10)
+    threading.Timer(0.2, first.release).start()
+    assert not capped.admit(max_wait_s=10).prompt, "it waited for a slot"
+
+
+def test_a_cancelled_wait_in_line_ends_before_its_place_comes_and_takes_no_slot(clean_stack: Stack) -> None:
+    limiter = RateLimiter(_client(clean_stack), Keys(), RateSpec(0.1))  # places 10 s apart
+    limiter.admit(max_wait_s=10)
+    cancel = threading.Event()
+    threading.Timer(0.2, cancel.set).start()
+    started = time.monotonic()
+    with pytest.raises(RateLimited, match="wait ends"):
+        limiter.admit(max_wait_s=30, cancel=cancel)
+    assert time.monotonic() - started < 9, "it waited for its place"
+    assert limiter.stats()["in_flight"] == 1
+
+
 def _commands(stack: Stack) -> Counter[str]:
     stats = stack.redis_client().info("commandstats")
     return Counter({name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()})
