@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import threading
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +23,7 @@ from tests.e2e import IN_BUCKET, read_run, upload, validator
 from tests.faults import check_invariants, drive_to_completion, live_samples, upload_samples
 from tests.test_budget import clean_samples, poll, run_hash, settled
 from worker.errors import NeverSent
+from worker.flow.runs import Runs
 from worker.keys import Keys
 from worker.money import purchaser as purchaser_module
 from worker.money.budgets import Budgets
@@ -46,7 +48,8 @@ def test_a_price_rise_mid_run_never_crosses_the_run_budget(clean_stack: Stack, i
     # No prepaid pool: every call buys its token, so the new price applies from the next purchase on.
     env = {"IRLIVE_MAX_PRICE_CENTS": "50", "IRLIVE_TOKEN_POOL_SIZE": "0"}
     clean_stack.start_worker(extra_env=env, concurrency=1)
-    run_id = _run_id(irlive("scan", f"s3://{IN_BUCKET}/clean", "--budget", "1.00", "--json", env=env))
+    # $2.00: the first chunk's five calls go together and commit $1.00 at the old price; the second's at the new.
+    run_id = _run_id(irlive("scan", f"s3://{IN_BUCKET}/clean", "--budget", "2.00", "--json", env=env))
     poll(lambda: clean_stack.sandbox_ledger()["payments_created"] >= 1, 60, "the first purchase")
     clean_stack.sandbox_config(price_cents=30)
 
@@ -56,7 +59,7 @@ def test_a_price_rise_mid_run_never_crosses_the_run_budget(clean_stack: Stack, i
     run = run_hash(clean_stack, run_id)
     charged = clean_stack.sandbox_ledger()
     print(f"run {run}; seller {charged}")
-    assert int(run["committed_cents"]) <= 100 and int(run["spend_cents"]) <= 100
+    assert int(run["committed_cents"]) <= 200 and int(run["spend_cents"]) <= 200
     # What the run was charged is what the seller was paid for the calls it made, at whichever price.
     assert json.loads(irlive("wallet", "--json").stdout)["totals"]["spent_cents"] == int(run["spend_cents"])
     assert int(run["spend_cents"]) > 20 * int(run["calls"]), "some calls were paid at the new price"
@@ -153,6 +156,50 @@ def test_a_purchase_failing_after_midnight_is_released_to_the_day_it_was_charged
         purchaser.buy()
     assert store.hget(keys.day("2026-11-30"), "bought_cents") == "0"
     assert store.hget(keys.day("2026-12-01"), "bought_cents") is None
+
+
+class _HangingSeller(_FailingSeller):
+    """Every purchase leaves and hangs until released, then ends unknown (a timeout)."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.entered = threading.Semaphore(0)
+
+    def create_payment(self) -> object:
+        self.entered.release()
+        self.release.wait(30)
+        raise TimeoutError("no answer")
+
+
+def test_purchases_in_flight_never_carry_the_unknown_ones_in_a_row_past_the_cap(store: Store) -> None:
+    # Eight threads buy at once (a chunk's calls go together, and a fleet has many): only three requests may be
+    # open, since each may end unknown; the others wait. After three unknown, the run is paused: three, not eight.
+    keys, seller = Keys(), _HangingSeller()
+    runs = Runs(store, keys)
+    runs.create("run-cap", source="s3://in/x", output="s3://out/r", settings={}, budget_cents=1000)
+    purchaser = Purchaser(store, keys, seller, Budgets(store, keys, 10_000), max_price_cents=20,
+                          lease_ms=60_000, max_unknown=3)  # type: ignore[arg-type]
+    outcomes: list[str] = []
+
+    def buy() -> None:
+        try:
+            purchaser.buy("run-cap", "holder")
+        except Exception as exc:  # each thread's outcome is what the test reads
+            outcomes.append(type(exc).__name__)
+
+    threads = [threading.Thread(target=buy) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for _ in range(3):
+        assert seller.entered.acquire(timeout=10), "three purchases should leave"
+    assert not seller.entered.acquire(timeout=0.5), "a fourth left while three were open"
+    seller.release.set()
+    for t in threads:
+        t.join(30)
+    assert sorted(outcomes) == ["CallsUndecided"] * 5 + ["TimeoutError"] * 3
+    run = store.hgetall(keys.run("run-cap"))
+    assert (run["unknown_purchases"], run["state"]) == ("3", "paused")
+    assert int(run["committed_cents"]) == 60, "three purchases charged to the run, no more"
 
 
 # ---- hole 11: resume refuses a budget below what is spent, and a resume that would re-park at once -------

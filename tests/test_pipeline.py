@@ -66,7 +66,7 @@ def test_a_clean_chunk_pays_one_call_per_ten_images_and_records_every_image() ->
     chunk = chunk_of(h, 25)
     assert ChunkProcessor(h.deps).run(chunk) == 0
     assert verdicts(h, chunk) == Counter({"live": 25})
-    assert [len(c) for c in h.seller.calls] == [10, 10, 5]
+    assert sorted(len(c) for c in h.seller.calls) == [5, 10, 10]
     assert (totals(h)["spent"], run_hash(h, "run-a")["calls"], run_hash(h, "run-a")["spend_cents"]) == (3, "3", "60")
     assert h.redis.keys("irlive:claim:*") == [], "every claim released with its record"
     assert totals(h)["unrecorded_answers"] == 0 and totals(h)["in_flight"] == 0

@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -149,9 +150,18 @@ def test_the_report_of_a_run_with_rejections_and_a_lost_answer_in_a_browser(
     with FaultProxy.for_url(clean_stack.sandbox_url) as proxy:
         env = {"IRLIVE_MARKETPLACE_URL": proxy.url}
         # The first paid call's answer is lost after the seller billed it, and so is the read-back of its token:
-        # the images are paid again, and the run says so.
-        proxy.drop_mid_answer(0, count=2, match=lambda h: _paid_call_with_token(h)
-                              or h.startswith(b"GET /api/payments/"))
+        # the images are paid again, and the run says so. (A chunk's calls go together: once one call's answer
+        # is dropped, only a read-back matches.)
+        lock, dropped = threading.Lock(), []
+
+        def first_call_then_a_read_back(head: bytes) -> bool:
+            with lock:
+                if not dropped and _paid_call_with_token(head):
+                    dropped.append(head)
+                    return True
+                return bool(dropped) and head.startswith(b"GET /api/payments/")
+
+        proxy.drop_mid_answer(0, count=2, match=first_call_then_a_read_back)
         clean_stack.start_worker(extra_env=env, concurrency=1)
         done = irlive("scan", f"s3://{IN_BUCKET}/lossy", "--wait", env=env, timeout=180)
     assert done.returncode == 0, done.stderr
@@ -169,7 +179,8 @@ def test_the_report_of_a_cancelled_run_in_a_browser(clean_stack: Stack, irlive: 
                                                     tmp_path: Path) -> None:
     upload(clean_stack, clean_samples(300, "cancelled"))
     clean_stack.sandbox_config(latency_ms=600)
-    clean_stack.start_worker(concurrency=4)
+    # 5 calls/s: the 30 calls take 6 s to leave (a chunk's calls go together), so the cancel lands mid-run.
+    clean_stack.start_worker(extra_env={"IRLIVE_RATE_LIMIT_PER_S": "5"}, concurrency=4)
     scanned = irlive("scan", f"s3://{IN_BUCKET}/cancelled", "--json")
     run_id = json.loads(scanned.stdout)["run_id"]
     poll(lambda: int(run_hash(clean_stack, run_id).get("calls") or 0) >= 1, 90, "a first call")

@@ -167,17 +167,19 @@ def test_a_webhook_gets_one_signed_post_per_run_end(clean_stack: Stack, irlive: 
                                                      receiver: Receiver) -> None:  # noqa: F811
     secret = "whsec-e2e-not-logged"
     upload(clean_stack, clean_samples(30, "hooked"))
-    worker = clean_stack.start_worker(extra_env={"IRLIVE_NOTIFY_SECRET": secret})
+    # 2 calls/s (the shipped rate): a chunk's calls go together, so the run to cancel must not send them all at once.
+    worker = clean_stack.start_worker(extra_env={"IRLIVE_NOTIFY_SECRET": secret, "IRLIVE_RATE_LIMIT_PER_S": "2"})
 
     done = irlive("scan", f"s3://{IN_BUCKET}/hooked", "--notify", receiver.url, "--wait", "--json", timeout=150)
     assert done.returncode == 0, done.stderr
     done_id = json.loads(done.stdout.splitlines()[0])["run_id"]
     (first,) = receiver.wait_for(1, timeout=60)
-    # A second run, cancelled while its first call is under way (a slow seller), ends too.
+    # A second run, cancelled while its first calls are under way (a slow seller; ten calls at the default
+    # 2 calls/s take 5 s to leave), ends too.
     clean_stack.sandbox_config(latency_ms=3000)
     # New content (copies of the first run's images would be recorded from it at once, for free).
     upload(clean_stack, [Sample(f"hooked2/img_{i:05d}.png", png(96, 96, "live", seed=1000 + i), "live")
-                         for i in range(30)])
+                         for i in range(100)])
     scanned = irlive("scan", f"s3://{IN_BUCKET}/hooked2", "--notify", receiver.url, "--json")
     cancel_id = json.loads(scanned.stdout)["run_id"]
     assert irlive("cancel", cancel_id, "--wait", timeout=120).returncode == 0
@@ -193,7 +195,7 @@ def test_a_webhook_gets_one_signed_post_per_run_end(clean_stack: Stack, irlive: 
     assert json.loads(first.body)["counts"]["live"] == 30
     assert json.loads(first.body)["manifest"].endswith(f"/runs/{done_id}/manifest.json")
     counts = json.loads(second.body)["counts"]
-    assert counts["not_judged"] > 0 and counts["live"] + counts["not_judged"] == 30
+    assert counts["not_judged"] > 0 and counts["live"] + counts["not_judged"] == 100
     log = worker.log.read_text()
     assert secret not in log and "T0PSECRETPATH" not in log and "QUERYSECRET" not in log
 

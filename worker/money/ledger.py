@@ -222,7 +222,10 @@ class Ledger:
         while int(self._store.llen(self.pool_key)) < target:
             if still_leader is not None and not still_leader():
                 break
-            self.purchaser.buy()
+            try:
+                self.purchaser.buy()
+            except CallsUndecided:
+                break  # purchases in flight decide first; the next tick goes on
             bought += 1
         return bought
 

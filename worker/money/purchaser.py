@@ -19,6 +19,7 @@ from typing import Protocol
 
 from worker.errors import (
     BudgetExhausted,
+    CallsUndecided,
     ConfigError,
     IrliveError,
     NeverSent,
@@ -125,8 +126,8 @@ class Purchaser:
         run_key = self._keys.run(run_id) if run_id else self._keys.no_run()
         try:
             begun = int(self._begin(
-                [request_key, self._keys.requests(), self._keys.day(day), run_key],
-                [request_id, price, self._budgets.day_cap_arg, day, run_id]))
+                [request_key, self._keys.requests(), self._keys.day(day), run_key, self._keys.wallet_totals()],
+                [request_id, price, self._budgets.day_cap_arg, day, run_id, self.max_unknown]))
         except IrliveError:
             # Not sent: whether or not the script applied (a short WAIT applies it on the master all the same),
             # the request is settled `failed` so no phantom purchase stays charged (best effort: if Redis is gone
@@ -137,6 +138,10 @@ class Purchaser:
             raise self._budgets.day_exhausted(day)
         if begun == -2:
             raise self._budgets.run_exhausted(run_id)
+        if begun == -5:
+            raise CallsUndecided(f"{'run ' + run_id if run_id else 'the pool'}: purchases in flight may end unknown; "
+                                 f"waiting for them before buying another (IRLIVE_MAX_UNKNOWN_PURCHASES "
+                                 f"{self.max_unknown} in a row)", retry_after=1.0)
         if begun in (-3, -4):
             raise (RunHeld(f"run {run_id} is paused: nothing is bought for it") if begun == -3
                    else RunStopped(f"run {run_id} is cancelled or failed: nothing is bought for it"))

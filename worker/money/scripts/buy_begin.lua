@@ -8,14 +8,24 @@
 -- ARGV[2]  quoted price, cents
 -- ARGV[3]  the day's cap in cents, -1 for none
 -- ARGV[4]  the UTC day (YYYY-MM-DD) the price is charged to, kept so a release finds the same day
+-- KEYS[5]  wallet totals hash (the pool's unknown purchases in a row)
 -- ARGV[5]  run id, '' for a purchase into the shared pool
+-- ARGV[6]  unknown purchases in a row that pause the run (IRLIVE_MAX_UNKNOWN_PURCHASES; 0: no cap)
 -- Returns  1 committed and written down; -1 the day's cap would be crossed; -2 the run's cap would be;
---          -3 its owner paused the run; -4 the run is cancelled, failed or done (nothing is bought for it).
---          A run paused for budget is held by the caps, checked below.
+--          -3 its owner paused the run; -4 the run is cancelled, failed or done (nothing is bought for it);
+--          -5 purchases still open could end unknown and carry the run (or the pool) past ARGV[6] in a row:
+--          wait for them. A run paused for budget is held by the caps, checked below.
 if ARGV[5] ~= '' then
   local state = redis.call('HGET', KEYS[4], 'state')
   if state == 'paused' then return -3 end
   if state ~= 'listing' and state ~= 'running' and state ~= 'paused_budget' then return -4 end
+end
+-- Every open request may end unknown: the unknown purchases in a row stay within the cap whatever ends how,
+-- however many threads buy at once (at most ARGV[6] requests are open while the last ones went well).
+local max_unknown = tonumber(ARGV[6] or '0')
+if max_unknown > 0 then
+  local in_row = redis.call('HGET', ARGV[5] ~= '' and KEYS[4] or KEYS[5], 'unknown_in_row')
+  if tonumber(in_row or '0') + redis.call('ZCARD', KEYS[2]) >= max_unknown then return -5 end
 end
 local price = tonumber(ARGV[2])
 local day_cap = tonumber(ARGV[3])
