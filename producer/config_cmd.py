@@ -201,8 +201,10 @@ def _check_redis(settings: Settings, report: Report) -> dict[str, Any]:
 
 def _in_flight_note(settings: Settings, store: Any) -> str:
     """Little's law for this rate: the calls in flight the seller's latency asks for, the cap the workers apply,
-    and the worker threads in the fleet (each carries one call at a time), from what the workers said."""
+    and the worker threads in the fleet (each carries its chunk's calls, together while the limiter has room),
+    from what the workers said."""
     from worker.flow.limiter import RateLimiter, RateSpec
+    from worker.flow.pipeline import MAX_CALLS_PER_CHUNK
     from worker.keys import Keys
     from worker.ops import fleet
 
@@ -222,10 +224,11 @@ def _in_flight_note(settings: Settings, store: Any) -> str:
     workers = fleet.enforced(store, keys)
     threads = sum(int(w.get("threads") or 0) for w in workers)
     if threads:
-        note += f"; the {len(workers)} running workers have {threads} threads"
-        if threads < need:
-            note += (f", fewer than {need}: start more workers or raise --concurrency (each thread carries one "
-                     "call at a time)")
+        per_thread = max(1, min(MAX_CALLS_PER_CHUNK, math.ceil(settings.chunk_size / settings.images_per_call)))
+        note += (f"; the {len(workers)} running workers have {threads} threads, which carry up to "
+                 f"{threads * per_thread} calls at once (a chunk's {per_thread} together)")
+        if threads * per_thread < need:
+            note += (f", fewer than {need}: start more workers or raise --concurrency")
     return note
 
 

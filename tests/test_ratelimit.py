@@ -253,11 +253,13 @@ def test_config_says_what_the_rate_needs_in_flight_and_when_the_threads_fall_sho
     assert "IRLIVE_MAX_IN_FLIGHT" in out and " auto " in out
     assert ("20 calls/s x the seller's latency (2 s assumed until the seller's first answers) needs 40 calls in "
             "flight; the cap is 60 (auto)") in out
-    assert "the 1 running workers have 4 threads, fewer than 40: start more workers or raise --concurrency" in out
-    # Once answers taught it a 0.5 s seller, the same rate needs 10, and 4 threads still fall short.
+    assert ("the 1 running workers have 4 threads, which carry up to 20 calls at once (a chunk's 5 together), "
+            "fewer than 40: start more workers or raise --concurrency") in out
+    # Once answers taught it a 0.5 s seller, the same rate needs 10: the 4 threads carry them.
     client.hset(Keys().ratelimit_state(), "latency_ms", "500.0")
     out = irlive("config", env={"IRLIVE_RATE_LIMIT_PER_S": "20"}).stdout
     assert "(learned 0.50 s) needs 10 calls in flight; the cap is 16 (auto)" in out
+    assert "up to 20 calls at once (a chunk's 5 together)" in out and "fewer than" not in out
 
 
 def test_a_warm_shutdown_hands_back_a_chunk_waiting_in_line_instead_of_waiting_its_turn(

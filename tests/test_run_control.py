@@ -26,7 +26,8 @@ LATENCY_MS = 600
 def _start(stack: Stack, irlive: IrliveRunner, prefix: str, n: int) -> str:
     upload(stack, clean_samples(n, prefix))
     stack.sandbox_config(latency_ms=LATENCY_MS)
-    stack.start_worker(concurrency=4)
+    # 5 calls/s: a chunk's calls go together, and a command must land while most calls have yet to leave.
+    stack.start_worker(extra_env={"IRLIVE_RATE_LIMIT_PER_S": "5"}, concurrency=4)
     scanned = irlive("scan", f"s3://{IN_BUCKET}/{prefix}", "--json")
     assert scanned.returncode == 0, scanned.stderr
     run_id: str = json.loads(scanned.stdout)["run_id"]
