@@ -49,7 +49,7 @@ def test_a_claim_holds_while_its_lease_does_and_comes_free_with_it(clean_stack: 
         # Its claims are still in Redis, for minutes: they hold no longer than the lease did.
         first._stop.set()
         clean_stack.redis_client().delete(keys.chunk_lease("run-a", 0))
-        assert clean_stack.redis_client().exists(keys.claim(IMAGES[0]))
+        assert clean_stack.redis_client().exists(keys.claim_keys(IMAGES[0], CONTENTS[0])[0])
         assert claims.claim(second, "run-b", 0, IMAGES, contents=CONTENTS).mine == list(range(50))
     finally:
         second.__exit__(None, None, None)
@@ -72,7 +72,7 @@ def test_a_heartbeat_renews_the_lease_alone_and_the_claims_still_hold(clean_stac
             assert claims.claim(other, "run-b", 0, IMAGES, contents=CONTENTS).mine == []
         finally:
             other.__exit__(None, None, None)
-        assert 0 < client.pttl(keys.claim(IMAGES[0])) <= CLAIM_TTL_S * 1000
+        assert 0 < client.pttl(keys.claim_keys(IMAGES[0], CONTENTS[0])[0]) <= CLAIM_TTL_S * 1000
 
 
 def test_a_calls_in_flight_slot_beats_with_its_chunk_lease_and_lapses_with_it(clean_stack: Stack) -> None:

@@ -16,8 +16,9 @@ from worker.config import Settings
 from worker.errors import BudgetExhausted, ChunkBusy, ConfigError, RateLimited
 from worker.flow import pipeline
 from worker.flow.finalize import finalize_run
-from worker.flow.leases import Lease
+from worker.flow.leases import ChunkLease, Lease
 from worker.flow.pipeline import ChunkProcessor, ClaimsHeld
+from worker.judge.manifest import content_key
 from worker.keys import Keys
 from worker.messages import Chunk
 
@@ -260,6 +261,21 @@ def test_an_image_another_run_judged_is_recorded_from_that_judgment_for_free() -
     assert run_hash(h, "run-b").get("duplicates") == "10" and "calls" in run_hash(h, "run-b")
 
 
+def test_an_image_whose_content_key_follows_from_its_etag_is_held_by_that_claim_alone() -> None:
+    # An MD5 ETag's content key is computed by every delivery of that identity: its claim stands for both. A
+    # multipart upload's (a hash of bytes read, which a delivery whose read failed lacks) keeps both claims.
+    h = harness(settings())
+    single, multipart = "in-bucket/a.png@" + "a" * 32, "in-bucket/b.png@" + "c" * 32 + "-2"
+    contents = ["md5:" + "a" * 32 + ":10", "sha256:" + "f" * 64 + ":10"]
+    h.deps.runs.create("run-a", source=f"s3://{BUCKET}/x", output=OUTPUT, settings={})
+    with ChunkLease(h.deps.store, Keys(), "run-a", 0) as lease:
+        got = h.deps.claims.claim(lease, "run-a", 0, [single, multipart], 0, contents)
+        assert got.mine == [0, 1]
+        held = sorted(h.redis.keys("irlive:claim:*"))
+    assert held == sorted(f"irlive:claim:{k}" for k in (contents[0], multipart, contents[1]))
+    assert h.redis.keys("irlive:claim:*") == [], "released with the lease"
+
+
 def test_an_image_another_live_delivery_holds_is_waited_for_then_the_chunk_defers(
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(pipeline, "CLAIM_WAIT_S", 0.0)
@@ -267,7 +283,11 @@ def test_an_image_another_live_delivery_holds_is_waited_for_then_the_chunk_defer
     chunk = chunk_of(h, 3)
     other = Lease(h.deps.store, "irlive:lease:chunk:run-z:0", 60, token="elsewhere/1/abc")
     assert other.take()
-    h.redis.set("irlive:claim:in-bucket/img/001.png@" + chunk.items[1][1], "elsewhere/1/abc run-z 0", px=60_000)
+    # The claim that delivery took: its content's (the content key follows from the ETag and size).
+    identity = "in-bucket/img/001.png@" + chunk.items[1][1]
+    info, _ = h.storage.read_head(BUCKET, "img/001.png", 1)
+    (key,) = Keys().claim_keys(identity, content_key(info.etag, info.size))
+    h.redis.set(key, f"elsewhere/1/abc run-z 0 {Keys().done(identity).field}", px=60_000)
     with pytest.raises(ClaimsHeld, match="run-z/0"):
         ChunkProcessor(h.deps).run(chunk)
     assert sum(h.seller.billed.values()) == 2, "the other two were paid for; the held one was not"

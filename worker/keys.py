@@ -123,11 +123,22 @@ class Keys:
 
     def image(self, identity: str, content: str | None) -> tuple[list[str], str, str]:
         """([done shard, claim key, content's done shard, content's claim key], identity field, content field):
-        what claim.lua and record.lua take per image (the identity's own keys again without a content key)."""
+        what claim.lua and record.lua take per image (the identity's own keys again without a content key).
+
+        The claim key is the content's own where the content key follows from the identity (see claim_keys):
+        the scripts then take one claim for the image, not two."""
         ref = self.done(identity)
         cref = self.done(content) if content else ref
-        keys = [ref.shard, self.claim(identity), cref.shard, self.claim(content or identity)]
+        cclaim = self.claim(content or identity)
+        keys = [ref.shard, cclaim if identity_bound(content) else self.claim(identity), cref.shard, cclaim]
         return keys, ref.field, cref.field if content else ""
+
+    def claim_keys(self, identity: str, content: str | None) -> list[str]:
+        """The claims an image is held by while it is judged: its content's, and its identity's unless the
+        content key follows from the identity (every delivery of that identity then claims the same content)."""
+        if identity_bound(content):
+            return [self.claim(content or identity)]
+        return [self.claim(identity), *([self.claim(content)] if content else [])]
 
     def done_pattern(self) -> str:
         return f"{self.prefix}:done:*"
@@ -199,3 +210,10 @@ class Keys:
 def _digest(text: str) -> str:
     """A short, fixed-length name for text of any length (a source URI) inside a key."""
     return hashlib.blake2b(text.encode(), digest_size=10).hexdigest()
+
+
+def identity_bound(content: str | None) -> bool:
+    """Whether a content key is a function of the identity (an MD5 ETag and the size, which every delivery of
+    `bucket/key@etag` computes without reading), as a hash of bytes read (a multipart upload's) is not: a delivery
+    whose read failed has no content key, and must still meet the others on the identity's claim."""
+    return bool(content) and str(content).startswith("md5:")

@@ -71,7 +71,9 @@ class Claims:
         self._claim = store.script("flow", "claim")
 
     def claim_keys(self, identities: Sequence[str], contents: Sequence[str | None] = ()) -> list[str]:
-        return [self._keys.claim(i) for i in (*identities, *(c for c in contents if c))]
+        """The claim keys of these images (contents in the same order, or none known)."""
+        padded = [*contents, *[None] * (len(identities) - len(contents))]
+        return [k for i, c in zip(identities, padded, strict=True) for k in self._keys.claim_keys(i, c)]
 
     def claim(self, lease: ChunkLease, run_id: str, seq: int, identities: Sequence[str],
               not_before_ms: int = 0, contents: Sequence[str | None] | None = None) -> ClaimResult:
@@ -101,9 +103,7 @@ class Claims:
             entry = DoneEntry.decode(detail) if status in (JUDGED, SAME) else None
             if status == MINE:
                 result.mine.append(pos)
-                mine_keys.append(keys[2 + 4 * pos])
-                if contents[pos]:
-                    mine_keys.append(keys[4 + 4 * pos])
+                mine_keys += self._keys.claim_keys(identities[pos], contents[pos])
             elif entry is not None:
                 (result.judged if status == JUDGED else result.same)[pos] = entry
             else:

@@ -195,6 +195,7 @@ class ChunkProcessor:
             self._replay(chunk)
         except IrliveError as exc:
             log.warning("chunk %s: paid answers not recorded before dead-lettering: %s", chunk.label(), exc)
+        self._restore_contents(chunk)
         progress = self.deps.runs.progress(chunk.run_id, chunk.seq)
         saves = [Save(index, item, unjudged_record(item, None, "error", reason=f"dead-lettered: {reason}",
                                                    code="dead_letter", attempts=0, judged_at=now_iso()))
@@ -206,6 +207,7 @@ class ChunkProcessor:
         """A cancelled or failed run's chunk: answers already paid for are recorded, every other image without a
         record ends `not_judged` (nothing is paid), and the chunk completes so the run can finalise."""
         self._replay(chunk)
+        self._restore_contents(chunk)
         progress = self.deps.runs.progress(chunk.run_id, chunk.seq)
         reason = run.get("stop_reason") or f"the run was {run['state']}"
         self._save(chunk, [Save(index, item, unjudged_record(
@@ -629,11 +631,7 @@ class ChunkProcessor:
         items = {item.identity.rsplit("@", 1)[0]: (index, item) for index, item in enumerate(_items(chunk))}
         unrecorded = self.deps.ledger.unrecorded(chunk.run_id, chunk.seq)
         if unrecorded:
-            # Their content keys, from the validations the earlier delivery kept: the records release the
-            # content claims it pinned, and copies of these images find the judgments.
-            checked = self.deps.store.hgetall(self.deps.runs.keys.chunk_checked(chunk.run_id, chunk.seq))
-            for index, kept in checked.items():
-                self._set_content(int(index), json.loads(kept)[4])
+            self._restore_contents(chunk)
         for paid in unrecorded:
             # The answer names the URLs the earlier delivery sent, which another worker may presign differently
             # (another endpoint): read it back against those, as written down when it was sent.
@@ -657,6 +655,14 @@ class ChunkProcessor:
                 self._unreadable(chunk, group, judgements, paid.payment_id, paid.request_id or None)
             else:
                 self._record_answer(chunk, group, None, judgements, paid.request_id or None, paid.payment_id)
+
+    def _restore_contents(self, chunk: Chunk) -> None:
+        """The content keys of the chunk's images, from the validations an earlier delivery kept: records
+        written without validating again (a paid answer replayed, a stopped run's rest) release the content
+        claims that delivery took and pinned, and copies of these images find the judgments."""
+        checked = self.deps.store.hgetall(self.deps.runs.keys.chunk_checked(chunk.run_id, chunk.seq))
+        for index, kept in checked.items():
+            self._set_content(int(index), json.loads(kept)[4])
 
     # ---- failure handling ---------------------------------------------------------------------------------
 

@@ -4,7 +4,8 @@
 -- and only one identity at a time may hold the content's claim: the other copies wait for its verdict.
 -- KEYS[1]           the chunk's lease (the claim is refused unless its value is ARGV[1])
 -- KEYS[4i-2..4i+1]  for identity i (1-based): its done-set shard hash, its claim key, the content's done-set
---                   shard hash, the content's claim key (the identity's own again when it has no content key)
+--                   shard hash, the content's claim key (the identity's own again when it has no content key;
+--                   the claim key is the content's where the content key follows from the identity: one claim)
 -- ARGV[1]           the holder's token (the chunk lease value)
 -- ARGV[2]           claim time to live, ms (long: a claim holds while its delivery's lease does, see below)
 -- ARGV[3]           what the claim says after the token: "<run_id> <seq>"
@@ -56,10 +57,13 @@ for i = 1, (#KEYS - 1) / 4 do
     table.insert(out, 4)
     table.insert(out, centry)
   else
-    local claim = redis.call('GET', claim_key)
     -- The content's claim names the identity that holds it, so two copies in one delivery are told apart.
     local cvalue = value .. ' ' .. field
     local cclaimed = cfield ~= '' and redis.call('GET', cclaim) or false
+    -- One claim for both (the content's): read as the identity's too, whose checks hold on its value.
+    local one = cfield ~= '' and claim_key == cclaim
+    local claim = cclaimed
+    if not one then claim = redis.call('GET', claim_key) end
     if claim and string.sub(claim, 1, #mine) ~= mine and not this_chunk(claim) and held(claim) then
       table.insert(out, 3)
       table.insert(out, claim)
@@ -67,7 +71,7 @@ for i = 1, (#KEYS - 1) / 4 do
       table.insert(out, 3)
       table.insert(out, cclaimed)
     else
-      redis.call('SET', claim_key, value, 'PX', ARGV[2])
+      if not one then redis.call('SET', claim_key, value, 'PX', ARGV[2]) end
       if cfield ~= '' then redis.call('SET', cclaim, cvalue, 'PX', ARGV[2]) end
       table.insert(out, 1)
       table.insert(out, '')

@@ -4,7 +4,8 @@
 -- KEYS[1]              the chunk's progress hash (index -> record JSON)
 -- KEYS[2]              the run hash (verdict counters, `done`, `duplicates`, `same_content`, `progress_ms`)
 -- KEYS[4i-1..4i+2]     for record i (1-based): its done-set shard hash, its claim key, the content's done-set
---                      shard hash, the content's claim key (the identity's own again without a content key)
+--                      shard hash, the content's claim key (the identity's own again without a content key; the
+--                      claim key is the content's where the content key follows from the identity: one claim)
 -- ARGV[1]              now, ms
 -- ARGV[2]              the holder's token ('' = none)
 -- ARGV[3]              "<run_id> <seq>" of the chunk: a claim is released if the holder took it, or if any
@@ -45,7 +46,7 @@ for i = 1, n do
     end
     saved = saved + 1
   end
-  if ours(redis.call('GET', claim_key)) then redis.call('DEL', claim_key) end
+  if (cfield == '' or claim_key ~= cclaim) and ours(redis.call('GET', claim_key)) then redis.call('DEL', claim_key) end
   if cfield ~= '' then
     local cclaimed = redis.call('GET', cclaim)
     if ours(cclaimed) and string.sub(cclaimed, -(#owner + 1)) == ' ' .. owner then redis.call('DEL', cclaim) end
