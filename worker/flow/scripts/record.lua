@@ -46,7 +46,9 @@ for i = 1, n do
     end
     saved = saved + 1
   end
-  if (cfield == '' or claim_key ~= cclaim) and ours(redis.call('GET', claim_key)) then redis.call('DEL', claim_key) end
+  -- One claim for both (the content's, see claim.lua) is released below, with its owner checked.
+  local own = cfield == '' or claim_key ~= cclaim
+  if own and ours(redis.call('GET', claim_key)) then redis.call('DEL', claim_key) end
   if cfield ~= '' then
     local cclaimed = redis.call('GET', cclaim)
     if ours(cclaimed) and string.sub(cclaimed, -(#owner + 1)) == ' ' .. owner then redis.call('DEL', cclaim) end

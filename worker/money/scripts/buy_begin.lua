@@ -4,11 +4,11 @@
 -- KEYS[2]  the zset of open purchase requests (request id -> created ms)
 -- KEYS[3]  the UTC day's hash (field bought_cents)
 -- KEYS[4]  the run's hash (fields committed_cents, budget_cents); unused when ARGV[5] is ''
+-- KEYS[5]  wallet totals hash (the pool's unknown purchases in a row)
 -- ARGV[1]  request id
 -- ARGV[2]  quoted price, cents
 -- ARGV[3]  the day's cap in cents, -1 for none
 -- ARGV[4]  the UTC day (YYYY-MM-DD) the price is charged to, kept so a release finds the same day
--- KEYS[5]  wallet totals hash (the pool's unknown purchases in a row)
 -- ARGV[5]  run id, '' for a purchase into the shared pool
 -- ARGV[6]  unknown purchases in a row that pause the run (IRLIVE_MAX_UNKNOWN_PURCHASES; 0: no cap)
 -- Returns  1 committed and written down; -1 the day's cap would be crossed; -2 the run's cap would be;
