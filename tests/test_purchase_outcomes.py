@@ -69,8 +69,9 @@ def test_a_purchase_without_a_usable_answer_is_charged_counted_and_pauses_the_ru
 
 def test_a_token_bought_above_the_price_cap_is_held_and_never_spent_without_a_release(
         clean_stack: Stack, irlive: IrliveRunner) -> None:
-    # Six calls: more than the first purchase and the pool keeper's two can pay, whatever the timing.
-    upload(clean_stack, clean_samples(60, "dear"))
+    # Twenty calls: more than the first chunk's five (sent together) and the pool keeper's two can pay, whatever
+    # the timing.
+    upload(clean_stack, clean_samples(200, "dear"))
     # The seller raises its price after the worker read the quote (kept 5 minutes): the next purchase costs 30.
     clean_stack.sandbox_config(latency_ms=1500)
     clean_stack.start_worker(concurrency=1)
