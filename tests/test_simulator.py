@@ -13,6 +13,7 @@ import redis
 
 from tests import simulator
 from tests.simulator import Report, private_redis, run_seed
+from worker.flow.pipeline import ChunkProcessor
 from worker.money.purchaser import Purchaser
 from worker.seams import store as store_module
 
@@ -95,6 +96,11 @@ REVERTS: dict[str, tuple[str, Callable[[pytest.MonkeyPatch], None]]] = {
     # 3. A purchase begun but not confirmed by the store (a short WAIT) left open for the sweep.
     "unconfirmed purchase left open": ("never reached the seller", lambda mp: mp.setattr(
         Purchaser, "_settle_quietly", lambda self, request_id, to: None)),
+    # Records written without validating again (a stopped run's rest, a replayed answer) without the content keys
+    # the chunk's validations kept: a content claim pinned to a partial paid answer stays pinned for an hour,
+    # and with one claim per image it holds the image itself.
+    "stopped chunk's records without content keys": ("never completed", lambda mp: mp.setattr(
+        ChunkProcessor, "_restore_contents", lambda self, chunk: None)),
     # The double payment the overlap fault trial found: claims of an unrecorded answer lapse with the lease.
     "claims of a paid answer not pinned": ("usable answers delivered", lambda mp: mp.setattr(
         store_module, "script_source", _lua(
