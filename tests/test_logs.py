@@ -290,7 +290,8 @@ def test_json_logs_of_a_real_run(clean_stack: Stack, irlive: IrliveRunner) -> No
     env = {"IRLIVE_LOG_FORMAT": "json", "IRLIVE_API_KEY": API_KEY, "IRLIVE_CHUNK_SIZE": "4",
            "IRLIVE_REDIS_URL": url}
     try:
-        stack.sandbox_config(api_key=API_KEY)
+        # The first call is refused for a download: its retry is logged from the call's own thread.
+        stack.sandbox_config(api_key=API_KEY, download_refusals=1)
         # Two images the seller refuses: the rejection paths log too.
         samples = [Sample(f"logs/img_{i:02d}.png", png(256, 256, "live", seed=700 + i), "live") for i in range(10)]
         samples += [Sample(f"logs/bad_{i}.png", b"camera 3 heartbeat ok\nnot an image\n", "rejected")
@@ -343,6 +344,10 @@ def test_json_logs_of_a_real_run(clean_stack: Stack, irlive: IrliveRunner) -> No
     # Whatever is logged inside a chunk task (irlive's lines and Celery's own) carries its run and chunk.
     inside = [r for r in records if r.get("task") == PROCESS_CHUNK and r["logger"] != "celery.worker.strategy"]
     assert inside and all(r.get("run_id") in (run_id, broken) and "chunk" in r for r in inside), inside
+    # A line logged by one of a chunk's calls (each runs on a thread of its own) carries the task and its run.
+    (refused, *_) = [r for r in records if "could not download the images of a call" in r["message"]]
+    assert refused["thread"].startswith("irlive-call"), refused
+    assert (refused["task"], refused["run_id"]) == (PROCESS_CHUNK, run_id) and refused["task_id"] and "chunk" in refused
     (failure, *_) = [r for r in records if "unexpected failure" in r["message"]]
     assert failure["run_id"] == broken and failure["level"] == "ERROR" and failure["logger"] == "irlive.tasks"
     assert "ValueError: invalid literal for int() with base 10: 'redis://***@127.0.0.1:" in failure["exc_info"]

@@ -246,7 +246,9 @@ def _connect_lifecycle(app: Celery, settings: Settings, runtime: Any) -> None:
 
     def on_prerun(task_id: str = "", task: Any = None, args: Any = (), **_: Any) -> None:
         if task_id and getattr(task, "app", None) is app:
-            contexts[task_id] = logs.start(**_task_context(task.name, args))
+            # The task's id and name too: a chunk's calls log from threads of their own, where Celery's current
+            # task is not set, and carry this context (copied) instead.
+            contexts[task_id] = logs.start(task_id=task_id, task=task.name, **_task_context(task.name, args))
 
     def on_postrun(task_id: str = "", **_: Any) -> None:
         token = contexts.pop(task_id, None)
