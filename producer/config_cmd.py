@@ -224,7 +224,7 @@ def _in_flight_note(settings: Settings, store: Any) -> str:
     workers = fleet.enforced(store, keys)
     threads = sum(int(w.get("threads") or 0) for w in workers)
     if threads:
-        per_thread = max(1, min(MAX_CALLS_PER_CHUNK, math.ceil(settings.chunk_size / settings.images_per_call)))
+        per_thread = max(1, min(MAX_CALLS_PER_CHUNK, settings.calls_per_chunk))
         note += (f"; the {len(workers)} running workers have {threads} threads, which carry up to "
                  f"{threads * per_thread} calls at once (a chunk's {per_thread} together)")
         if threads * per_thread < need:

@@ -250,9 +250,14 @@ class Settings:
         return None if self.daily_budget_usd is None else round(self.daily_budget_usd * 100)
 
     @property
+    def calls_per_chunk(self) -> int:
+        """The paid calls a whole chunk takes when every call is answered."""
+        return math.ceil(self.chunk_size / self.images_per_call)
+
+    @property
     def worst_chunk_s(self) -> float:
         """How long one chunk can take when every call fails slowly until its attempts run out."""
-        calls = math.ceil(self.chunk_size / self.images_per_call) + 4  # + the splits that hunt a bad image
+        calls = self.calls_per_chunk + 4  # + the splits that hunt a bad image
         per_attempt = self.call_timeout_s + 20.0 + MAX_LIMITER_WAIT_S  # the call, the backoff cap, the line
         validation = self.chunk_size * 2 * 2.0  # two ranged GETs per image, slow S3
         return calls * self.max_attempts * per_attempt + validation

@@ -70,10 +70,9 @@ class Claims:
         self._keys = keys
         self._claim = store.script("flow", "claim")
 
-    def claim_keys(self, identities: Sequence[str], contents: Sequence[str | None] = ()) -> list[str]:
-        """The claim keys of these images (contents in the same order, or none known)."""
-        padded = [*contents, *[None] * (len(identities) - len(contents))]
-        return [k for i, c in zip(identities, padded, strict=True) for k in self._keys.claim_keys(i, c)]
+    def claim_keys(self, identities: Sequence[str], contents: Sequence[str | None]) -> list[str]:
+        """The claim keys of these images (their content keys in the same order, None where unknown)."""
+        return [k for i, c in zip(identities, contents, strict=True) for k in self._keys.claim_keys(i, c)]
 
     def claim(self, lease: ChunkLease, run_id: str, seq: int, identities: Sequence[str],
               not_before_ms: int = 0, contents: Sequence[str | None] | None = None) -> ClaimResult:

@@ -195,7 +195,8 @@ class ChunkProcessor:
             self._replay(chunk)
         except IrliveError as exc:
             log.warning("chunk %s: paid answers not recorded before dead-lettering: %s", chunk.label(), exc)
-        self._restore_contents(chunk)
+        if not self._content:  # not read already by the replay
+            self._restore_contents(chunk)
         progress = self.deps.runs.progress(chunk.run_id, chunk.seq)
         saves = [Save(index, item, unjudged_record(item, None, "error", reason=f"dead-lettered: {reason}",
                                                    code="dead_letter", attempts=0, judged_at=now_iso()))
@@ -207,7 +208,8 @@ class ChunkProcessor:
         """A cancelled or failed run's chunk: answers already paid for are recorded, every other image without a
         record ends `not_judged` (nothing is paid), and the chunk completes so the run can finalise."""
         self._replay(chunk)
-        self._restore_contents(chunk)
+        if not self._content:  # not read already by the replay
+            self._restore_contents(chunk)
         progress = self.deps.runs.progress(chunk.run_id, chunk.seq)
         reason = run.get("stop_reason") or f"the run was {run['state']}"
         self._save(chunk, [Save(index, item, unjudged_record(
@@ -390,9 +392,8 @@ class ChunkProcessor:
         undecided_since: float | None = None
 
         def send(pool: ThreadPoolExecutor, group: _Group) -> None:
-            def admitted() -> None:
-                events.put(None)
-            call = pool.submit(contextvars.copy_context().run, self._call, chunk, group, queue, held, stop, admitted)
+            call = pool.submit(contextvars.copy_context().run, self._call, chunk, group, queue, held, stop,
+                               lambda: events.put(None))
             running[call] = group
             call.add_done_callback(events.put)
 
@@ -409,8 +410,6 @@ class ChunkProcessor:
                             # A call admitted promptly: the next one goes alongside it.
                             if failure is None and queue and len(running) < width:
                                 send(pool, queue.popleft())
-                            continue
-                        if done not in running:
                             continue
                         group = running.pop(done)
                         try:
