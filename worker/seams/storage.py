@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import io
 import itertools
 import json
@@ -26,13 +27,14 @@ from botocore.exceptions import (
     PartialCredentialsError,
     ProfileNotFound,
 )
-from botocore.httpsession import URLLib3Session
+from botocore.httpsession import URLLib3Session, get_cert_path
 from botocore.parsers import DEFAULT_TIMESTAMP_PARSER
 from botocore.utils import get_environ_proxies
 
 from worker.backoff import Backoff
 from worker.errors import AccessRefused, ConfigError, NotFound, ObjectRefused, TransientError
 from worker.seams.presign import Presigner
+from worker.seams.reads import Answer, Reader
 
 # A validation read signs its own URL; it is used at once, so it need not live long.
 _READ_URL_TTL_S = 300
@@ -41,6 +43,8 @@ _READ_ATTEMPTS = 3
 # The most pages one overwrite-check listing reads before asking the keys it has not reached by HEAD.
 LIST_PAGES = 2
 _READ_BACKOFF = Backoff(base_s=0.5, cap_s=8.0)
+# What is read of an error's body: its XML, which names the code.
+_ERROR_BYTES = 64 * 1024
 _XML_FIELD = "<{0}>([^<]{{0,1024}})</{0}>"
 _CONFIG_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "NoSuchBucket",
                  "InvalidBucketName", "AllAccessDisabled", "ExpiredToken", "InvalidToken"}
@@ -120,13 +124,16 @@ class Storage:
             raise ConfigError(f"cannot build the S3 client (IRLIVE_S3_ENDPOINT_URL, IRLIVE_S3_REGION): {exc}") from None
         self._presigner = Presigner(self._s3, lambda: _frozen(session))
         self._reachable: set[str] = set()
-        # Validation reads go through the HTTP layer botocore itself uses (its proxies, CA bundle and error
-        # classes), without the client's request pipeline: a presigned ranged GET costs a fifth of the CPU.
-        self._http = URLLib3Session(
-            verify=os.environ.get("AWS_CA_BUNDLE") or True,
-            proxies=get_environ_proxies(endpoint_url or f"https://s3.{region}.amazonaws.com"),
-            timeout=(10, 30), max_pool_connections=max_connections,
-        )
+        # Validation reads are presigned ranged GETs sent without the client's request pipeline, on bare
+        # kept-alive connections (worker/seams/reads.py: a third of the CPU of botocore's HTTP session); with a
+        # proxy configured for S3 they go through botocore's session, which knows its proxies.
+        ca_bundle = os.environ.get("AWS_CA_BUNDLE")
+        proxies = get_environ_proxies(endpoint_url or f"https://s3.{region}.amazonaws.com")
+        self._reader = None if proxies else Reader(
+            ca_file=ca_bundle or get_cert_path(True), connect_timeout_s=10, read_timeout_s=30,
+            max_idle_per_host=max_connections)
+        self._http = URLLib3Session(verify=ca_bundle or True, proxies=proxies, timeout=(10, 30),
+                                    max_pool_connections=max_connections)
 
     def iter_objects(self, bucket: str, prefix: str = "", page_size: int = 1000) -> Iterator[ObjectInfo]:
         """Stream every object under prefix, page by page: memory does not grow with the bucket."""
@@ -189,19 +196,30 @@ class Storage:
         with _translate(where, missing_is_object=True):
             for attempt in range(_READ_ATTEMPTS):
                 url = self._presigner.get_url(bucket, key, _READ_URL_TTL_S)
-                request = AWSRequest(method="GET", url=url, headers={"Range": f"bytes=0-{max_bytes - 1}"})
-                request.stream_output = True
+                headers = {"Range": f"bytes=0-{max_bytes - 1}"}
                 try:
-                    response = self._http.send(request.prepare())
-                except BotoCoreError:
+                    answer = self._get(url, headers, max_bytes)
+                except (BotoCoreError, OSError, http.client.HTTPException) as exc:
                     if attempt + 1 == _READ_ATTEMPTS:
-                        raise
+                        if isinstance(exc, BotoCoreError):
+                            raise
+                        raise TransientError(f"{where}: S3 read failed ({type(exc).__name__})") from None
                 else:
-                    if response.status_code < 500 or attempt + 1 == _READ_ATTEMPTS:
-                        return _head_of(key, response, max_bytes)
-                    _read_up_to(response, 64 * 1024)
+                    if answer.status < 500 or attempt + 1 == _READ_ATTEMPTS:
+                        return _head_of(key, answer)
                 time.sleep(_READ_BACKOFF.delay(attempt))
         raise AssertionError("unreachable")
+
+    def _get(self, url: str, headers: dict[str, str], max_bytes: int) -> Answer:
+        """A GET of a presigned URL: at most max_bytes of a 200/206 body, or 64 KiB of an error's (its XML)."""
+        if self._reader is not None:
+            return self._reader.get(url, headers, max_bytes, _ERROR_BYTES)
+        request = AWSRequest(method="GET", url=url, headers=headers)
+        request.stream_output = True
+        response = self._http.send(request.prepare())
+        limit = max_bytes if response.status_code in (200, 206) else _ERROR_BYTES
+        return Answer(response.status_code, {name.lower(): value for name, value in response.headers.items()},
+                      _read_up_to(response, limit))
 
     def read_range(self, bucket: str, key: str, byte_range: str, etag: str | None = None) -> bytes:
         """Read `bytes=a-b` or `bytes=-n`; with etag, fail as not_found if the object changed meanwhile."""
@@ -352,22 +370,21 @@ def _translate(where: str, *, missing_is_object: bool = False) -> Iterator[None]
         raise TransientError(f"{where}: S3 client error {type(exc).__name__}") from None
 
 
-def _head_of(key: str, response: AWSResponse, max_bytes: int) -> tuple[ObjectInfo, bytes]:
+def _head_of(key: str, answer: Answer) -> tuple[ObjectInfo, bytes]:
     """ObjectInfo and first bytes from a ranged GET's answer; an S3 error raised as botocore's ClientError."""
-    headers = response.headers
-    data = _read_up_to(response, max_bytes if response.status_code in (200, 206) else 64 * 1024)
-    if response.status_code not in (200, 206):
-        code = _xml_field(data, "Code") or str(response.status_code)
-        if code in ("InvalidRange", "416") or response.status_code == 416:
+    headers, data = answer.headers, answer.body
+    if answer.status not in (200, 206):
+        code = _xml_field(data, "Code") or str(answer.status)
+        if code in ("InvalidRange", "416") or answer.status == 416:
             # Only an empty object cannot satisfy a range that starts at 0.
-            return ObjectInfo(key, 0, _etag(headers.get("ETag") or _xml_field(data, "ETag") or "")), b""
+            return ObjectInfo(key, 0, _etag(headers.get("etag") or _xml_field(data, "ETag") or "")), b""
         raise ClientError({"Error": {"Code": code, "Message": _xml_field(data, "Message") or ""},
-                           "ResponseMetadata": {"HTTPStatusCode": response.status_code}}, "GetObject")
-    total = str(headers.get("Content-Range", "")).rpartition("/")[2]
-    size = int(total) if total.isdigit() else int(headers.get("Content-Length") or len(data))
+                           "ResponseMetadata": {"HTTPStatusCode": answer.status}}, "GetObject")
+    total = str(headers.get("content-range", "")).rpartition("/")[2]
+    size = int(total) if total.isdigit() else int(headers.get("content-length") or len(data))
     version = headers.get("x-amz-version-id")
     # "null" is what a bucket whose versioning was never enabled (or is suspended) reports.
-    info = ObjectInfo(key, size, _etag(headers.get("ETag", "")), version if version and version != "null" else None)
+    info = ObjectInfo(key, size, _etag(headers.get("etag", "")), version if version and version != "null" else None)
     return info, data
 
 

@@ -1,0 +1,130 @@
+"""What one validation read costs the worker: client CPU per presigned ranged GET, through each way it could be
+sent, against botocore's HTTP session (what irlive used before `worker/seams/reads.py`), on the same URLs in
+the same run, from bench.fakes3 on loopback (in memory, keep-alive: the server is not what is measured).
+
+    python -m bench.reads [--reads 3000] [--threads 1]
+
+Rows: botocore's client (`get_object` with a Range: the whole request pipeline), botocore's URLLib3Session
+with a presigned URL, urllib3's connection pool, httpx, irlive's reader; then the validation read as it was
+(a URL presigned, then sent through botocore's session) and `Storage.read_head` as it is (presigning, the
+reader, the answer's parsing). With --threads N, N threads read at once (the GIL's share is
+then counted in too, as in a worker).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import boto3
+import httpx
+import urllib3
+from botocore.awsrequest import AWSRequest
+from botocore.config import Config
+from botocore.httpsession import URLLib3Session
+
+from bench import common
+from sandbox.images import png
+from worker.seams.reads import Reader
+from worker.seams.storage import Storage
+
+BUCKET = "reads"
+OBJECTS = 200
+HEAD_BYTES = 4096
+RANGE = {"Range": f"bytes=0-{HEAD_BYTES - 1}"}
+
+
+def _timed(read: Callable[[str, str], object], keys: list[str], urls: list[str], threads: int) -> float:
+    """CPU microseconds of this process per read."""
+    for key, url in zip(keys[:50], urls[:50], strict=True):
+        read(key, url)  # connections opened, caches warm
+    started = time.process_time()
+    if threads == 1:
+        for key, url in zip(keys, urls, strict=True):
+            read(key, url)
+    else:
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(read, keys, urls))
+    return 1e6 * (time.process_time() - started) / len(keys)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reads", type=int, default=3000, help="reads timed per way (default 3000)")
+    parser.add_argument("--threads", type=int, default=1, help="threads reading at once (default 1)")
+    ns = parser.parse_args(argv)
+    server = subprocess.Popen([sys.executable, "-m", "bench.fakes3", "--keys", "0", "--empty", BUCKET],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout is not None
+        endpoint = f"http://127.0.0.1:{int(server.stdout.readline())}"
+        os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench"})
+        storage = Storage(endpoint, max_connections=max(4, ns.threads))
+        s3 = boto3.session.Session().client(
+            "s3", endpoint_url=endpoint, region_name="us-east-1",
+            config=Config(signature_version="s3v4", s3={"addressing_style": "path"},
+                          max_pool_connections=max(4, ns.threads)))
+        for i in range(OBJECTS):
+            s3.put_object(Bucket=BUCKET, Key=f"k/img_{i:04d}.png", Body=png(64, 64, "live", seed=i))
+        keys = [f"k/img_{i % OBJECTS:04d}.png" for i in range(ns.reads)]
+        urls = [storage.presign_get(BUCKET, key, 900) for key in keys]
+        session = URLLib3Session(timeout=(10, 30), max_pool_connections=max(4, ns.threads))
+        pool = urllib3.HTTPConnectionPool("127.0.0.1", int(endpoint.rsplit(":", 1)[1]), maxsize=max(4, ns.threads))
+        client = httpx.Client(limits=httpx.Limits(max_keepalive_connections=max(4, ns.threads)))
+        reader = Reader(ca_file=None, connect_timeout_s=10, read_timeout_s=30, max_idle_per_host=max(4, ns.threads))
+
+        def botocore_client(key: str, url: str) -> object:
+            return s3.get_object(Bucket=BUCKET, Key=key, Range=RANGE["Range"])["Body"].read()
+
+        def botocore_session(key: str, url: str) -> object:
+            request = AWSRequest(method="GET", url=url, headers=RANGE)
+            request.stream_output = True
+            response = session.send(request.prepare())
+            body = response.raw.read(HEAD_BYTES)
+            response.raw.release_conn()
+            return body, response.headers.get("ETag")
+
+        def urllib3_pool(key: str, url: str) -> object:
+            response = pool.urlopen("GET", url[len(endpoint):], headers=RANGE, preload_content=False,
+                                    retries=False, redirect=False)
+            body = response.read(HEAD_BYTES)
+            response.release_conn()
+            return body, response.headers.get("ETag")
+
+        def httpx_client(key: str, url: str) -> object:
+            with client.stream("GET", url, headers=RANGE) as response:
+                return b"".join(response.iter_raw()), response.headers.get("etag")
+
+        def irlive_reader(key: str, url: str) -> object:
+            return reader.get(url, RANGE, HEAD_BYTES, 64 * 1024)
+
+        def read_head_before(key: str, url: str) -> object:
+            return botocore_session(key, storage.presign_get(BUCKET, key, 300))
+
+        def read_head(key: str, url: str) -> object:
+            return storage.read_head(BUCKET, key, HEAD_BYTES)
+
+        ways: list[tuple[str, Callable[[str, str], object]]] = [
+            ("botocore session (before)", botocore_session), ("botocore client get_object", botocore_client),
+            ("urllib3 pool", urllib3_pool), ("httpx", httpx_client), ("irlive reader", irlive_reader),
+            ("presign + botocore session (read_head before)", read_head_before),
+            ("Storage.read_head (presign + reader)", read_head)]
+        figures = {name: _timed(read, keys, urls, ns.threads) for name, read in ways}
+    finally:
+        server.terminate()
+        server.wait(10)
+    base = figures["botocore session (before)"]
+    print(f"{ns.reads} presigned ranged GETs of {HEAD_BYTES} bytes per way, {ns.threads} thread(s), "
+          f"bench.fakes3 on loopback ({common.machine()}, {common.today()})")
+    print(common.table(["way", "client CPU µs per read", "÷ botocore session"],
+                       [[name, f"{us:.0f}", f"{us / base:.2f}"] for name, us in figures.items()]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
