@@ -1,6 +1,8 @@
-"""What one validation read costs the worker: client CPU per presigned ranged GET, through each way it could be
-sent, against botocore's HTTP session (what irlive used before `worker/seams/reads.py`), on the same URLs in
-the same run, from bench.fakes3 on loopback (in memory, keep-alive: the server is not what is measured).
+"""What the worker's S3 requests for an image cost it: client CPU per validation read (a presigned ranged GET)
+through each way it could be sent, against botocore's HTTP session (what irlive used before
+`worker/seams/reads.py`), on the same URLs in the same run; and per overwrite check of a 50-key chunk, with a
+first page of 1,000 keys (before) and sized to the chunk (now). From bench.fakes3 on loopback (in memory,
+keep-alive: the server is not what is measured).
 
     python -m bench.reads [--reads 3000] [--threads 1]
 
@@ -20,6 +22,7 @@ import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import boto3
 import httpx
@@ -37,6 +40,8 @@ BUCKET = "reads"
 OBJECTS = 200
 HEAD_BYTES = 4096
 RANGE = {"Range": f"bytes=0-{HEAD_BYTES - 1}"}
+CHUNK = 50
+LISTED = 12_000
 
 
 def _timed(read: Callable[[str, str], object], keys: list[str], urls: list[str], threads: int) -> float:
@@ -115,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             ("presign + botocore session (read_head before)", read_head_before),
             ("Storage.read_head (presign + reader)", read_head)]
         figures = {name: _timed(read, keys, urls, ns.threads) for name, read in ways}
+        checks = _overwrite_checks(storage, s3)
     finally:
         server.terminate()
         server.wait(10)
@@ -123,7 +129,40 @@ def main(argv: list[str] | None = None) -> int:
           f"bench.fakes3 on loopback ({common.machine()}, {common.today()})")
     print(common.table(["way", "client CPU µs per read", "÷ botocore session"],
                        [[name, f"{us:.0f}", f"{us / base:.2f}"] for name, us in figures.items()]))
+    print()
+    print(f"Overwrite check of a chunk of {CHUNK} keys that share no long prefix ({LISTED:,} objects in the bucket)")
+    print(common.table(["way", "client CPU ms per check", "÷ before"],
+                       [[name, f"{ms:.1f}", f"{ms / checks['first page of 1,000 keys (before)']:.2f}"]
+                        for name, ms in checks.items()]))
     return 0
+
+
+def _overwrite_checks(storage: Storage, s3: Any) -> dict[str, float]:
+    """CPU ms per check of CHUNK keys straddling a decimal boundary (their common prefix bounds nothing, as with
+    random names): botocore's paginator with pages of 1,000 (before), and Storage.current_etags (now)."""
+    names = [f"c/img_{i:07d}.png" for i in range(LISTED)]
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda k: s3.put_object(Bucket=BUCKET, Key=k, Body=b"x"), names))
+    chunks = [names[start - CHUNK // 2:start + CHUNK // 2] for start in range(1000, LISTED - 1000, 1000)]
+
+    def before(chunk: list[str]) -> object:
+        # The storage's own client (its fast timestamp parser), as current_etags used it before.
+        pages = storage._s3.get_paginator("list_objects_v2").paginate(
+            Bucket=BUCKET, Prefix="c/img_", StartAfter=chunk[0][:-1], PaginationConfig={"PageSize": 1000})
+        return next(iter(pages))
+
+    def now(chunk: list[str]) -> object:
+        return storage.current_etags(BUCKET, chunk)
+
+    figures = {}
+    for name, check in (("first page of 1,000 keys (before)", before), ("Storage.current_etags (now)", now)):
+        check(chunks[0])
+        started = time.process_time()
+        for _ in range(3):
+            for chunk in chunks:
+                check(chunk)
+        figures[name] = 1e3 * (time.process_time() - started) / (3 * len(chunks))
+    return figures
 
 
 if __name__ == "__main__":

@@ -40,8 +40,9 @@ from worker.seams.reads import Answer, Reader
 _READ_URL_TTL_S = 300
 # Attempts of a raw ranged read on a connection error or a 5xx, as botocore's standard retry mode makes.
 _READ_ATTEMPTS = 3
-# The most pages one overwrite-check listing reads before asking the keys it has not reached by HEAD.
-LIST_PAGES = 2
+# The most pages one overwrite-check listing reads before asking the keys it has not reached by HEAD: one sized
+# to the keys wanted, then two of 1,000.
+LIST_PAGES = 3
 _READ_BACKOFF = Backoff(base_s=0.5, cap_s=8.0)
 # What is read of an error's body: its XML, which names the code.
 _ERROR_BYTES = 64 * 1024
@@ -259,19 +260,23 @@ class Storage:
 
     def _list_range(self, bucket: str, wanted: list[str]) -> tuple[dict[str, str], str]:
         """ETags of `wanted` (sorted, one directory) listed from the first to the last, at most LIST_PAGES
-        pages; and the last key the listing covered (the last wanted one if it got there)."""
+        pages; and the last key the listing covered (the last wanted one if it got there).
+
+        The first page asks for about twice as many keys as are wanted, the next ones for 1,000: a chunk's keys
+        usually lie together, and botocore parses every key a page holds (a page of 1,000 costs the worker
+        ~40 ms, one of 100 ~7 ms: bench/reads.py's note in docs/BENCHMARKS.md)."""
         first, last = wanted[0], wanted[-1]
         # The characters every key starts with (those of the smallest and the largest are those of all).
         prefix = next((first[:i] for i, (a, b) in enumerate(zip(first, last, strict=False)) if a != b),
                       first[:min(len(first), len(last))])
         members = set(wanted)
         found: dict[str, str] = {}
-        paginator = self._s3.get_paginator("list_objects_v2")
         # StartAfter is exclusive: a proper prefix of the first key sorts just before it.
-        pages = paginator.paginate(Bucket=bucket, Prefix=prefix, StartAfter=first[:-1],
-                                   PaginationConfig={"PageSize": 1000})
+        ask: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix, "StartAfter": first[:-1],
+                               "MaxKeys": min(1000, 2 * len(wanted) + 8)}
         with _translate(f"s3://{bucket}/{prefix}"):
-            for n, page in enumerate(pages, start=1):
+            for n in range(1, LIST_PAGES + 1):
+                page = self._s3.list_objects_v2(**ask)
                 contents = page.get("Contents", ())
                 for obj in contents:
                     if obj["Key"] in members:
@@ -280,8 +285,10 @@ class Storage:
                         return found, last
                 if not page.get("IsTruncated"):
                     return found, last  # the range holds nothing more
-                if n >= LIST_PAGES:
+                if n == LIST_PAGES:
                     return found, contents[-1]["Key"] if contents else first[:-1]
+                ask = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": 1000,
+                       "ContinuationToken": page["NextContinuationToken"]}
         return found, last
 
     def _head_etag(self, bucket: str, key: str) -> str | None:
