@@ -46,6 +46,16 @@ NEUTRAL_RATE = 10_000.0
 TRUTHS = ("live", "spoof", "live", "no_face")
 
 
+def keep_bytecode() -> None:
+    """Let the processes a benchmark starts (workers, CLI runs, servers) write and reuse compiled bytecode.
+
+    Some machines set PYTHONDONTWRITEBYTECODE (this project's does; dev.sh unsets it for the tests): every
+    process then compiles each module it imports, which on the project machine put ~1.5 s of compiling into
+    every `irlive scan` and lazily imported modules into the workers' measured CPU (a run's first paid call
+    4.8-5.8 s after the scan instead of 2.7-3.3 s). Called first by each benchmark's main."""
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+
+
 def base_env(**extra: str) -> dict[str, str]:
     """Settings every benchmark stack shares; the scenario's own settings are added per worker and per scan."""
     return {"IRLIVE_OUTPUT": OUTPUT, **extra}

@@ -81,6 +81,7 @@ def report(m: dict[str, Any], n: int) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    common.keep_bytecode()
     ns = parse(argv)
     started = time.monotonic()
     with Stack(settings_env=common.base_env()) as stack:

@@ -76,6 +76,7 @@ def summary(values: list[float]) -> tuple[str, str, str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    common.keep_bytecode()
     ns = parse(argv)
     env = {"IRLIVE_EVENT_MAX_WAIT_S": f"{ns.max_wait:g}", "IRLIVE_RATE_LIMIT_PER_S": f"{ns.rate:g}"}
     with Stack(settings_env={**common.base_env(), **env}) as stack:

@@ -24,6 +24,7 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote_plus
 
+from bench import common
 from sandbox.stack import AWS_ENV, Stack
 from worker.config import S3Location, Settings
 
@@ -137,6 +138,7 @@ def arrow_peak() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    common.keep_bytecode()
     p = argparse.ArgumentParser(prog="python -m bench.inventory_memory", description=__doc__)
     p.add_argument("--small", type=int, default=10_000)
     p.add_argument("--large", type=int, default=100_000)

@@ -33,6 +33,7 @@ def timed(source: S3Source, storage: Storage) -> tuple[float, list[str]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    common.keep_bytecode()
     p = argparse.ArgumentParser(prog="python -m bench.listing", description=__doc__)
     p.add_argument("--keys", type=int, default=20_000)
     p.add_argument("--days", type=int, default=30)

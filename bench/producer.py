@@ -176,6 +176,7 @@ def upload_empty(stack: Stack, n: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    common.keep_bytecode()
     p = argparse.ArgumentParser(prog="python -m bench.producer", description=__doc__)
     p.add_argument("--keys", type=int, default=100_000, help="keys on the fast S3 stand-in")
     p.add_argument("--moto-keys", type=int, default=20_000, help="keys on moto_server (0: skip)")

@@ -186,6 +186,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    common.keep_bytecode()
     ns = parse(argv)
     started = time.monotonic()
     figures: list[Figures] = []

@@ -48,6 +48,7 @@ def families(client: redis.Redis) -> dict[str, tuple[int, int]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    common.keep_bytecode()
     ns = parse(argv)
     env = {"IRLIVE_RATE_LIMIT_PER_S": "100"}
     with Stack(settings_env=common.base_env()) as stack:

@@ -251,6 +251,7 @@ def _tail(path: Path, offset: int) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    common.keep_bytecode()
     p = argparse.ArgumentParser(prog="python -m bench.throughput", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=5000, help="distinct 64x64 PNG captures to judge")
