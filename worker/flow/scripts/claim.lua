@@ -43,8 +43,28 @@ local function this_chunk(claim)
   local rest = string.match(claim, '^%S+ (.*)$')
   return rest ~= nil and (rest == ARGV[3] or string.sub(rest, 1, #ARGV[3] + 1) == ARGV[3] .. ' ')
 end
+--#include sliced
+-- The claims are read with one MGET (not a GET per image); `claims` is this script's view of them, kept as it
+-- writes: two copies of one content in one chunk share its claim.
+local n = (#KEYS - 1) / 4
+local keys, seen = {}, {}
+for i = 1, n do
+  for _, key in ipairs({KEYS[4 * i - 1], KEYS[4 * i + 1]}) do
+    if not seen[key] then
+      seen[key] = true
+      table.insert(keys, key)
+    end
+  end
+end
+local claims = {}
+local values = sliced('MGET', false, keys)
+for i, key in ipairs(keys) do claims[key] = values[i] end
+local function claim_for(key, claim)
+  redis.call('SET', key, claim, 'PX', ARGV[2])
+  claims[key] = claim
+end
 local out = {}
-for i = 1, (#KEYS - 1) / 4 do
+for i = 1, n do
   local shard, claim_key, cshard, cclaim = KEYS[4 * i - 2], KEYS[4 * i - 1], KEYS[4 * i], KEYS[4 * i + 1]
   local field, cfield = ARGV[4 + 2 * i], ARGV[5 + 2 * i]
   local entry = fresh(redis.call('HGET', shard, field))
@@ -59,11 +79,11 @@ for i = 1, (#KEYS - 1) / 4 do
   else
     -- The content's claim names the identity that holds it, so two copies in one delivery are told apart.
     local cvalue = value .. ' ' .. field
-    local cclaimed = cfield ~= '' and redis.call('GET', cclaim) or false
+    local cclaimed = cfield ~= '' and claims[cclaim]
     -- One claim for both (the content's): read as the identity's too, whose checks hold on its value.
     local one = cfield ~= '' and claim_key == cclaim
     local claim = cclaimed
-    if not one then claim = redis.call('GET', claim_key) end
+    if not one then claim = claims[claim_key] end
     if claim and string.sub(claim, 1, #mine) ~= mine and not this_chunk(claim) and held(claim) then
       table.insert(out, 3)
       table.insert(out, claim)
@@ -71,8 +91,8 @@ for i = 1, (#KEYS - 1) / 4 do
       table.insert(out, 3)
       table.insert(out, cclaimed)
     else
-      if not one then redis.call('SET', claim_key, value, 'PX', ARGV[2]) end
-      if cfield ~= '' then redis.call('SET', cclaim, cvalue, 'PX', ARGV[2]) end
+      if not one then claim_for(claim_key, value) end
+      if cfield ~= '' then claim_for(cclaim, cvalue) end
       table.insert(out, 1)
       table.insert(out, '')
     end

@@ -24,17 +24,43 @@ local function ours(claim)
   local rest = string.match(claim, '^%S+ (.*)$')
   return rest ~= nil and (rest == chunk or string.sub(rest, 1, #chunk + 1) == chunk .. ' ')
 end
+--#include sliced
 local saved = 0
 -- The run's counters, added up here and written once each: one HINCRBY per counter, not per record.
 local counts = {}
 local function count(name) counts[name] = (counts[name] or 0) + 1 end
 local n = (#KEYS - 2) / 4
+-- Read together (one HMGET of the progress hash, one MGET of the claims) and written together (one HSET, one
+-- DEL): four commands for a call's records instead of one to three per record. `claims` is this script's view
+-- of the claim keys, kept as it releases them: two copies of one content in one call share its claim.
+local indexes, keys, seen = {}, {}, {}
+for i = 1, n do
+  table.insert(indexes, ARGV[3 + 9 * (i - 1) + 1])
+  for _, key in ipairs({KEYS[4 * i], KEYS[4 * i + 2]}) do
+    if not seen[key] then
+      seen[key] = true
+      table.insert(keys, key)
+    end
+  end
+end
+local held = sliced('HMGET', KEYS[1], indexes)
+local claims = {}
+local values = sliced('MGET', false, keys)
+for i, key in ipairs(keys) do claims[key] = values[i] end
+local new_records, written, released = {}, {}, {}
+local function release(key)
+  claims[key] = false
+  table.insert(released, key)
+end
 for i = 1, n do
   local shard, claim_key, cshard, cclaim = KEYS[4 * i - 1], KEYS[4 * i], KEYS[4 * i + 1], KEYS[4 * i + 2]
   local a = 3 + 9 * (i - 1)
   local index, record, verdict, field, entry = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5]
   local kind, cfield, owner, centry = ARGV[a + 6], ARGV[a + 7], ARGV[a + 8], ARGV[a + 9]
-  if redis.call('HSETNX', KEYS[1], index, record) == 1 then
+  if not held[i] and not written[index] then
+    written[index] = true
+    table.insert(new_records, index)
+    table.insert(new_records, record)
     count(verdict)
     count('done')
     if kind == '1' then count('duplicates') end
@@ -48,12 +74,14 @@ for i = 1, n do
   end
   -- One claim for both (the content's, see claim.lua) is released below, with its owner checked.
   local own = cfield == '' or claim_key ~= cclaim
-  if own and ours(redis.call('GET', claim_key)) then redis.call('DEL', claim_key) end
+  if own and ours(claims[claim_key]) then release(claim_key) end
   if cfield ~= '' then
-    local cclaimed = redis.call('GET', cclaim)
-    if ours(cclaimed) and string.sub(cclaimed, -(#owner + 1)) == ' ' .. owner then redis.call('DEL', cclaim) end
+    local cclaimed = claims[cclaim]
+    if ours(cclaimed) and string.sub(cclaimed, -(#owner + 1)) == ' ' .. owner then release(cclaim) end
   end
 end
+sliced('HSET', KEYS[1], new_records)
+sliced('DEL', false, released)
 for name, by in pairs(counts) do redis.call('HINCRBY', KEYS[2], name, by) end
 redis.call('HSET', KEYS[2], 'progress_ms', ARGV[1])
 return saved
