@@ -15,25 +15,28 @@
 --          -3 its owner paused the run; -4 the run is cancelled, failed or done (nothing is bought for it);
 --          -5 purchases still open could end unknown and carry the run (or the pool) past ARGV[6] in a row:
 --          wait for them. A run paused for budget is held by the caps, checked below.
+-- A run's purchase reads the run once (nothing below writes it before the reads are done).
+local run = nil
 if ARGV[5] ~= '' then
-  local state = redis.call('HGET', KEYS[4], 'state')
-  if state == 'paused' then return -3 end
-  if state ~= 'listing' and state ~= 'running' and state ~= 'paused_budget' then return -4 end
+  run = redis.call('HMGET', KEYS[4], 'state', 'unknown_in_row', 'budget_cents', 'committed_cents')
+  if run[1] == 'paused' then return -3 end
+  if run[1] ~= 'listing' and run[1] ~= 'running' and run[1] ~= 'paused_budget' then return -4 end
 end
 -- Every open request may end unknown: the unknown purchases in a row stay within the cap whatever ends how,
 -- however many threads buy at once (at most ARGV[6] requests are open while the last ones went well).
 local max_unknown = tonumber(ARGV[6] or '0')
 if max_unknown > 0 then
-  local in_row = redis.call('HGET', ARGV[5] ~= '' and KEYS[4] or KEYS[5], 'unknown_in_row')
+  local in_row
+  if run then in_row = run[2] else in_row = redis.call('HGET', KEYS[5], 'unknown_in_row') end
   if tonumber(in_row or '0') + redis.call('ZCARD', KEYS[2]) >= max_unknown then return -5 end
 end
 local price = tonumber(ARGV[2])
 local day_cap = tonumber(ARGV[3])
 local bought = tonumber(redis.call('HGET', KEYS[3], 'bought_cents') or '0')
 if day_cap >= 0 and bought + price > day_cap then return -1 end
-if ARGV[5] ~= '' then
-  local cap = redis.call('HGET', KEYS[4], 'budget_cents')
-  local committed = tonumber(redis.call('HGET', KEYS[4], 'committed_cents') or '0')
+if run then
+  local cap = run[3]
+  local committed = tonumber(run[4] or '0')
   if cap and cap ~= '' and committed + price > tonumber(cap) then
     redis.call('HSET', KEYS[4], 'price_cents', price)
     return -2

@@ -14,11 +14,12 @@
 --          crossed at the real price; -3 held (not pooled: no run spends it until a person releases it)
 --          because the price is above the allowed maximum; 0 the request was already settled (a repeated
 --          answer changes nothing).
-if redis.call('HGET', KEYS[1], 'state') ~= 'requested' then return 0 end
+local request = redis.call('HMGET', KEYS[1], 'state', 'price_cents', 'day')
+if request[1] ~= 'requested' then return 0 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local price = tonumber(redis.call('HGET', KEYS[1], 'price_cents') or '0')
-local day = redis.call('HGET', KEYS[1], 'day') or ''
+local price = tonumber(request[2] or '0')
+local day = request[3] or ''
 local amount = tonumber(ARGV[4])
 local run = ARGV[5]
 -- The request is settled: the payment's own hash (with its day) is the record from now on.
@@ -35,11 +36,9 @@ redis.call('HSET', KEYS[3], 'state', 'paid', 'token', ARGV[3], 'amount_cents', a
 local result = 1
 if run ~= '' then
   redis.call('HINCRBY', KEYS[7], 'tokens_bought', 1)
-  redis.call('HSET', KEYS[7], 'unknown_in_row', 0)
-  redis.call('HSET', KEYS[7], 'price_cents', amount)
-  redis.call('HINCRBY', KEYS[7], 'committed_cents', amount - price)
+  redis.call('HSET', KEYS[7], 'unknown_in_row', 0, 'price_cents', amount)
+  local committed = redis.call('HINCRBY', KEYS[7], 'committed_cents', amount - price)
   local cap = redis.call('HGET', KEYS[7], 'budget_cents')
-  local committed = tonumber(redis.call('HGET', KEYS[7], 'committed_cents') or '0')
   if amount > tonumber(ARGV[11]) then
     result = -3
   elseif cap and cap ~= '' and committed > tonumber(cap) then

@@ -18,22 +18,17 @@
 -- Returns  1 marked sent; 0 fenced out (the caller must not send the token); -1 its owner paused the run;
 --          -2 the run is cancelled, failed or done; -3 wait for calls in flight to end (the failure threshold).
 --#include calls
-if redis.call('HGET', KEYS[1], 'state') ~= 'reserved' then return 0 end
-if redis.call('HGET', KEYS[1], 'holder') ~= ARGV[2] then return 0 end
+local payment = redis.call('HMGET', KEYS[1], 'state', 'holder')
+if payment[1] ~= 'reserved' or payment[2] ~= ARGV[2] then return 0 end
 if redis.call('GET', KEYS[3]) ~= ARGV[2] then return 0 end
-local run = redis.call('HGET', KEYS[4], 'state')
-if run == 'paused' then return -1 end
-if run ~= 'listing' and run ~= 'running' and run ~= 'paused_budget' then return -2 end
-local rate = tonumber(redis.call('HGET', KEYS[4], 'max_error_rate') or '1')
-local inflight = tonumber(redis.call('HGET', KEYS[4], 'calls_in_flight') or '0')
-if rate < 1 then
+local run = threshold(KEYS[4])
+if run.state == 'paused' then return -1 end
+if run.state ~= 'listing' and run.state ~= 'running' and run.state ~= 'paused_budget' then return -2 end
+if run.rate < 1 then
   -- Allowed while, even if every undecided call fails, the run stays at or under its threshold.
-  local ended, nfailed = window(KEYS[4], tonumber(redis.call('HGET', KEYS[4], 'calls_ended') or '0'),
-                                tonumber(redis.call('HGET', KEYS[4], 'calls_failed') or '0'))
-  local n = ended + inflight + 1
-  local failed = nfailed + inflight + 1
-  if inflight > 0 and n > tonumber(redis.call('HGET', KEYS[4], 'min_calls') or '0')
-      and failed > failure_allowance(rate, n) then
+  local n = run.ended + run.inflight + 1
+  local failed = run.failed + run.inflight + 1
+  if run.inflight > 0 and n > run.min_calls and failed > failure_allowance(run.rate, n) then
     return -3
   end
 end

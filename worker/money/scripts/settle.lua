@@ -22,9 +22,10 @@
 --          call failed the run (its threshold), 0 if it was settled before (or its record is gone: archived).
 --#include calls
 local function pin_claims()
-  if ARGV[6] == '' then return end
+  if ARGV[6] == '' or #KEYS < 7 then return end
+  local claims = redis.call('MGET', unpack(KEYS, 7))
   for i = 7, #KEYS do
-    local claim = redis.call('GET', KEYS[i])
+    local claim = claims[i - 6]
     local rest = claim and string.match(claim, '^%S+ (.*)$')
     if rest and (rest == ARGV[6] or string.sub(rest, 1, #ARGV[6] + 1) == ARGV[6] .. ' ') then
       redis.call('SET', KEYS[i], 'paid:' .. ARGV[1] .. ' ' .. rest, 'PX', ARGV[9])
@@ -36,16 +37,17 @@ end
 if redis.call('EXISTS', KEYS[1]) == 0 then return {0, 0} end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local state = redis.call('HGET', KEYS[1], 'state')
-local images = redis.call('HGET', KEYS[1], 'images') or ''
+-- What this script reads of the payment, in one HMGET (none of it is written below before it is read).
+local p = redis.call('HMGET', KEYS[1], 'state', 'images', 'request_id', 'lost', 'amount_cents', 'run_id')
+local state, images, run_id = p[1], p[2] or '', p[6]
 local n_images = 0
 if images ~= '' then n_images = select(2, string.gsub(images, ',', ',')) + 1 end
 if state == 'spent' or state == 'void' then
-  if ARGV[4] ~= '' and state == 'spent' and not redis.call('HGET', KEYS[1], 'request_id') then
+  if ARGV[4] ~= '' and state == 'spent' and not p[3] then
     redis.call('HSET', KEYS[1], 'request_id', ARGV[3], 'answer', ARGV[4], 'updated_ms', now)
     if ARGV[6] ~= '' then redis.call('HSET', KEYS[5], ARGV[1], ARGV[6]) end
     pin_claims()
-    if redis.call('HGET', KEYS[1], 'lost') == '1' then
+    if p[4] == '1' then
       redis.call('HSET', KEYS[1], 'lost', '0')
       redis.call('HINCRBY', KEYS[4], 'answers_lost', -1)
       redis.call('HINCRBY', KEYS[4], 'answers_lost_images', -n_images)
@@ -54,10 +56,10 @@ if state == 'spent' or state == 'void' then
   end
   return {0, 0}
 end
-local amount = tonumber(redis.call('HGET', KEYS[1], 'amount_cents') or '0')
+local amount = tonumber(p[5] or '0')
 redis.call('HSET', KEYS[1], 'state', ARGV[2], 'committed', '0', 'updated_ms', now, 'lost', ARGV[5])
 redis.call('ZREM', KEYS[2], ARGV[1])
-if (redis.call('HGET', KEYS[1], 'run_id') or '') ~= '' then redis.call('SADD', KEYS[6], ARGV[1]) end
+if (run_id or '') ~= '' then redis.call('SADD', KEYS[6], ARGV[1]) end
 redis.call('HINCRBY', KEYS[3], ARGV[2], 1)
 redis.call('HINCRBY', KEYS[3], ARGV[2] .. '_cents', amount)
 if ARGV[7] ~= '' then redis.call('HSET', KEYS[1], 'void_reason', ARGV[7]) end
@@ -69,7 +71,7 @@ if ARGV[2] == 'void' then end_call(KEYS[1], KEYS[4], false, false)
 elseif ARGV[4] == '' then stopped = end_call(KEYS[1], KEYS[4], true, true)
 elseif ARGV[8] ~= '' then stopped = end_call(KEYS[1], KEYS[4], true, ARGV[8] == '1') end
 if ARGV[2] == 'spent' then
-  if redis.call('HGET', KEYS[1], 'run_id') ~= '' then
+  if run_id ~= '' then
     redis.call('HINCRBY', KEYS[4], 'calls', 1)
     redis.call('HINCRBY', KEYS[4], 'spend_cents', amount)
   end

@@ -17,30 +17,31 @@
 --          {-4} its owner paused the run; {-5} the run is cancelled, failed or done (nothing is lent to it);
 --          {-6} it cost more than the taker's cap (held for a person; read the pool again).
 --          A run paused for budget is held by its cap, checked below.
-local run = redis.call('HGET', KEYS[4], 'state')
-if run == 'paused' then return {-4} end
-if run ~= 'listing' and run ~= 'running' and run ~= 'paused_budget' then return {-5} end
+local run = redis.call('HMGET', KEYS[4], 'state', 'budget_cents', 'committed_cents')
+if run[1] == 'paused' then return {-4} end
+if run[1] ~= 'listing' and run[1] ~= 'running' and run[1] ~= 'paused_budget' then return {-5} end
 if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return {0} end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-if redis.call('HGET', KEYS[2], 'state') ~= 'paid' then return {0} end
-local expires = tonumber(redis.call('HGET', KEYS[2], 'expires_ms') or '0')
+local payment = redis.call('HMGET', KEYS[2], 'state', 'expires_ms', 'amount_cents', 'token')
+if payment[1] ~= 'paid' then return {0} end
+local expires = tonumber(payment[2] or '0')
+local amount = tonumber(payment[3] or '0')
 if expires > 0 and expires <= now + tonumber(ARGV[5]) then
   redis.call('HSET', KEYS[2], 'state', 'void', 'void_reason', 'expired in pool', 'updated_ms', now)
   redis.call('HINCRBY', KEYS[5], 'expired_in_pool', 1)
   redis.call('HINCRBY', KEYS[5], 'void', 1)
-  redis.call('HINCRBY', KEYS[5], 'void_cents', tonumber(redis.call('HGET', KEYS[2], 'amount_cents') or '0'))
+  redis.call('HINCRBY', KEYS[5], 'void_cents', amount)
   return {-3}
 end
-local amount = tonumber(redis.call('HGET', KEYS[2], 'amount_cents') or '0')
 if amount > tonumber(ARGV[6]) then
   redis.call('HSET', KEYS[2], 'state', 'held', 'updated_ms', now,
              'hold_reason', 'costs more than the price cap of ' .. ARGV[6] .. ' cents')
   redis.call('RPUSH', KEYS[6], ARGV[1])
   return {-6}
 end
-local cap = redis.call('HGET', KEYS[4], 'budget_cents')
-local committed = tonumber(redis.call('HGET', KEYS[4], 'committed_cents') or '0')
+local cap = run[2]
+local committed = tonumber(run[3] or '0')
 if cap and cap ~= '' and committed + amount > tonumber(cap) then
   redis.call('HSET', KEYS[4], 'price_cents', amount)
   redis.call('LPUSH', KEYS[1], ARGV[1])
@@ -51,4 +52,4 @@ redis.call('HSET', KEYS[4], 'price_cents', amount)
 redis.call('HSET', KEYS[2], 'state', 'reserved', 'run_id', ARGV[2], 'holder', ARGV[3], 'committed', '1',
            'updated_ms', now)
 redis.call('ZADD', KEYS[3], now + tonumber(ARGV[4]), ARGV[1])
-return {1, redis.call('HGET', KEYS[2], 'token') or '', amount}
+return {1, payment[4] or '', amount}

@@ -12,28 +12,30 @@ local function failure_allowance(rate, n)
   return rate * n + 2 * math.sqrt(n * rate * (1 - rate))
 end
 
--- The calls the threshold looks at: those ended since the run's last redrive (reopen.lua moves the window's
--- start), so a run stopped by its threshold can be judged again once the seller is well.
-local function window(run, ended, nfailed)
-  return ended - tonumber(redis.call('HGET', run, 'threshold_ended_base') or '0'),
-         nfailed - tonumber(redis.call('HGET', run, 'threshold_failed_base') or '0')
+-- What the threshold reads of a run, in one HMGET: its state, rule and counts, and the calls it looks at:
+-- those ended since the run's last redrive (reopen.lua moves the window's start), so a run stopped by its
+-- threshold can be judged again once the seller is well.
+local function threshold(run)
+  local f = redis.call('HMGET', run, 'state', 'max_error_rate', 'min_calls', 'calls_in_flight', 'calls_ended',
+                       'calls_failed', 'threshold_ended_base', 'threshold_failed_base')
+  return {state = f[1], rate = tonumber(f[2] or '1'), min_calls = tonumber(f[3] or '0'),
+          inflight = tonumber(f[4] or '0'), ended = tonumber(f[5] or '0') - tonumber(f[7] or '0'),
+          failed = tonumber(f[6] or '0') - tonumber(f[8] or '0')}
 end
 
 local function end_call(payment, run, paid, failed)
   if redis.call('HDEL', payment, 'call_open') == 0 then return 0 end
   redis.call('HINCRBY', run, 'calls_in_flight', -1)
   if not paid then return 0 end
-  local ended = redis.call('HINCRBY', run, 'calls_ended', 1)
-  local nfailed = tonumber(redis.call('HGET', run, 'calls_failed') or '0')
-  if failed then nfailed = redis.call('HINCRBY', run, 'calls_failed', 1) end
-  ended, nfailed = window(run, ended, nfailed)
-  local rate = tonumber(redis.call('HGET', run, 'max_error_rate') or '1')
-  local min_calls = tonumber(redis.call('HGET', run, 'min_calls') or '0')
-  if rate >= 1 or ended < min_calls or nfailed <= failure_allowance(rate, ended) then return 0 end
-  local state = redis.call('HGET', run, 'state')
-  if state ~= 'listing' and state ~= 'running' and state ~= 'paused' and state ~= 'paused_budget' then return 0 end
+  redis.call('HINCRBY', run, 'calls_ended', 1)
+  if failed then redis.call('HINCRBY', run, 'calls_failed', 1) end
+  local t = threshold(run)
+  if t.rate >= 1 or t.ended < t.min_calls or t.failed <= failure_allowance(t.rate, t.ended) then return 0 end
+  if t.state ~= 'listing' and t.state ~= 'running' and t.state ~= 'paused' and t.state ~= 'paused_budget' then
+    return 0
+  end
   redis.call('HSET', run, 'state', 'failed', 'stop_reason',
              string.format('%d of %d paid calls failed, above the failure threshold of %d %%',
-                           nfailed, ended, math.floor(rate * 100 + 0.5)))
+                           t.failed, t.ended, math.floor(t.rate * 100 + 0.5)))
   return 1
 end
