@@ -1,10 +1,11 @@
 """Ranged GETs of presigned S3 URLs over kept-alive http.client connections: the validation read's transport.
 
 Every image is read once before any money moves (its first bytes, size and ETag): the worker's most frequent
-request. Sent through urllib3 (as botocore's HTTP session sends it) such a read costs about three times the CPU
-of the same request on a bare `http.client` connection: urllib3 re-encodes the ~500-character presigned URL byte
-by byte and builds retry, timeout and header objects per request, and botocore adds its proxy lookup and request
-and response wrappers (`bench/reads.py`: botocore's session, urllib3's pool, httpx and this, on the same URLs).
+request. Sent through urllib3 (as botocore's HTTP session sends it) such a read costs about twice the CPU of
+the same request on a bare `http.client` connection: urllib3 re-encodes the ~500-character presigned URL byte by
+byte and builds retry, timeout and header objects per request, and botocore adds its proxy lookup and request
+and response wrappers (`bench/reads.py`: botocore's session, urllib3's pool, httpx and this, on the same URLs;
+httpx costs more than botocore).
 No maintained client sends a GET with less work, so this module keeps what urllib3's pool would: a few idle
 connections per host, reused last-in first-out; one found closed by the server is replaced once at no cost to
 the caller's attempts. Errors are the standard library's (`OSError`, `http.client.HTTPException`): the storage

@@ -126,7 +126,7 @@ class Storage:
         self._presigner = Presigner(self._s3, lambda: _frozen(session))
         self._reachable: set[str] = set()
         # Validation reads are presigned ranged GETs sent without the client's request pipeline, on bare
-        # kept-alive connections (worker/seams/reads.py: a third of the CPU of botocore's HTTP session); with a
+        # kept-alive connections (worker/seams/reads.py: about half the CPU of botocore's HTTP session); with a
         # proxy configured for S3 they go through botocore's session, which knows its proxies.
         ca_bundle = os.environ.get("AWS_CA_BUNDLE")
         proxies = get_environ_proxies(endpoint_url or f"https://s3.{region}.amazonaws.com")
@@ -264,7 +264,7 @@ class Storage:
 
         The first page asks for about twice as many keys as are wanted, the next ones for 1,000: a chunk's keys
         usually lie together, and botocore parses every key a page holds (a page of 1,000 costs the worker
-        ~40 ms, one of 100 ~7 ms: bench/reads.py's note in docs/BENCHMARKS.md)."""
+        40-55 ms, one of 100 7-9 ms: bench/reads.py, docs/BENCHMARKS.md)."""
         first, last = wanted[0], wanted[-1]
         # The characters every key starts with (those of the smallest and the largest are those of all).
         prefix = next((first[:i] for i, (a, b) in enumerate(zip(first, last, strict=False)) if a != b),
