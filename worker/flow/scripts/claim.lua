@@ -43,22 +43,10 @@ local function this_chunk(claim)
   local rest = string.match(claim, '^%S+ (.*)$')
   return rest ~= nil and (rest == ARGV[3] or string.sub(rest, 1, #ARGV[3] + 1) == ARGV[3] .. ' ')
 end
---#include sliced
--- The claims are read with one MGET (not a GET per image); `claims` is this script's view of them, kept as it
--- writes: two copies of one content in one chunk share its claim.
+--#include batch
+-- The claims are read with one MGET (not a GET per image), and this view of them kept as they are written.
 local n = (#KEYS - 1) / 4
-local keys, seen = {}, {}
-for i = 1, n do
-  for _, key in ipairs({KEYS[4 * i - 1], KEYS[4 * i + 1]}) do
-    if not seen[key] then
-      seen[key] = true
-      table.insert(keys, key)
-    end
-  end
-end
-local claims = {}
-local values = sliced('MGET', false, keys)
-for i, key in ipairs(keys) do claims[key] = values[i] end
+local claims = read_claims(n, -1, 1)
 local function claim_for(key, claim)
   redis.call('SET', key, claim, 'PX', ARGV[2])
   claims[key] = claim

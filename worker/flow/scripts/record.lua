@@ -24,7 +24,7 @@ local function ours(claim)
   local rest = string.match(claim, '^%S+ (.*)$')
   return rest ~= nil and (rest == chunk or string.sub(rest, 1, #chunk + 1) == chunk .. ' ')
 end
---#include sliced
+--#include batch
 local saved = 0
 -- The run's counters, added up here and written once each: one HINCRBY per counter, not per record.
 local counts = {}
@@ -32,21 +32,11 @@ local function count(name) counts[name] = (counts[name] or 0) + 1 end
 local n = (#KEYS - 2) / 4
 -- Read together (one HMGET of the progress hash, one MGET of the claims) and written together (one HSET, one
 -- DEL): four commands for a call's records instead of one to three per record. `claims` is this script's view
--- of the claim keys, kept as it releases them: two copies of one content in one call share its claim.
-local indexes, keys, seen = {}, {}, {}
-for i = 1, n do
-  table.insert(indexes, ARGV[3 + 9 * (i - 1) + 1])
-  for _, key in ipairs({KEYS[4 * i], KEYS[4 * i + 2]}) do
-    if not seen[key] then
-      seen[key] = true
-      table.insert(keys, key)
-    end
-  end
-end
+-- of the claim keys, kept as it releases them.
+local indexes = {}
+for i = 1, n do table.insert(indexes, ARGV[3 + 9 * (i - 1) + 1]) end
 local held = sliced('HMGET', KEYS[1], indexes)
-local claims = {}
-local values = sliced('MGET', false, keys)
-for i, key in ipairs(keys) do claims[key] = values[i] end
+local claims = read_claims(n, 0, 2)
 local new_records, written, released = {}, {}, {}
 local function release(key)
   claims[key] = false
