@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -32,11 +31,13 @@ from botocore.config import Config
 from botocore.httpsession import URLLib3Session
 
 from bench import common
+from bench.throughput import fast_s3
 from sandbox.images import png
 from worker.seams.reads import Reader
 from worker.seams.storage import Storage
 
-BUCKET = "reads"
+# bench.fakes3 as the throughput benchmark starts it: its empty output bucket is this one's.
+BUCKET = common.OUT_BUCKET
 OBJECTS = 200
 HEAD_BYTES = 4096
 RANGE = {"Range": f"bytes=0-{HEAD_BYTES - 1}"}
@@ -63,11 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reads", type=int, default=3000, help="reads timed per way (default 3000)")
     parser.add_argument("--threads", type=int, default=1, help="threads reading at once (default 1)")
     ns = parser.parse_args(argv)
-    server = subprocess.Popen([sys.executable, "-m", "bench.fakes3", "--keys", "0", "--empty", BUCKET],
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        assert server.stdout is not None
-        endpoint = f"http://127.0.0.1:{int(server.stdout.readline())}"
+    with fast_s3() as (endpoint, _):
         os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench"})
         storage = Storage(endpoint, max_connections=max(4, ns.threads))
         s3 = boto3.session.Session().client(
@@ -121,9 +118,6 @@ def main(argv: list[str] | None = None) -> int:
             ("Storage.read_head (presign + reader)", read_head)]
         figures = {name: _timed(read, keys, urls, ns.threads) for name, read in ways}
         checks = _overwrite_checks(storage, s3)
-    finally:
-        server.terminate()
-        server.wait(10)
     base = figures["botocore session (before)"]
     print(f"{ns.reads} presigned ranged GETs of {HEAD_BYTES} bytes per way, {ns.threads} thread(s), "
           f"bench.fakes3 on loopback ({common.machine()}, {common.today()})")
