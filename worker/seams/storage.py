@@ -130,11 +130,14 @@ class Storage:
         # proxy configured for S3 they go through botocore's session, which knows its proxies.
         ca_bundle = os.environ.get("AWS_CA_BUNDLE")
         proxies = get_environ_proxies(endpoint_url or f"https://s3.{region}.amazonaws.com")
-        self._reader = None if proxies else Reader(
-            ca_file=ca_bundle or get_cert_path(True), connect_timeout_s=10, read_timeout_s=30,
-            max_idle_per_host=max_connections)
-        self._http = URLLib3Session(verify=ca_bundle or True, proxies=proxies, timeout=(10, 30),
-                                    max_pool_connections=max_connections)
+        self._reader: Reader | None = None
+        self._proxied: URLLib3Session | None = None
+        if proxies:
+            self._proxied = URLLib3Session(verify=ca_bundle or True, proxies=proxies, timeout=(10, 30),
+                                           max_pool_connections=max_connections)
+        else:
+            self._reader = Reader(ca_file=ca_bundle or get_cert_path(True), connect_timeout_s=10,
+                                  read_timeout_s=30, max_idle_per_host=max_connections)
 
     def iter_objects(self, bucket: str, prefix: str = "", page_size: int = 1000) -> Iterator[ObjectInfo]:
         """Stream every object under prefix, page by page: memory does not grow with the bucket."""
@@ -215,9 +218,10 @@ class Storage:
         """A GET of a presigned URL: at most max_bytes of a 200/206 body, or 64 KiB of an error's (its XML)."""
         if self._reader is not None:
             return self._reader.get(url, headers, max_bytes, _ERROR_BYTES)
+        assert self._proxied is not None  # __init__ sets one of the two
         request = AWSRequest(method="GET", url=url, headers=headers)
         request.stream_output = True
-        response = self._http.send(request.prepare())
+        response = self._proxied.send(request.prepare())
         limit = max_bytes if response.status_code in (200, 206) else _ERROR_BYTES
         return Answer(response.status_code, {name.lower(): value for name, value in response.headers.items()},
                       _read_up_to(response, limit))
