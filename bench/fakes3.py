@@ -20,6 +20,7 @@ import hashlib
 import json
 import sys
 import threading
+import time
 from collections import Counter
 from collections.abc import Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -142,6 +143,8 @@ class Handler(BaseHTTPRequestHandler):
     wbufsize = 64 * 1024
     buckets: ClassVar[dict[str, Bucket]] = {}
     served: ClassVar[Counter[str]] = Counter()
+    # S3's own time to first byte (--latency-ms): every answer but /_stats waits this long, each on its thread.
+    latency_s: ClassVar[float] = 0.0
 
     def handle_expect_100(self) -> bool:
         # botocore sends PUT bodies after "Expect: 100-continue": the interim answer must leave at once, not
@@ -162,6 +165,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def _send(self, status: int, body: bytes = b"", content_type: str = "application/xml",
               headers: dict[str, str] | None = None) -> None:
+        if self.latency_s and self.path != "/_stats":
+            time.sleep(self.latency_s)
         self.send_response(status)
         for name, value in (headers or {}).items():
             self.send_header(name, value)
@@ -261,7 +266,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--layout", choices=("flat", "dated"), default="flat")
     p.add_argument("--empty", action="append", default=["bench-out"], help="an empty bucket (repeatable)")
     p.add_argument("--port", type=int, default=0)
+    p.add_argument("--latency-ms", type=float, default=0.0,
+                   help="time before every answer (S3's first-byte latency: 10-30 ms for a small GET in-region)")
     ns = p.parse_args(argv)
+    Handler.latency_s = ns.latency_ms / 1000
     Handler.buckets = {ns.bucket: Bucket(bench_keys(ns.keys, ns.prefix, ns.layout)),
                        **{name: Bucket([]) for name in ns.empty}}
     server = Server(("127.0.0.1", ns.port), Handler)

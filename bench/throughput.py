@@ -109,10 +109,10 @@ class FastS3Requests:
 
 
 @contextmanager
-def fast_s3() -> Iterator[tuple[str, int]]:
+def fast_s3(latency_ms: float = 0.0) -> Iterator[tuple[str, int]]:
     """bench.fakes3 in its own process, with the benchmark's two buckets: (endpoint URL, pid)."""
-    proc = subprocess.Popen([sys.executable, "-m", "bench.fakes3", "--keys", "0", "--empty", common.OUT_BUCKET],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "bench.fakes3", "--keys", "0", "--empty", common.OUT_BUCKET,
+                             "--latency-ms", str(latency_ms)], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
         yield f"http://127.0.0.1:{int(proc.stdout.readline())}", proc.pid
@@ -265,9 +265,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="the sandbox seller's time per call (0: answers at once, so the stack's CPU is the bound)")
     p.add_argument("--s3", choices=("moto", "fast"), default="moto",
                    help="moto_server (the stack's), or bench.fakes3 (in memory, keep-alive, not the bound)")
+    p.add_argument("--s3-latency-ms", type=float, default=0.0,
+                   help="with --s3 fast: S3's time before each answer (real S3: 10-30 ms for a small GET)")
     ns = p.parse_args(argv)
+    if ns.s3_latency_ms and ns.s3 != "fast":
+        p.error("--s3-latency-ms needs --s3 fast")
     if ns.s3 == "fast":
-        with fast_s3() as (endpoint, pid):
+        with fast_s3(ns.s3_latency_ms) as (endpoint, pid):
             S3_PID["s3"] = pid
             return measure(ns, endpoint, FastS3Requests(endpoint))
     return measure(ns, None, None)
@@ -291,7 +295,9 @@ def measure(ns: argparse.Namespace, endpoint: str | None, counter: Requests | No
     threads = ns.baseline_threads or ns.workers * ns.concurrency
     print(f"{ns.images} images, {ns.workers} workers x {ns.concurrency} threads (baseline: {threads} threads), "
           f"seller latency {ns.latency_ms} ms, "
-          f"S3: {'bench.fakes3' if endpoint else 'moto_server'} ({common.machine()}, {common.today()})")
+          f"S3: {'bench.fakes3' if endpoint else 'moto_server'}"
+          f"{f' answering after {ns.s3_latency_ms:g} ms' if ns.s3_latency_ms else ''} "
+          f"({common.machine()}, {common.today()})")
     print(common.table(["scenario", "wall s", "÷ baseline", "ideal s", "÷ ideal", "CPU ms/image",
                         "S3 req/image (own)", "S3 req/image (seller)", "Redis B/image after",
                         "Redis cmds/image"],

@@ -57,7 +57,7 @@ import redis
 
 from sandbox import procs
 from sandbox.images import png
-from tests.stubs import SERVICE, StubStorage
+from tests.stubs import SERVICE, InlineExecutor, StubStorage
 from worker.config import Settings
 from worker.errors import (
     BudgetExhausted,
@@ -398,7 +398,7 @@ class World:
                     limiter=RateLimiter(store, self.keys, RateSpec(1000.0, max_in_flight=0, adaptive=False),
                                         sleep=self.clock.sleep),
                     runs=Runs(store, self.keys), claims=Claims(store, self.keys), sleep=self.clock.sleep,
-                    rng=random.Random(self.rng.random()))
+                    rng=random.Random(self.rng.random()), reads=InlineExecutor())
 
     def create_runs(self) -> list[Chunk]:
         runs = Runs(Store(self.client), self.keys)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import threading
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -13,7 +14,7 @@ import pytest
 from sandbox.images import png
 from tests.stubs import Harness, etag_of, harness
 from worker.config import Settings
-from worker.errors import BudgetExhausted, ChunkBusy, ConfigError, RateLimited
+from worker.errors import BudgetExhausted, ChunkBusy, ConfigError, RateLimited, TransientError
 from worker.flow import pipeline
 from worker.flow.finalize import finalize_run
 from worker.flow.leases import ChunkLease, Lease
@@ -368,6 +369,60 @@ def test_a_chunk_costs_one_read_per_image_one_listing_and_one_manifest_put() -> 
     assert dict(h.storage.requests) == {"get": 50, "list": 1, "put": 1}
     run = run_hash(h, "run-a")
     assert (run["calls_ended"], run["calls_in_flight"]) == ("5", "0")
+
+
+def test_a_chunks_validation_reads_are_under_way_together() -> None:
+    h = harness(settings())
+    h.deps.reads = ThreadPoolExecutor(8)
+    chunk = chunk_of(h, 50)
+    read_head = h.storage.read_head
+    together = threading.Condition()
+    state = {"in_flight": 0, "most": 0, "alone": False}
+
+    def slow_read(bucket: str, key: str, max_bytes: int) -> Any:
+        # Each read waits (with a deadline) for three others to be under way beside it, as S3's latency would.
+        with together:
+            state["in_flight"] += 1
+            state["most"] = max(state["most"], state["in_flight"])
+            together.notify_all()
+            if not state["alone"] and not together.wait_for(lambda: state["most"] >= 4, timeout=5):
+                state["alone"] = True  # read one after another: the rest need not wait to show it
+        try:
+            return read_head(bucket, key, max_bytes)
+        finally:
+            with together:
+                state["in_flight"] -= 1
+
+    h.storage.read_head = slow_read  # type: ignore[method-assign]
+    ChunkProcessor(h.deps).run(chunk)
+    assert state["most"] >= 4, f"at most {state['most']} validation reads were under way at once"
+    # Taken in the chunk's order all the same: each record is its own image's.
+    assert [r["key"] for r in records(h, chunk)] == [key for key, _ in chunk.items]
+    assert verdicts(h, chunk) == Counter({"live": 50}) and [len(c) for c in h.seller.calls] == [10] * 5
+
+
+def test_a_failed_read_keeps_the_validations_before_it_and_asks_s3_nothing_more_until_the_next_delivery() -> None:
+    # The harness runs reads one after another when their results are taken (tests/stubs.py InlineExecutor).
+    h = harness(settings())
+    chunk = chunk_of(h, 20)
+    read_head = h.storage.read_head
+    fails = {"img/005.png": 1}
+
+    def flapping(bucket: str, key: str, max_bytes: int) -> Any:
+        if fails.get(key):
+            fails[key] -= 1
+            h.storage.requests["get"] += 1
+            raise TransientError(f"s3://{bucket}/{key}: S3 answered 503")
+        return read_head(bucket, key, max_bytes)
+
+    h.storage.read_head = flapping  # type: ignore[method-assign]
+    with pytest.raises(TransientError):
+        ChunkProcessor(h.deps).run(chunk)
+    assert h.storage.requests["get"] == 6 and not h.seller.calls, "the reads after the failed one were cancelled"
+    assert sorted(map(int, h.redis.hkeys(f"irlive:run:{chunk.run_id}:chunk:{chunk.seq}:checked"))) == [0, 1, 2, 3, 4]
+    assert ChunkProcessor(h.deps).run(chunk) == 0
+    assert h.storage.requests["get"] == 6 + 15, "the next delivery read only what was not validated"
+    assert verdicts(h, chunk) == Counter({"live": 20})
 
 
 def test_a_deferred_chunk_does_not_read_its_images_again(monkeypatch: pytest.MonkeyPatch) -> None:

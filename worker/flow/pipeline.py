@@ -10,7 +10,7 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from queue import SimpleQueue
 from typing import Any
@@ -35,6 +35,7 @@ from worker.flow.limiter import Permit, RateLimiter
 from worker.flow.runs import Runs, Save, now_iso
 from worker.flow.states import ENDING, HELD, RunState
 from worker.flow.validate import Limits, small_image_warning, validate
+from worker.judge.imageinfo import ImageInfo
 from worker.judge.manifest import (
     JUDGED,
     Item,
@@ -61,6 +62,10 @@ log = logging.getLogger("irlive.pipeline")
 CALL_BACKOFF = Backoff(base_s=0.5, cap_s=20.0)
 # The most calls one chunk sends at once (its images / images per call: 5 for the default chunk).
 MAX_CALLS_PER_CHUNK = 10
+# Validation reads one worker process has under way at once, whatever the number of chunks (each read waits
+# on S3 for 10-30 ms: a chunk's 50 read one after another held its first call back by a second). No more than
+# the reader keeps idle connections (Storage's max_connections), so none is opened and closed per read.
+READ_THREADS = 32
 # Beyond this many throttled calls in one chunk the task is deferred with a countdown, freeing the slot.
 MAX_THROTTLES_PER_CHUNK = 50
 # The limiter waits in-process at most this long for a slot; beyond it the task is deferred.
@@ -106,6 +111,8 @@ class Deps:
     sleep: Callable[[float], None] = time.sleep
     rng: random.Random = field(default_factory=random.Random)
     meter: Meter = field(default_factory=NullMeter)
+    # Where the validation reads run, together (threads start as reads need them).
+    reads: Executor = field(default_factory=lambda: ThreadPoolExecutor(READ_THREADS, thread_name_prefix="irlive-read"))
 
 
 # The seller's code for a call refused over an image it could not fetch (see _split_or_fail).
@@ -268,38 +275,54 @@ class ChunkProcessor:
         rejected: list[Save] = []
         checked_key = self.deps.runs.keys.chunk_checked(chunk.run_id, chunk.seq)
         checked = {} if only is not None else self.deps.store.hgetall(checked_key)
+        wanted = [(index, item) for index, item in enumerate(_items(chunk))
+                  if index not in progress and (only is None or index in only)]
+        # Read together (Deps.reads) and taken in order. After a read fails, those not begun are cancelled (S3
+        # is flapping: no point asking it the rest now); those under way are waited for and kept.
+        reads = {index: self.deps.reads.submit(contextvars.copy_context().run, self._check, item)
+                 for index, item in wanted if str(index) not in checked}
         fresh: dict[int, str] = {}
+        failure: Exception | None = None
         try:
-            for index, item in enumerate(_items(chunk)):
-                if index in progress or (only is not None and index not in only):
-                    continue
-                if str(index) in checked:
+            for index, item in wanted:
+                if index not in reads:
                     etag, size, warning, version_id, content = json.loads(checked[str(index)])
                     todo.append(_Image(index, Item(item.bucket, item.key, etag), size, warning, version_id))
                     self._set_content(index, content)
                     continue
+                if failure is not None and reads[index].cancel():
+                    continue
                 try:
-                    info, image = validate(self.deps.storage, item.bucket, item.key, self._limits)
+                    info, image, content = reads[index].result()
                 except PermanentInputError as exc:
                     rejected.append(Save(index, item, unjudged_record(
                         item, None, "rejected", reason=str(exc), code=exc.code, attempts=0, judged_at=now_iso())))
                     continue
+                except Exception as exc:  # raised once the reads under way have ended and been kept
+                    failure = failure or exc
+                    continue
                 img = _Image(index, Item(item.bucket, item.key, info.etag), info.size, small_image_warning(image),
                              info.version_id)
                 todo.append(img)
-                content = self._content_of(item.bucket, item.key, info)
                 self._set_content(index, content)
                 fresh[index] = json.dumps([info.etag, info.size, img.warning, info.version_id, content])
         finally:
-            # Kept even when a read fails midway (S3 flapping): the next delivery goes on from there, instead of
+            # Kept even when a read fails (S3 flapping): the next delivery goes on from there, instead of
             # needing every read of the chunk to succeed in one go.
             if fresh:
                 pipe = self.deps.store.pipeline(transaction=False)
                 pipe.hset(checked_key, mapping={str(i): v for i, v in fresh.items()})
                 pipe.expire(checked_key, CHECKED_TTL_S)
                 _best_effort(pipe.execute, "keeping the validations for a later delivery")
+        if failure is not None:
+            raise failure
         self._save(chunk, rejected)
         return todo
+
+    def _check(self, item: Item) -> tuple[ObjectInfo, ImageInfo, str | None]:
+        """One object validated (PermanentInputError says why not), and its content key."""
+        info, image = validate(self.deps.storage, item.bucket, item.key, self._limits)
+        return info, image, self._content_of(item.bucket, item.key, info)
 
     def _set_content(self, index: int, content: str | None) -> None:
         if content:
