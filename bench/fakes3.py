@@ -255,7 +255,8 @@ class Handler(BaseHTTPRequestHandler):
 
 class Server(ThreadingHTTPServer):
     daemon_threads = True
-    request_queue_size = 64
+    # The seller fetches ten images per call for every call in flight: hundreds of connections at once.
+    request_queue_size = 1024
 
 
 def main(argv: Sequence[str] | None = None) -> int:

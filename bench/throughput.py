@@ -192,7 +192,8 @@ def plain_batched(stack: Stack, prefix: str, threads: int, endpoint: str | None)
                                           ExpiresIn=900) for k in batch]
         answer = http.post(f"/api/tools/{SERVICE_ID}", json={"Tasks": [{"ImageURL": u} for u in urls]},
                            headers={"X-Payment-Token": token})
-        answer.raise_for_status()
+        if answer.is_error:
+            raise RuntimeError(f"the baseline's call answered {answer.status_code}: {answer.text[:300]}")
         return answer.json()["data"]["Result"]
 
     with ThreadPoolExecutor(threads) as pool:

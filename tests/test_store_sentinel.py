@@ -13,7 +13,7 @@ from redis.sentinel import MasterNotFoundError, SentinelConnectionPool
 from worker.app import broker_url, make_app
 from worker.config import SentinelTarget, Settings
 from worker.errors import ConfigError, StoreUnavailable
-from worker.seams.store import Replication, Store, translate
+from worker.seams.store import Pipeline, Replication, Store, translate
 
 URL = "sentinel://:s3cret@10.0.0.1:26379,10.0.0.2:26380,sentinel-c/2?master_name=irlive-main"
 
@@ -145,3 +145,32 @@ def test_a_write_no_replica_acknowledged_is_in_doubt_and_said_once(caplog: pytes
                 replication.execute(_Pipe(acked=0))
     assert replication.short == 3
     assert caplog.text.count("replicas wanted") == 1
+
+
+class _Queue(_Pipe):
+    """A redis-py pipeline with no replica answering: a WAIT after its commands reports 0."""
+
+    transaction = False
+
+    def __init__(self) -> None:
+        super().__init__(acked=0)
+        self.commands = []
+
+    def __len__(self) -> int:
+        return len(self.commands)
+
+    def hgetall(self, key: str) -> None:
+        self.commands.append(("HGETALL", key))
+
+    def hset(self, key: str, field: str, value: str) -> None:
+        self.commands.append(("HSET", key, field, value))
+
+
+def test_a_pipeline_of_reads_waits_for_no_replica_and_one_with_a_write_does() -> None:
+    reads = _Queue()
+    assert Pipeline(reads, Replication(1, 500)).hgetall("a").hgetall("b").execute() == [1, 1]
+    assert all(c[0] != "WAIT" for c in reads.commands)
+    writes = _Queue()
+    with pytest.raises(StoreUnavailable, match="0 of 1 replicas"):
+        Pipeline(writes, Replication(1, 500)).hgetall("a").hset("a", "f", "v").execute()
+    assert writes.commands[-1] == ("WAIT", 1, 500)

@@ -82,9 +82,10 @@ def _finalize_run(runs: Runs, storage: Storage, ledger: Ledger, run_id: str, enf
     failed: list[dict[str, Any]] = []
     everything: list[dict[str, Any]] = []
     summaries = runs.chunk_summaries(run_id)
+    kept = runs.progress_of(run_id, sorted(seq for seq in summaries if seq < int(run["chunks"])))
     for seq in range(int(run["chunks"])):
         key = chunk_key(output, run_id, seq)
-        progress = runs.progress(run_id, seq) if seq in summaries else {}
+        progress = kept.get(seq, {})
         if progress:
             # What the chunk's manifest was written from, still in Redis: no need to read it back from S3.
             records = [progress[i] for i in sorted(progress)]

@@ -19,6 +19,8 @@ from worker.seams.store import Store
 # A paid answer's records are retried this long over Redis trouble before the delivery gives up (the answer
 # stays in the ledger and the next delivery records it without paying again).
 RECORD_RETRY_S = 120.0
+# Chunks whose progress is read per pipelined round trip (50 records each).
+PROGRESS_BATCH = 100
 # The producer holds one extra 'pending' while it lists, so early chunks cannot finish the run.
 LISTING_HOLD = 1
 
@@ -284,6 +286,18 @@ class Runs:
     def progress(self, run_id: str, seq: int) -> dict[int, dict[str, Any]]:
         raw: dict[str, str] = self.store.hgetall(self._keys.chunk_progress(run_id, seq))
         return {int(k): json.loads(v) for k, v in raw.items()}
+
+    def progress_of(self, run_id: str, seqs: list[int]) -> dict[int, dict[int, dict[str, Any]]]:
+        """progress() of many chunks, read in pipelined batches (finalising reads every chunk's)."""
+        found: dict[int, dict[int, dict[str, Any]]] = {}
+        for at in range(0, len(seqs), PROGRESS_BATCH):
+            batch = seqs[at:at + PROGRESS_BATCH]
+            pipe = self.store.pipeline(transaction=False)
+            for seq in batch:
+                pipe.hgetall(self._keys.chunk_progress(run_id, seq))
+            for seq, raw in zip(batch, pipe.execute(), strict=True):
+                found[seq] = {int(k): json.loads(v) for k, v in raw.items()}
+        return found
 
     def record(self, run_id: str, seq: int, saves: list[Save], holder: str = "",
                retry_s: float = RECORD_RETRY_S) -> int:

@@ -157,20 +157,24 @@ class Pipeline:
         # only non-transactional pipelines wait (irlive's one transactional pipeline restores an archived
         # chunk from S3, which can be done again).
         self._replication = None if getattr(pipe, "transaction", False) else replication
+        # A pipeline of reads waits for no replica (a replica down must not fail them).
+        self._writes = False
 
     def __getattr__(self, name: str) -> Any:
         method = getattr(self._pipe, name)
+        writes = name in _WRITE_COMMANDS
 
         @functools.wraps(method)
         def queue(*args: Any, **kwargs: Any) -> Pipeline:
             method(*args, **kwargs)
+            self._writes = self._writes or writes
             return self
 
         return queue
 
     def execute(self) -> list[Any]:
         with translated("pipeline"):
-            if self._replication is not None and len(self._pipe):
+            if self._replication is not None and self._writes and len(self._pipe):
                 return self._replication.execute(self._pipe)
             result: list[Any] = self._pipe.execute()
             return result
