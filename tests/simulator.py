@@ -57,7 +57,7 @@ import redis
 
 from sandbox import procs
 from sandbox.images import png
-from tests.stubs import SERVICE, InlineExecutor, StubStorage
+from tests.stubs import SERVICE, StubStorage
 from worker.config import Settings
 from worker.errors import (
     BudgetExhausted,
@@ -70,6 +70,7 @@ from worker.errors import (
 )
 from worker.flow import pipeline
 from worker.flow.claims import Claims
+from worker.flow.inline import InlineExecutor
 from worker.flow.limiter import RateLimiter, RateSpec
 from worker.flow.pipeline import ChunkProcessor, Deps
 from worker.flow.runs import Runs

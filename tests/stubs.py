@@ -9,10 +9,8 @@ import json
 import random
 import threading
 from collections import Counter, deque
-from collections.abc import Callable
-from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
-from typing import Any, TypeVar, cast
+from typing import Any, cast
 from urllib.parse import quote, unquote, urlsplit
 
 import fakeredis
@@ -21,6 +19,7 @@ import httpx
 from worker.config import Settings
 from worker.errors import NotFound
 from worker.flow.claims import Claims
+from worker.flow.inline import InlineExecutor
 from worker.flow.limiter import RateLimiter, RateSpec
 from worker.flow.pipeline import Deps
 from worker.flow.runs import Runs
@@ -37,33 +36,6 @@ SERVICE = "infrared-face-liveness-detection"
 
 def etag_of(data: bytes) -> str:
     return hashlib.md5(data).hexdigest()
-
-
-T = TypeVar("T")
-
-
-class InlineExecutor(Executor):
-    """Runs each call in the caller's thread when its result is asked for (Deps.reads): a seeded test keeps
-    the order of events of one read after another, and a call cancelled before then never runs."""
-
-    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
-        return _Deferred(lambda: fn(*args, **kwargs))
-
-
-class _Deferred(Future[T]):
-    def __init__(self, call: Callable[[], T]) -> None:
-        super().__init__()
-        self._call: Callable[[], T] | None = call
-
-    def result(self, timeout: float | None = None) -> T:
-        if self._call is not None:
-            call, self._call = self._call, None
-            if self.set_running_or_notify_cancel():
-                try:
-                    self.set_result(call())
-                except BaseException as exc:
-                    self.set_exception(exc)
-        return super().result(timeout)
 
 
 class StubStorage:

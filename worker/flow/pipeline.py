@@ -30,6 +30,7 @@ from worker.errors import (
     UnreadableAnswer,
 )
 from worker.flow.claims import Claims, DoneEntry
+from worker.flow.inline import InlineExecutor
 from worker.flow.leases import ChunkLease
 from worker.flow.limiter import Permit, RateLimiter
 from worker.flow.runs import Runs, Save, now_iso
@@ -60,12 +61,17 @@ from worker.seams.store import Store
 
 log = logging.getLogger("irlive.pipeline")
 CALL_BACKOFF = Backoff(base_s=0.5, cap_s=20.0)
+INLINE = InlineExecutor()
 # The most calls one chunk sends at once (its images / images per call: 5 for the default chunk).
 MAX_CALLS_PER_CHUNK = 10
 # Validation reads one worker process has under way at once, whatever the number of chunks (each read waits
 # on S3 for 10-30 ms: a chunk's 50 read one after another held its first call back by a second). No more than
 # the reader keeps idle connections (Storage's max_connections), so none is opened and closed per read.
 READ_THREADS = 32
+# A chunk's first read tells whether S3 makes reads wait: slower than this, the rest go together (Deps.reads);
+# faster (S3 on the same host), they are read in the chunk's thread, as handing each read to a thread and back
+# would cost more CPU than it saves time (bench/reads.py: a read's CPU grows ~1.5 x with eight threads at once).
+READ_TOGETHER_AFTER_S = 0.005
 # Beyond this many throttled calls in one chunk the task is deferred with a countdown, freeing the slot.
 MAX_THROTTLES_PER_CHUNK = 50
 # The limiter waits in-process at most this long for a slot; beyond it the task is deferred.
@@ -277,10 +283,18 @@ class ChunkProcessor:
         checked = {} if only is not None else self.deps.store.hgetall(checked_key)
         wanted = [(index, item) for index, item in enumerate(_items(chunk))
                   if index not in progress and (only is None or index in only)]
-        # Read together (Deps.reads) and taken in order. After a read fails, those not begun are cancelled (S3
-        # is flapping: no point asking it the rest now); those under way are waited for and kept.
-        reads = {index: self.deps.reads.submit(contextvars.copy_context().run, self._check, item)
-                 for index, item in wanted if str(index) not in checked}
+        # Taken in order; together (Deps.reads) when the first read shows S3 makes them wait. After a read
+        # fails, those not begun are cancelled (S3 is flapping: no point asking it the rest now); those under
+        # way are waited for and kept.
+        unread = [(index, item) for index, item in wanted if str(index) not in checked]
+        reads: dict[int, Future[tuple[ObjectInfo, ImageInfo, str | None]]] = {}
+        if unread:
+            started = time.monotonic()
+            first = reads[unread[0][0]] = INLINE.submit(self._check, unread[0][1])
+            slow = first.exception() is None and time.monotonic() - started >= READ_TOGETHER_AFTER_S
+            executor = self.deps.reads if slow else INLINE
+            for index, item in unread[1:]:
+                reads[index] = executor.submit(contextvars.copy_context().run, self._check, item)
         fresh: dict[int, str] = {}
         failure: Exception | None = None
         try:
