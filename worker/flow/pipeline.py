@@ -117,7 +117,7 @@ class Deps:
     sleep: Callable[[float], None] = time.sleep
     rng: random.Random = field(default_factory=random.Random)
     meter: Meter = field(default_factory=NullMeter)
-    # Where the validation reads run, together (threads start as reads need them).
+    # Where a chunk's validation reads go together when S3 makes them wait (threads start as reads need them).
     reads: Executor = field(default_factory=lambda: ThreadPoolExecutor(READ_THREADS, thread_name_prefix="irlive-read"))
 
 
