@@ -167,6 +167,9 @@ class DrivenRun:
     samples: list[Sample] = field(default_factory=list)
     # time.monotonic() when the scan command started: samples' times are on the same clock.
     started: float = 0.0
+    # The commands the benchmark itself sent meanwhile (its sampler's two HGETs, each status poll's HGETALL):
+    # taken out of Redis's counts, which are irlive's.
+    own_commands: Counter[str] = field(default_factory=Counter)
 
     def time_at(self, spent: int) -> float | None:
         """When the wallet's spent count first reached `spent` (to within one sampling interval)."""
@@ -192,7 +195,11 @@ def drive_run(stack: Stack, env: Mapping[str, str], src: str, timeout_s: float,
             run_id = str(scanned["run_id"])
             final: list[RunStatus] = []
 
+            polls = 0
+
             def stopped() -> bool:
+                nonlocal polls
+                polls += 1
                 status = runs.status(run_id)
                 if status is not None and status.stopped:
                     final.append(status)
@@ -201,7 +208,8 @@ def drive_run(stack: Stack, env: Mapping[str, str], src: str, timeout_s: float,
 
             wait_until(stopped, timeout_s, f"run {run_id} to stop", interval=STATUS_INTERVAL_S)
             wall = time.monotonic() - started
-        return DrivenRun(run_id, final[0], scanned, wall, sampler.samples, started)
+        return DrivenRun(run_id, final[0], scanned, wall, sampler.samples, started,
+                         Counter({"hget": 2 * len(sampler.samples), "hgetall": polls}))
     finally:
         client.close()
 

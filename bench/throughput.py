@@ -225,6 +225,8 @@ def irlive_run(stack: Stack, name: str, ns: argparse.Namespace, rate: float | No
     client.config_resetstat()
     run = common.drive_run(stack, env, common.source(), timeout_s=900)
     cmds = redis_commands(client)
+    cmds.subtract(run.own_commands)
+    cmds = +cmds
     calls = int(client.hget("irlive:wallet:totals", "spent") or 0)
     cpu = cpu_seconds(pids) - cpu0
     svc = {name: t - svc0[name] for name, t in services_cpu(services(stack)).items()}
