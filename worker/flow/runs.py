@@ -284,20 +284,12 @@ class Runs:
         return int(answer[0]) == 1, str(answer[1]), [json.loads(m) for m in answer[2:]]
 
     def progress(self, run_id: str, seq: int) -> dict[int, dict[str, Any]]:
-        raw: dict[str, str] = self.store.hgetall(self._keys.chunk_progress(run_id, seq))
-        return {int(k): json.loads(v) for k, v in raw.items()}
+        return _records(self.store.hgetall(self._keys.chunk_progress(run_id, seq)))
 
     def progress_of(self, run_id: str, seqs: list[int]) -> dict[int, dict[int, dict[str, Any]]]:
         """progress() of many chunks, read in pipelined batches (finalising reads every chunk's)."""
-        found: dict[int, dict[int, dict[str, Any]]] = {}
-        for at in range(0, len(seqs), PROGRESS_BATCH):
-            batch = seqs[at:at + PROGRESS_BATCH]
-            pipe = self.store.pipeline(transaction=False)
-            for seq in batch:
-                pipe.hgetall(self._keys.chunk_progress(run_id, seq))
-            for seq, raw in zip(batch, pipe.execute(), strict=True):
-                found[seq] = {int(k): json.loads(v) for k, v in raw.items()}
-        return found
+        raw = self.store.hgetall_many([self._keys.chunk_progress(run_id, seq) for seq in seqs], PROGRESS_BATCH)
+        return {seq: _records(chunk) for seq, chunk in zip(seqs, raw, strict=True)}
 
     def record(self, run_id: str, seq: int, saves: list[Save], holder: str = "",
                retry_s: float = RECORD_RETRY_S) -> int:
@@ -385,3 +377,8 @@ def now_ms() -> int:
 
 def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _records(progress: dict[str, str]) -> dict[int, dict[str, Any]]:
+    """A chunk's progress hash as records by image index."""
+    return {int(k): json.loads(v) for k, v in progress.items()}

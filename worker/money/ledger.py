@@ -57,8 +57,6 @@ ANSWER_HOLD_S = 600.0
 # The raw answer kept with a token until its verdicts are recorded (an answer for 10 images is ~4 KB).
 MAX_ANSWER_KEPT = 256 * 1024
 _POOL_PEEK = 8
-# Payment records read per pipelined round trip when a run's are read together.
-_READ_BATCH = 500
 # A call held back by the run's failure threshold waits this long for the calls in flight to end.
 UNDECIDED_WAIT_S = 2.0
 # The image claims of a paid answer not yet recorded are pinned this long: past a killed worker's lease, until
@@ -432,23 +430,14 @@ class Ledger:
         """The run's spent and void payments as the ledger holds them, without their secrets."""
         found: list[dict[str, str]] = []
         pids = sorted(self._store.smembers(self._keys.run_payments(run_id)))
-        for pid, record in zip(pids, self._read_payments(pids), strict=True):
+        records = self._store.hgetall_many([self._keys.payment(pid) for pid in pids])
+        for pid, record in zip(pids, records, strict=True):
             if record.get("state") not in ("spent", "void"):
                 continue
             record = {k: v for k, v in record.items() if k not in ("token", "holder")}
             record["payment_id"] = pid
             found.append(record)
         return found
-
-    def _read_payments(self, pids: list[str]) -> list[dict[str, str]]:
-        """The payments' records, read in pipelined batches (a run's end reads all of them, twice)."""
-        records: list[dict[str, str]] = []
-        for at in range(0, len(pids), _READ_BATCH):
-            pipe = self._store.pipeline(transaction=False)
-            for pid in pids[at:at + _READ_BATCH]:
-                pipe.hgetall(self._keys.payment(pid))
-            records.extend(pipe.execute())
-        return records
 
     def forget_settled(self, run_id: str, payment_ids: list[str]) -> None:
         """Drop archived payments from Redis (they are in the run's payments.jsonl in S3)."""

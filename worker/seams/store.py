@@ -274,6 +274,17 @@ class Store:
     def pipeline(self, transaction: bool = True) -> Pipeline:
         return Pipeline(self.client.pipeline(transaction=transaction), self.replication)
 
+    def hgetall_many(self, keys: list[str], batch: int = 500) -> list[dict[str, str]]:
+        """HGETALL of each key, in order, `batch` keys to a pipelined round trip (a run's end reads every
+        payment and every chunk's progress)."""
+        found: list[dict[str, str]] = []
+        for at in range(0, len(keys), batch):
+            pipe = self.pipeline(transaction=False)
+            for key in keys[at:at + batch]:
+                pipe.hgetall(key)
+            found.extend(pipe.execute())
+        return found
+
     def __getattr__(self, name: str) -> Callable[..., Any]:
         method = getattr(self.client, name)
         if not callable(method):
