@@ -3,6 +3,7 @@ ledger protocol and the claims, in milliseconds. The same paths run on real proc
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 import time
@@ -23,6 +24,7 @@ from worker.flow.pipeline import ChunkProcessor, ClaimsHeld
 from worker.judge.manifest import content_key
 from worker.keys import Keys
 from worker.messages import Chunk
+from worker.seams.store import script_source
 
 BUCKET = "in-bucket"
 OUTPUT = "s3://out-bucket/results"
@@ -488,17 +490,18 @@ def test_redis_loading_for_a_moment_after_a_paid_answer_loses_nothing(monkeypatc
 
     h = harness(settings())
     chunk = chunk_of(h, 10)
-    real_hget = h.redis.hget
+    real_evalsha = h.redis.evalsha
+    settle = hashlib.sha1(script_source("money", "settle").encode()).hexdigest()
     failures = {"left": 3}
 
-    def flaky_hget(name: str, key: str) -> Any:
-        # Right after the seller answered: Redis restarting (loading its AOF) for three reads.
-        if h.seller.calls and name.startswith("irlive:pay:") and failures["left"] > 0:
+    def flaky_evalsha(sha: str, numkeys: int, *keys_and_args: Any) -> Any:
+        # Right after the seller answered: Redis restarting (loading its AOF) while the answer is settled.
+        if h.seller.calls and sha == settle and failures["left"] > 0:
             failures["left"] -= 1
             raise redis.exceptions.BusyLoadingError("Redis is loading the dataset in memory")
-        return real_hget(name, key)
+        return real_evalsha(sha, numkeys, *keys_and_args)
 
-    monkeypatch.setattr(h.redis, "hget", flaky_hget)
+    monkeypatch.setattr(h.redis, "evalsha", flaky_evalsha)
     monkeypatch.setattr("time.sleep", lambda s: None)
     ChunkProcessor(h.deps).run(chunk)
     assert failures["left"] == 0

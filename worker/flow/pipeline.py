@@ -646,7 +646,8 @@ class ChunkProcessor:
                     judged_at=now_iso(), warning=img.warning)))
         self._save(chunk, saves)
         # A paid call that bought no verdict counts against the run's failure threshold.
-        self.deps.ledger.recorded(payment_id, failed=not any(s.record["verdict"] in JUDGED for s in saves))
+        self.deps.ledger.recorded(payment_id, failed=not any(s.record["verdict"] in JUDGED for s in saves),
+                                  run_id=chunk.run_id)
         if unanswered and queue is not None:
             log.warning("call %s answered %d of %d images", request_id, len(group.images) - len(unanswered),
                         len(group.images))
@@ -660,7 +661,7 @@ class ChunkProcessor:
         self._save(chunk, [Save(img.index, img.item, unjudged_record(
             img.item, img.size, "error", reason=reason, code="unreadable_answer", attempts=group.attempts + 1,
             judged_at=now_iso(), request_id=request_id)) for img in group.images])
-        self.deps.ledger.recorded(payment_id, failed=True, keep_answer=True)
+        self.deps.ledger.recorded(payment_id, failed=True, keep_answer=True, run_id=chunk.run_id)
 
     def _replay(self, chunk: Chunk) -> None:
         """Record answers this chunk paid for and the ledger holds, but a crash or Redis kept from its records."""

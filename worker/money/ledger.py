@@ -102,13 +102,13 @@ class Spend:
         ended = "" if bought is None else "0" if bought else "1"
         if self._ledger.settle(self.token.payment_id, "spent", request_id=request_id or "-", answer=text,
                                chunk_ref=self._chunk_ref, hold_s=ANSWER_HOLD_S, ended=ended,
-                               pins=self._claim_keys) == 2:
+                               pins=self._claim_keys, run_id=self.token.run_id) == 2:
             log.warning("run %s failed: too many of its paid calls bought no verdict", self.token.run_id)
         self.settled = True
 
     def refused(self, reason: str) -> None:
         """The seller refused the token itself (expired, used, unknown): it can never be used again."""
-        self._ledger.settle(self.token.payment_id, "void", reason=reason)
+        self._ledger.settle(self.token.payment_id, "void", reason=reason, run_id=self.token.run_id)
         self.settled = True
 
     def failed(self) -> bool:
@@ -269,10 +269,11 @@ class Ledger:
 
     def settle(self, payment_id: str, to: str, *, request_id: str = "", answer: str = "", lost: bool = False,
                chunk_ref: str = "", reason: str = "", hold_s: float = 0.0, ended: str = "",
-               pins: list[str] | None = None) -> int:
+               pins: list[str] | None = None, run_id: str | None = None) -> int:
         """Spent or void, once; the run is charged on the first transition into spent only.
 
         With an answer kept for `chunk_ref`, the claims `pins` that chunk holds are pinned until it records it.
+        `run_id`: the run the token was lent to, when the caller holds it (else read first; settle.lua checks it).
 
         Returns 0 if it was settled before, 1 if this settled it, 2 if ending its call also failed the run.
         """
@@ -281,11 +282,18 @@ class Ledger:
 
         def write() -> int:
             # Read and written under one hold: after a paid answer, no Redis step may give up early.
-            run_id = str(self._store.hget(self._keys.payment(payment_id), "run_id") or "")
-            keys = [self._keys.payment(payment_id), self._keys.leases(), self._keys.wallet_totals(),
-                    self._keys.run(run_id) if run_id else self._keys.no_run(), self._keys.unrecorded(),
-                    self._keys.run_payments(run_id or "-"), *(pins or ())]
-            status, amount = (int(v) for v in self._settle(keys, args))
+            run = run_id
+            while True:
+                if run is None:
+                    run = str(self._store.hget(self._keys.payment(payment_id), "run_id") or "")
+                keys = [self._keys.payment(payment_id), self._keys.leases(), self._keys.wallet_totals(),
+                        self._keys.run(run) if run else self._keys.no_run(), self._keys.unrecorded(),
+                        self._keys.run_payments(run or "-"), *(pins or ())]
+                status, amount = (int(v) for v in self._settle(keys, [*args, run]))
+                if status != -1:
+                    break
+                # Lent to another run than the caller said: its keys are built again from the record.
+                run = None
             if status:
                 self._meter.money(to, amount)
                 if lost and to == "spent":
@@ -357,17 +365,22 @@ class Ledger:
             found.append(Unrecorded(pid, identities, record.get("request_id", ""), record.get("answer", ""), urls))
         return found
 
-    def recorded(self, payment_id: str, *, failed: bool, keep_answer: bool = False) -> bool:
+    def recorded(self, payment_id: str, *, failed: bool, keep_answer: bool = False, run_id: str | None = None) -> bool:
         """The answer's records are saved; the raw answer is dropped, or kept for a person to read (unreadable).
 
         This ends the paid call, `failed` if it bought no verdict; True if that stopped the run (its failure
-        threshold was crossed).
+        threshold was crossed). `run_id`: the recording chunk's run (else read first; call_end.lua checks it).
         """
-        run_id = str(self._store.hget(self._keys.payment(payment_id), "run_id") or "")
-        stopped = int(self._call_end(
-            [self._keys.payment(payment_id), self._keys.run(run_id) if run_id else self._keys.no_run(),
-             self._keys.unrecorded()],
-            [payment_id, "1" if failed else "0", "1" if keep_answer else "0"]))
+        while True:
+            if run_id is None:
+                run_id = str(self._store.hget(self._keys.payment(payment_id), "run_id") or "")
+            stopped = int(self._call_end(
+                [self._keys.payment(payment_id), self._keys.run(run_id) if run_id else self._keys.no_run(),
+                 self._keys.unrecorded()],
+                [payment_id, "1" if failed else "0", "1" if keep_answer else "0", run_id]))
+            if stopped != -1:
+                break
+            run_id = None
         if stopped:
             log.warning("run %s failed: too many of its paid calls bought no verdict", run_id)
         return bool(stopped)

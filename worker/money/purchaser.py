@@ -162,7 +162,7 @@ class Purchaser:
             what = f"payment {payment.payment_id} answered without a token"
             self._settle_unknown(request_id, run_id, what, payment.payment_id)
             raise PurchaseUnknown(what, payment.payment_id)
-        amount = self._end_purchase(request_id, run_id, holder, payment, price)
+        amount = self._end_purchase(request_id, run_id, holder, payment, price, day)
         if not run_id:
             return None
         token = Token(payment.payment_id, amount, run_id, holder, payment.token)
@@ -170,17 +170,17 @@ class Purchaser:
             self._await_paid(token)
         return token
 
-    def _end_purchase(self, request_id: str, run_id: str, holder: str, payment: Payment, price: int) -> int:
+    def _end_purchase(self, request_id: str, run_id: str, holder: str, payment: Payment, price: int,
+                      day: str) -> int:
+        """Write the answered purchase down (buy_end.lua) with the day its quote was charged to in buy_begin."""
         amount = payment.amount_cents if payment.amount_cents is not None else price
-        request = self._store.hgetall(self._keys.payment(request_id))
-        day = request.get("day") or today()
         run_key = self._keys.run(run_id) if run_id else self._keys.no_run()
         keys = [self._keys.payment(request_id), self._keys.requests(), self._keys.payment(payment.payment_id),
                 self._keys.leases(), self._keys.wallet_totals(), self._keys.day(day), run_key,
                 self._keys.pool(self._pool_listing), self._keys.held()]
         args = [request_id, payment.payment_id, payment.token or "", amount, run_id, holder, self._lease_ms,
                 iso_ms(payment.expires_at), self._seller.service_id, payment.status, self._max_price,
-                self._pool_listing]
+                self._pool_listing, payment.token_field or ""]
         try:
             ended = int(self._store.persist(lambda: self._end(keys, args), PURCHASE_HOLD_S,
                                             f"purchase {payment.payment_id}"))
@@ -191,8 +191,6 @@ class Purchaser:
         if ended != 0:
             # 0: the purchase was written down already (a repeated answer): counted then.
             self._meter.money("bought", amount)
-        if payment.token_field:
-            self._store.hset(self._keys.payment(payment.payment_id), "token_field", payment.token_field)
         if amount != price:
             log.warning("the seller charged %d cents for a call quoted at %d; budgets are charged what was paid",
                         amount, price)
