@@ -9,11 +9,13 @@ import json
 import os
 import re
 import time
-from collections.abc import Iterator
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
+from urllib.parse import unquote_plus
 
 import boto3
 import botocore.session
@@ -46,6 +48,10 @@ LIST_PAGES = 3
 _READ_BACKOFF = Backoff(base_s=0.5, cap_s=8.0)
 # What is read of an error's body: its XML, which names the code.
 _ERROR_BYTES = 64 * 1024
+# The most of a listing page read raw: 1,000 keys of up to 1,024 bytes with their metadata fit ~1.3 MB; a page
+# that does not (or does not parse) is listed again through botocore.
+_LIST_BYTES = 4 * 1024 * 1024
+_S3_XML = "{http://s3.amazonaws.com/doc/2006-03-01/}"
 _XML_FIELD = "<{0}>([^<]{{0,1024}})</{0}>"
 _CONFIG_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "NoSuchBucket",
                  "InvalidBucketName", "AllAccessDisabled", "ExpiredToken", "InvalidToken"}
@@ -198,20 +204,25 @@ class Storage:
     def _read_head(self, bucket: str, key: str, max_bytes: int) -> tuple[ObjectInfo, bytes]:
         where = f"s3://{bucket}/{key}"
         with _translate(where, missing_is_object=True):
-            for attempt in range(_READ_ATTEMPTS):
-                url = self._presigner.get_url(bucket, key, _READ_URL_TTL_S)
-                headers = {"Range": f"bytes=0-{max_bytes - 1}"}
-                try:
-                    answer = self._get(url, headers, max_bytes)
-                except (BotoCoreError, OSError, http.client.HTTPException) as exc:
-                    if attempt + 1 == _READ_ATTEMPTS:
-                        if isinstance(exc, BotoCoreError):
-                            raise
-                        raise TransientError(f"{where}: S3 read failed ({type(exc).__name__})") from None
-                else:
-                    if answer.status < 500 or attempt + 1 == _READ_ATTEMPTS:
-                        return _head_of(key, answer)
-                time.sleep(_READ_BACKOFF.delay(attempt))
+            answer = self._get_retried(where, lambda: self._presigner.get_url(bucket, key, _READ_URL_TTL_S),
+                                       {"Range": f"bytes=0-{max_bytes - 1}"}, max_bytes)
+            return _head_of(key, answer)
+
+    def _get_retried(self, where: str, url: Callable[[], str], headers: dict[str, str], max_bytes: int) -> Answer:
+        """A GET of a presigned URL (signed anew for each attempt), tried again on a connection error or a 5xx
+        as botocore's standard retry mode would; the last answer is returned whatever its status."""
+        for attempt in range(_READ_ATTEMPTS):
+            try:
+                answer = self._get(url(), headers, max_bytes)
+            except (BotoCoreError, OSError, http.client.HTTPException) as exc:
+                if attempt + 1 == _READ_ATTEMPTS:
+                    if isinstance(exc, BotoCoreError):
+                        raise
+                    raise TransientError(f"{where}: S3 read failed ({type(exc).__name__})") from None
+            else:
+                if answer.status < 500 or attempt + 1 == _READ_ATTEMPTS:
+                    return answer
+            time.sleep(_READ_BACKOFF.delay(attempt))
         raise AssertionError("unreachable")
 
     def _get(self, url: str, headers: dict[str, str], max_bytes: int) -> Answer:
@@ -278,22 +289,45 @@ class Storage:
         # StartAfter is exclusive: a proper prefix of the first key sorts just before it.
         ask: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix, "StartAfter": first[:-1],
                                "MaxKeys": min(1000, 2 * len(wanted) + 8)}
-        with _translate(f"s3://{bucket}/{prefix}"):
+        where = f"s3://{bucket}/{prefix}"
+        with _translate(where):
             for n in range(1, LIST_PAGES + 1):
-                page = self._s3.list_objects_v2(**ask)
-                contents = page.get("Contents", ())
-                for obj in contents:
-                    if obj["Key"] in members:
-                        found[obj["Key"]] = _etag(obj["ETag"])
-                    if obj["Key"] >= last:
+                contents, following = self._list_page(where, ask)
+                for key, etag in contents:
+                    if key in members:
+                        found[key] = etag
+                    if key >= last:
                         return found, last
-                if not page.get("IsTruncated"):
+                if following is None:
                     return found, last  # the range holds nothing more
                 if n == LIST_PAGES:
-                    return found, contents[-1]["Key"] if contents else first[:-1]
-                ask = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": 1000,
-                       "ContinuationToken": page["NextContinuationToken"]}
+                    return found, contents[-1][0] if contents else first[:-1]
+                ask = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": 1000, "ContinuationToken": following}
         return found, last
+
+    def _list_page(self, where: str, ask: dict[str, Any]) -> tuple[list[tuple[str, str]], str | None]:
+        """One ListObjectsV2 page: its (key, ETag) pairs and the token of the next page (None: the last).
+
+        Read as a presigned GET on the validation reads' connections and parsed with the standard library's
+        XML parser in C: botocore's request pipeline and response parser cost the worker ~5 ms of CPU for a
+        chunk's page, most of the overwrite check (`bench/reads.py`). botocore still signs the URL (its
+        handlers add `encoding-type=url`, so keys come back percent-encoded, as botocore decodes them), and
+        lists through a proxy, and whatever page this does not read whole."""
+        if self._reader is not None:
+            # A copy: botocore's handlers write EncodingType into the parameters they are given, and a listing
+            # made with it set by the caller is not decoded.
+            answer = self._get_retried(where, lambda: self._s3.generate_presigned_url(
+                "list_objects_v2", Params=dict(ask), ExpiresIn=_READ_URL_TTL_S), {}, _LIST_BYTES)
+            if answer.status != 200:
+                raise ClientError({"Error": {"Code": _xml_field(answer.body, "Code") or str(answer.status),
+                                             "Message": _xml_field(answer.body, "Message") or ""},
+                                   "ResponseMetadata": {"HTTPStatusCode": answer.status}}, "ListObjectsV2")
+            page = _listing(answer.body)
+            if page is not None:
+                return page
+        listed = self._s3.list_objects_v2(**ask)
+        return ([(obj["Key"], _etag(obj["ETag"])) for obj in listed.get("Contents", ())],
+                listed.get("NextContinuationToken") if listed.get("IsTruncated") else None)
 
     def _head_etag(self, bucket: str, key: str) -> str | None:
         try:
@@ -416,6 +450,28 @@ def _read_up_to(response: AWSResponse, limit: int) -> bytes:
 def _xml_field(body: bytes, name: str) -> str | None:
     found = re.search(_XML_FIELD.format(name).encode(), body)
     return found.group(1).decode("utf-8", "replace") if found else None
+
+
+def _listing(body: bytes) -> tuple[list[tuple[str, str]], str | None] | None:
+    """A ListObjectsV2 answer's (key, ETag) pairs and next page's token; None if it is not one read whole."""
+    try:
+        root = ET.fromstring(body)
+    except ET.ParseError:
+        return None
+    if root.tag != f"{_S3_XML}ListBucketResult":
+        return None
+    encoded = root.findtext(f"{_S3_XML}EncodingType") == "url"
+    contents = []
+    for obj in root.iterfind(f"{_S3_XML}Contents"):
+        key, etag = obj.findtext(f"{_S3_XML}Key"), obj.findtext(f"{_S3_XML}ETag")
+        if key is None or etag is None:
+            return None
+        contents.append((unquote_plus(key) if encoded else key, _etag(etag)))
+    truncated = root.findtext(f"{_S3_XML}IsTruncated") == "true"
+    following = root.findtext(f"{_S3_XML}NextContinuationToken") if truncated else None
+    if truncated and not following:
+        return None
+    return contents, following
 
 
 def _timestamp(text: str) -> datetime:
