@@ -17,7 +17,7 @@ from sandbox.images import png
 from tests.stubs import Harness, etag_of, harness
 from worker.config import Settings
 from worker.errors import BudgetExhausted, ChunkBusy, ConfigError, RateLimited, TransientError
-from worker.flow import pipeline
+from worker.flow import finalize, pipeline
 from worker.flow.finalize import finalize_run
 from worker.flow.leases import ChunkLease, Lease
 from worker.flow.pipeline import ChunkProcessor, ClaimsHeld
@@ -483,6 +483,57 @@ def test_finalising_writes_the_run_manifest_without_reading_the_chunk_manifests_
     assert again is not None and [k.rsplit("/", 3)[1:] for k in h.storage.read_back] == [
         ["run-b", "chunks", "000000.json"], ["run-b", "chunks", "000001.json"]]
     assert [c["counts"] for c in again["chunks"]] == [c["counts"] for c in manifest["chunks"]]
+
+
+def test_finalising_reads_each_payment_once_and_still_archives_one_settled_meanwhile(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    h = harness(settings())
+    assert ChunkProcessor(h.deps).run(chunk_of(h, 40)) == 0
+    written: list[str] = []
+    real_put = h.storage.put_bytes
+
+    def put_bytes(bucket: str, key: str, body: bytes, content_type: str) -> str:
+        if key.endswith("payments.jsonl"):
+            written.append(body.decode())
+        return real_put(bucket, key, body, content_type)
+
+    monkeypatch.setattr(h.storage, "put_bytes", put_bytes)
+    finalize_run(h.deps.runs, h.deps.storage, h.deps.ledger, "run-a")
+    assert len(written) == 1 and len(written[0].splitlines()) == 4, "the four payments, written (and read) once"
+    assert not h.redis.keys("irlive:pay:*"), "archived: forgotten in Redis"
+
+    # A payment of another run settled between its payments file and its archive (a late reconciliation):
+    # read again, written again, then forgotten with the rest (run-b's own images are copies: paid nothing).
+    assert ChunkProcessor(h.deps).run(chunk_of(h, 10, run_id="run-b", prefix="copies")) == 0
+    real_publish = finalize._publish
+
+    def publish_then_settle(*args: Any, **kwargs: Any) -> Any:
+        h.redis.hset("irlive:pay:pay-late", mapping={"state": "spent", "run_id": "run-b", "request_id": "r-late",
+                                                     "amount_cents": "20"})
+        h.redis.sadd("irlive:run:run-b:payments", "pay-late")
+        return real_publish(*args, **kwargs)
+
+    monkeypatch.setattr(finalize, "_publish", publish_then_settle)
+    written.clear()
+    finalize_run(h.deps.runs, h.deps.storage, h.deps.ledger, "run-b")
+    assert len(written) == 2 and "pay-late" not in written[0] and "pay-late" in written[1]
+    assert not h.redis.keys("irlive:pay:*")
+
+    # A payment spent with its answer lost may still take a late answer (settle.lua keeps it on the record):
+    # read and written again too.
+    ChunkProcessor(h.deps).run(chunk_of(h, 10, run_id="run-c", prefix="more-copies"))
+    h.redis.hset("irlive:pay:pay-lost", mapping={"state": "spent", "run_id": "run-c", "lost": "1",
+                                                 "amount_cents": "20"})
+    h.redis.sadd("irlive:run:run-c:payments", "pay-lost")
+
+    def publish_then_answer(*args: Any, **kwargs: Any) -> Any:
+        h.redis.hset("irlive:pay:pay-lost", mapping={"request_id": "r-answered", "lost": "0"})
+        return real_publish(*args, **kwargs)
+
+    monkeypatch.setattr(finalize, "_publish", publish_then_answer)
+    written.clear()
+    finalize_run(h.deps.runs, h.deps.storage, h.deps.ledger, "run-c")
+    assert len(written) == 2 and "r-answered" not in written[0] and "r-answered" in written[1]
 
 
 def test_redis_loading_for_a_moment_after_a_paid_answer_loses_nothing(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -140,7 +140,7 @@ def _finalize_run(runs: Runs, storage: Storage, ledger: Ledger, run_id: str, enf
     runs.set_once(run_id, "finalised_at", now_iso())
     if run.get("watermark_source"):
         marks.release(run["watermark_source"], run_id)
-    archive_run(runs, storage, ledger, run_id, output)
+    archive_run(runs, storage, ledger, run_id, output, written=payments)
     return manifest
 
 
@@ -161,13 +161,20 @@ def _publish(storage: Storage, output: S3Location, manifest: dict[str, Any], rec
         return {"report": None, "results": None}
 
 
-def archive_run(runs: Runs, storage: Storage, ledger: Ledger, run_id: str, output: S3Location) -> None:
-    """A done run keeps nothing per image in Redis but its done-set entries: payments and progress go."""
+def archive_run(runs: Runs, storage: Storage, ledger: Ledger, run_id: str, output: S3Location,
+                written: list[dict[str, Any]] | None = None) -> None:
+    """A done run keeps nothing per image in Redis but its done-set entries: payments and progress go.
+
+    `written`: the payments.jsonl the caller has just written; it is read and written again only if a payment
+    was settled since (a late reconciliation) or one written may still change (spent with no answer: an answer
+    arriving late is kept on it), so a finalisation reads each payment once, not twice."""
     run = runs.get(run_id)
     if run is None or run.get("archived_at") or not (run["state"] == RunState.DONE or run.get("finalised_at")):
         return
-    payments = _write_payments(storage, ledger, run_id, output)
-    ledger.forget_settled(run_id, [p["payment_id"] for p in payments])
+    if (written is None or not ledger.settled_ids(run_id) <= {str(p["payment_id"]) for p in written}
+            or any(p.get("state") == "spent" and not p.get("request_id") for p in written)):
+        written = _write_payments(storage, ledger, run_id, output)
+    ledger.forget_settled(run_id, [p["payment_id"] for p in written])
     runs.forget_chunks(run_id)
     runs.set_once(run_id, "archived_at", now_iso())
 

@@ -439,10 +439,14 @@ class Ledger:
 
     # ---- archiving a finished run's payments ----------------------------------------------------------------
 
+    def settled_ids(self, run_id: str) -> set[str]:
+        """The ids of the run's settled payments (settle.lua adds each as it settles it)."""
+        return {str(pid) for pid in self._store.smembers(self._keys.run_payments(run_id))}
+
     def settled_payments(self, run_id: str) -> list[dict[str, str]]:
         """The run's spent and void payments as the ledger holds them, without their secrets."""
         found: list[dict[str, str]] = []
-        pids = sorted(self._store.smembers(self._keys.run_payments(run_id)))
+        pids = sorted(self.settled_ids(run_id))
         records = self._store.hgetall_many([self._keys.payment(pid) for pid in pids])
         for pid, record in zip(pids, records, strict=True):
             if record.get("state") not in ("spent", "void"):
