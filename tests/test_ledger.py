@@ -141,6 +141,23 @@ def test_settling_twice_charges_once(env: Env) -> None:
     assert client.hget("irlive:run:r", "answers_lost") is None
 
 
+def test_a_settlement_or_a_recorded_call_told_another_run_charges_the_payments_own(env: Env) -> None:
+    # The run comes from the caller (no round trip reads it first); the scripts check it against the payment's.
+    ledger, _, client, runs = env
+    runs.create("other", source="s3://in/x", output="s3://out/y", settings={}, budget_cents=60)
+    other = client.hgetall("irlive:run:other")
+    token = ledger.take("r", HOLDER)
+    with ledger.spend(token, ["in/x/a.png@e"], chunk_lease(client), "r 0") as spend:
+        assert ledger.settle(token.payment_id, "spent", request_id="req-1", answer="{}", chunk_ref="r 0",
+                             run_id="other") == 1
+        spend.settled = True
+    assert (client.hget("irlive:run:r", "calls"), client.hget("irlive:run:r", "spend_cents")) == ("1", "20")
+    assert client.sismember("irlive:run:r:payments", token.payment_id)
+    assert not ledger.recorded(token.payment_id, failed=False, run_id="other")
+    assert (client.hget("irlive:run:r", "calls_ended"), client.hget("irlive:run:r", "calls_in_flight")) == ("1", "0")
+    assert client.hgetall("irlive:run:other") == other and client.keys("irlive:run:other*") == ["irlive:run:other"]
+
+
 def test_a_dead_workers_tokens_come_back_after_the_lease(env: Env) -> None:
     ledger, _seller, client, _ = env
     reserved = ledger.take("r", HOLDER)
