@@ -16,6 +16,7 @@ small machine they share its cores with the workers, and moto_server serves from
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -37,6 +38,7 @@ from bench import common
 from sandbox.config import SERVICE_ID
 from sandbox.procs import wait_until
 from sandbox.stack import Stack
+from worker.seams.store import script_source
 
 PER_CALL = 10
 # moto_server's request log (werkzeug): "METHOD /path?query HTTP/1.1" status
@@ -65,6 +67,8 @@ class Result:
     # Seconds from the scan command to the first paid call and to the last (the wallet's count, sampled).
     first_call_s: float | None = None
     last_call_s: float | None = None
+    # With --redis-time: Redis's own microseconds per command or script (name -> (calls, µs)), from its SLOWLOG.
+    redis_time: dict[str, tuple[int, int]] | None = None
 
     def row(self, baseline_s: float) -> list[str]:
         own = sum(self.s3_own.values()) if self.s3_own is not None else None
@@ -205,6 +209,46 @@ def plain_batched(stack: Stack, prefix: str, threads: int, endpoint: str | None)
     return Result("plain batched script (baseline)", len(keys), wall, cpu, services_cpu=svc)
 
 
+def script_names() -> dict[str, str]:
+    """irlive's Lua scripts by the SHA-1 EVALSHA names them with."""
+    names = {}
+    for package in ("flow", "money"):
+        folder = Path(__file__).resolve().parent.parent / "worker" / package / "scripts"
+        for path in folder.glob("*.lua"):
+            source = script_source(package, path.stem)
+            names[hashlib.sha1(source.encode()).hexdigest()] = path.stem
+    return names
+
+
+@contextmanager
+def redis_timed(client: redis.Redis, on: bool) -> Iterator[dict[str, tuple[int, int]]]:
+    """With `on`, every command Redis runs meanwhile goes to its SLOWLOG (a threshold of 0: it costs Redis a
+    little), read at the end per command and per script; a script's time includes the commands it runs."""
+    found: dict[str, tuple[int, int]] = {}
+    if not on:
+        yield found
+        return
+    before = client.config_get("slowlog-*")
+    client.config_set("slowlog-max-len", 2_000_000)
+    client.config_set("slowlog-log-slower-than", 0)
+    client.slowlog_reset()
+    try:
+        yield found
+        names = script_names()
+        entries = client.slowlog_get(2_000_000)
+    finally:
+        for name, value in before.items():
+            client.config_set(name, value)
+    for entry in entries:
+        words = entry["command"].decode("utf-8", "replace").split(" ") if isinstance(entry["command"], bytes) \
+            else str(entry["command"]).split(" ")
+        name = words[0].upper()
+        if name == "EVALSHA" and len(words) > 1:
+            name = f"{names.get(words[1], words[1][:12])}.lua"
+        calls, us = found.get(name, (0, 0))
+        found[name] = (calls + 1, us + int(entry["duration"]))
+
+
 def redis_commands(client: redis.Redis) -> Counter[str]:
     """Calls per command since the server's last CONFIG RESETSTAT (INFO commandstats)."""
     stats = client.info("commandstats")
@@ -223,7 +267,8 @@ def irlive_run(stack: Stack, name: str, ns: argparse.Namespace, rate: float | No
     cpu0, svc0 = cpu_seconds(pids), services_cpu(services(stack))
     moto.mark()
     client.config_resetstat()
-    run = common.drive_run(stack, env, common.source(), timeout_s=900)
+    with redis_timed(client, ns.redis_time) as timed:
+        run = common.drive_run(stack, env, common.source(), timeout_s=900)
     cmds = redis_commands(client)
     cmds.subtract(run.own_commands)
     cmds = +cmds
@@ -244,7 +289,7 @@ def irlive_run(stack: Stack, name: str, ns: argparse.Namespace, rate: float | No
     return Result(name, ns.images, run.wall_s, cpu, own, seller, left / judged, ideal, svc, cmds, calls,
                   text.count("handed back to the queue"), text.count("the seller could not download the images"),
                   first - run.started if first is not None else None,
-                  last - run.started if last is not None else None)
+                  last - run.started if last is not None else None, timed or None)
 
 
 def _tail(path: Path, offset: int) -> str:
@@ -270,6 +315,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="moto_server (the stack's), or bench.fakes3 (in memory, keep-alive, not the bound)")
     p.add_argument("--s3-latency-ms", type=float, default=0.0,
                    help="with --s3 fast: S3's time before each answer (real S3: 10-30 ms for a small GET)")
+    p.add_argument("--redis-time", action="store_true",
+                   help="print Redis's own time per script and command (its SLOWLOG at a threshold of 0 during "
+                        "each irlive run: a little slower)")
     ns = p.parse_args(argv)
     if ns.s3_latency_ms and ns.s3 != "fast":
         p.error("--s3-latency-ms needs --s3 fast")
@@ -323,6 +371,16 @@ def measure(ns: argparse.Namespace, endpoint: str | None, counter: Requests | No
         if r.redis_cmds:
             top = ", ".join(f"{c} {n / r.images:.2f}" for c, n in r.redis_cmds.most_common(12))
             print(f"Redis commands per image, {r.name}: {top}")
+    for r in results:
+        if r.redis_time:
+            scripts = sum(us for name, (_, us) in r.redis_time.items() if name.endswith(".lua"))
+            print()
+            print(f"Redis's own time, {r.name}: {scripts / r.images:.0f} µs per image in irlive's scripts (a "
+                  "script's time includes the commands it runs, which are listed again on their own)")
+            rows = sorted(r.redis_time.items(), key=lambda kv: -kv[1][1])[:15]
+            print(common.table(["script or command", "calls", "µs per call", "µs per image"],
+                               [[name, str(calls), f"{us / calls:.1f}", f"{us / r.images:.1f}"]
+                                for name, (calls, us) in rows]))
     return 0
 
 
