@@ -16,7 +16,6 @@ small machine they share its cores with the workers, and moto_server serves from
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import re
@@ -38,7 +37,7 @@ from bench import common
 from sandbox.config import SERVICE_ID
 from sandbox.procs import wait_until
 from sandbox.stack import Stack
-from worker.seams.store import script_source
+from worker.seams.store import script_sha
 
 PER_CALL = 10
 # moto_server's request log (werkzeug): "METHOD /path?query HTTP/1.1" status
@@ -215,8 +214,7 @@ def script_names() -> dict[str, str]:
     for package in ("flow", "money"):
         folder = Path(__file__).resolve().parent.parent / "worker" / package / "scripts"
         for path in folder.glob("*.lua"):
-            source = script_source(package, path.stem)
-            names[hashlib.sha1(source.encode()).hexdigest()] = path.stem
+            names[script_sha(package, path.stem)] = path.stem
     return names
 
 

@@ -13,7 +13,6 @@ schedule (the stack's own timing still varies).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import random
 import re
 import time
@@ -40,7 +39,7 @@ from tests.faults import (
     seed_from_env,
     upload_samples,
 )
-from worker.seams.store import script_source
+from worker.seams.store import script_sha
 
 pytestmark = pytest.mark.slow
 
@@ -457,8 +456,7 @@ def test_a_purchase_whose_answer_never_came_back_is_counted_unknown(clean_stack:
 def test_an_answer_is_not_lost_to_a_redis_blip_after_paying(clean_stack: Stack, script: str) -> None:
     # The first write of the answer (settle: token spent with its answer) or of its verdicts (record) fails.
     package, name = script.split("/")
-    source = script_source(package, name).encode()
-    _run_with_redis_cuts(clean_stack, "blip", 10, hashlib.sha1(source).hexdigest().encode(), 1, {}, concurrency=1)
+    _run_with_redis_cuts(clean_stack, "blip", 10, script_sha(package, name).encode(), 1, {}, concurrency=1)
 
 
 def _run_with_redis_cuts(stack: Stack, name: str, images: int, pattern: bytes | re.Pattern[bytes], cuts: int,

@@ -3,7 +3,6 @@ ledger protocol and the claims, in milliseconds. The same paths run on real proc
 
 from __future__ import annotations
 
-import hashlib
 import json
 import threading
 import time
@@ -24,7 +23,7 @@ from worker.flow.pipeline import ChunkProcessor, ClaimsHeld
 from worker.judge.manifest import content_key
 from worker.keys import Keys
 from worker.messages import Chunk
-from worker.seams.store import script_source
+from worker.seams.store import script_sha
 
 BUCKET = "in-bucket"
 OUTPUT = "s3://out-bucket/results"
@@ -542,7 +541,7 @@ def test_redis_loading_for_a_moment_after_a_paid_answer_loses_nothing(monkeypatc
     h = harness(settings())
     chunk = chunk_of(h, 10)
     real_evalsha = h.redis.evalsha
-    settle = hashlib.sha1(script_source("money", "settle").encode()).hexdigest()
+    settle = script_sha("money", "settle")
     failures = {"left": 3}
 
     def flaky_evalsha(sha: str, numkeys: int, *keys_and_args: Any) -> Any:

@@ -14,6 +14,7 @@ holds it, so what irlive has taken as written survives the failover; see `Replic
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -56,6 +57,11 @@ def script_source(package: str, name: str) -> str:
     text = scripts.joinpath(f"{name}.lua").read_text()
     return "".join(scripts.joinpath("lib", line.split()[1] + ".lua").read_text()
                    if line.startswith("--#include ") else line for line in text.splitlines(keepends=True))
+
+
+def script_sha(package: str, name: str) -> str:
+    """The SHA-1 EVALSHA names a script by (what MONITOR, SLOWLOG and fault proxies see of it)."""
+    return hashlib.sha1(script_source(package, name).encode()).hexdigest()
 
 
 def translate(exc: rx.RedisError, what: str = "Redis") -> IrliveError:
