@@ -282,18 +282,17 @@ class Ledger:
 
         def write() -> int:
             # Read and written under one hold: after a paid answer, no Redis step may give up early.
-            run = run_id
-            while True:
-                if run is None:
-                    run = str(self._store.hget(self._keys.payment(payment_id), "run_id") or "")
+            amount = 0
+
+            def step(run: str) -> int:
+                nonlocal amount
                 keys = [self._keys.payment(payment_id), self._keys.leases(), self._keys.wallet_totals(),
                         self._keys.run(run) if run else self._keys.no_run(), self._keys.unrecorded(),
                         self._keys.run_payments(run or "-"), *(pins or ())]
                 status, amount = (int(v) for v in self._settle(keys, [*args, run]))
-                if status != -1:
-                    break
-                # Lent to another run than the caller said: its keys are built again from the record.
-                run = None
+                return status
+
+            status, _ = self._for_run(payment_id, run_id, step)
             if status:
                 self._meter.money(to, amount)
                 if lost and to == "spent":
@@ -371,19 +370,24 @@ class Ledger:
         This ends the paid call, `failed` if it bought no verdict; True if that stopped the run (its failure
         threshold was crossed). `run_id`: the recording chunk's run (else read first; call_end.lua checks it).
         """
-        while True:
-            if run_id is None:
-                run_id = str(self._store.hget(self._keys.payment(payment_id), "run_id") or "")
-            stopped = int(self._call_end(
-                [self._keys.payment(payment_id), self._keys.run(run_id) if run_id else self._keys.no_run(),
-                 self._keys.unrecorded()],
-                [payment_id, "1" if failed else "0", "1" if keep_answer else "0", run_id]))
-            if stopped != -1:
-                break
-            run_id = None
+        stopped, run = self._for_run(payment_id, run_id, lambda run: int(self._call_end(
+            [self._keys.payment(payment_id), self._keys.run(run) if run else self._keys.no_run(),
+             self._keys.unrecorded()],
+            [payment_id, "1" if failed else "0", "1" if keep_answer else "0", run])))
         if stopped:
-            log.warning("run %s failed: too many of its paid calls bought no verdict", run_id)
+            log.warning("run %s failed: too many of its paid calls bought no verdict", run)
         return bool(stopped)
+
+    def _for_run(self, payment_id: str, run_id: str | None, step: Callable[[str], int]) -> tuple[int, str]:
+        """(step(run), run) for a script whose keys name the payment's run: the run the caller holds, else (or
+        when the script answers -1: the payment is another run's) the one its record names."""
+        while True:
+            run = run_id if run_id is not None else str(self._store.hget(self._keys.payment(payment_id), "run_id")
+                                                       or "")
+            result = step(run)
+            if result != -1:
+                return result, run
+            run_id = None
 
     # ---- reconciliation -----------------------------------------------------------------------------------
 
